@@ -1,0 +1,156 @@
+"""The ``vqa-align`` command line: one entry point, one subcommand per job.
+
+Each subcommand parses its arguments here and hands them to a ``run_*`` function in the module
+that owns the concern (imported lazily so that ``vqa-align --help`` stays fast). Errors that are
+the user's (bad config key, missing file, bad value) are printed as one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line without a traceback."""
+
+
+def _handler(module: str, function: str) -> Callable[[argparse.Namespace], int | None]:
+    def call(args: argparse.Namespace) -> int | None:
+        return getattr(importlib.import_module(module), function)(args)
+
+    return call
+
+
+def _add_prep(sub: argparse._SubParsersAction) -> None:
+    prep = sub.add_parser("prep", help="convert public data formats into the region-feature store")
+    kinds = prep.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    easy = kinds.add_parser("easy-vqa", help="prepare the embedded easy-VQA data set (from the easy-vqa package)")
+    easy.add_argument("--cache-dir", help="output folder (default: $VQA_ALIGN_CACHE or ~/.cache/vqa_align)")
+    easy.add_argument("--overwrite", action="store_true", help="rebuild even if prepared data exist")
+    easy.set_defaults(func=_handler("vqa_align_prep.easy_vqa", "run_prep"))
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True, help="output HDF5 feature store")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+        p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+        p.add_argument("--skip-missing", action="store_true", help="skip bad records with a counted warning")
+
+    tsv = kinds.add_parser("tsv", help="bottom-up-attention TSV files")
+    tsv.add_argument("inputs", nargs="+", help="TSV file(s)")
+    common(tsv)
+    tsv.set_defaults(func=_handler("vqa_align_prep.tsv", "run_prep"))
+
+    npz = kinds.add_parser("npz", help="a folder of per-image .npz files (MCAN/OpenVQA)")
+    npz.add_argument("inputs", nargs="+", help="folder(s) of .npz files")
+    common(npz)
+    npz.set_defaults(func=_handler("vqa_align_prep.npz", "run_prep"))
+
+    h5 = kinds.add_parser("h5", help="fixed-box HDF5 (image_features, image_bb)")
+    h5.add_argument("input", help="HDF5 file with image_features (N, K, D) and image_bb (N, K, 4)")
+    h5.add_argument("--ids-json", help="JSON mapping image id -> row (else the file's image_ids dataset)")
+    common(h5)
+    h5.set_defaults(func=_handler("vqa_align_prep.h5", "run_prep"))
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model")
+    p.add_argument("--config", help="YAML preset, e.g. configs/easy_vqa.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=2e-4 (repeatable)")
+    p.add_argument("--out", help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.set_defaults(func=_handler("vqa_align.training", "run_train"))
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint (VQA accuracy, calibration, PAvPU, noise)")
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--split", default="val", help="split to evaluate (val, test, ...)")
+    p.add_argument("--results-out", help="write answers in the official submission format")
+    p.add_argument("--noise-std", type=float, default=0.0, help="add N(0, s^2) noise to region features")
+    p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout samples for PAvPU (paper: 20)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", help="folder for the metrics JSON and the reliability diagram")
+    p.set_defaults(func=_handler("vqa_align.evaluation", "run_eval"))
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="answer one question about one image, as JSON")
+    p.add_argument("--checkpoint", help="run or checkpoint folder (default: the quickstart's)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image-id", type=int, help="an image of the prepared feature store")
+    src.add_argument("--image", help="an RGB image file (models trained on built-in regions only)")
+    p.add_argument("--question", required=True)
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=_handler("vqa_align.inference", "run_predict"))
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="official VQA accuracy of a results file, as JSON")
+    p.add_argument("--questions", required=True, help="VQA questions JSON")
+    p.add_argument("--annotations", required=True, help="VQA annotations JSON")
+    p.add_argument("--results", required=True, help='results JSON: [{"question_id": int, "answer": str}]')
+    p.set_defaults(func=_handler("vqa_align.vqa_eval", "run_score"))
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="launch the Gradio app")
+    p.add_argument("--checkpoint", help="run or checkpoint folder (default: the quickstart's)")
+    p.add_argument("--compare", help="second checkpoint shown side by side")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=_handler("vqa_align_app.main", "run_demo"))
+
+
+def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quickstart", help="prepare easy-VQA, train the default aligned model, evaluate it")
+    p.add_argument("--out", help="run folder (default: the cache's quickstart run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_handler("vqa_align.training", "run_quickstart"))
+
+
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="train and evaluate several methods x seeds, write a report")
+    p.add_argument("--config", required=True)
+    p.add_argument("--methods", default="none,gan,ct,ot")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", required=True, help="report folder")
+    p.set_defaults(func=_handler("vqa_align.experiment", "run_experiment"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vqa-align",
+        description="Visual question answering with alignment attention (MCAN + AA-CT/GAN/OT).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_prep, _add_train, _add_eval, _add_predict, _add_score, _add_demo,
+                _add_quickstart, _add_experiment):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vqa_align.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (UserError, ConfigError, FileNotFoundError, FileExistsError) as err:
+        print(f"vqa-align {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vqa-align {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
