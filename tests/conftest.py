@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny model configs and random batches that follow the batch contract."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vqa_align.config import AlignmentConfig, ModelConfig
+
+# Keep the suite on the two CI cores and away from the user's cache.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    if "VQA_ALIGN_TEST_REAL_CACHE" not in os.environ and "VQA_ALIGN_CACHE" not in os.environ:
+        monkeypatch.setenv("VQA_ALIGN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def tiny_model_config(method: str = "ct", **overrides) -> ModelConfig:
+    cfg = ModelConfig(
+        hidden_size=32,
+        num_heads=4,
+        ffn_size=64,
+        num_layers=2,
+        flat_mlp_size=32,
+        flat_size=48,
+        dropout=0.0,
+        feature_dim=12,
+        word_embed_dim=16,
+        vocab_size=30,
+        num_answers=7,
+        alignment=AlignmentConfig(method=method, helper_hidden=16, helper_out=8, ot_iterations=20),
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def random_batch(batch: int = 4, max_tokens: int = 6, max_regions: int = 9, feature_dim: int = 12, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_tokens + 1, (batch,), generator=gen)
+    lengths[0] = max_tokens
+    counts = torch.randint(1, max_regions + 1, (batch,), generator=gen)
+    counts[0] = max_regions
+    tokens = torch.randint(2, 30, (batch, max_tokens), generator=gen)
+    tokens[torch.arange(max_tokens)[None] >= lengths[:, None]] = 0
+    features = torch.randn(batch, max_regions, feature_dim, generator=gen)
+    xy = torch.rand(batch, max_regions, 2, generator=gen) * 0.5
+    boxes = torch.cat([xy, xy + 0.1 + torch.rand(batch, max_regions, 2, generator=gen) * 0.4], -1)
+    pad = torch.arange(max_regions)[None] >= counts[:, None]
+    features[pad] = 0.0
+    boxes[pad] = 0.0
+    return dict(tokens=tokens, question_lengths=lengths, features=features, boxes=boxes, region_counts=counts)

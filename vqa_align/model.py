@@ -1,0 +1,396 @@
+"""MCAN (Yu et al. 2019) encoder-decoder co-attention network with alignment attention.
+
+Question: word embedding -> LSTM -> L self-attention (SA) layers (the encoder).
+Image:    region features (+ box geometry) -> L self-guided-attention (SGA) layers (the decoder),
+          each guided by the encoder's final output.
+Fusion:   AttFlat on both streams, sum, LayerNorm, Linear -> answer logits.
+
+Every attention module may carry a :class:`~vqa_align.alignment.HeadAligner` that measures the
+distance between its query and key distributions (Zhang et al. 2021). The forward pass returns the
+task logits and the alignment loss separately; the trainer adds λ·alignment itself.
+
+Masks are boolean "valid" masks (True = real position) built from explicit question lengths and
+region counts, never from all-zero rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from vqa_align.alignment import AttentionDetails, HeadAligner, ModuleDiagnostics, diagnose_module
+from vqa_align.config import ModelConfig
+
+BOX_GEOMETRY_DIM = 6  # normalised x1, y1, x2, y2, w, h
+
+# Names of the model inputs in a batch (see vqa_align.data.collate_batch).
+MODEL_INPUTS = ("tokens", "question_lengths", "features", "boxes", "region_counts")
+
+
+def valid_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """(B,) lengths -> (B, max_len) bool, True at positions < length."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with an optional alignment regulariser on its queries and keys.
+
+    Projections are stored as one fused ``in_proj`` (3·D, D) like ``nn.MultiheadAttention``: one
+    matmul for self-attention, two (Q, then fused K/V) for guided attention.
+
+    ``forward(x, y, x_valid, y_valid)`` attends from the queries ``x`` (B, Nq, D) to the keys and
+    values ``y`` (B, Nk, D). It returns ``(output (B, Nq, D), alignment (B, H) or None,
+    details or None)``. Alignment is computed when the module has an aligner and
+    ``compute_alignment`` is true; details (projected q/k and attention weights) when
+    ``need_details``. Without details the fused ``scaled_dot_product_attention`` kernel is used.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, aligner: HeadAligner | None = None):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.dropout = dropout
+        self.in_proj = nn.Linear(hidden_size, 3 * hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.aligner = aligner
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+
+    def project(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries from x, keys and values from y -> three (B, H, N, d) tensors."""
+        if x is y:
+            q, k, v = self.in_proj(x).chunk(3, dim=-1)
+        else:
+            dim = x.shape[-1]
+            q = F.linear(x, self.in_proj.weight[:dim], self.in_proj.bias[:dim])
+            k, v = F.linear(y, self.in_proj.weight[dim:], self.in_proj.bias[dim:]).chunk(2, dim=-1)
+        return self._split_heads(q), self._split_heads(k), self._split_heads(v)
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        x_valid: Tensor,
+        y_valid: Tensor,
+        compute_alignment: bool = False,
+        need_details: bool = False,
+    ) -> tuple[Tensor, Tensor | None, AttentionDetails | None]:
+        q, k, v = self.project(x, y)  # (B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, d)
+        key_mask = y_valid[:, None, None, :]  # (B, 1, 1, Nk)
+        dropout_p = self.dropout if self.training else 0.0
+        details = None
+        if need_details:
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, Nq, Nk)
+            weights = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)
+            context = F.dropout(weights, dropout_p, self.training) @ v
+            details = AttentionDetails(q.detach(), k.detach(), weights.detach(), x_valid, y_valid)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
+        batch, _, length, _ = context.shape
+        output = self.out_proj(context.transpose(1, 2).reshape(batch, length, -1))
+        alignment = None
+        if compute_alignment and self.aligner is not None:
+            alignment = self.aligner(q, k, x_valid, y_valid)  # (B, H)
+        return output, alignment, details
+
+
+class FeedForward(nn.Sequential):
+    """Linear -> ReLU -> Dropout -> Linear."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, dropout: float):
+        super().__init__(nn.Linear(hidden_size, ffn_size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_size, hidden_size))
+
+
+@dataclass
+class LayerOutput:
+    hidden: Tensor
+    alignment: list[Tensor] = field(default_factory=list)  # (B, H) per aligned attention module
+    details: dict[str, AttentionDetails] = field(default_factory=dict)
+
+
+class SelfAttentionUnit(nn.Module):
+    """SA: x = LN(x + Drop(MHA(x, x, x))); x = LN(x + Drop(FFN(x)))  (post-norm, as MCAN)."""
+
+    def __init__(self, cfg: ModelConfig, aligner: HeadAligner | None):
+        super().__init__()
+        self.self_attention = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout, aligner)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size)
+        self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, x_valid: Tensor, compute_alignment: bool, need_details: bool) -> LayerOutput:
+        out = LayerOutput(x)
+        attended, align, details = self.self_attention(x, x, x_valid, x_valid, compute_alignment, need_details)
+        x = self.norm1(x + self.drop(attended))
+        x = self.norm2(x + self.drop(self.ffn(x)))
+        out.hidden = x
+        if align is not None:
+            out.alignment.append(align)
+        if details is not None:
+            out.details["self_attention"] = details
+        return out
+
+
+class GuidedAttentionUnit(nn.Module):
+    """SGA: SA over x, then x = LN(x + Drop(MHA(q=x, k=y, v=y))), then FFN."""
+
+    def __init__(self, cfg: ModelConfig, self_aligner: HeadAligner | None, guided_aligner: HeadAligner | None):
+        super().__init__()
+        self.self_attention = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout, self_aligner)
+        self.guided_attention = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout, guided_aligner)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size)
+        self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
+        self.norm3 = nn.LayerNorm(cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: Tensor, y: Tensor, x_valid: Tensor, y_valid: Tensor, compute_alignment: bool, need_details: bool
+    ) -> LayerOutput:
+        out = LayerOutput(x)
+        attended, self_align, self_details = self.self_attention(x, x, x_valid, x_valid, compute_alignment, need_details)
+        x = self.norm1(x + self.drop(attended))
+        attended, guided_align, guided_details = self.guided_attention(
+            x, y, x_valid, y_valid, compute_alignment, need_details
+        )
+        x = self.norm2(x + self.drop(attended))
+        out.alignment += [a for a in (self_align, guided_align) if a is not None]
+        if need_details:
+            out.details.update(self_attention=self_details, guided_attention=guided_details)
+        x = self.norm3(x + self.drop(self.ffn(x)))
+        out.hidden = x
+        return out
+
+
+class AttFlat(nn.Module):
+    """Attention pooling: MLP -> glimpse logits -> masked softmax over positions -> weighted sum -> Linear."""
+
+    def __init__(self, hidden_size: int, mlp_size: int, glimpses: int, out_size: int, dropout: float):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(mlp_size, glimpses))
+        self.merge = nn.Linear(hidden_size * glimpses, out_size)
+
+    def forward(self, x: Tensor, x_valid: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, N, D), (B, N) -> pooled (B, out_size), weights (B, N, glimpses)."""
+        logits = self.mlp(x).masked_fill(~x_valid[..., None], float("-inf"))
+        weights = logits.softmax(dim=1)  # (B, N, G)
+        pooled = torch.einsum("bng,bnd->bgd", weights, x).flatten(1)  # (B, G·D)
+        return self.merge(pooled), weights
+
+
+# ----------------------------------------------------------------------------------------------
+# Input encoders
+# ----------------------------------------------------------------------------------------------
+
+
+class LSTMQuestionEncoder(nn.Module):
+    """Word embedding (300-d, trainable) -> 1-layer LSTM with hidden = model width; padding packed away.
+
+    The encoder interface: ``forward(tokens (B, T), lengths (B,)) -> (B, T, hidden)``.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, hidden_size: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.lstm = nn.LSTM(embed_dim, hidden_size, num_layers=1, batch_first=True)
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        embedded = self.embedding(tokens)  # (B, T, E)
+        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        output, _ = self.lstm(packed)
+        output, _ = pad_packed_sequence(output, batch_first=True, total_length=tokens.shape[1])
+        return output  # (B, T, hidden), zeros at padded positions
+
+
+def load_glove_embeddings(path: str | Path, vocabulary: dict[str, int], embedding: nn.Embedding) -> int:
+    """Initialise rows of ``embedding`` from a GloVe-format text file (``word v1 v2 ...`` per line).
+
+    Returns the number of vocabulary words found. Raises ValueError naming the file and line when
+    a vector has the wrong dimension.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GloVe file not found: {path}")
+    dim = embedding.embedding_dim
+    found = 0
+    with torch.no_grad(), path.open(encoding="utf-8", errors="replace") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            word, _, rest = line.rstrip().partition(" ")
+            index = vocabulary.get(word)
+            if index is None:
+                continue
+            values = rest.split(" ")
+            if len(values) != dim:
+                raise ValueError(f"{path}:{line_no}: vector for {word!r} has {len(values)} values, expected {dim}")
+            embedding.weight[index] = torch.tensor([float(v) for v in values])
+            found += 1
+    return found
+
+
+class RegionEncoder(nn.Module):
+    """Region features (B, N, D_feat) + boxes (B, N, 4) -> (B, N, hidden)."""
+
+    def __init__(self, feature_dim: int, hidden_size: int, use_boxes: bool):
+        super().__init__()
+        self.feature_proj = nn.Linear(feature_dim, hidden_size)
+        self.box_proj = nn.Linear(BOX_GEOMETRY_DIM, hidden_size) if use_boxes else None
+
+    def forward(self, features: Tensor, boxes: Tensor) -> Tensor:
+        x = self.feature_proj(features)
+        if self.box_proj is not None:
+            width = boxes[..., 2] - boxes[..., 0]
+            height = boxes[..., 3] - boxes[..., 1]
+            geometry = torch.cat([boxes, width[..., None], height[..., None]], dim=-1)  # (B, N, 6)
+            x = x + self.box_proj(geometry)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, num_answers)
+    alignment_loss: Tensor  # scalar: mean over aligned modules of the mean over batch and heads
+    question_glimpse: Tensor | None = None  # (B, T) AttFlat weights over question tokens
+    image_glimpse: Tensor | None = None  # (B, N) AttFlat weights over regions
+    details: dict[str, AttentionDetails] = field(default_factory=dict)  # "encoder.0.self_attention", ...
+
+
+def _module_kind(name: str) -> str:
+    if name.startswith("encoder."):
+        return "sa_question"
+    return "sga_guided" if name.endswith("guided_attention") else "sa_image"
+
+
+class MCAN(nn.Module):
+    """MCAN encoder-decoder with alignment attention. Build with ``MCAN(config)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size < 2 or cfg.num_answers < 1:
+            raise ValueError("ModelConfig.vocab_size and num_answers must be set from the data before building MCAN")
+        self.config = cfg
+        align = cfg.alignment
+        head_dim = cfg.hidden_size // cfg.num_heads
+
+        def aligner(kind: str) -> HeadAligner | None:
+            if align.method == "none" or kind not in align.modules:
+                return None
+            return HeadAligner(head_dim, align)
+
+        if cfg.question_encoder == "lstm":
+            self.question_encoder: nn.Module = LSTMQuestionEncoder(cfg.vocab_size, cfg.word_embed_dim, cfg.hidden_size)
+        else:
+            raise ValueError(f"model.question_encoder {cfg.question_encoder!r} is not available in this build")
+        self.region_encoder = RegionEncoder(cfg.feature_dim, cfg.hidden_size, cfg.use_box_embedding)
+        self.encoder = nn.ModuleList(SelfAttentionUnit(cfg, aligner("sa_question")) for _ in range(cfg.num_layers))
+        self.decoder = nn.ModuleList(
+            GuidedAttentionUnit(cfg, aligner("sa_image"), aligner("sga_guided")) for _ in range(cfg.num_layers)
+        )
+        flat = dict(mlp_size=cfg.flat_mlp_size, glimpses=cfg.flat_glimpses, out_size=cfg.flat_size, dropout=cfg.dropout)
+        self.question_flat = AttFlat(cfg.hidden_size, **flat)
+        self.image_flat = AttFlat(cfg.hidden_size, **flat)
+        self.fusion_norm = nn.LayerNorm(cfg.flat_size)
+        self.classifier = nn.Linear(cfg.flat_size, cfg.num_answers)
+
+    @property
+    def has_alignment(self) -> bool:
+        return any(isinstance(m, HeadAligner) for m in self.modules())
+
+    def forward(
+        self,
+        tokens: Tensor,
+        question_lengths: Tensor,
+        features: Tensor,
+        boxes: Tensor,
+        region_counts: Tensor,
+        compute_alignment: bool | None = None,
+        need_details: bool = False,
+    ) -> ModelOutput:
+        """
+        Args:
+            tokens: (B, T) token ids, 0 = padding; question_lengths: (B,) >= 1.
+            features: (B, N, D_feat); boxes: (B, N, 4) normalised x1, y1, x2, y2; region_counts: (B,) >= 1.
+            compute_alignment: default: in training mode only.
+            need_details: return per-module projected q/k and attention weights (slow path).
+        """
+        if compute_alignment is None:
+            compute_alignment = self.training
+        q_valid = valid_mask(question_lengths, tokens.shape[1])  # (B, T)
+        v_valid = valid_mask(region_counts, features.shape[1])  # (B, N)
+
+        y = self.question_encoder(tokens, question_lengths)  # (B, T, D)
+        # Padded regions are zeroed so that whatever the caller put there cannot reach real positions.
+        x = self.region_encoder(features.masked_fill(~v_valid[..., None], 0.0), boxes.masked_fill(~v_valid[..., None], 0.0))
+
+        alignment_terms: list[Tensor] = []
+        details: dict[str, AttentionDetails] = {}
+        for index, layer in enumerate(self.encoder):
+            out = layer(y, q_valid, compute_alignment, need_details)
+            y = out.hidden
+            alignment_terms += out.alignment
+            details.update({f"encoder.{index}.{k}": v for k, v in out.details.items()})
+        for index, layer in enumerate(self.decoder):
+            out = layer(x, y, v_valid, q_valid, compute_alignment, need_details)
+            x = out.hidden
+            alignment_terms += out.alignment
+            details.update({f"decoder.{index}.{k}": v for k, v in out.details.items()})
+
+        q_flat, q_glimpse = self.question_flat(y, q_valid)
+        v_flat, v_glimpse = self.image_flat(x, v_valid)
+        logits = self.classifier(self.fusion_norm(q_flat + v_flat))
+
+        if alignment_terms:
+            alignment_loss = torch.stack([term.mean() for term in alignment_terms]).mean()
+        else:
+            alignment_loss = logits.new_zeros(())
+        return ModelOutput(
+            logits=logits,
+            alignment_loss=alignment_loss,
+            question_glimpse=q_glimpse[..., 0] if need_details else None,
+            image_glimpse=v_glimpse[..., 0] if need_details else None,
+            details=details,
+        )
+
+    def attention_modules(self) -> dict[str, MultiHeadAttention]:
+        """Name -> attention module, names as in ``ModelOutput.details``."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, MultiHeadAttention)}
+
+    @torch.no_grad()
+    def diagnose(self, **inputs: Tensor) -> tuple[ModelOutput, list[ModuleDiagnostics]]:
+        """Eval-mode forward with per-module, per-head CT, MMD² and attention (for the app and reports)."""
+        was_training = self.training
+        self.eval()
+        try:
+            output = self(**inputs, compute_alignment=False, need_details=True)
+            modules = self.attention_modules()
+            diagnostics = [
+                diagnose_module(name, _module_kind(name), int(name.split(".")[1]), det, modules[name].aligner)
+                for name, det in output.details.items()
+            ]
+        finally:
+            self.train(was_training)
+        return output, diagnostics
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
