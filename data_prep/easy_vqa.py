@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vqa_align.cli import UserError
+from vqa_align.errors import UserError
 from vqa_align.regions import REGION_FEATURE_DIM, extract_regions
 from vqa_align.store import FeatureStoreWriter
 
@@ -170,7 +170,7 @@ def prepare_easy_vqa(
             for image_id, png in tqdm(all_images, desc="easy-VQA regions", unit="img", disable=not progress):
                 with Image.open(png) as im:
                     regions = extract_regions(im)
-                writer.add(image_id, regions.features, regions.boxes, regions.image_size, record=png.name)
+                writer.add(image_id, regions.features, regions.boxes, regions.image_size, record=str(png))
         manifest = {
             "version": PREP_VERSION, "limit": limit, "feature_dim": REGION_FEATURE_DIM,
             "test_image_id_offset": TEST_IMAGE_ID_OFFSET, "splits": counts,

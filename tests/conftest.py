@@ -54,3 +54,42 @@ def random_batch(batch: int = 4, max_tokens: int = 6, max_regions: int = 9, feat
     features[pad] = 0.0
     boxes[pad] = 0.0
     return dict(tokens=tokens, question_lengths=lengths, features=features, boxes=boxes, region_counts=counts)
+
+
+EASY_VQA_TEST_LIMIT = 60  # images per split: enough for a few batches, prepared in seconds
+
+
+@pytest.fixture(scope="session")
+def easy_vqa_cache(tmp_path_factory):
+    """A small easy-VQA preparation shared by the tests of the whole session."""
+    from vqa_align_prep.easy_vqa import prepare_easy_vqa
+
+    cache = tmp_path_factory.mktemp("easy_vqa_cache")
+    prepare_easy_vqa(cache, limit=EASY_VQA_TEST_LIMIT, progress=False)
+    return cache
+
+
+def tiny_run_overrides(cache, **extra) -> list[str]:
+    """--set overrides turning configs/easy_vqa.yaml into a seconds-long run on the small cache."""
+    values = {
+        "data.cache_dir": str(cache),
+        "data.easy_vqa_limit": EASY_VQA_TEST_LIMIT,
+        "data.num_workers": 0,
+        "data.subset": 96,
+        "model.hidden_size": 32,
+        "model.num_heads": 4,
+        "model.ffn_size": 64,
+        "model.num_layers": 1,
+        "model.flat_mlp_size": 32,
+        "model.flat_size": 32,
+        "model.word_embed_dim": 16,
+        "model.alignment.helper_hidden": 8,
+        "model.alignment.helper_out": 8,
+        "train.epochs": 2,
+        "train.batch_size": 32,
+        "train.warmup_epochs": 1,
+        "train.decay_epochs": [1],
+        "train.log_every_steps": 1,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

@@ -134,41 +134,36 @@ def reliability_diagram(
 ) -> Path:
     """Write a reliability diagram (per-bin accuracy vs. confidence, with the gap shaded and a
     confidence histogram below) as a PNG and return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on servers / CI
-    import matplotlib.pyplot as plt
+    # The object-oriented API renders with Agg without touching pyplot's global state, so this is
+    # safe on headless servers and inside the (threaded) Gradio app.
+    from matplotlib.figure import Figure
 
     table = calibration_table(confidences, correct, n_bins)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     width = table.upper - table.lower
     centers = (table.lower + table.upper) / 2
-    fig, (ax, hist) = plt.subplots(
-        2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
-    try:
-        filled = table.count > 0
-        ax.bar(table.lower[filled], table.accuracy[filled], width=width[filled], align="edge",
-               color="tab:blue", edgecolor="black", label="accuracy")
-        gap_lo = np.minimum(table.accuracy, table.confidence)
-        ax.bar(table.lower[filled], np.abs(table.confidence - table.accuracy)[filled],
-               bottom=gap_lo[filled], width=width[filled], align="edge", color="tab:red",
-               alpha=0.3, edgecolor="tab:red", hatch="//", label="gap")
-        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"{title}\nECE = {100 * table.ece:.2f}%")
-        ax.legend(loc="upper left")
-        hist.bar(centers, table.count / max(table.count.sum(), 1), width=width, color="gray",
-                 edgecolor="black")
-        hist.set_xlabel("confidence")
-        hist.set_ylabel("fraction")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(5, 6))
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    filled = table.count > 0
+    ax.bar(table.lower[filled], table.accuracy[filled], width=width[filled], align="edge",
+           color="tab:blue", edgecolor="black", label="accuracy")
+    gap_lo = np.minimum(table.accuracy, table.confidence)
+    ax.bar(table.lower[filled], np.abs(table.confidence - table.accuracy)[filled],
+           bottom=gap_lo[filled], width=width[filled], align="edge", color="tab:red",
+           alpha=0.3, edgecolor="tab:red", hatch="//", label="gap")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE = {100 * table.ece:.2f}%")
+    ax.legend(loc="upper left")
+    hist.bar(centers, table.count / max(table.count.sum(), 1), width=width, color="gray",
+             edgecolor="black")
+    hist.set_xlabel("confidence")
+    hist.set_ylabel("fraction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
     return path
 
 
@@ -287,7 +282,8 @@ def pavpu(
     p = top2_ttest_pvalues(mc_probs)
     if p.shape != acc.shape:
         raise ValueError(
-            f"mc_probs has {p.shape[0]} questions but accuracies_of_mean_prediction has {acc.shape[0]}"
+            f"mc_probs has {p.shape[0]} questions but accuracies_of_mean_prediction has "
+            f"{acc.shape[0]}"
         )
     n = int(acc.shape[0])
     if n == 0:

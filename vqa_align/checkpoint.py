@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vqa_align.config import Config, ConfigError, config_from_dict, save_config
+from vqa_align.errors import UserError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -36,7 +37,7 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, incomplete, corrupt or does not match its config."""
 
 

@@ -12,9 +12,9 @@ import importlib
 import sys
 from typing import Callable
 
+from vqa_align.errors import UserError
 
-class UserError(Exception):
-    """An error caused by the user's input; printed as one line without a traceback."""
+__all__ = ["UserError", "build_parser", "main"]
 
 
 def _handler(module: str, function: str) -> Callable[[argparse.Namespace], int | None]:

@@ -28,7 +28,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from vqa_align.cli import UserError
+from vqa_align.errors import UserError
 
 FORMAT_VERSION = 1
 CHUNK_ROWS = 100  # rows per HDF5 chunk: about one image of bottom-up features (10-100 boxes)
@@ -46,8 +46,8 @@ class StoreRecordError(DataFormatError):
 
 
 def _where(path: Path | str, record: str | None, image_id: int) -> str:
-    rec = f", {record}" if record else ""
-    return f"{path}{rec} (image_id {image_id})"
+    """Location for messages: the caller's ``record`` (e.g. "in.tsv: line 3") or the output file."""
+    return f"{record or path} (image_id {image_id})"
 
 
 class FeatureStoreWriter:
@@ -130,7 +130,8 @@ class FeatureStoreWriter:
             raise StoreRecordError(f"{where}: features contain NaN or inf")
         if not np.isfinite(boxes).all():
             raise StoreRecordError(f"{where}: boxes contain NaN or inf")
-        stored = features.astype(self.dtype, copy=False)
+        with np.errstate(over="ignore"):  # overflow is checked just below, with a better message
+            stored = features.astype(self.dtype, copy=False)
         if not np.isfinite(stored).all():  # float16 overflows above 65504
             raise StoreRecordError(f"{where}: feature values exceed the {np.dtype(self.dtype).name} range; use --dtype float32")
         return stored, boxes.astype(np.float32, copy=False)
@@ -145,7 +146,8 @@ class FeatureStoreWriter:
     ) -> None:
         """Append one image: features (n, D), boxes (n, 4) in pixels, image_size (w, h).
 
-        ``record`` (e.g. ``"line 17"``) is used in error messages next to the file name.
+        ``record`` names the input in error messages (e.g. ``"feats.tsv: line 17"``); without it
+        messages name the output file.
         """
         if self._file is None:
             raise RuntimeError("FeatureStoreWriter is closed")
@@ -249,6 +251,7 @@ class FeatureStore:
         self._order = np.argsort(self.image_ids, kind="stable")
         self._sorted_ids = self.image_ids[self._order]
         self._handle: h5py.File | None = None
+        self._dsets: tuple[h5py.Dataset, h5py.Dataset] | None = None
         self._pid: int | None = None
 
     # --- index ------------------------------------------------------------------------------
@@ -277,13 +280,17 @@ class FeatureStore:
         return r
 
     # --- data -------------------------------------------------------------------------------
-    def _file(self) -> h5py.File:
-        # Re-open after fork: an HDF5 handle inherited from the parent must not be used.
+    def _datasets(self) -> tuple[h5py.Dataset, h5py.Dataset]:
+        """(features, boxes) datasets of this process's handle (opened lazily, re-opened after fork).
+
+        The Dataset objects are cached: looking them up by name costs more than a small read.
+        """
         pid = os.getpid()
-        if self._handle is None or self._pid != pid:
+        if self._handle is None or self._pid != pid:  # an inherited handle must not be used
             self._handle = h5py.File(self.path, "r")
             self._pid = pid
-        return self._handle
+            self._dsets = (self._handle["features"], self._handle["boxes"])
+        return self._dsets
 
     def read_row(self, row: int, max_regions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw (features (n, D) in the stored dtype, boxes (n, 4) pixels) of store row ``row``.
@@ -293,8 +300,8 @@ class FeatureStore:
         start, stop = int(self.offsets[row]), int(self.offsets[row + 1])
         if max_regions is not None:
             stop = min(stop, start + max_regions)
-        f = self._file()
-        return f["features"][start:stop], f["boxes"][start:stop]
+        features, boxes = self._datasets()
+        return features[start:stop], boxes[start:stop]
 
     def get(
         self, image_id: int, max_regions: int | None = None
@@ -311,11 +318,12 @@ class FeatureStore:
         if self._handle is not None and self._pid == os.getpid():
             self._handle.close()
         self._handle = None
+        self._dsets = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Picklable for spawn-started workers: the handle stays behind and is re-opened lazily.
         state = self.__dict__.copy()
-        state["_handle"], state["_pid"] = None, None
+        state["_handle"], state["_pid"], state["_dsets"] = None, None, None
         return state
 
     def __del__(self) -> None:

@@ -207,13 +207,16 @@ def load_questions(source: JsonSource) -> dict[int, dict[str, Any]]:
     and index it by question id."""
     data, name = _load_json(source, "questions")
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-        raise UserError(f"{name}: not a VQA questions file (expected an object with a 'questions' list)")
+        raise UserError(
+            f"{name}: not a VQA questions file (expected an object with a 'questions' list)"
+        )
     fields = {"question_id": (int, "an integer"), "image_id": (int, "an integer"),
               "question": (str, "a string")}
     out: dict[int, dict[str, Any]] = {}
     for i, q in enumerate(data["questions"]):
         qid = q.get("question_id") if isinstance(q, dict) else None
-        _check_fields(q, fields, f"{name}: question record {i}" + (f" (question_id {qid})" if _is_int(qid) else ""))
+        where = f"{name}: question record {i}" + (f" (question_id {qid})" if _is_int(qid) else "")
+        _check_fields(q, fields, where)
         if qid in out:
             raise UserError(f"{name}: question record {i}: duplicate question_id {qid}")
         out[qid] = q
@@ -228,7 +231,9 @@ def load_annotations(source: JsonSource) -> dict[int, dict[str, Any]]:
     """
     data, name = _load_json(source, "annotations")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise UserError(f"{name}: not a VQA annotations file (expected an object with an 'annotations' list)")
+        raise UserError(
+            f"{name}: not a VQA annotations file (expected an object with an 'annotations' list)"
+        )
     fields = {"question_id": (int, "an integer"), "image_id": (int, "an integer"),
               "question_type": (str, "a string"), "answer_type": (str, "a string"),
               "answers": (list, "a list")}
@@ -253,7 +258,9 @@ def load_annotations(source: JsonSource) -> dict[int, dict[str, Any]]:
     return out
 
 
-def load_results(source: JsonSource, annotations: Mapping[int, Any] | None = None) -> dict[int, str]:
+def load_results(
+    source: JsonSource, annotations: Mapping[int, Any] | None = None
+) -> dict[int, str]:
     """Validate a results file in the official submission format
     ``[{"question_id": int, "answer": str}, ...]`` and return ``{question_id: answer}``.
 
@@ -313,7 +320,9 @@ def evaluate(questions: JsonSource, annotations: JsonSource, results: JsonSource
     for qid, ann in anns.items():
         q = qs.get(qid)
         if q is None:
-            raise UserError(f"{q_name}: no question with question_id {qid} (it is in the annotations)")
+            raise UserError(
+                f"{q_name}: no question with question_id {qid} (it is in the annotations)"
+            )
         if q["image_id"] != ann["image_id"]:
             raise UserError(
                 f"question_id {qid}: image_id {q['image_id']} in the questions file but "

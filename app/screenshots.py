@@ -1,0 +1,97 @@
+"""Screenshots of the real app for the README (headless Chromium via Playwright).
+
+    python -m vqa_align_app.screenshots [--checkpoint RUN] [--compare RUN] [--out docs/images]
+
+Serves the app in this process on a free 127.0.0.1 port, picks an example image, asks its
+question and saves: ``app_overview.png`` (the whole page), ``app_alignment.png`` (the alignment
+section with guided-attention shading) and, with ``--compare``, ``app_compare.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def take_screenshots(url: str, out: Path, example: int = 2, question: str | None = None,
+                     compare: bool = False) -> list[Path]:
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    saved: list[Path] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)
+            page.goto(url, wait_until="load")
+            page.locator("#gallery button.thumbnail-item").nth(example).click()
+            page.wait_for_timeout(500)
+            if question:
+                page.locator("#question textarea").fill(question)
+            page.locator("#ask").click()
+            page.locator("#projection img").wait_for(timeout=30_000)
+            page.wait_for_timeout(800)  # let the images finish painting
+            saved.append(out / "app_overview.png")
+            page.screenshot(path=str(saved[-1]), full_page=True)
+
+            page.get_by_label("guided attention of the selected layer & head").check()
+            page.locator("#head").get_by_text("head 1").click()
+            page.wait_for_timeout(1500)
+            saved.append(out / "app_alignment.png")
+            top = page.locator("#answer").bounding_box()
+            bottom = page.locator("#matrix").bounding_box()
+            if top and bottom:
+                clip = dict(x=0, y=top["y"] - 10, width=1440, height=bottom["y"] + bottom["height"] - top["y"] + 20)
+                page.screenshot(path=str(saved[-1]), full_page=True, clip=clip)
+            else:
+                page.screenshot(path=str(saved[-1]), full_page=True)
+            if compare:
+                page.locator("#cmp-projection img").wait_for(timeout=30_000)
+                saved.append(out / "app_compare.png")
+                page.screenshot(path=str(saved[-1]), full_page=True)
+        finally:
+            browser.close()
+    return saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vqa_align.inference import configure_threads, load_predictor
+    from vqa_align_app.main import build_app, launch_kwargs
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="default: the quickstart's run")
+    parser.add_argument("--compare", help="second checkpoint shown side by side")
+    parser.add_argument("--out", default="docs/images")
+    parser.add_argument("--example", type=int, default=2, help="index of the gallery example to click")
+    parser.add_argument("--question", help="question to type (default: the example's)")
+    args = parser.parse_args(argv)
+    predictor = load_predictor(args.checkpoint)
+    compare = load_predictor(args.compare) if args.compare else None
+    configure_threads(predictor)
+    demo = build_app(predictor, compare)
+    demo.queue(default_concurrency_limit=2)
+    port = _free_port()
+    demo.launch(**launch_kwargs("127.0.0.1", port), prevent_thread_lock=True)
+    try:
+        for path in take_screenshots(f"http://127.0.0.1:{port}/", Path(args.out), args.example, args.question,
+                                     compare is not None):
+            print(path)
+    finally:
+        demo.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Seconds per MCAN training step (forward, backward, Adam) on the CPU, alignment methods side by side.
+
+    .venv/bin/python benchmarks/train_step.py --config configs/mcan_small.yaml \
+        --alignment none,ct,gan,ot --batch-size 64 --regions fixed100 --steps 5 --json
+
+Variants (alignment methods × precisions) are built once and timed interleaved, one step each per
+round (A B C A B C …), so that load from other processes hits every variant alike; the median
+over rounds is reported. ``--regions adaptive`` uses region counts like the adaptive bottom-up
+features with batches bucketed by region count (see benchmarks/common.py); every variant sees the
+same batch sequence, and samples/s is total samples / total time over the timed rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/mcan_small.yaml")
+    p.add_argument("--alignment", default="none,ct,gan,ot", help="comma list of none,ct,gan,ot")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--regions", default="fixed100", help="fixed100, adaptive, or both comma-separated")
+    p.add_argument("--precision", default="fp32", help="fp32, bf16 (CPU autocast), or a comma list")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.alignment.split(",") if m.strip()]
+    layouts = [r.strip() for r in args.regions.split(",") if r.strip()]
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    results = []
+    for layout in layouts:
+        variants = {}
+        for method in methods:
+            cfg = common.model_config(args.config, method, args.overrides)
+            for precision in precisions:
+                variants[(method, precision)] = common.Trainer.build(cfg, "cpu", precision)
+        feature_dim = next(iter(variants.values())).model.config.feature_dim
+        batches = common.make_batches(layout, args.batch_size, args.warmup + args.steps, feature_dim)
+        times = {key: [] for key in variants}
+        losses = {key: [] for key in variants}
+        for i, batch in enumerate(batches):
+            for key, trainer in variants.items():
+                start = time.perf_counter()
+                loss = trainer.step(batch)
+                elapsed = time.perf_counter() - start
+                if i >= args.warmup:
+                    times[key].append(elapsed)
+                    losses[key].append(float(loss))
+        timed = batches[args.warmup :]
+        samples = sum(len(b["region_counts"]) for b in timed)
+        stats = common.batch_stats(timed)
+        base = {p: common.median(times[("none", p)]) for p in precisions if ("none", p) in times}
+        for (method, precision), values in times.items():
+            med = common.median(values)
+            row = {
+                "method": method,
+                "precision": precision,
+                "regions": layout,
+                "batch_size": args.batch_size,
+                "steps": len(values),
+                "median_s_per_step": med,
+                "min_s_per_step": min(values),
+                "all_s_per_step": values,
+                "samples_per_s": samples / sum(values),
+                "median_step_samples_per_s": args.batch_size / med,
+                "ratio_vs_none": med / base[precision] if precision in base else None,
+                "last_loss": losses[(method, precision)][-1],
+                **stats,
+            }
+            results.append(row)
+    report = {
+        "benchmark": "train_step",
+        "date": common.now(),
+        "config": args.config,
+        "overrides": args.overrides,
+        "machine": common.machine_info(),
+        "peak_rss_mib": common.peak_rss_mib(),
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        print(f"{'regions':9} {'method':6} {'prec':5} {'s/step':>8} {'min':>7} {'samples/s':>10} {'vs none':>8} {'pad%':>5}")
+        for r in results:
+            ratio = f"{r['ratio_vs_none']:.3f}" if r["ratio_vs_none"] is not None else "-"
+            print(
+                f"{r['regions']:9} {r['method']:6} {r['precision']:5} {r['median_s_per_step']:8.3f} "
+                f"{r['min_s_per_step']:7.3f} {r['samples_per_s']:10.1f} {ratio:>8} {100 * r['padding_fraction']:5.1f}"
+            )
+        print(f"peak RSS {report['peak_rss_mib']:.0f} MiB; {report['machine']}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The Gradio app on 127.0.0.1: gradio_client requests, bad inputs, and one headless-browser run."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from test_inference import IMAGE_IDS, _one_thread, _shape_image, build_tiny_checkpoint  # noqa: F401
+from vqa_align.errors import UserError
+from vqa_align.inference import Predictor
+
+gr = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+CHROMIUM = "/usr/bin/chromium"
+# Gradio's queue uses pandas APIs that pandas 3 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*no_silent_downcasting", "ignore:The copy keyword is deprecated")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    """The app with a tiny random checkpoint (and itself as comparison), served in a thread."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from vqa_align_app.main import build_app, launch_kwargs
+
+    root = tmp_path_factory.mktemp("app")
+    ckpt = build_tiny_checkpoint(root / "main")
+    other = build_tiny_checkpoint(root / "other", method="none", seed=1)
+    loader = lambda i: _shape_image(i) if i in IMAGE_IDS else None  # noqa: E731
+    predictor = Predictor(ckpt, image_loader=loader)
+    demo = build_app(predictor)
+    demo.queue(default_concurrency_limit=2)
+    port = _free_port()
+    demo.launch(**launch_kwargs("127.0.0.1", port), prevent_thread_lock=True)
+    try:
+        yield dict(url=f"http://127.0.0.1:{port}/", demo=demo, ckpt=ckpt, other=other, root=root)
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_server):
+    return gradio_client.Client(app_server["url"], verbose=False)
+
+
+def _answer(client, question="what shape is in the image?", image_id=1, upload=None, compare="", **sel):
+    args = dict(kind="sga_guided", layer=1, head=0, metric="mmd2", shading="glimpse", focus="all words (glimpse-weighted)")
+    args.update(sel)
+    return client.predict(question, image_id, upload, compare, *args.values(), api_name="/answer")
+
+
+def _is_png_plot(value) -> bool:
+    """A gr.Plot output as the client sees it: {"type": "matplotlib", "plot": "data:image/png;base64,..."}."""
+    if not isinstance(value, dict) or value.get("type") != "matplotlib":
+        return False
+    header, _, data = value["plot"].partition(",")
+    return header.startswith("data:image/png") and base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_binds_to_localhost(app_server):
+    assert app_server["demo"].server_name == "127.0.0.1"
+
+
+def test_answer_with_all_figures(client):
+    out = _answer(client)
+    message, label, focus, region, words, projection, grid, matrix, caption = out[:9]
+    assert not message.startswith("⚠️")
+    assert label["label"] and len(label["confidences"]) == 5
+    assert sum(c["confidence"] for c in label["confidences"]) <= 1.0 + 1e-6
+    for plot in (region, projection, grid, matrix):
+        assert _is_png_plot(plot)
+    assert [w["token"] for w in words if w["class_or_confidence"] is not None] == ["what", "shape", "is", "in", "the", "image"]
+    assert "layer 1 · head 0" in caption
+    # Re-drawing another head of the same prediction (no model call, session state).
+    view = client.predict("sa_question", 0, 3, "ct", "guided", "1: shape", api_name="/view")
+    assert all(_is_png_plot(p) for p in (view[1], view[3], view[4], view[5]))
+    assert "question self-attention" in view[6] and "layer 0 · head 3" in view[6]
+
+
+def test_bad_inputs_give_messages_and_the_app_keeps_serving(client, tmp_path):
+    out = _answer(client, question="   ")
+    assert out[0].startswith("⚠️") and "question" in out[0] and not out[1]
+    out = _answer(client, image_id=None)
+    assert out[0].startswith("⚠️") and "gallery" in out[0]
+    out = _answer(client, image_id=987654)
+    assert "not in the feature store" in out[0]
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    out = _answer(client, upload=gradio_client.handle_file(str(text)), image_id=None)
+    assert out[0].startswith("⚠️") and "not an image file" in out[0]
+    out = _answer(client, question="what zebra " + "shape " * 498)
+    assert "“zebra”" in out[0] and "500 words" in out[0] and out[1]["label"]
+    out = _answer(client, compare="/nonexistent/checkpoint")
+    assert out[1]["label"] and "Comparison model" in out[0] and "not found" in out[0]
+    assert not _answer(client)[0].startswith("⚠️")  # still serving
+
+
+def test_upload_grayscale(client, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "gray.png"
+    Image.fromarray(_shape_image(1)).convert("L").save(path)
+    out = _answer(client, upload=gradio_client.handle_file(str(path)), image_id=None)
+    assert "grayscale" in out[0] and out[1]["label"]
+
+
+def test_compare_checkpoint(client, app_server, tmp_path):
+    status = client.predict(str(app_server["other"]), api_name="/load_compare")
+    assert status.startswith("✅")
+    out = _answer(client, compare=str(app_server["other"]))
+    cmp_label, cmp_region, cmp_projection, cmp_grid = out[9:13]  # states and layout are not API outputs
+    assert cmp_label["label"] and all(_is_png_plot(p) for p in (cmp_region, cmp_projection, cmp_grid))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(app_server["other"], corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 10)
+    status = client.predict(str(corrupt), api_name="/load_compare")
+    assert status.startswith("⚠️") and "cannot read weights" in status
+
+
+def test_run_demo_without_checkpoint_names_the_command(monkeypatch, tmp_path):
+    from vqa_align_app.main import run_demo
+
+    monkeypatch.setenv("VQA_ALIGN_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match="vqa-align quickstart"):
+        run_demo(argparse.Namespace(checkpoint=None, compare=None, host="127.0.0.1", port=0))
+
+
+@pytest.mark.browser
+def test_browser_end_to_end(app_server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not installed")
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(app_server["url"], wait_until="domcontentloaded")
+            page.locator("#gallery button.thumbnail-item").nth(2).click()  # the third example image
+            page.wait_for_function("document.querySelector('#image-id input').value === '2'", timeout=15_000)
+            box = page.locator("#question textarea")
+            box.fill("what color is the shape?")
+            page.locator("#ask").click()
+            page.locator("#answer").get_by_text("%").first.wait_for(timeout=20_000)
+            page.locator("#projection img").wait_for(timeout=20_000)
+            assert page.locator("#projection img").get_attribute("src").startswith("data:image/png")
+            assert page.locator("#answer").inner_text().strip()
+            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "app.png").stat().st_size > 10_000

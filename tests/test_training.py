@@ -1,0 +1,140 @@
+"""The training engine: schedule, resume == uninterrupted, failure handling, eval, CLI errors, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_run_overrides
+from vqa_align import training
+from vqa_align.cli import main as cli_main
+from vqa_align.config import ConfigError, load_config
+from vqa_align.evaluation import evaluate_checkpoint
+from vqa_align.training import TrainingError, learning_rate, train_from_config
+
+PRESET = "configs/easy_vqa.yaml"
+
+
+def _config(cache, **extra):
+    return load_config(PRESET, tiny_run_overrides(cache, **extra))
+
+
+def test_mcan_learning_rate_schedule():
+    lrs = [learning_rate(e, 1e-4, 3, [10, 12], 0.2) for e in range(13)]
+    want = [0.25e-4, 0.5e-4, 0.75e-4] + [1e-4] * 7 + [0.2e-4] * 2 + [0.04e-4]
+    assert lrs == pytest.approx(want)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(easy_vqa_cache, tmp_path):
+    train_from_config(_config(easy_vqa_cache), tmp_path / "full")
+    train_from_config(_config(easy_vqa_cache, **{"train.epochs": 1}), tmp_path / "split")
+    train_from_config(_config(easy_vqa_cache), tmp_path / "split", resume=True)
+    full = load_file(str(tmp_path / "full/checkpoints/last/model.safetensors"))
+    split = load_file(str(tmp_path / "split/checkpoints/last/model.safetensors"))
+    assert full.keys() == split.keys()
+    for key in full:
+        assert torch.allclose(full[key], split[key], atol=1e-6), key
+    epochs = [json.loads(l) for l in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
+    assert (tmp_path / "full/curves.png").stat().st_size > 0
+    assert (tmp_path / "full/config.yaml").is_file()
+
+
+def test_training_logs_task_and_alignment_loss(easy_vqa_cache, tmp_path):
+    trainer = train_from_config(_config(easy_vqa_cache, **{"train.epochs": 1}), tmp_path / "run")
+    records = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "train"]
+    assert steps and all(r["alignment_loss"] > 0 and r["task_loss"] > 0 for r in steps)
+    assert "val_accuracy" in records[-1] and 0 <= records[-1]["val_accuracy"] <= 100
+    assert trainer.global_step == 3  # 96 questions / batch 32
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(easy_vqa_cache, tmp_path, monkeypatch):
+    real = training.task_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, targets, reduction):
+        calls["n"] += 1
+        loss = real(logits, targets, reduction)
+        return loss * float("nan") if calls["n"] > 4 else loss  # 3 training batches + 1 eval batch
+
+    monkeypatch.setattr(training, "task_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss .* epoch 2, step 4"):
+        train_from_config(_config(easy_vqa_cache), tmp_path / "run")
+    meta = json.loads((tmp_path / "run/checkpoints/last/meta.json").read_text())
+    assert meta["epoch"] == 1 and meta["global_step"] == 3
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(easy_vqa_cache, tmp_path, capsys):
+    args = ["train", "--config", PRESET, "--out", str(tmp_path / "run")]
+    for o in tiny_run_overrides(easy_vqa_cache, **{"train.epochs": 1}):
+        args += ["--set", o]
+    assert cli_main(args) == 0
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds a run" in err and "--resume" in err and len(err.splitlines()) == 1
+    assert cli_main(args + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("train.lrr=1", "unknown config key(s) train.lrr"), ("train.epochs=two", "train.epochs: expected an integer"),
+     ("model.alignment.method=kl", "model.alignment.method")],
+)
+def test_bad_config_values_name_the_key(override, message, capsys):
+    assert cli_main(["train", "--config", PRESET, "--set", override]) == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        load_config(PRESET, [override])
+
+
+def test_evaluation_official_accuracy_calibration_pavpu_noise(easy_vqa_cache, tmp_path):
+    train_from_config(_config(easy_vqa_cache, **{"train.epochs": 1}), tmp_path / "run")
+    results = tmp_path / "results.json"
+    metrics = evaluate_checkpoint(tmp_path / "run", "val", mc_samples=3, results_out=results, out_dir=tmp_path / "eval")
+    assert 0 <= metrics["accuracy"] <= 100 and set(metrics["perAnswerType"]) <= {"yes/no", "other", "number"}
+    assert 0 <= metrics["ece"] <= 100 and 0 <= metrics["pavpu"] <= 100
+    submitted = json.loads(results.read_text())
+    assert len(submitted) == metrics["questions"] and set(submitted[0]) == {"question_id", "answer"}
+    assert (tmp_path / "eval/reliability.png").read_bytes()[:4] == b"\x89PNG"
+    noisy = evaluate_checkpoint(tmp_path / "run", "val", noise_std=1.0)
+    assert noisy["noise_std"] == 1.0 and 0 <= noisy["accuracy"] <= 100
+
+
+def test_checkpoint_that_does_not_match_its_config_is_refused(easy_vqa_cache, tmp_path, capsys):
+    train_from_config(_config(easy_vqa_cache, **{"train.epochs": 1}), tmp_path / "run")
+    ckpt = tmp_path / "run/checkpoints/last"
+    text = (ckpt / "config.yaml").read_text().replace("hidden_size: 32", "hidden_size: 64")
+    (ckpt / "config.yaml").write_text(text)
+    assert cli_main(["eval", "--checkpoint", str(ckpt)]) == 2
+    assert "does not match its config" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cache: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    config = load_config(PRESET, tiny_run_overrides(cache, **{"train.epochs": 1, "train.device": "cpu"}))
+    trainer = train_from_config(config, __import__("pathlib").Path(out) / "run")
+    torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_keep_identical_weights(easy_vqa_cache, tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(easy_vqa_cache), str(tmp_path)), nprocs=2)
+    zero, one = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for key in zero:
+        assert torch.equal(zero[key], one[key]), key
+    assert (tmp_path / "run/checkpoints/last/model.safetensors").is_file()

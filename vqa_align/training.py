@@ -1,0 +1,547 @@
+"""The training engine: MCAN's recipe, alignment loss, checkpoints, resume, DDP, the quickstart.
+
+Loss. BCE-with-logits on the soft targets, summed over answers. ``train.loss_reduction``:
+``sum`` also sums over the batch (MCAN's choice; Adam is invariant to the loss scale, so MCAN's
+learning rates carry over unchanged) and ``mean`` averages over the batch. The alignment term
+λ·D is a per-sample mean, so with ``sum`` it is multiplied by the batch size: λ keeps the meaning
+"weight relative to the per-sample task loss" whatever the reduction.
+
+Learning rate (MCAN): base × k/(W+1) in warm-up epoch k = 1..W, then base, multiplied by
+``decay_factor`` at every epoch listed in ``decay_epochs`` (0-based epoch index >= listed value).
+
+Resume. The batch order of an epoch is a pure function of (seed, epoch); a checkpoint stores the
+epoch, the number of batches already consumed, the optimizer state and the RNG states, so a
+resumed run continues exactly where the stopped one was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from vqa_align.checkpoint import TRAINER_STATE_FILE, resolve_checkpoint, save_checkpoint
+from vqa_align.cli import UserError
+from vqa_align.config import Config, load_config, save_config
+from vqa_align.model import MCAN, MODEL_INPUTS
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pure pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def learning_rate(epoch: int, base_lr: float, warmup_epochs: int, decay_epochs: list[int], decay_factor: float) -> float:
+    """MCAN's schedule for 0-based ``epoch``."""
+    if epoch < warmup_epochs:
+        return base_lr * (epoch + 1) / (warmup_epochs + 1)
+    return base_lr * decay_factor ** sum(epoch >= d for d in decay_epochs)
+
+
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """BCE-with-logits on soft targets, summed over answers; summed or averaged over the batch."""
+    per_sample = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none").sum(-1)  # (B,)
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+def soft_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """VQA accuracy of the top-1 answer read off the soft targets (B,) — the official score for
+    in-vocabulary predictions; ``vqa-align eval`` scores answer strings with the official code."""
+    return targets.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SkipFirstBatches:
+    """Wrap a batch sampler so that the first ``skip`` batches of the epoch are not produced."""
+
+    def __init__(self, batch_sampler: Any, skip: int = 0):
+        self.batch_sampler = batch_sampler
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for index, batch in enumerate(self.batch_sampler):
+            if index >= self.skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.skip)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets WORLD_SIZE / RANK / LOCAL_RANK)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(world, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Owns the model, optimizer, data and run folder of one training run."""
+
+    def __init__(self, config: Config, run_dir: str | Path, resume: bool = False, dist_info: DistInfo | None = None):
+        from vqa_align.data import build_data
+
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.dist = dist_info or DistInfo()
+        tcfg = config.train
+        self.device = resolve_device(tcfg.device)
+        if self.dist.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.amp_dtype = autocast_dtype(tcfg.precision, self.device)
+        seed_everything(tcfg.seed)
+
+        bundle = build_data(config.data, ["train", "val"])
+        self.tokenizer, self.answers = bundle.tokenizer, bundle.answers
+        self.train_set, self.val_set = bundle.datasets["train"], bundle.datasets.get("val")
+        if len(self.train_set) == 0:
+            raise UserError("the training split has no questions")
+        config.model.vocab_size = len(self.tokenizer)
+        config.model.num_answers = len(self.answers)
+        feature_dim = bundle.feature_dim
+        self.answer_types = {
+            r.question_id: r.answer_type or "unknown" for ds in bundle.datasets.values() for r in ds.records
+        }
+        if config.model.feature_dim != feature_dim:
+            raise UserError(
+                f"model.feature_dim is {config.model.feature_dim} but the feature store has D={feature_dim}; "
+                f"set --set model.feature_dim={feature_dim}"
+            )
+
+        self.model = MCAN(config.model).to(self.device)
+        self.ddp_model: torch.nn.Module = self.model
+        if self.dist.world_size > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), eps=tcfg.eps, weight_decay=tcfg.weight_decay
+        )
+        self.epoch = 0  # epoch in progress (0-based)
+        self.batches_done = 0  # batches of that epoch already consumed
+        self.global_step = 0  # optimizer steps
+        self.best_accuracy = -1.0
+        self.history: list[dict[str, Any]] = []
+        if resume:
+            self._load_trainer_state()
+        self._tensorboard = None
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+            self._tensorboard = _maybe_tensorboard(self.run_dir / "tensorboard")
+
+    # -- data ------------------------------------------------------------------------------
+
+    def _loader(self, dataset: Any, shuffle: bool, epoch: int, skip: int, batch_size: int) -> DataLoader:
+        from vqa_align.data import RegionBucketBatchSampler, collate_batch
+
+        dcfg = self.config.data
+        sampler = RegionBucketBatchSampler(
+            dataset.region_counts,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=self.config.train.seed,
+            drop_last=False,
+            num_replicas=self.dist.world_size if shuffle else 1,
+            rank=self.dist.rank if shuffle else 0,
+            bucket=dcfg.bucket_by_regions,
+        )
+        sampler.set_epoch(epoch)
+        workers = dcfg.num_workers
+        if workers > 0:
+            dataset.store.close()  # every worker opens its own HDF5 handle after fork
+        return DataLoader(
+            dataset,
+            batch_sampler=SkipFirstBatches(sampler, skip),
+            collate_fn=collate_batch,
+            num_workers=workers,
+            pin_memory=dcfg.pin_memory and self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
+
+    # -- one epoch -------------------------------------------------------------------------
+
+    def _set_lr(self) -> float:
+        t = self.config.train
+        lr = learning_rate(self.epoch, t.lr, t.warmup_epochs, t.decay_epochs, t.decay_factor)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_epoch(self) -> dict[str, float]:
+        from tqdm import tqdm
+
+        tcfg = self.config.train
+        lam = self.config.model.alignment.weight
+        lr = self._set_lr()
+        loader = self._loader(self.train_set, True, self.epoch, self.batches_done, tcfg.batch_size)
+        self.ddp_model.train()
+        bar = tqdm(
+            loader,
+            total=len(loader) + self.batches_done,
+            initial=self.batches_done,
+            desc=f"epoch {self.epoch + 1}/{tcfg.epochs}",
+            disable=not self.dist.is_main or not sys.stderr.isatty() and "VQA_ALIGN_PROGRESS" not in os.environ,
+            dynamic_ncols=True,
+        )
+        sums = {"loss": 0.0, "task": 0.0, "align": 0.0, "samples": 0.0}
+        window_start, window_samples = time.perf_counter(), 0
+        accum = tcfg.grad_accumulation
+        self.optimizer.zero_grad(set_to_none=True)
+        for batch in bar:
+            inputs = self._inputs(batch)
+            targets = batch["targets"].to(self.device, non_blocking=True)
+            batch_size = targets.shape[0]
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = self.ddp_model(**inputs)
+            task = task_loss(out.logits, targets, tcfg.loss_reduction)
+            align = out.alignment_loss.float()
+            align_scale = batch_size if tcfg.loss_reduction == "sum" else 1.0
+            loss = task + lam * align_scale * align
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite loss {loss.item()} at epoch {self.epoch + 1}, step {self.global_step + 1} "
+                    f"(batch {self.batches_done + 1}); the last good checkpoint in {self.run_dir / 'checkpoints'} is kept"
+                )
+            (loss / accum).backward()
+            self.batches_done += 1
+            if self.batches_done % accum == 0:
+                self._optimizer_step()
+            per_sample = 1.0 / batch_size if tcfg.loss_reduction == "sum" else 1.0
+            sums["loss"] += loss.item() * per_sample * batch_size
+            sums["task"] += task.item() * per_sample * batch_size
+            sums["align"] += align.item() * batch_size
+            sums["samples"] += batch_size
+            window_samples += batch_size
+            if self.global_step % tcfg.log_every_steps == 0 and self.batches_done % accum == 0:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "kind": "train",
+                    "epoch": self.epoch + 1,
+                    "step": self.global_step,
+                    "loss": loss.item() * per_sample,
+                    "task_loss": task.item() * per_sample,
+                    "alignment_loss": align.item(),
+                    "lr": lr,
+                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                }
+                self._log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", align=f"{record['alignment_loss']:.3f}", lr=f"{lr:.1e}",
+                                sps=f"{record['samples_per_s']:.0f}")
+                window_start, window_samples = time.perf_counter(), 0
+            every = tcfg.checkpoint_every_steps
+            if every and self.global_step and self.global_step % every == 0 and self.batches_done % accum == 0:
+                self.save("last")
+            if tcfg.max_steps is not None and self.global_step >= tcfg.max_steps:
+                break
+        if self.batches_done % accum:
+            self._optimizer_step()
+        n = max(sums["samples"], 1.0)
+        return {"train_loss": sums["loss"] / n, "train_task_loss": sums["task"] / n, "train_alignment_loss": sums["align"] / n, "lr": lr}
+
+    def _optimizer_step(self) -> None:
+        clip = self.config.train.grad_clip
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Any = None, batch_size: int | None = None) -> dict[str, float]:
+        """Soft-target VQA accuracy (overall and per answer type) and validation loss."""
+        dataset = dataset if dataset is not None else self.val_set
+        if dataset is None or len(dataset) == 0 or not dataset.has_targets:
+            return {}
+        self.model.eval()
+        loader = self._loader(dataset, False, 0, 0, batch_size or max(self.config.train.batch_size, 256))
+        total, loss_sum, n = 0.0, 0.0, 0
+        per_type: dict[str, list[float]] = {}
+        answer_types = self.answer_types
+        for batch in loader:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                logits = self.model(**self._inputs(batch)).logits.float()
+            targets = batch["targets"].to(self.device)
+            acc = soft_accuracy(logits, targets).cpu()
+            loss_sum += task_loss(logits, targets, "sum").item()
+            total += acc.sum().item()
+            n += len(acc)
+            for qid, a in zip(batch["question_ids"].tolist(), acc.tolist()):
+                per_type.setdefault(answer_types.get(qid, "unknown"), []).append(a)
+        self.model.train()
+        result = {"val_accuracy": 100.0 * total / max(n, 1), "val_loss": loss_sum / max(n, 1)}
+        for kind, values in sorted(per_type.items()):
+            result[f"val_accuracy/{kind}"] = 100.0 * sum(values) / len(values)
+        return result
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        tcfg = self.config.train
+        while self.epoch < tcfg.epochs:
+            start = time.perf_counter()
+            train_stats = self.train_epoch()
+            stopped_early = tcfg.max_steps is not None and self.global_step >= tcfg.max_steps
+            epoch_done = not stopped_early or self.batches_done >= self._batches_per_epoch()
+            record = {"kind": "epoch", "epoch": self.epoch + 1, "step": self.global_step,
+                      "epoch_seconds": time.perf_counter() - start, **train_stats}
+            if epoch_done:
+                self.epoch += 1
+                self.batches_done = 0
+            if epoch_done and (self.epoch % tcfg.eval_every_epochs == 0 or self.epoch == tcfg.epochs):
+                record.update(self.evaluate())
+            self._log(record)
+            self.history.append(record)
+            if self.dist.is_main:
+                accuracy = record.get("val_accuracy")
+                self.save("last")
+                if accuracy is not None and accuracy > self.best_accuracy:
+                    self.best_accuracy = accuracy
+                    self.save("best")
+                _plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
+            if stopped_early:
+                break
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        return self.history[-1] if self.history else {}
+
+    def _batches_per_epoch(self) -> int:
+        return len(self._loader(self.train_set, True, self.epoch, 0, self.config.train.batch_size))
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, name: str) -> Path:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"]},
+            "rng": rng_state(),
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "global_step": self.global_step,
+            "best_accuracy": self.best_accuracy,
+        }
+        meta = {"epoch": self.epoch, "global_step": self.global_step, "best_val_accuracy": self.best_accuracy,
+                "last": self.history[-1] if self.history else None}
+        return save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self.config, self.answers,
+                               self.tokenizer, state, meta)
+
+    def _load_trainer_state(self) -> None:
+        from safetensors.torch import load_file
+
+        ckpt = self.run_dir / "checkpoints" / "last"
+        if not (ckpt / TRAINER_STATE_FILE).is_file():
+            raise UserError(f"--resume: no checkpoint to resume in {ckpt}")
+        self.model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(self.device)))
+        state = torch.load(ckpt / TRAINER_STATE_FILE, map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self.global_step, self.best_accuracy = state["global_step"], state["best_accuracy"]
+        set_rng_state(state["rng"])
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        record = {"time": time.time(), **record}
+        with open(self.run_dir / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("time", "step", "epoch"):
+                    self._tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+
+def _maybe_tensorboard(folder: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder))
+
+
+def _plot_curves(metrics_file: Path, out: Path) -> None:
+    """Training loss, alignment loss and validation accuracy against steps, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_file.is_file():
+        return
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    train = [r for r in records if r["kind"] == "train"]
+    epochs = [r for r in records if r["kind"] == "epoch" and "val_accuracy" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot([r["step"] for r in train], [r["task_loss"] for r in train])
+    axes[0].set(title="task loss (per sample)", xlabel="step")
+    axes[1].plot([r["step"] for r in train], [r["alignment_loss"] for r in train], color="tab:orange")
+    axes[1].set(title="alignment loss", xlabel="step")
+    axes[2].plot([r["step"] for r in epochs], [r["val_accuracy"] for r in epochs], marker="o", color="tab:green")
+    axes[2].set(title="val accuracy (%)", xlabel="step")
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line entry points
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: an existing run folder needs --resume or --overwrite."""
+    has_run = out.exists() and any((out / name).exists() for name in ("config.yaml", "checkpoints", METRICS_FILE))
+    if resume:
+        if not (out / "checkpoints" / "last").is_dir():
+            raise UserError(f"--resume: {out} holds no run to resume (no checkpoints/last)")
+        return
+    if has_run:
+        if not overwrite:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+
+
+def train_from_config(config: Config, out: Path, resume: bool = False, overwrite: bool = False) -> Trainer:
+    dist_info = init_distributed(config.train.device)
+    if dist_info.is_main:
+        prepare_run_dir(out, resume, overwrite)
+    if dist_info.world_size > 1:
+        dist.barrier()
+    trainer = Trainer(config, out, resume=resume, dist_info=dist_info)
+    trainer.fit()
+    return trainer
+
+
+def run_train(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else None
+    if args.resume and out is not None and (out / "config.yaml").is_file() and not args.config:
+        config = load_config(out / "config.yaml", args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
+    out = out or Path("runs") / config.name
+    trainer = train_from_config(config, out, args.resume, args.overwrite)
+    if trainer.dist.is_main:
+        last = trainer.history[-1] if trainer.history else {}
+        print(json.dumps({"run": str(out), "epoch": trainer.epoch, "step": trainer.global_step,
+                          **{k: v for k, v in last.items() if k.startswith("val_")}}, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("VQA_ALIGN_CACHE") or Path.home() / ".cache" / "vqa_align")
+
+
+def quickstart_config_path() -> Path:
+    """The easy-VQA preset of the source checkout (``configs/easy_vqa.yaml``)."""
+    path = Path(__file__).resolve().parent.parent / "configs" / "easy_vqa.yaml"
+    if not path.is_file():
+        raise UserError(f"quickstart preset not found at {path}; run from a source checkout (pip install -e .)")
+    return path
+
+
+def run_quickstart(args: argparse.Namespace) -> int:
+    """Prepare easy-VQA if needed, train the default aligned model, evaluate it, say what next."""
+    from vqa_align.evaluation import evaluate_checkpoint
+
+    config = load_config(quickstart_config_path(), args.overrides)
+    out = Path(args.out) if args.out else default_cache() / "runs" / "quickstart"
+    start = time.perf_counter()
+    trainer = train_from_config(config, out, resume=False, overwrite=args.overwrite)
+    minutes = (time.perf_counter() - start) / 60
+    metrics = evaluate_checkpoint(resolve_checkpoint(out), split="val")
+    print(json.dumps({"run": str(out), "minutes": round(minutes, 2), **metrics}, indent=2))
+    print(f"\ncheckpoint: {resolve_checkpoint(out)}")
+    print("open the app:  vqa-align demo")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vqa_align.train`` / ``torchrun -m vqa_align.train``: the ``train`` subcommand."""
+    from vqa_align.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
