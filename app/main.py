@@ -107,6 +107,7 @@ def build_app(
         compare_default = str(compare_predictor.path)
         cache.add(compare_predictor)
     cfg = predictor.config.model
+    example_questions = {ex.question for ex in examples}
     gallery_items = []
     for ex in examples:
         caption = f"#{ex.image_id}" + (f": {ex.question}" if ex.question else "")
@@ -169,7 +170,9 @@ def build_app(
         ex = examples[evt.index]
         picture = predictor.load_image(ex.image_id)
         preview = picture if picture is not None else predictor.thumbnail(ex.image_id)
-        new_question = question if (question or "").strip() else ex.question
+        # Keep a question the person typed; replace an empty one or another example's question.
+        typed = (question or "").strip() and question not in example_questions
+        new_question = question if typed or not ex.question else ex.question
         return ex.image_id, None, preview, new_question, ""
 
     def on_upload(upload: str | None) -> tuple[Any, ...]:
@@ -207,8 +210,8 @@ def build_app(
         first = examples[0] if examples else None
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
-                gallery = gr.Gallery(value=gallery_items, label="Examples from the data set (click one)", columns=6,
-                                     allow_preview=False, object_fit="contain", buttons=[], height=210,
+                gallery = gr.Gallery(value=gallery_items, label="Examples from the data set (click one)", columns=4,
+                                     allow_preview=False, object_fit="contain", buttons=[], height=270,
                                      elem_id="gallery")
                 with gr.Row():
                     image_id = gr.Number(label="Image id (from the gallery)", precision=0,
@@ -274,7 +277,9 @@ def build_app(
             event = control.select if isinstance(control, gr.Radio) else control.input
             event(on_view, [pred_state, cmp_state, *selection], [message, *view_outputs],
                   api_name="view" if control is kind else False, trigger_mode="always_last")
-        gallery.select(on_select, [question], [image_id, upload, preview, question, message], api_name=False)
+        # Not queued: picking an image must land before a quick click on "Answer" reads the image id.
+        gallery.select(on_select, [question], [image_id, upload, preview, question, message], api_name=False,
+                       queue=False, show_progress="hidden")
         upload.upload(on_upload, [upload], [image_id, preview, message], api_name=False)
         load_compare.click(on_load_compare, [compare], [message, compare_col], api_name="load_compare")
     return demo

@@ -37,7 +37,10 @@ def take_screenshots(url: str, out: Path, example: int = 2, question: str | None
             page = browser.new_page(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)
             page.goto(url, wait_until="load")
             page.locator("#gallery button.thumbnail-item").nth(example).click()
-            page.wait_for_timeout(500)
+            before = page.locator("#preview img").get_attribute("src") if page.locator("#preview img").count() else None
+            page.wait_for_function(  # the selection has reached the page (new preview)
+                "src => { const i = document.querySelector('#preview img'); return i && i.src !== src; }",
+                arg=before, timeout=15_000)
             if question:
                 page.locator("#question textarea").fill(question)
             page.locator("#ask").click()
@@ -52,8 +55,10 @@ def take_screenshots(url: str, out: Path, example: int = 2, question: str | None
             saved.append(out / "app_alignment.png")
             top = page.locator("#answer").bounding_box()
             bottom = page.locator("#matrix").bounding_box()
-            if top and bottom:
-                clip = dict(x=0, y=top["y"] - 10, width=1440, height=bottom["y"] + bottom["height"] - top["y"] + 20)
+            if top and bottom:  # boxes are relative to the viewport; the clip of a full page is not
+                scroll = page.evaluate("window.scrollY")
+                clip = dict(x=0, y=scroll + top["y"] - 10, width=1440,
+                            height=bottom["y"] + bottom["height"] - top["y"] + 20)
                 page.screenshot(path=str(saved[-1]), full_page=True, clip=clip)
             else:
                 page.screenshot(path=str(saved[-1]), full_page=True)

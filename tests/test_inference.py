@@ -230,6 +230,9 @@ def test_grayscale_and_rgba_are_converted(predictor):
     assert any("Transparent" in n for n in pred.notes)
     pred = predictor.answer("what shape", image=_shape_image(1).astype(np.float32) / 255.0)  # float array
     assert pred.answer in ANSWERS
+    deep = Image.fromarray((np.asarray(gray, np.uint16) * 257).astype(np.uint16))  # 16-bit grayscale
+    rgb, notes = load_upload(deep)
+    assert rgb.dtype == np.uint8 and rgb.max() > 200 and rgb.min() < rgb.max() and any("grayscale" in n for n in notes)
 
 
 def test_uploads_disabled_for_detector_features(tmp_path):

@@ -25,6 +25,7 @@ Gradient directions (the paper's, not the public code's):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -138,33 +139,74 @@ def cosine_cost(queries: Tensor, keys: Tensor) -> Tensor:
 
 
 def sinkhorn_plan(
-    cost: Tensor, q_valid: Tensor, k_valid: Tensor, epsilon: float = 0.01, iterations: int = 50
+    cost: Tensor,
+    q_valid: Tensor,
+    k_valid: Tensor,
+    epsilon: float = 0.01,
+    iterations: int = 50,
+    tolerance: float = 1e-5,
+    check_every: int = 10,
 ) -> Tensor:
     """Entropic OT plan between uniform distributions over the valid queries and keys.
 
-    Log-domain Sinkhorn (stable for small ε). Padded positions carry zero mass.
+    Stabilised ("absorbed") Sinkhorn (Schmitzer 2019): the plan is kept as
+    π_ij = u_i · exp((f_i + g_j − C_ij)/ε) · v_j with log-domain potentials f, g and exp-domain
+    scalings u, v. Each iteration is two matrix-vector products (no logsumexp over the full
+    matrix); whenever a scaling leaves [1/τ, τ] it is absorbed into the potentials and the kernel
+    is recomputed, so nothing overflows or underflows for small ε. The potentials start at the
+    c-transforms (f_i = min_j C_ij, g_j = min_i C_ij − f_i), so every row and column of the first
+    kernel holds an entry equal to 1. Runs in at least fp32. Padded positions carry zero mass.
+
+    Up to ``iterations`` (u, v) updates; every ``check_every`` iterations the row marginals are
+    checked (the column marginals are exact after each v update) and the loop stops once the L1
+    error of every (sample, head) is below ``tolerance`` (total mass is 1).
 
     Args:
         cost: (B, H, Nq, Nk); q_valid (B, Nq); k_valid (B, Nk).
     Returns:
         plan (B, H, Nq, Nk), rows sum to 1/n and columns to 1/m over valid positions.
     """
-    cost = cost.float()
-    n = q_valid.sum(-1).clamp_min(1).to(cost.dtype)  # (B,)
-    m = k_valid.sum(-1).clamp_min(1).to(cost.dtype)
-    log_a = torch.where(q_valid, -torch.log(n)[:, None], torch.full_like(q_valid, _MASKED, dtype=cost.dtype))
-    log_b = torch.where(k_valid, -torch.log(m)[:, None], torch.full_like(k_valid, _MASKED, dtype=cost.dtype))
-    log_a, log_b = log_a[:, None, :], log_b[:, None, :]  # (B, 1, Nq), (B, 1, Nk)
+    dtype = torch.promote_types(cost.dtype, torch.float32)
+    cost = cost.to(dtype)
+    n = q_valid.sum(-1).clamp_min(1).to(dtype)  # (B,)
+    m = k_valid.sum(-1).clamp_min(1).to(dtype)
+    a = (q_valid.to(dtype) / n[:, None])[:, None, :]  # (B, 1, Nq) marginal over the queries
+    b = (k_valid.to(dtype) / m[:, None])[:, None, :]  # (B, 1, Nk)
+    qv, kv = q_valid[:, None, :], k_valid[:, None, :]  # (B, 1, N)
     pair_valid = q_valid[:, None, :, None] & k_valid[:, None, None, :]  # (B, 1, Nq, Nk)
-    log_kernel = torch.where(pair_valid, -cost / epsilon, torch.full_like(cost, _MASKED))
-    # Scaled potentials u = f/ε, v = g/ε.
-    u = torch.zeros_like(cost[..., 0])  # (B, H, Nq)
-    v = torch.zeros_like(cost[..., 0, :])  # (B, H, Nk)
-    for _ in range(iterations):
-        u = log_a - torch.logsumexp(log_kernel + v[..., None, :], dim=-1)
-        v = log_b - torch.logsumexp(log_kernel + u[..., :, None], dim=-2)
-    plan = torch.exp(log_kernel + u[..., :, None] + v[..., None, :])
-    return plan * pair_valid
+    big = torch.finfo(dtype).max / 4
+    masked_cost = cost.masked_fill(~pair_valid, big)
+    f = masked_cost.amin(-1).masked_fill(~qv, 0.0)  # (B, H, Nq)
+    g = (masked_cost - f[..., None]).amin(-2).masked_fill(~kv, 0.0)  # (B, H, Nk)
+    log_tau = 0.25 * math.log(torch.finfo(dtype).max)  # absorb before u·K·v can overflow
+    tiny = torch.finfo(dtype).tiny
+    max_exponent = 0.5 * math.log(torch.finfo(dtype).max)
+
+    def kernel() -> Tensor:
+        exponent = (f[..., :, None] + g[..., None, :] - masked_cost) / epsilon  # -huge at padding
+        return torch.exp(exponent.clamp_max(max_exponent))
+
+    K = kernel()
+    u = a.expand_as(f).clone()
+    v = torch.ones_like(g) * kv
+    for step in range(1, iterations + 1):
+        u = a / (K @ v[..., None])[..., 0].clamp_min(tiny)
+        v = b / (u[..., None, :] @ K)[..., 0, :].clamp_min(tiny)
+        if step == iterations:
+            break
+        if step % check_every == 0:
+            row_error = (u * (K @ v[..., None])[..., 0] - a).abs().sum(-1)  # (B, H)
+            if bool(row_error.max() <= tolerance):
+                break
+        log_u = torch.log(u.clamp_min(tiny)).masked_fill(~qv, 0.0)
+        log_v = torch.log(v.clamp_min(tiny)).masked_fill(~kv, 0.0)
+        if bool(torch.maximum(log_u.abs().amax(), log_v.abs().amax()) > log_tau):
+            f = f + epsilon * log_u
+            g = g + epsilon * log_v
+            K = kernel()
+            u = torch.ones_like(u) * qv
+            v = torch.ones_like(v) * kv
+    return u[..., :, None] * K * v[..., None, :]
 
 
 def optimal_transport(

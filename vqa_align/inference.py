@@ -248,19 +248,19 @@ def load_upload(image: Any, max_side: int = MAX_UPLOAD_SIDE) -> tuple[np.ndarray
     if width < 1 or height < 1:
         raise InputError(f"{name} is empty ({width} x {height} pixels)")
     mode = image.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit grayscale: stretch to 8 bits first
+        arr = np.asarray(image, dtype=np.float64)
+        span = arr.max() - arr.min()
+        image = Image.fromarray(((arr - arr.min()) / (span if span > 0 else 1.0) * 255).astype(np.uint8))
     if max(width, height) > max_side:
         if mode not in ("RGB", "RGBA", "L", "LA"):  # resize needs a plain mode (P, I;16, CMYK ...)
             image = image.convert("RGBA" if "A" in mode or "transparency" in image.info else "RGB")
         image = _downscale(image, max_side)
         notes.append(f"The image ({width} x {height} px) was downscaled to {image.width} x {image.height} px.")
-    if mode in ("L", "LA", "1", "I", "I;16", "F"):
+    if mode in ("L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F"):
         notes.append("The grayscale image was converted to RGB.")
     if mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         notes.append("Transparent parts of the image were filled with white.")
-    if mode in ("I", "I;16", "F"):  # 16/32-bit grayscale: scale to 8 bits before conversion
-        arr = np.asarray(image, dtype=np.float64)
-        span = arr.max() - arr.min()
-        image = Image.fromarray(((arr - arr.min()) / (span if span > 0 else 1.0) * 255).astype(np.uint8))
     try:
         rgb = to_rgb_array(image)
     except ValueError as err:

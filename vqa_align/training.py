@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from vqa_align.checkpoint import TRAINER_STATE_FILE, resolve_checkpoint, save_checkpoint
 from vqa_align.cli import UserError
@@ -210,8 +209,8 @@ class Trainer:
 
     # -- data ------------------------------------------------------------------------------
 
-    def _loader(self, dataset: Any, shuffle: bool, epoch: int, skip: int, batch_size: int) -> DataLoader:
-        from vqa_align.data import RegionBucketBatchSampler, collate_batch
+    def _loader(self, dataset: Any, shuffle: bool, epoch: int, skip: int, batch_size: int) -> Any:
+        from vqa_align.data import RegionBucketBatchSampler, VQALoader, collate_for_workers
 
         dcfg = self.config.data
         sampler = RegionBucketBatchSampler(
@@ -228,10 +227,10 @@ class Trainer:
         workers = dcfg.num_workers
         if workers > 0:
             dataset.store.close()  # every worker opens its own HDF5 handle after fork
-        return DataLoader(
+        return VQALoader(  # float16 features from the workers, float32 in the main process
             dataset,
             batch_sampler=SkipFirstBatches(sampler, skip),
-            collate_fn=collate_batch,
+            collate_fn=collate_for_workers,
             num_workers=workers,
             pin_memory=dcfg.pin_memory and self.device.type == "cuda",
             persistent_workers=False,
