@@ -32,6 +32,7 @@ from vqa_align.inference import (
     Predictor,
     configure_threads,
     default_checkpoint_path,
+    freeze_startup_objects,
     load_predictor,
     load_upload,
     render_views,
@@ -42,8 +43,10 @@ log = logging.getLogger("vqa_align_app")
 ALL_WORDS = "all words (glimpse-weighted)"
 SHADING_CHOICES = [("AttFlat glimpse", "glimpse"), ("guided attention of the selected layer & head", "guided")]
 CONCURRENCY = 2  # two CPU cores: one request per core (each runs single-threaded)
-# Readable user-facing errors; anything else is a bug, logged with its traceback on the server.
-EXPECTED_ERRORS = (InputError, CheckpointError, UserError, FileNotFoundError, ValueError)
+# Errors written for the person using the app; other ValueErrors are shown too but also logged,
+# anything else is a bug: logged with its traceback on the server, summarised in the page.
+EXPECTED_ERRORS = (InputError, CheckpointError, UserError, FileNotFoundError)
+MAX_FILE_SIZE = "50mb"  # uploads above this are refused by Gradio before they reach the model
 
 CSS = """
 #message {min-height: 1.5em}
@@ -55,13 +58,22 @@ CSS = """
 def _error_text(err: BaseException) -> str:
     if isinstance(err, EXPECTED_ERRORS):
         return f"⚠️ **{err}**"
-    log.exception("unexpected error while serving a request")
+    if isinstance(err, ValueError):
+        log.warning("request failed: %s", err, exc_info=err)
+        return f"⚠️ **{err}**"
+    log.error("unexpected error while serving a request", exc_info=err)
     return f"⚠️ **Internal error ({type(err).__name__}: {err}).** The app is still running; see the server log."
 
 
 def _notes_text(pred: Prediction, label: str = "") -> str:
     prefix = f"{label}: " if label else ""
     return "\n".join(f"ℹ️ {prefix}{note}" for note in pred.notes)
+
+
+def plot(label: str, elem_id: str) -> gr.Plot:
+    """A matplotlib plot sent as PNG (lossless, faster to encode than the default WebP); the
+    figure carries its own title, so the component's label is hidden."""
+    return gr.Plot(label=label, format="png", show_label=False, elem_id=elem_id)
 
 
 def _label_value(pred: Prediction | None) -> dict[str, float] | None:
@@ -128,6 +140,12 @@ def build_app(
             out += [None, None, None]
         return out
 
+    def failed(text: str) -> list[Any]:
+        """Outputs of /answer after an error: the message, everything else cleared."""
+        # message, 2 states, label, focus, 6 main views, compare column, compare label, 3 compare views
+        return [text, None, None, None, gr.Dropdown(choices=_focus_choices(None), value=ALL_WORDS),
+                *[None] * 6, gr.skip(), None, *[None] * 3]
+
     def on_answer(question: str, image_id: float | None, upload: str | None, compare: str, kind: str, layer: int,
                   head: int, metric: str, shading: str, focus: str) -> list[Any]:
         try:
@@ -138,7 +156,7 @@ def build_app(
             else:
                 raise InputError("Choose an image from the gallery (or upload one), then ask.")
         except Exception as err:  # noqa: BLE001 - every error becomes a message
-            return [_error_text(err), None, None, None, gr.Dropdown(choices=_focus_choices(None), value=ALL_WORDS)] + [None] * 6 + [gr.skip(), None] + [None] * 3
+            return failed(_error_text(err))
         messages = [_notes_text(pred)]
         cmp = None
         if compare and compare.strip():
@@ -153,7 +171,7 @@ def build_app(
         try:
             drawn = views(pred, cmp, kind, layer, head, metric, shading, focus)
         except Exception as err:  # noqa: BLE001
-            return [_error_text(err), None, None, None, gr.Dropdown()] + [None] * 6 + [gr.skip(), None] + [None] * 3
+            return failed(_error_text(err))
         message = "\n\n".join(m for m in messages if m) or f"Answered in {pred.elapsed_ms:.0f} ms."
         return [message, pred, cmp, _label_value(pred), gr.Dropdown(choices=_focus_choices(pred), value=focus),
                 *drawn[:6], gr.Column(visible=cmp is not None or compare_predictor is not None),
@@ -233,32 +251,33 @@ def build_app(
             with gr.Column(scale=3, min_width=420):
                 answer = gr.Label(label="Answer (top 5)", num_top_classes=5, elem_id="answer")
                 with gr.Row():
-                    region = gr.Plot(label="Where the model looked", format="png", show_label=False, elem_id="region")
+                    region = plot("Where the model looked", "region")
                     with gr.Column():
                         words = gr.HighlightedText(label="Question words, shaded by attention", show_legend=False,
                                                    show_inline_category=False, elem_id="words")
                         shading = gr.Radio(SHADING_CHOICES, value="glimpse", label="Shade regions and words by")
                         focus = gr.Dropdown([ALL_WORDS], value=ALL_WORDS, label="Guided attention on word")
-        gr.Markdown("### Alignment of keys and queries, per layer and head")
-        with gr.Row():
-            kind = gr.Dropdown([(v, k) for k, v in KIND_LABELS.items()], value="sga_guided", label="Attention module",
-                               elem_id="kind")
-            layer = gr.Radio([(f"layer {i}", i) for i in range(cfg.num_layers)], value=cfg.num_layers - 1,
-                             label="Layer", elem_id="layer")
-            head = gr.Radio([(f"head {j}", j) for j in range(cfg.num_heads)], value=0, label="Head", elem_id="head")
-            metric = gr.Radio([(v, k) for k, v in METRICS.items()], value="mmd2", label="Heatmap metric")
-        caption = gr.Markdown("", elem_id="caption")
-        with gr.Row():
-            projection = gr.Plot(label="Queries and keys (one shared PCA)", format="png", show_label=False, elem_id="projection")
-            grid = gr.Plot(label="Layers × heads", format="png", show_label=False, elem_id="grid")
-            matrix = gr.Plot(label="Attention matrix", format="png", show_label=False, elem_id="matrix")
+        with gr.Column(elem_id="alignment"):
+            gr.Markdown("### Alignment of keys and queries, per layer and head")
+            with gr.Row():
+                kind = gr.Dropdown([(v, k) for k, v in KIND_LABELS.items()], value="sga_guided",
+                                   label="Attention module", elem_id="kind")
+                layer = gr.Radio([(f"layer {i}", i) for i in range(cfg.num_layers)], value=cfg.num_layers - 1,
+                                 label="Layer", elem_id="layer")
+                head = gr.Radio([(f"head {j}", j) for j in range(cfg.num_heads)], value=0, label="Head", elem_id="head")
+                metric = gr.Radio([(v, k) for k, v in METRICS.items()], value="mmd2", label="Heatmap metric")
+            caption = gr.Markdown("", elem_id="caption")
+            with gr.Row():
+                projection = plot("Queries and keys (one shared PCA)", "projection")
+                grid = plot("Layers × heads", "grid")
+                matrix = plot("Attention matrix", "matrix")
         with gr.Column(visible=compare_predictor is not None) as compare_col:
             gr.Markdown("### Comparison model (same question, image and selection)")
             with gr.Row():
                 cmp_answer = gr.Label(label="Comparison: answer (top 5)", num_top_classes=5, elem_id="cmp-answer")
-                cmp_region = gr.Plot(label="Comparison: where it looked", format="png", show_label=False, elem_id="cmp-region")
-                cmp_projection = gr.Plot(label="Comparison: queries and keys", format="png", show_label=False, elem_id="cmp-projection")
-                cmp_grid = gr.Plot(label="Comparison: layers × heads", format="png", show_label=False, elem_id="cmp-grid")
+                cmp_region = plot("Comparison: where it looked", "cmp-region")
+                cmp_projection = plot("Comparison: queries and keys", "cmp-projection")
+                cmp_grid = plot("Comparison: layers × heads", "cmp-grid")
         gr.Markdown(
             "CT: parameter-free conditional transport cost between the head's queries and keys; MMD²: squared "
             "maximum mean discrepancy (Gaussian kernel). Lower = better aligned. The projection is one PCA "
@@ -288,20 +307,23 @@ def build_app(
 def launch_kwargs(host: str = "127.0.0.1", port: int | None = 7860) -> dict[str, Any]:
     """launch() arguments: local only, no share link, no SSR (needs node), errors as messages."""
     return dict(server_name=host, server_port=port, share=False, show_error=False, ssr_mode=False,
-                css=CSS, theme=gr.themes.Default(), quiet=True)
+                max_file_size=MAX_FILE_SIZE, css=CSS, theme=gr.themes.Default(), quiet=True)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """``vqa-align demo``: load the checkpoint(s) once and serve the app until interrupted."""
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint is None and not default_checkpoint_path().exists():
-        raise UserError(f"no checkpoint given and none at {default_checkpoint_path()}: run `vqa-align quickstart` first")
+        raise UserError(
+            f"no checkpoint given and none at {default_checkpoint_path()}: run `vqa-align quickstart` first"
+        )
     predictor = load_predictor(checkpoint)
     compare = load_predictor(args.compare) if getattr(args, "compare", None) else None
     # Small models: one thread per request, two requests in parallel (see configure_threads).
     configure_threads(predictor)
     demo = build_app(predictor, compare)
     demo.queue(default_concurrency_limit=CONCURRENCY)
+    freeze_startup_objects()  # keeps full garbage collections from stalling requests
     host, port = getattr(args, "host", "127.0.0.1"), getattr(args, "port", 7860)
     print(f"VQA-Align demo: http://{host}:{port}  (model {predictor.path}; Ctrl+C to stop)", flush=True)
     demo.launch(**launch_kwargs(host, port))

@@ -53,15 +53,7 @@ def take_screenshots(url: str, out: Path, example: int = 2, question: str | None
             page.locator("#head").get_by_text("head 1").click()
             page.wait_for_timeout(1500)
             saved.append(out / "app_alignment.png")
-            top = page.locator("#answer").bounding_box()
-            bottom = page.locator("#matrix").bounding_box()
-            if top and bottom:  # boxes are relative to the viewport; the clip of a full page is not
-                scroll = page.evaluate("window.scrollY")
-                clip = dict(x=0, y=scroll + top["y"] - 10, width=1440,
-                            height=bottom["y"] + bottom["height"] - top["y"] + 20)
-                page.screenshot(path=str(saved[-1]), full_page=True, clip=clip)
-            else:
-                page.screenshot(path=str(saved[-1]), full_page=True)
+            page.locator("#alignment").screenshot(path=str(saved[-1]))
             if compare:
                 page.locator("#cmp-projection img").wait_for(timeout=30_000)
                 saved.append(out / "app_compare.png")

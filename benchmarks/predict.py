@@ -29,7 +29,12 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vqa_align.inference import Predictor, default_checkpoint_path, render_views  # noqa: E402
+from vqa_align.inference import (  # noqa: E402
+    Predictor,
+    default_checkpoint_path,
+    freeze_startup_objects,
+    render_views,
+)
 from vqa_align.visualization import figure_to_png  # noqa: E402
 
 EASY_VQA_QUESTIONS = [
@@ -95,6 +100,35 @@ def one_request(predictor: Predictor, question: str, image_id: int) -> dict[str,
             "total_ms": (t3 - t0) * 1e3, "total_cpu_ms": cpu * 1e3}
 
 
+def app_round_trips(predictor: Predictor, question: str, image_id: int, runs: int, warmup: int) -> list[float]:
+    """Wall ms of ``/answer`` requests sent with gradio_client to the app served in this process."""
+    import socket
+
+    from gradio_client import Client
+
+    from vqa_align_app.main import build_app, launch_kwargs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_app(predictor)
+    demo.queue(default_concurrency_limit=2)
+    demo.launch(**launch_kwargs("127.0.0.1", port), prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        last = predictor.num_layers - 1
+        args = (question, image_id, None, "", "sga_guided", last, 0, "mmd2", "glimpse", "all words (glimpse-weighted)")
+        times = []
+        for i in range(warmup + runs):
+            start = time.perf_counter()
+            client.predict(*args, api_name="/answer")
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+        return times
+    finally:
+        demo.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="run or checkpoint folder (default: the quickstart's)")
@@ -105,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the app uses 1 per request)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--via-app", action="store_true",
+                        help="also time /answer through the served app with gradio_client (HTTP, queue, PNG)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -123,28 +159,34 @@ def main(argv: list[str] | None = None) -> int:
                                      "what shape is in the image?")
         for _ in range(args.warmup):
             one_request(predictor, question, image_id)
+        freeze_startup_objects()  # as `vqa-align demo` does before serving
         samples = [one_request(predictor, question, image_id) for _ in range(args.runs)]
+        if args.via_app:
+            for sample, app_ms in zip(samples, app_round_trips(predictor, question, image_id, args.runs, args.warmup)):
+                sample["app_round_trip_ms"] = app_ms
+        pred = predictor.answer(question, image_id=image_id)
 
     def stat(key: str) -> dict[str, float]:
         values = sorted(s[key] for s in samples)
         return {"median": round(statistics.median(values), 2), "p90": round(values[int(0.9 * (len(values) - 1))], 2)}
 
-    pred = predictor.answer(question, image_id=image_id)
+    keys = KEYS + (("app_round_trip_ms",) if args.via_app else ())
     result = {
-        "benchmark": "predict_request", "checkpoint": "random (configs/easy_vqa.yaml)" if args.random else str(checkpoint),
+        "benchmark": "predict_request",
+        "checkpoint": "random (configs/easy_vqa.yaml)" if args.random else str(checkpoint),
         "question": question, "image_id": image_id, "num_regions": int(len(pred.boxes)), "num_tokens": len(pred.tokens),
         "hidden_size": predictor.config.model.hidden_size, "layers": predictor.num_layers, "heads": predictor.num_heads,
         "runs": args.runs, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_avg_1min": round(os.getloadavg()[0], 2),
-        **{key: stat(key) for key in KEYS},
+        **{key: stat(key) for key in keys},
     }
     if args.json:
         print(json.dumps(result))
     else:
         print(f"one request ({result['checkpoint']}, {result['num_regions']} regions, {result['num_tokens']} words, "
               f"{args.runs} runs, {result['torch_threads']} thread(s), load {result['load_avg_1min']}):")
-        for key in KEYS:
-            print(f"  {key:<12} median {result[key]['median']:8.1f}   p90 {result[key]['p90']:8.1f}")
+        for key in keys:
+            print(f"  {key:<17} median {result[key]['median']:8.1f}   p90 {result[key]['p90']:8.1f}")
     return 0
 
 

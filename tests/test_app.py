@@ -45,7 +45,7 @@ def app_server(tmp_path_factory):
     port = _free_port()
     demo.launch(**launch_kwargs("127.0.0.1", port), prevent_thread_lock=True)
     try:
-        yield dict(url=f"http://127.0.0.1:{port}/", demo=demo, ckpt=ckpt, other=other, root=root)
+        yield dict(url=f"http://127.0.0.1:{port}/", demo=demo, ckpt=ckpt, other=other, root=root, predictor=predictor)
     finally:
         demo.close()
 
@@ -56,7 +56,8 @@ def client(app_server):
 
 
 def _answer(client, question="what shape is in the image?", image_id=1, upload=None, compare="", **sel):
-    args = dict(kind="sga_guided", layer=1, head=0, metric="mmd2", shading="glimpse", focus="all words (glimpse-weighted)")
+    args = dict(kind="sga_guided", layer=1, head=0, metric="mmd2", shading="glimpse",
+                focus="all words (glimpse-weighted)")
     args.update(sel)
     return client.predict(question, image_id, upload, compare, *args.values(), api_name="/answer")
 
@@ -81,7 +82,8 @@ def test_answer_with_all_figures(client):
     assert sum(c["confidence"] for c in label["confidences"]) <= 1.0 + 1e-6
     for plot in (region, projection, grid, matrix):
         assert _is_png_plot(plot)
-    assert [w["token"] for w in words if w["class_or_confidence"] is not None] == ["what", "shape", "is", "in", "the", "image"]
+    tokens = [w["token"] for w in words if w["class_or_confidence"] is not None]
+    assert tokens == ["what", "shape", "is", "in", "the", "image"]
     assert "layer 1 · head 0" in caption
     # Re-drawing another head of the same prediction (no model call, session state).
     view = client.predict("sa_question", 0, 3, "ct", "guided", "1: shape", api_name="/view")
@@ -105,6 +107,17 @@ def test_bad_inputs_give_messages_and_the_app_keeps_serving(client, tmp_path):
     out = _answer(client, compare="/nonexistent/checkpoint")
     assert out[1]["label"] and "Comparison model" in out[0] and "not found" in out[0]
     assert not _answer(client)[0].startswith("⚠️")  # still serving
+
+
+def test_unexpected_error_is_a_message_not_a_traceback(client, app_server, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app_server["predictor"], "answer", broken)
+    out = _answer(client)
+    assert out[0].startswith("⚠️ **Internal error (RuntimeError: boom)") and "Traceback" not in out[0]
+    monkeypatch.undo()
+    assert not _answer(client)[0].startswith("⚠️")  # the next request is served
 
 
 def test_upload_grayscale(client, tmp_path):

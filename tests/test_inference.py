@@ -245,6 +245,7 @@ def test_uploads_disabled_for_detector_features(tmp_path):
     assert pred.answer("what shape", image_id=0).image is None  # no picture: drawn on a canvas
     views = render_views(pred.answer("what shape", image_id=0))
     assert isinstance(views.region, Figure)
+    assert pred.thumbnail(0, size=96).shape == (96, 96, 3)  # boxes drawn on grey
 
 
 def test_corrupt_checkpoint(tmp_path, tiny_checkpoint):

@@ -41,7 +41,8 @@ def test_region_attention_shades_and_outlines_top_boxes():
 
 
 def test_region_attention_without_picture_and_mismatch():
-    fig = plot_region_attention(None, torch.tensor([[0.0, 0.0, 5.0, 5.0]]), torch.tensor([1.0]), "t", image_size=(20, 10))
+    boxes, weights = torch.tensor([[0.0, 0.0, 5.0, 5.0]]), torch.tensor([1.0])
+    fig = plot_region_attention(None, boxes, weights, "t", image_size=(20, 10))
     assert fig.axes[0].images[0].get_array().shape == (10, 20, 3)
     with pytest.raises(ValueError, match="2 boxes but 1 weights"):
         plot_region_attention(None, np.zeros((2, 4)), np.ones(1), "t")

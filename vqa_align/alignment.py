@@ -182,20 +182,22 @@ def sinkhorn_plan(
     tiny = torch.finfo(dtype).tiny
     max_exponent = 0.5 * math.log(torch.finfo(dtype).max)
 
-    def kernel() -> Tensor:
+    def kernel() -> tuple[Tensor, Tensor]:
         exponent = (f[..., :, None] + g[..., None, :] - masked_cost) / epsilon  # -huge at padding
-        return torch.exp(exponent.clamp_max(max_exponent))
+        K = torch.exp(exponent.clamp_max(max_exponent))
+        # Both products as vector-matrix products over contiguous memory (twice as fast as K @ v).
+        return K, K.transpose(-1, -2).contiguous()
 
-    K = kernel()
+    K, KT = kernel()
     u = a.expand_as(f).clone()
     v = torch.ones_like(g) * kv
     for step in range(1, iterations + 1):
-        u = a / (K @ v[..., None])[..., 0].clamp_min(tiny)
+        u = a / (v[..., None, :] @ KT)[..., 0, :].clamp_min(tiny)
         v = b / (u[..., None, :] @ K)[..., 0, :].clamp_min(tiny)
         if step == iterations:
             break
         if step % check_every == 0:
-            row_error = (u * (K @ v[..., None])[..., 0] - a).abs().sum(-1)  # (B, H)
+            row_error = (u * (v[..., None, :] @ KT)[..., 0, :] - a).abs().sum(-1)  # (B, H)
             if bool(row_error.max() <= tolerance):
                 break
         log_u = torch.log(u.clamp_min(tiny)).masked_fill(~qv, 0.0)
@@ -203,7 +205,7 @@ def sinkhorn_plan(
         if bool(torch.maximum(log_u.abs().amax(), log_v.abs().amax()) > log_tau):
             f = f + epsilon * log_u
             g = g + epsilon * log_v
-            K = kernel()
+            K, KT = kernel()
             u = torch.ones_like(u) * qv
             v = torch.ones_like(v) * kv
     return u[..., :, None] * K * v[..., None, :]
@@ -322,19 +324,17 @@ class HeadAligner(nn.Module):
             raise ValueError(f"unknown alignment method {self.method!r}")
 
     def forward(self, queries: Tensor, keys: Tensor, q_valid: Tensor, k_valid: Tensor) -> Tensor:
+        sizes = [queries.shape[-2], keys.shape[-2]]  # split() backward is one cat, not zeros + copies
         if self.method == "ct":
-            return conditional_transport(
-                F.normalize(self.navigator(queries), dim=-1),
-                F.normalize(self.navigator(keys), dim=-1),
-                F.normalize(call_with_reversed_parameters(self.critic, queries), dim=-1),
-                F.normalize(call_with_reversed_parameters(self.critic, keys), dim=-1),
-                q_valid,
-                k_valid,
-                self.rho,
-            )
+            # Queries and keys go through each helper in ONE call (concatenated along positions).
+            both = torch.cat([queries, keys], dim=-2)  # (B, H, Nq + Nk, d)
+            nav = F.normalize(self.navigator(both), dim=-1)
+            crit = F.normalize(call_with_reversed_parameters(self.critic, both), dim=-1)
+            (nav_q, nav_k), (crit_q, crit_k) = nav.split(sizes, dim=-2), crit.split(sizes, dim=-2)
+            return conditional_transport(nav_q, nav_k, crit_q, crit_k, q_valid, k_valid, self.rho)
         if self.method == "gan":
-            logits_q = self.discriminator(reverse_gradient(queries)).squeeze(-1)
-            logits_k = self.discriminator(reverse_gradient(keys)).squeeze(-1)
+            logits = self.discriminator(reverse_gradient(torch.cat([queries, keys], dim=-2))).squeeze(-1)
+            logits_q, logits_k = logits.split(sizes, dim=-1)
             return adversarial_loss(logits_q, logits_k, q_valid, k_valid)
         if self.method == "ot":
             return optimal_transport(queries, keys, q_valid, k_valid, self.ot_epsilon, self.ot_iterations)
@@ -397,3 +397,18 @@ def summarize_mmd(diagnostics: list[ModuleDiagnostics]) -> dict[str, float]:
     summary["sum_over_heads_and_layers"] = total
     return summary
 
+
+# ----------------------------------------------------------------------------------------------
+# Re-export of the conversion API (vqa_align.conversion). Lazy (PEP 562): conversion imports this
+# module, so an eager import here would be circular whichever of the two is imported first.
+# ----------------------------------------------------------------------------------------------
+
+_CONVERSION_API = ("convert_to_alignment", "AlignmentHandle", "UnsupportedAttentionError", "find_attention", "attention_kind")
+
+
+def __getattr__(name: str):  # noqa: ANN202 - module-level attribute hook
+    if name in _CONVERSION_API:
+        from vqa_align import conversion
+
+        return getattr(conversion, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

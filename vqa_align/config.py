@@ -64,6 +64,7 @@ class ModelConfig:
     flat_mlp_size: int = 512
     flat_size: int = 1024  # width of the fused vector after AttFlat
     flat_glimpses: int = 1
+    classifier_hidden: int = 0  # 0: MCAN's linear classifier; > 0: Linear-ReLU-Dropout-Linear head
     dropout: float = 0.1
     feature_dim: int = 2048  # D of the region features (2048 for bottom-up-attention)
     use_box_embedding: bool = True

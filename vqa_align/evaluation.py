@@ -86,7 +86,7 @@ def evaluate_checkpoint(
             model.eval()
             mean_top = samples.mean(0).argmax(-1).tolist()
             accuracy_of_mean = np.array([question_accuracy(answers[i], by_id[q].answers) for q, i in zip(ids, mean_top)])
-            counts = pavpu(samples.numpy(), accuracy_of_mean, PAVPU_P_THRESHOLD)
+            counts = pavpu(samples.cpu().numpy(), accuracy_of_mean, PAVPU_P_THRESHOLD)
             for key in pavpu_counts:
                 pavpu_counts[key] += counts[key]
 

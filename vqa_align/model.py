@@ -300,6 +300,12 @@ class MCAN(nn.Module):
 
         if cfg.question_encoder == "lstm":
             self.question_encoder: nn.Module = LSTMQuestionEncoder(cfg.vocab_size, cfg.word_embed_dim, cfg.hidden_size)
+        elif cfg.question_encoder == "minilm":
+            from vqa_align.question_encoders import MiniLMQuestionEncoder  # optional extra: vqa-align[minilm]
+
+            # Its BERT self-attention is converted to alignment attention; its terms count as sa_question.
+            aligned = align.method != "none" and "sa_question" in align.modules
+            self.question_encoder = MiniLMQuestionEncoder(cfg.hidden_size, alignment=align if aligned else None)
         else:
             raise ValueError(f"model.question_encoder {cfg.question_encoder!r} is not available in this build")
         self.region_encoder = RegionEncoder(cfg.feature_dim, cfg.hidden_size, cfg.use_box_embedding)
@@ -311,7 +317,16 @@ class MCAN(nn.Module):
         self.question_flat = AttFlat(cfg.hidden_size, **flat)
         self.image_flat = AttFlat(cfg.hidden_size, **flat)
         self.fusion_norm = nn.LayerNorm(cfg.flat_size)
-        self.classifier = nn.Linear(cfg.flat_size, cfg.num_answers)
+        if cfg.classifier_hidden > 0:
+            # A hidden layer lets the answer depend on products of question and image features
+            # (e.g. "is there a red shape?" = [red asked] AND [red seen]); the fused vector is a
+            # *sum*, so MCAN's linear classifier can only add the two evidences.
+            self.classifier: nn.Module = nn.Sequential(
+                nn.Linear(cfg.flat_size, cfg.classifier_hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+                nn.Linear(cfg.classifier_hidden, cfg.num_answers),
+            )
+        else:
+            self.classifier = nn.Linear(cfg.flat_size, cfg.num_answers)  # MCAN
 
     @property
     def has_alignment(self) -> bool:
@@ -339,11 +354,17 @@ class MCAN(nn.Module):
         q_valid = valid_mask(question_lengths, tokens.shape[1])  # (B, T)
         v_valid = valid_mask(region_counts, features.shape[1])  # (B, N)
 
-        y = self.question_encoder(tokens, question_lengths)  # (B, T, D)
+        # A pretrained encoder converted with convert_to_alignment exposes its AlignmentHandle.
+        encoder_alignment = getattr(self.question_encoder, "alignment", None)
+        if encoder_alignment is None:
+            y = self.question_encoder(tokens, question_lengths)  # (B, T, D)
+        else:
+            with encoder_alignment.options(compute=compute_alignment, record=need_details):
+                y = self.question_encoder(tokens, question_lengths)  # (B, T, D)
         # Padded regions are zeroed so that whatever the caller put there cannot reach real positions.
         x = self.region_encoder(features.masked_fill(~v_valid[..., None], 0.0), boxes.masked_fill(~v_valid[..., None], 0.0))
 
-        alignment_terms: list[Tensor] = []
+        alignment_terms: list[Tensor] = [] if encoder_alignment is None else encoder_alignment.terms()
         details: dict[str, AttentionDetails] = {}
         for index, layer in enumerate(self.encoder):
             out = layer(y, q_valid, compute_alignment, need_details)
@@ -388,6 +409,9 @@ class MCAN(nn.Module):
                 diagnose_module(name, _module_kind(name), int(name.split(".")[1]), det, modules[name].aligner)
                 for name, det in output.details.items()
             ]
+            encoder_diagnostics = getattr(self.question_encoder, "diagnostics", None)  # pretrained encoders
+            if encoder_diagnostics is not None:
+                diagnostics += encoder_diagnostics(prefix="question_encoder.")
         finally:
             self.train(was_training)
         return output, diagnostics

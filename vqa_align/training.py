@@ -168,7 +168,12 @@ class Trainer:
         self.amp_dtype = autocast_dtype(tcfg.precision, self.device)
         seed_everything(tcfg.seed)
 
-        bundle = build_data(config.data, ["train", "val"])
+        tokenizer = None
+        if config.model.question_encoder == "minilm":
+            from vqa_align.question_encoders import load_minilm_tokenizer
+
+            tokenizer = load_minilm_tokenizer()  # WordPiece ids, [PAD] = 0
+        bundle = build_data(config.data, ["train", "val"], tokenizer=tokenizer)
         self.tokenizer, self.answers = bundle.tokenizer, bundle.answers
         self.train_set, self.val_set = bundle.datasets["train"], bundle.datasets.get("val")
         if len(self.train_set) == 0:
@@ -188,8 +193,11 @@ class Trainer:
         self.model = MCAN(config.model).to(self.device)
         self.ddp_model: torch.nn.Module = self.model
         if self.dist.world_size > 1:
+            # Parameters frozen for the first epochs (MiniLM) get no gradient then.
+            freezes = config.model.question_encoder == "minilm" and config.model.minilm_freeze_epochs > 0
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=freezes,
             )
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), eps=tcfg.eps, weight_decay=tcfg.weight_decay
@@ -254,6 +262,9 @@ class Trainer:
         tcfg = self.config.train
         lam = self.config.model.alignment.weight
         lr = self._set_lr()
+        set_frozen = getattr(self.model.question_encoder, "set_frozen", None)
+        if set_frozen is not None:
+            set_frozen(self.epoch < self.config.model.minilm_freeze_epochs)
         loader = self._loader(self.train_set, True, self.epoch, self.batches_done, tcfg.batch_size)
         self.ddp_model.train()
         bar = tqdm(

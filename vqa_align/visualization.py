@@ -121,8 +121,10 @@ def plot_region_attention(
         x1, y1, x2, y2 = boxes[i]
         color = ("#ffdd00", "#ff8800", "#ff3300")[min(rank, 2)]
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=2.0 - 0.4 * rank))
-        ax.text(x1 + 1, y1 + 1, f"{names[i]} {share[i]:.2f}", color="black", fontsize=7, va="top",
-                bbox=dict(facecolor=color, alpha=0.8, pad=1, linewidth=0))
+        # Label above the box when there is room (small object boxes stay visible), else inside.
+        above = y1 >= 0.1 * height
+        ax.text(x1 + 1, y1 - 1 if above else y1 + 1, f"{names[i]} {share[i]:.2f}", color="black", fontsize=7,
+                va="bottom" if above else "top", bbox=dict(facecolor=color, alpha=0.8, pad=1, linewidth=0))
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_axis_off()
