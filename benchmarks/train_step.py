@@ -58,19 +58,23 @@ def main(argv=None) -> dict:
         feature_dim = next(iter(variants.values())).model.config.feature_dim
         batches = common.make_batches(layout, args.batch_size, args.warmup + args.steps, feature_dim)
         times = {key: [] for key in variants}
+        cpu_times = {key: [] for key in variants}
         losses = {key: [] for key in variants}
         for i, batch in enumerate(batches):
             for key, trainer in variants.items():
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 loss = trainer.step(batch)
                 elapsed = time.perf_counter() - start
+                cpu_elapsed = time.process_time() - cpu_start
                 if i >= args.warmup:
                     times[key].append(elapsed)
+                    cpu_times[key].append(cpu_elapsed)
                     losses[key].append(float(loss))
         timed = batches[args.warmup :]
         samples = sum(len(b["region_counts"]) for b in timed)
         stats = common.batch_stats(timed)
         base = {p: common.median(times[("none", p)]) for p in precisions if ("none", p) in times}
+        cpu_base = {p: common.median(cpu_times[("none", p)]) for p in precisions if ("none", p) in times}
         for (method, precision), values in times.items():
             med = common.median(values)
             row = {
@@ -85,6 +89,13 @@ def main(argv=None) -> dict:
                 "samples_per_s": samples / sum(values),
                 "median_step_samples_per_s": args.batch_size / med,
                 "ratio_vs_none": med / base[precision] if precision in base else None,
+                # CPU seconds of this process (all threads) per step: robust when other processes
+                # share the cores, which inflates wall time but not the work done.
+                "median_cpu_s_per_step": common.median(cpu_times[(method, precision)]),
+                "all_cpu_s_per_step": cpu_times[(method, precision)],
+                "cpu_ratio_vs_none": (
+                    common.median(cpu_times[(method, precision)]) / cpu_base[precision] if precision in cpu_base else None
+                ),
                 "last_loss": losses[(method, precision)][-1],
                 **stats,
             }
@@ -104,12 +115,13 @@ def main(argv=None) -> dict:
     if args.json:
         print(text)
     else:
-        print(f"{'regions':9} {'method':6} {'prec':5} {'s/step':>8} {'min':>7} {'samples/s':>10} {'vs none':>8} {'pad%':>5}")
+        print(f"{'regions':9} {'method':6} {'prec':5} {'s/step':>8} {'min':>7} {'samples/s':>10} {'vs none':>8} {'cpu s':>7} {'cpu vs none':>11} {'pad%':>5}")
         for r in results:
             ratio = f"{r['ratio_vs_none']:.3f}" if r["ratio_vs_none"] is not None else "-"
             print(
                 f"{r['regions']:9} {r['method']:6} {r['precision']:5} {r['median_s_per_step']:8.3f} "
-                f"{r['min_s_per_step']:7.3f} {r['samples_per_s']:10.1f} {ratio:>8} {100 * r['padding_fraction']:5.1f}"
+                f"{r['min_s_per_step']:7.3f} {r['samples_per_s']:10.1f} {ratio:>8} {r['median_cpu_s_per_step']:7.2f} "
+                f"{(r['cpu_ratio_vs_none'] or float('nan')):11.3f} {100 * r['padding_fraction']:5.1f}"
             )
         print(f"peak RSS {report['peak_rss_mib']:.0f} MiB; {report['machine']}")
     return report

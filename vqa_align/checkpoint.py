@@ -10,7 +10,7 @@ A checkpoint folder holds everything needed to answer questions with the model::
     meta.json             epoch, global step, metrics at save time
 
 A run folder (``runs/NAME``) holds ``checkpoints/last`` and ``checkpoints/best``; functions that take
-a checkpoint accept either the run folder or a checkpoint folder. Writes go to a temporary sibling
+a checkpoint accept either the run folder (meaning its ``last``) or a checkpoint folder. Writes go to a temporary sibling
 folder that is renamed into place, so a kill at any moment leaves the previous checkpoint intact.
 """
 
@@ -42,11 +42,15 @@ class CheckpointError(UserError, ValueError):
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint folder or a run folder (-> its ``checkpoints/best`` or ``last``)."""
+    """Accept a checkpoint folder or a run folder (-> its ``checkpoints/last``, else ``best``).
+
+    ``last`` comes first: ``best`` is chosen on the validation split, so scoring it on that same
+    split would flatter the model (easy-VQA's val split is its test set).
+    """
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
         return path
-    for candidate in (path / "checkpoints" / "best", path / "checkpoints" / "last"):
+    for candidate in (path / "checkpoints" / "last", path / "checkpoints" / "best"):
         if (candidate / WEIGHTS_FILE).is_file():
             return candidate
     if not path.exists():

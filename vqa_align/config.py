@@ -31,8 +31,10 @@ class AlignmentConfig:
     method: Literal["none", "ct", "gan", "ot"] = "ct"
     weight: float = 0.01  # λ in L = L_task + λ·L_align (the paper uses 0.01 throughout)
     modules: list[str] = field(default_factory=lambda: list(ALIGNMENT_MODULES))
-    helper_hidden: int = 256  # hidden width of navigator / critic / discriminator MLPs
-    helper_out: int = 128  # r: output width of the CT navigator and critic
+    # Helper widths: 64/32 (was 256/128) cuts the CT helpers' cost ~6x for head_dim 64 (see
+    # BENCHMARKS.md); the helpers are per-head maps of a 64-d vector, so 256 hidden units buy nothing.
+    helper_hidden: int = 64  # hidden width of navigator / critic / discriminator MLPs
+    helper_out: int = 32  # r: output width of the CT navigator and critic
     ct_rho: float = 0.5  # weight of the forward (query -> key) transport direction
     gan_leaky_slope: float = 0.2
     ot_epsilon: float = 0.01  # entropic regularisation on a cost scaled to [0, 2]
@@ -64,6 +66,7 @@ class ModelConfig:
     flat_mlp_size: int = 512
     flat_size: int = 1024  # width of the fused vector after AttFlat
     flat_glimpses: int = 1
+    fusion: Literal["sum", "sum_product"] = "sum"  # sum: MCAN; sum_product: q + v + q ⊙ v
     classifier_hidden: int = 0  # 0: MCAN's linear classifier; > 0: Linear-ReLU-Dropout-Linear head
     dropout: float = 0.1
     feature_dim: int = 2048  # D of the region features (2048 for bottom-up-attention)

@@ -379,7 +379,10 @@ class MCAN(nn.Module):
 
         q_flat, q_glimpse = self.question_flat(y, q_valid)
         v_flat, v_glimpse = self.image_flat(x, v_valid)
-        logits = self.classifier(self.fusion_norm(q_flat + v_flat))
+        fused = q_flat + v_flat  # (B, flat_size): MCAN's fusion
+        if self.config.fusion == "sum_product":
+            fused = fused + q_flat * v_flat  # elementwise product: question-image agreement is linear in it
+        logits = self.classifier(self.fusion_norm(fused))
 
         if alignment_terms:
             alignment_loss = torch.stack([term.mean() for term in alignment_terms]).mean()

@@ -1,0 +1,154 @@
+"""Every fast path against the plain path it replaces, on random inputs (values and gradients).
+
+- CT: navigator and critic applied to queries and keys in ONE call (concatenated along positions)
+  vs. four separate calls; both transport directions as fused attention vs. the explicit
+  (Nq, Nk) plan and cost matrices.
+- GAN: one discriminator call on concatenated q/k vs. two calls.
+- OT: the stabilised exp-domain Sinkhorn (absorption, vector-matrix products, tolerance check)
+  vs. the plain log-domain Sinkhorn; exact zeros on padding; small ε without under/overflow.
+- Attention: the fused scaled_dot_product_attention path vs. the explicit-weights path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqa_align.alignment import (
+    HeadAligner,
+    adversarial_loss,
+    call_with_reversed_parameters,
+    conditional_transport,
+    cosine_cost,
+    reverse_gradient,
+    sinkhorn_plan,
+)
+from vqa_align.config import AlignmentConfig
+from vqa_align.model import MultiHeadAttention
+
+
+def _masks(batch, nq, nk, gen):
+    q_len = torch.randint(1, nq + 1, (batch,), generator=gen)
+    k_len = torch.randint(1, nk + 1, (batch,), generator=gen)
+    q_len[0], k_len[0] = nq, nk
+    return torch.arange(nq)[None] < q_len[:, None], torch.arange(nk)[None] < k_len[:, None]
+
+
+def plain_ct(aligner, q, k, qv, kv):
+    """Separate helper calls and explicit (Nq, Nk) plans/costs, straight from the formula."""
+    fq, fk = F.normalize(aligner.navigator(q), dim=-1), F.normalize(aligner.navigator(k), dim=-1)
+    gq = F.normalize(call_with_reversed_parameters(aligner.critic, q), dim=-1)
+    gk = F.normalize(call_with_reversed_parameters(aligner.critic, k), dim=-1)
+    s = fq @ fk.transpose(-1, -2)
+    c = 1.0 - gq @ gk.transpose(-1, -2)
+    pair = qv[:, None, :, None] & kv[:, None, None, :]
+    fwd = s.masked_fill(~pair, float("-inf")).softmax(-1).nan_to_num(0.0)
+    bwd = s.masked_fill(~pair, float("-inf")).softmax(-2).nan_to_num(0.0)
+    n = qv.sum(-1)[:, None].to(q.dtype)
+    m = kv.sum(-1)[:, None].to(q.dtype)
+    rho = aligner.rho
+    return rho * (fwd * c).sum((-1, -2)) / n + (1 - rho) * (bwd * c).sum((-1, -2)) / m
+
+
+def plain_gan(aligner, q, k, qv, kv):
+    lq = aligner.discriminator(reverse_gradient(q)).squeeze(-1)
+    lk = aligner.discriminator(reverse_gradient(k)).squeeze(-1)
+    return adversarial_loss(lq, lk, qv, kv)
+
+
+def log_domain_sinkhorn(cost, qv, kv, epsilon, iterations):
+    """The plain log-domain Sinkhorn (logsumexp over the full matrix every half-iteration)."""
+    cost = cost.double()
+    n, m = qv.sum(-1).double(), kv.sum(-1).double()
+    log_a = torch.where(qv, -torch.log(n)[:, None], torch.tensor(-1e9, dtype=torch.float64))[:, None]
+    log_b = torch.where(kv, -torch.log(m)[:, None], torch.tensor(-1e9, dtype=torch.float64))[:, None]
+    pair = qv[:, None, :, None] & kv[:, None, None, :]
+    log_k = torch.where(pair, -cost / epsilon, torch.tensor(-1e9, dtype=torch.float64))
+    u, v = torch.zeros_like(cost[..., 0]), torch.zeros_like(cost[..., 0, :])
+    for _ in range(iterations):
+        u = log_a - torch.logsumexp(log_k + v[..., None, :], -1)
+        v = log_b - torch.logsumexp(log_k + u[..., :, None], -2)
+    return torch.exp(log_k + u[..., :, None] + v[..., None, :]) * pair
+
+
+@pytest.mark.parametrize("method", ["ct", "gan"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_concatenated_helper_call_matches_separate_calls(method, seed):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    d, heads, nq, nk = 16, 3, 7, 5
+    aligner = HeadAligner(d, AlignmentConfig(method=method, helper_hidden=24, helper_out=12)).double()
+    qv, kv = _masks(4, nq, nk, gen)
+    q = torch.randn(4, heads, nq, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(4, heads, nk, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    params = [q, k] + list(aligner.parameters())
+    fast = aligner(q, k, qv, kv)
+    fast_grads = torch.autograd.grad(fast.sum(), params)
+    ref = (plain_ct if method == "ct" else plain_gan)(aligner, q, k, qv, kv)
+    ref_grads = torch.autograd.grad(ref.sum(), params)
+    assert torch.allclose(fast, ref, atol=1e-10)
+    for got, want in zip(fast_grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-9)
+
+
+def test_fused_ct_matches_explicit_matrices_float32():
+    gen = torch.Generator().manual_seed(3)
+    qv, kv = _masks(3, 9, 6, gen)
+    fq, fk, gq, gk = (F.normalize(torch.randn(3, 2, n, 8, generator=gen), dim=-1) for n in (9, 6, 9, 6))
+    got = conditional_transport(fq, fk, gq, gk, qv, kv, 0.7)
+    s = fq @ fk.transpose(-1, -2)
+    c = 1 - gq @ gk.transpose(-1, -2)
+    pair = qv[:, None, :, None] & kv[:, None, None, :]
+    fwd = s.masked_fill(~pair, float("-inf")).softmax(-1).nan_to_num(0.0)
+    bwd = s.masked_fill(~pair, float("-inf")).softmax(-2).nan_to_num(0.0)
+    want = 0.7 * (fwd * c).sum((-1, -2)) / qv.sum(-1)[:, None] + 0.3 * (bwd * c).sum((-1, -2)) / kv.sum(-1)[:, None]
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+# Tolerances: fp32 (fast) vs fp64 (reference) iterates drift apart where Sinkhorn is far from
+# converged (ε = 0.01 after 50 iterations); the transport cost, which is what the loss uses, stays close.
+@pytest.mark.parametrize("epsilon,iterations,plan_tol,cost_tol", [(0.1, 100, 1e-6, 1e-6), (0.05, 300, 2e-5, 1e-5), (0.01, 50, 1e-2, 1e-3)])
+def test_stabilised_sinkhorn_matches_log_domain(epsilon, iterations, plan_tol, cost_tol):
+    gen = torch.Generator().manual_seed(7)
+    qv, kv = _masks(3, 12, 9, gen)
+    q = torch.randn(3, 2, 12, 6, generator=gen)
+    k = torch.randn(3, 2, 9, 6, generator=gen) + 0.2
+    cost = cosine_cost(q, k)
+    fast = sinkhorn_plan(cost, qv, kv, epsilon, iterations, tolerance=0.0)  # no early stop: same iterations
+    ref = log_domain_sinkhorn(cost, qv, kv, epsilon, iterations)
+    assert fast.dtype == torch.float32
+    assert (fast.double() - ref).abs().max() < plan_tol
+    assert ((fast.double() - ref) * cost.double()).sum((-1, -2)).abs().max() < cost_tol
+    pair = qv[:, None, :, None] & kv[:, None, None, :]
+    assert fast[~pair.expand_as(fast)].abs().max() == 0
+
+
+def test_sinkhorn_early_stop_is_converged_and_small_epsilon_is_finite():
+    gen = torch.Generator().manual_seed(8)
+    qv, kv = _masks(2, 10, 10, gen)
+    cost = torch.rand(2, 3, 10, 10, generator=gen) * 2
+    plan = sinkhorn_plan(cost, qv, kv, epsilon=0.1, iterations=5000, tolerance=1e-6, check_every=10)
+    n, m = qv.sum(-1, keepdim=True).float(), kv.sum(-1, keepdim=True).float()
+    assert (plan.sum(-1) - (qv / n)[:, None]).abs().sum(-1).max() <= 1e-6 + 1e-7
+    assert (plan.sum(-2) - (kv / m)[:, None]).abs().sum(-1).max() <= 1e-5
+    tiny_eps = sinkhorn_plan(cost, qv, kv, epsilon=1e-3, iterations=200)  # exp(-2/ε) underflows without absorption
+    assert torch.isfinite(tiny_eps).all() and torch.allclose(tiny_eps.sum((-1, -2)), torch.ones(2, 3), atol=1e-3)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_sdpa_path_matches_explicit_attention_with_gradients(cross):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 4, dropout=0.0).double()
+    x = torch.randn(3, 7, 32, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=True) if cross else x
+    xv = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] + [0] * 6], dtype=torch.bool)
+    yv = torch.tensor([[1] * 5, [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool) if cross else xv
+    fast, _, _ = mha(x, y, xv, yv)
+    slow, _, _ = mha(x, y, xv, yv, need_details=True)
+    inputs = [x, y] if cross else [x]
+    g_fast = torch.autograd.grad((fast * xv[..., None]).sum(), inputs)
+    g_slow = torch.autograd.grad((slow * xv[..., None]).sum(), inputs)
+    assert torch.allclose(fast[xv], slow[xv], atol=1e-10)
+    for a, b in zip(g_fast, g_slow):
+        assert torch.allclose(a, b, atol=1e-9)
