@@ -167,7 +167,7 @@ class Trainer:
         task = F.binary_cross_entropy_with_logits(out.logits.float(), batch["targets"], reduction="sum")
         return task + self.weight * out.alignment_loss.float()
 
-    def step(self, batch: dict) -> float:
+    def step(self, batch: dict) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(batch)
         loss.backward()

@@ -138,3 +138,14 @@ def test_ddp_two_cpu_processes_keep_identical_weights(easy_vqa_cache, tmp_path):
     for key in zero:
         assert torch.equal(zero[key], one[key]), key
     assert (tmp_path / "run/checkpoints/last/model.safetensors").is_file()
+
+
+def test_quickstart_path_on_a_small_subset(easy_vqa_cache, tmp_path, capsys):
+    args = ["quickstart", "--out", str(tmp_path / "qs")]
+    for o in tiny_run_overrides(easy_vqa_cache, **{"train.epochs": 1}):
+        args += ["--set", o]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[: out.index("\n}\n") + 2])
+    assert 0 <= summary["accuracy"] <= 100 and summary["questions"] > 0
+    assert "vqa-align demo" in out and str(tmp_path / "qs" / "checkpoints" / "last") in out

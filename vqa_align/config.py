@@ -108,6 +108,7 @@ class DataConfig:
     max_question_tokens: int = 14
     max_regions: int = 100
     subset: int | None = None  # use only the first N training questions (smoke tests, ablations)
+    eval_subset: int | None = None  # use only the first N questions of val/test (quick experiments)
     easy_vqa_limit: int | None = None  # prepare only easy-VQA images with id < N per split (tests)
     num_workers: int = 2
     bucket_by_regions: bool = True  # batch images of similar region counts to cut padding

@@ -346,7 +346,7 @@ def build_data(
 
     ``tokenizer`` / ``answers`` (e.g. from a checkpoint) are reused when given; otherwise both are
     built from the training split (questions: every word; answers: ``answer_min_count``).
-    ``cfg.subset`` keeps the first N training questions.
+    ``cfg.subset`` keeps the first N training questions, ``cfg.eval_subset`` the first N of the others.
     """
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
@@ -359,7 +359,11 @@ def build_data(
         if not qs:
             raise UserError(f"data.{split}_questions is empty: no questions file for split {split!r}")
         recs = load_split(qs, ans or None)
-        return recs[: cfg.subset] if split == "train" and cfg.subset is not None else recs
+        if split == "train" and cfg.subset is not None:
+            return recs[: cfg.subset]
+        if split != "train" and cfg.eval_subset is not None:
+            return recs[: cfg.eval_subset]
+        return recs
 
     loaded: dict[str, list[QuestionRecord]] = {}
     if tokenizer is None or answers is None:
