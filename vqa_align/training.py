@@ -539,6 +539,11 @@ def run_quickstart(args: argparse.Namespace) -> int:
 
     config = load_config(quickstart_config_path(), args.overrides)
     out = Path(args.out) if args.out else default_cache() / "runs" / "quickstart"
+    if (out / "checkpoints" / "last").is_dir() and not args.overwrite:
+        raise UserError(
+            f"{out} already holds a quickstart run; open it with `vqa-align demo`, "
+            "or train it again with `vqa-align quickstart --overwrite`"
+        )
     start = time.perf_counter()
     trainer = train_from_config(config, out, resume=False, overwrite=args.overwrite)
     minutes = (time.perf_counter() - start) / 60
