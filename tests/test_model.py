@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import random_batch, tiny_model_config
-from vqa_align.config import ModelConfig, load_config
+from vqa_align.config import load_config
 from vqa_align.model import MCAN, MultiHeadAttention
 
 

@@ -715,7 +715,7 @@ def render_report(results: dict[str, Any]) -> str:
         "",
         f"- config: `{results['config_path']}`"
         + (f" with {', '.join(f'`{o}`' for o in results['overrides'])}" if results["overrides"] else "")
-        + f"; varied per run: `model.alignment.method`, `train.seed`. The resolved config is in `results.json`.",
+        + "; varied per run: `model.alignment.method`, `train.seed`. The resolved config is in `results.json`.",
         f"- model: MCAN, hidden {m['hidden_size']}, {_plural(m['num_heads'], 'head')}, {_plural(m['num_layers'], 'layer')}, "
         f"λ = {m['alignment']['weight']}, aligned modules {', '.join(m['alignment']['modules'])}",
         f"- training: {_plural(t['epochs'], 'epoch')}, batch {t['batch_size']}, lr {t['lr']}"

@@ -545,7 +545,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
             "or train it again with `vqa-align quickstart --overwrite`"
         )
     start = time.perf_counter()
-    trainer = train_from_config(config, out, resume=False, overwrite=args.overwrite)
+    train_from_config(config, out, resume=False, overwrite=args.overwrite)
     minutes = (time.perf_counter() - start) / 60
     metrics = evaluate_checkpoint(resolve_checkpoint(out), split="val")
     print(json.dumps({"run": str(out), "minutes": round(minutes, 2), **metrics}, indent=2))
