@@ -415,8 +415,15 @@ class Predictor:
             words = words[: self.max_tokens]
             notes.append(f"The question has {total} words; the model reads only the first {self.max_tokens}: "
                          f"“{' '.join(words)}”.")
-        ids = [self.vocab.get(w, self.unk_id) for w in words]
-        oov = [w not in self.vocab for w in words]
+        if self.config.model.question_encoder == "minilm":
+            # WordPiece: a word may become several pieces; the labels are the pieces.
+            # Same call as the data pipeline (vqa_data.encode_questions): raw text in.
+            ids = self.tokenizer(text[:MAX_QUESTION_CHARS], add_special_tokens=False)["input_ids"][: self.max_tokens]
+            words = self.tokenizer.convert_ids_to_tokens(ids)
+            oov = [i == self.unk_id for i in ids]
+        else:
+            ids = [self.vocab.get(w, self.unk_id) for w in words]
+            oov = [w not in self.vocab for w in words]
         unknown = list(dict.fromkeys(w for w, o in zip(words, oov) if o))
         if unknown:
             notes.append(
