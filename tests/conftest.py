@@ -39,6 +39,14 @@ def tiny_model_config(method: str = "ct", **overrides) -> ModelConfig:
     return cfg
 
 
+def random_masks(batch: int, nq: int, nk: int, gen: torch.Generator):
+    """Valid-position masks (B, Nq), (B, Nk) with random lengths >= 1; sample 0 is unpadded."""
+    q_len = torch.randint(1, nq + 1, (batch,), generator=gen)
+    k_len = torch.randint(1, nk + 1, (batch,), generator=gen)
+    q_len[0], k_len[0] = nq, nk
+    return torch.arange(nq)[None] < q_len[:, None], torch.arange(nk)[None] < k_len[:, None]
+
+
 def random_batch(batch: int = 4, max_tokens: int = 6, max_regions: int = 9, feature_dim: int = 12, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, max_tokens + 1, (batch,), generator=gen)

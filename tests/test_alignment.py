@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_masks as _masks
 from vqa_align.alignment import (
     HeadAligner,
     adversarial_loss,
@@ -21,11 +22,6 @@ from vqa_align.alignment import (
 from vqa_align.config import AlignmentConfig
 
 
-def _masks(batch, nq, nk, gen):
-    q_len = torch.randint(1, nq + 1, (batch,), generator=gen)
-    k_len = torch.randint(1, nk + 1, (batch,), generator=gen)
-    q_len[0], k_len[0] = nq, nk
-    return torch.arange(nq)[None] < q_len[:, None], torch.arange(nk)[None] < k_len[:, None]
 
 
 def _unit(*shape, gen):

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_masks as _masks
 from vqa_align.alignment import (
     HeadAligner,
     adversarial_loss,
@@ -28,11 +29,6 @@ from vqa_align.config import AlignmentConfig
 from vqa_align.model import MultiHeadAttention
 
 
-def _masks(batch, nq, nk, gen):
-    q_len = torch.randint(1, nq + 1, (batch,), generator=gen)
-    k_len = torch.randint(1, nk + 1, (batch,), generator=gen)
-    q_len[0], k_len[0] = nq, nk
-    return torch.arange(nq)[None] < q_len[:, None], torch.arange(nk)[None] < k_len[:, None]
 
 
 def plain_ct(aligner, q, k, qv, kv):
