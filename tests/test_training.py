@@ -149,3 +149,19 @@ def test_quickstart_path_on_a_small_subset(easy_vqa_cache, tmp_path, capsys):
     summary = json.loads(out[: out.index("\n}\n") + 2])
     assert 0 <= summary["accuracy"] <= 100 and summary["questions"] > 0
     assert "vqa-align demo" in out and str(tmp_path / "qs" / "checkpoints" / "last") in out
+
+
+def test_glove_initialisation_from_a_local_file(easy_vqa_cache, tmp_path, capsys):
+    glove = tmp_path / "glove.txt"
+    glove.write_text("what " + " ".join(["0.5"] * 16) + "\nzzz " + " ".join(["1"] * 16) + "\n")
+    config = _config(easy_vqa_cache, **{"train.epochs": 1, "train.max_steps": 0, "model.glove_path": str(glove)})
+    trainer = training.Trainer(config, tmp_path / "run")
+    row = trainer.model.question_encoder.embedding.weight[trainer.tokenizer.get_vocab()["what"]]
+    assert torch.allclose(row, torch.full((16,), 0.5))
+    assert "GloVe: 1 of" in capsys.readouterr().err
+    glove.write_text("what 0.1 0.2\n")
+    args = ["train", "--config", PRESET, "--out", str(tmp_path / "bad")]
+    for o in tiny_run_overrides(easy_vqa_cache, **{"model.glove_path": str(glove)}):
+        args += ["--set", o]
+    assert cli_main(args) == 2
+    assert "glove.txt:1: vector for 'what' has 2 values, expected 16" in capsys.readouterr().err

@@ -238,7 +238,11 @@ def load_glove_embeddings(path: str | Path, vocabulary: dict[str, int], embeddin
             values = rest.split(" ")
             if len(values) != dim:
                 raise ValueError(f"{path}:{line_no}: vector for {word!r} has {len(values)} values, expected {dim}")
-            embedding.weight[index] = torch.tensor([float(v) for v in values])
+            try:
+                vector = [float(v) for v in values]
+            except ValueError:
+                raise ValueError(f"{path}:{line_no}: vector for {word!r} is not numeric") from None
+            embedding.weight[index] = torch.tensor(vector)
             found += 1
     return found
 

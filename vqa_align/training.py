@@ -190,7 +190,10 @@ class Trainer:
                 f"set --set model.feature_dim={feature_dim}"
             )
 
-        self.model = MCAN(config.model).to(self.device)
+        self.model = MCAN(config.model)
+        if config.model.glove_path and not resume:
+            self._init_glove(config.model.glove_path)
+        self.model.to(self.device)
         self.ddp_model: torch.nn.Module = self.model
         if self.dist.world_size > 1:
             # Parameters frozen for the first epochs (MiniLM) get no gradient then.
@@ -214,6 +217,20 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / "config.yaml")
             self._tensorboard = _maybe_tensorboard(self.run_dir / "tensorboard")
+
+    def _init_glove(self, path: str) -> None:
+        """Initialise the word embedding from a local GloVe-format file (words not in it stay random)."""
+        from vqa_align.model import load_glove_embeddings
+
+        embedding = getattr(self.model.question_encoder, "embedding", None)
+        if embedding is None:
+            raise UserError("model.glove_path needs model.question_encoder: lstm (it has a word embedding)")
+        try:
+            found = load_glove_embeddings(path, self.tokenizer.get_vocab(), embedding)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        vocab = len(self.tokenizer)
+        print(f"GloVe: {found} of {vocab} vocabulary words initialised from {path}", file=sys.stderr)
 
     # -- data ------------------------------------------------------------------------------
 
