@@ -62,7 +62,7 @@ def evaluate_checkpoint(
     dataset = bundle.datasets[split]
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=0, bucket=True, pin_memory=False)
     by_id = {r.question_id: r for r in dataset.records}
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)  # noise is drawn on the model's device
 
     results: list[dict[str, Any]] = []
     confidences: list[float] = []
