@@ -292,7 +292,12 @@ class Trainer:
             disable=not self.dist.is_main or not sys.stderr.isatty() and "VQA_ALIGN_PROGRESS" not in os.environ,
             dynamic_ncols=True,
         )
-        sums = {"loss": 0.0, "task": 0.0, "align": 0.0, "samples": 0.0}
+        # Running sums stay on the device and the finiteness check is deferred to log steps,
+        # checkpoints and the epoch end: no host sync per step (on a GPU each one stalls the
+        # launch queue). The first non-finite step is remembered, so the error still names it.
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, task, alignment
+        samples = 0
+        self._first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=self.device)  # step, batch, loss
         window_start, window_samples = time.perf_counter(), 0
         accum = tcfg.grad_accumulation
         self.optimizer.zero_grad(set_to_none=True)
@@ -306,22 +311,23 @@ class Trainer:
             align = out.alignment_loss.float()
             align_scale = batch_size if tcfg.loss_reduction == "sum" else 1.0
             loss = task + lam * align_scale * align
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite loss {loss.item()} at epoch {self.epoch + 1}, step {self.global_step + 1} "
-                    f"(batch {self.batches_done + 1}); the last good checkpoint in {self.run_dir / 'checkpoints'} is kept"
-                )
+            here = torch.stack([  # filled on the device: no host-to-device copy
+                torch.full((), float(self.global_step + 1), dtype=torch.float64, device=self.device),
+                torch.full((), float(self.batches_done + 1), dtype=torch.float64, device=self.device),
+                loss.detach().double(),
+            ])
+            is_first_bad = ~torch.isfinite(loss.detach()) & (self._first_bad[0] < 0)
+            self._first_bad = torch.where(is_first_bad, here, self._first_bad)
             (loss / accum).backward()
             self.batches_done += 1
             if self.batches_done % accum == 0:
                 self._optimizer_step()
             per_sample = 1.0 / batch_size if tcfg.loss_reduction == "sum" else 1.0
-            sums["loss"] += loss.item() * per_sample * batch_size
-            sums["task"] += task.item() * per_sample * batch_size
-            sums["align"] += align.item() * batch_size
-            sums["samples"] += batch_size
+            sums += torch.stack([loss.detach() * per_sample, task.detach() * per_sample, align.detach()]).double() * batch_size
+            samples += batch_size
             window_samples += batch_size
             if self.global_step % tcfg.log_every_steps == 0 and self.batches_done % accum == 0:
+                self._raise_if_non_finite()
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "kind": "train",
@@ -339,13 +345,26 @@ class Trainer:
                 window_start, window_samples = time.perf_counter(), 0
             every = tcfg.checkpoint_every_steps
             if every and self.global_step and self.global_step % every == 0 and self.batches_done % accum == 0:
+                self._raise_if_non_finite()
                 self.save("last")
             if tcfg.max_steps is not None and self.global_step >= tcfg.max_steps:
                 break
+        self._raise_if_non_finite()
         if self.batches_done % accum:
             self._optimizer_step()
-        n = max(sums["samples"], 1.0)
-        return {"train_loss": sums["loss"] / n, "train_task_loss": sums["task"] / n, "train_alignment_loss": sums["align"] / n, "lr": lr}
+        loss_sum, task_sum, align_sum = sums.tolist()
+        n = max(samples, 1)
+        return {"train_loss": loss_sum / n, "train_task_loss": task_sum / n, "train_alignment_loss": align_sum / n,
+                "lr": lr}
+
+    def _raise_if_non_finite(self) -> None:
+        """Stop (one host sync) if any step since the epoch began had a non-finite loss."""
+        step, batch, value = self._first_bad.tolist()
+        if step >= 0:
+            raise TrainingError(
+                f"non-finite loss {value} at epoch {self.epoch + 1}, step {int(step)} (batch {int(batch)}); "
+                f"the last good checkpoint in {self.run_dir / 'checkpoints'} is kept"
+            )
 
     def _optimizer_step(self) -> None:
         clip = self.config.train.grad_clip
