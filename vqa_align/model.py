@@ -348,14 +348,16 @@ class MCAN(nn.Module):
     ) -> ModelOutput:
         """
         Args:
-            tokens: (B, T) token ids, 0 = padding; question_lengths: (B,) >= 1.
+            tokens: (B, T) token ids, 0 = padding; question_lengths: (B,) >= 1, on any device.
             features: (B, N, D_feat); boxes: (B, N, 4) normalised x1, y1, x2, y2; region_counts: (B,) >= 1.
             compute_alignment: default: in training mode only.
             need_details: return per-module projected q/k and attention weights (slow path).
         """
         if compute_alignment is None:
             compute_alignment = self.training
-        q_valid = valid_mask(question_lengths, tokens.shape[1])  # (B, T)
+        # question_lengths may stay on the CPU (the trainer keeps them there): the LSTM packs with
+        # CPU lengths, so a GPU run then needs no device-to-host copy, i.e. no sync, per step.
+        q_valid = valid_mask(question_lengths.to(tokens.device, non_blocking=True), tokens.shape[1])  # (B, T)
         v_valid = valid_mask(region_counts, features.shape[1])  # (B, N)
 
         # A pretrained encoder converted with convert_to_alignment exposes its AlignmentHandle.

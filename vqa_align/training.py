@@ -262,7 +262,9 @@ class Trainer:
         )
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
+        # Question lengths stay on the CPU: the LSTM needs them there (see MCAN.forward).
+        return {k: batch[k] if k == "question_lengths" else batch[k].to(self.device, non_blocking=True)
+                for k in MODEL_INPUTS}
 
     # -- one epoch -------------------------------------------------------------------------
 
