@@ -378,19 +378,35 @@ class _ClearRecords:
         self.handle._clear()
 
 
-class _VqaHooks:
-    """vqa-align MultiHeadAttention computes alignment and details itself; ask for them, read them."""
+class _SiteHooks:
+    """What every attention-site hook pair shares: whether this call is observed, argument binding,
+    and handing the per-call state from the pre-hook to the post-hook exactly once."""
 
     def __init__(self, handle: AlignmentHandle, site: _Site):
         self.handle, self.site = handle, site
         self.signature = inspect.signature(site.module.forward)
 
-    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[bool, bool, inspect.BoundArguments] | None:
+        """(compute, record, bound forward arguments), or None (and no state) when not observed."""
         compute, record = self.handle._active(self.site)
         if not (compute or record):
             self.site.state = None
             return None
-        bound = self.signature.bind(*args, **kwargs)
+        return compute, record, self.signature.bind(*args, **kwargs)
+
+    def _take_state(self) -> Any:
+        state, self.site.state = self.site.state, None
+        return state
+
+
+class _VqaHooks(_SiteHooks):
+    """vqa-align MultiHeadAttention computes alignment and details itself; ask for them, read them."""
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        call = self._bind(args, kwargs)
+        if call is None:
+            return None
+        compute, record, bound = call
         bound.apply_defaults()
         arguments = bound.arguments
         self.site.state = {"compute": compute, "record": record, "x": arguments["x"], "y": arguments["y"]}
@@ -399,7 +415,7 @@ class _VqaHooks:
         return bound.args, bound.kwargs
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        state, self.site.state = self.site.state, None
+        state = self._take_state()
         if state is None:
             return
         _, alignment, details = output
@@ -408,24 +424,19 @@ class _VqaHooks:
         self.handle._records.append(_Record(self.site, self.handle._label(state["x"] is state["y"]), term, kept))
 
 
-class _TorchMHAHooks:
+class _TorchMHAHooks(_SiteHooks):
     """torch.nn.MultiheadAttention: capture inputs, recompute q/k with the module's own weights."""
 
-    def __init__(self, handle: AlignmentHandle, site: _Site):
-        self.handle, self.site = handle, site
-        self.signature = inspect.signature(site.module.forward)
-
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        compute, record = self.handle._active(self.site)
-        if not (compute or record):
-            self.site.state = None
+        call = self._bind(args, kwargs)
+        if call is None:
             return
-        bound = self.signature.bind(*args, **kwargs)
+        bound = call[2]
         bound.apply_defaults()
         self.site.state = dict(bound.arguments)
 
     def post(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
-        state, self.site.state = self.site.state, None
+        state = self._take_state()
         if state is None:
             return
         query, key = state["query"], state["key"]
@@ -485,20 +496,18 @@ class _TorchMHAHooks:
         )
 
 
-class _HFHooks:
+class _HFHooks(_SiteHooks):
     """Hugging Face BERT-family self-attention: read q/k from the Linear layers, the mask from the call."""
 
     def __init__(self, handle: AlignmentHandle, site: _Site, heads: int, head_dim: int):
-        self.handle, self.site, self.heads, self.head_dim = handle, site, heads, head_dim
-        self.signature = inspect.signature(site.module.forward)
+        super().__init__(handle, site)
+        self.heads, self.head_dim = heads, head_dim
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        compute, record = self.handle._active(self.site)
-        if not (compute or record):
-            self.site.state = None
+        call = self._bind(args, kwargs)
+        if call is None:
             return
-        bound = self.signature.bind(*args, **kwargs)
-        arguments = bound.arguments
+        arguments = call[2].arguments
         extra = arguments.get("kwargs", {})  # **kwargs of the forward
         cross = arguments.get("encoder_hidden_states", extra.get("encoder_hidden_states"))
         if cross is not None:
@@ -518,7 +527,7 @@ class _HFHooks:
             self.site.state["k"] = output
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        state, self.site.state = self.site.state, None
+        state = self._take_state()
         if state is None:
             return
         if state["q"] is None or state["k"] is None:
