@@ -123,12 +123,13 @@ def load_config_of(path: str | Path) -> Config:
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    from transformers import PreTrainedTokenizerFast
+    """The question tokenizer saved in checkpoint folder ``path``."""
+    from vqa_align.vqa_data import load_tokenizer as load_saved_tokenizer
 
     directory = Path(path) / TOKENIZER_DIR
     if not directory.is_dir():
         raise CheckpointError(f"{path}: missing {TOKENIZER_DIR}/")
-    return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+    return load_saved_tokenizer(directory)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
