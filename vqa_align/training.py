@@ -559,10 +559,6 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("VQA_ALIGN_CACHE") or Path.home() / ".cache" / "vqa_align")
-
-
 def quickstart_config_path() -> Path:
     """The easy-VQA preset of the source checkout (``configs/easy_vqa.yaml``)."""
     path = Path(__file__).resolve().parent.parent / "configs" / "easy_vqa.yaml"
@@ -576,7 +572,9 @@ def run_quickstart(args: argparse.Namespace) -> int:
     from vqa_align.evaluation import evaluate_checkpoint
 
     config = load_config(quickstart_config_path(), args.overrides)
-    out = Path(args.out) if args.out else default_cache() / "runs" / "quickstart"
+    from vqa_align.inference import default_checkpoint_path  # where `vqa-align demo` looks
+
+    out = Path(args.out) if args.out else default_checkpoint_path()
     if (out / "checkpoints" / "last").is_dir() and not args.overwrite:
         raise UserError(
             f"{out} already holds a quickstart run; open it with `vqa-align demo`, "
