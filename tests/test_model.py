@@ -154,3 +154,19 @@ def test_presets_load_and_build(preset):
         return  # building the large model is slow; its shape numbers are what matters here
     model = MCAN(cfg.model)
     assert model.num_parameters() > 0
+
+
+def test_lstm_encoder_equals_packed_lstm_at_real_positions():
+    """The unpacked LSTM (no host sync) gives the packed result at real positions, zeros elsewhere."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from vqa_align.model import LSTMQuestionEncoder
+
+    torch.manual_seed(0)
+    encoder = LSTMQuestionEncoder(vocab_size=50, embed_dim=12, hidden_size=16)
+    lengths = torch.tensor([7, 3, 1, 5])
+    tokens = torch.randint(1, 50, (4, 7))
+    tokens[torch.arange(7)[None] >= lengths[:, None]] = 0
+    packed = pack_padded_sequence(encoder.embedding(tokens), lengths, batch_first=True, enforce_sorted=False)
+    reference, _ = pad_packed_sequence(encoder.lstm(packed)[0], batch_first=True, total_length=7)
+    torch.testing.assert_close(encoder(tokens, lengths), reference, atol=1e-6, rtol=1e-5)

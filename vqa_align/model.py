@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from vqa_align.alignment import AttentionDetails, HeadAligner, ModuleDiagnostics, diagnose_module
 from vqa_align.config import ModelConfig
@@ -200,9 +199,14 @@ class AttFlat(nn.Module):
 
 
 class LSTMQuestionEncoder(nn.Module):
-    """Word embedding (300-d, trainable) -> 1-layer LSTM with hidden = model width; padding packed away.
+    """Word embedding (300-d, trainable) -> 1-layer LSTM with hidden = model width.
 
     The encoder interface: ``forward(tokens (B, T), lengths (B,)) -> (B, T, hidden)``.
+
+    The LSTM runs over the padded batch without packing: it is unidirectional and padding is
+    trailing, so the output at a real position t depends only on tokens 0..t and equals the packed
+    result; padded positions are zeroed afterwards. This keeps the forward free of host syncs and
+    data-dependent shapes (packing needs CPU lengths and sorts the batch), which the GPU path needs.
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, hidden_size: int):
@@ -211,11 +215,9 @@ class LSTMQuestionEncoder(nn.Module):
         self.lstm = nn.LSTM(embed_dim, hidden_size, num_layers=1, batch_first=True)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        embedded = self.embedding(tokens)  # (B, T, E)
-        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        output, _ = self.lstm(packed)
-        output, _ = pad_packed_sequence(output, batch_first=True, total_length=tokens.shape[1])
-        return output  # (B, T, hidden), zeros at padded positions
+        output, _ = self.lstm(self.embedding(tokens))  # (B, T, hidden)
+        valid = valid_mask(lengths.to(tokens.device, non_blocking=True), tokens.shape[1])  # (B, T)
+        return output * valid[..., None].to(output.dtype)  # zeros at padded positions
 
 
 def load_glove_embeddings(path: str | Path, vocabulary: dict[str, int], embedding: nn.Embedding) -> int:
@@ -355,8 +357,7 @@ class MCAN(nn.Module):
         """
         if compute_alignment is None:
             compute_alignment = self.training
-        # question_lengths may stay on the CPU (the trainer keeps them there): the LSTM packs with
-        # CPU lengths, so a GPU run then needs no device-to-host copy, i.e. no sync, per step.
+        # question_lengths may live on any device; they are copied (non-blocking) to the tokens' device.
         q_valid = valid_mask(question_lengths.to(tokens.device, non_blocking=True), tokens.shape[1])  # (B, T)
         v_valid = valid_mask(region_counts, features.shape[1])  # (B, N)
 

@@ -262,9 +262,7 @@ class Trainer:
         )
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # Question lengths stay on the CPU: the LSTM needs them there (see MCAN.forward).
-        return {k: batch[k] if k == "question_lengths" else batch[k].to(self.device, non_blocking=True)
-                for k in MODEL_INPUTS}
+        return {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
 
     # -- one epoch -------------------------------------------------------------------------
 
