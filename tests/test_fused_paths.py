@@ -1,9 +1,10 @@
 """Every fast path against the plain path it replaces, on random inputs (values and gradients).
 
-- CT: navigator and critic applied to queries and keys in ONE call (concatenated along positions)
-  vs. four separate calls; both transport directions as fused attention vs. the explicit
-  (Nq, Nk) plan and cost matrices.
-- GAN: one discriminator call on concatenated q/k vs. two calls.
+- CT and GAN: the hand-fused forward/backward of ``vqa_align.alignment_kernels`` (the default
+  ``HeadAligner`` path) vs. the helper modules called separately on q and k under autograd, with
+  explicit (Nq, Nk) plan and cost matrices; in fp64 to rounding, in bf16 helper precision to bf16
+  accuracy; the unfused module path (``fused=False``) against the same reference.
+- CT transport directions as fused attention (the unfused path) vs. the explicit matrices.
 - OT: the stabilised exp-domain Sinkhorn (absorption, vector-matrix products, tolerance check)
   vs. the plain log-domain Sinkhorn; exact zeros on padding; small ε without under/overflow.
 - Attention: the fused scaled_dot_product_attention path vs. the explicit-weights path.
@@ -68,24 +69,61 @@ def log_domain_sinkhorn(cost, qv, kv, epsilon, iterations):
     return torch.exp(log_k + u[..., :, None] + v[..., None, :]) * pair
 
 
-@pytest.mark.parametrize("method", ["ct", "gan"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_concatenated_helper_call_matches_separate_calls(method, seed):
+def _aligner_case(method: str, seed: int, precision: str = "fp32", fused: bool = True):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     d, heads, nq, nk = 16, 3, 7, 5
-    aligner = HeadAligner(d, AlignmentConfig(method=method, helper_hidden=24, helper_out=12)).double()
+    config = AlignmentConfig(method=method, helper_hidden=24, helper_out=12, helper_precision=precision)
+    aligner = HeadAligner(d, config, fused=fused).double()
     qv, kv = _masks(4, nq, nk, gen)
     q = torch.randn(4, heads, nq, d, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(4, heads, nk, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(4, heads, generator=gen, dtype=torch.float64)  # a non-uniform dLoss/dD
     params = [q, k] + list(aligner.parameters())
-    fast = aligner(q, k, qv, kv)
-    fast_grads = torch.autograd.grad(fast.sum(), params)
+    got = aligner(q, k, qv, kv)
+    got_grads = torch.autograd.grad((got * upstream).sum(), params)
     ref = (plain_ct if method == "ct" else plain_gan)(aligner, q, k, qv, kv)
-    ref_grads = torch.autograd.grad(ref.sum(), params)
-    assert torch.allclose(fast, ref, atol=1e-10)
-    for got, want in zip(fast_grads, ref_grads):
-        assert torch.allclose(got, want, atol=1e-9)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), params)
+    return got, got_grads, ref, ref_grads
+
+
+@pytest.mark.parametrize("method", ["ct", "gan"])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("fused", [True, False])
+def test_aligner_matches_separate_helper_calls_and_explicit_matrices(method, seed, fused):
+    got, got_grads, ref, ref_grads = _aligner_case(method, seed, fused=fused)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, ref, atol=1e-10)
+    for a, b in zip(got_grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["ct", "gan"])
+def test_bf16_helper_precision_stays_close_to_the_exact_values_and_gradients(method):
+    got, got_grads, ref, ref_grads = _aligner_case(method, 2, precision="bf16")
+    assert got.dtype == torch.float32  # the distance itself is accumulated in fp32
+    assert (got.double() - ref).abs().max() <= 0.02 * ref.abs().max()
+    # bf16 keeps ~3 significant digits: gradients agree in direction and size, not to rounding
+    # (a wrong sign or a missing term gives a cosine far below 0.99).
+    for a, b in zip(got_grads, ref_grads):
+        assert F.cosine_similarity(a.double().flatten(), b.flatten(), dim=0) > 0.99
+    for a, b in zip(got_grads[:2], ref_grads[:2]):  # dD/dq, dD/dk
+        assert (a.double() - b).abs().max() <= 0.15 * b.abs().max()
+
+
+def test_helper_precision_resolution(monkeypatch):
+    from vqa_align import alignment_kernels
+
+    q32 = torch.zeros(1, 1, 1, 4)
+    assert alignment_kernels.compute_dtype("fp32", q32) == torch.float32
+    assert alignment_kernels.compute_dtype("fp32", q32.double()) == torch.float64
+    assert alignment_kernels.compute_dtype("bf16", q32) == torch.bfloat16
+    monkeypatch.setattr(alignment_kernels, "_cpu_has_bf16", lambda: True)
+    assert alignment_kernels.compute_dtype("auto", q32) == torch.bfloat16
+    monkeypatch.setattr(alignment_kernels, "_cpu_has_bf16", lambda: False)
+    assert alignment_kernels.compute_dtype("auto", q32) == torch.float32
+    with pytest.raises(ValueError, match="helper_precision"):
+        alignment_kernels.compute_dtype("fp8", q32)
 
 
 def test_fused_ct_matches_explicit_matrices_float32():

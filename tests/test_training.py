@@ -86,7 +86,8 @@ def test_existing_run_is_refused_without_resume_or_overwrite(easy_vqa_cache, tmp
 @pytest.mark.parametrize(
     "override, message",
     [("train.lrr=1", "unknown config key(s) train.lrr"), ("train.epochs=two", "train.epochs: expected an integer"),
-     ("model.alignment.method=kl", "model.alignment.method")],
+     ("model.alignment.method=kl", "model.alignment.method"),
+     ("model.alignment.helper_precision=fp16", "model.alignment.helper_precision")],
 )
 def test_bad_config_values_name_the_key(override, message, capsys):
     assert cli_main(["train", "--config", PRESET, "--set", override]) == 2

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vqa_align.alignment_kernels import fused_adversarial_loss, fused_conditional_transport
 from vqa_align.config import AlignmentConfig
 
 # Large negative logit for masked positions; finite (unlike -inf) so that fully-masked rows of padded
@@ -302,11 +303,17 @@ class HeadAligner(nn.Module):
 
     ``forward(queries, keys, q_valid, k_valid)`` returns the (B, H) distance. For ``gan`` this is
     the discriminator loss (it rises towards 2·log 2 as queries and keys become indistinguishable).
+
+    ``fused`` (default True) runs CT and GAN through the hand-fused forward/backward of
+    :mod:`vqa_align.alignment_kernels`; False runs the plain modules under autograd (the
+    reference the fused path is tested against; same values and gradients).
     """
 
-    def __init__(self, head_dim: int, config: AlignmentConfig):
+    def __init__(self, head_dim: int, config: AlignmentConfig, fused: bool = True):
         super().__init__()
         self.method = config.method
+        self.fused = fused
+        self.helper_precision = config.helper_precision
         self.rho = config.ct_rho
         self.ot_epsilon = config.ot_epsilon
         self.ot_iterations = config.ot_iterations
@@ -325,6 +332,10 @@ class HeadAligner(nn.Module):
 
     def forward(self, queries: Tensor, keys: Tensor, q_valid: Tensor, k_valid: Tensor) -> Tensor:
         sizes = [queries.shape[-2], keys.shape[-2]]  # split() backward is one cat, not zeros + copies
+        if self.method == "ct" and self.fused:
+            return fused_conditional_transport(
+                queries, keys, q_valid, k_valid, self.navigator, self.critic, self.rho, self.helper_precision
+            )
         if self.method == "ct":
             # Queries and keys go through each helper in ONE call (concatenated along positions).
             both = torch.cat([queries, keys], dim=-2)  # (B, H, Nq + Nk, d)
@@ -332,6 +343,8 @@ class HeadAligner(nn.Module):
             crit = F.normalize(call_with_reversed_parameters(self.critic, both), dim=-1)
             (nav_q, nav_k), (crit_q, crit_k) = nav.split(sizes, dim=-2), crit.split(sizes, dim=-2)
             return conditional_transport(nav_q, nav_k, crit_q, crit_k, q_valid, k_valid, self.rho)
+        if self.method == "gan" and self.fused:
+            return fused_adversarial_loss(queries, keys, q_valid, k_valid, self.discriminator, self.helper_precision)
         if self.method == "gan":
             logits = self.discriminator(reverse_gradient(torch.cat([queries, keys], dim=-2))).squeeze(-1)
             logits_q, logits_k = logits.split(sizes, dim=-1)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 ALIGNMENT_METHODS = ("none", "ct", "gan", "ot")
+HELPER_PRECISIONS = ("auto", "fp32", "bf16")
 ALIGNMENT_MODULES = ("sa_question", "sa_image", "sga_guided")
 
 
@@ -35,6 +36,9 @@ class AlignmentConfig:
     # BENCHMARKS.md); the helpers are per-head maps of a 64-d vector, so 256 hidden units buy nothing.
     helper_hidden: int = 64  # hidden width of navigator / critic / discriminator MLPs
     helper_out: int = 32  # r: output width of the CT navigator and critic
+    # dtype of the fused CT/GAN helpers (matmuls and their elementwise work): "fp32"; "bf16";
+    # "auto" = bf16 where bf16 matmuls are native (CUDA, CPUs with AMX / avx512_bf16), else fp32.
+    helper_precision: Literal["auto", "fp32", "bf16"] = "fp32"
     ct_rho: float = 0.5  # weight of the forward (query -> key) transport direction
     gan_leaky_slope: float = 0.2
     ot_epsilon: float = 0.01  # entropic regularisation on a cost scaled to [0, 2]
@@ -47,6 +51,10 @@ class AlignmentConfig:
         for name in self.modules:
             if name not in ALIGNMENT_MODULES:
                 raise ConfigError(f"model.alignment.modules: {name!r} is not one of {ALIGNMENT_MODULES}")
+        if self.helper_precision not in HELPER_PRECISIONS:
+            raise ConfigError(
+                f"model.alignment.helper_precision: {self.helper_precision!r} is not one of {HELPER_PRECISIONS}"
+            )
         if self.weight < 0:
             raise ConfigError(f"model.alignment.weight must be >= 0, got {self.weight}")
         if not 0.0 <= self.ct_rho <= 1.0:

@@ -1,0 +1,350 @@
+"""Fused forward/backward of the CT and GAN aligners (the training hot path of alignment attention).
+
+The plain implementations in :mod:`vqa_align.alignment` (helper ``nn.Module``\\ s + the pure
+distance functions, run by autograd) are the reference; these functions compute the same values
+and gradients with hand-written backward passes (checked in ``tests/test_fused_paths.py``). Why:
+the helpers run on every head's copy of every position, B·H·(Nq + Nk) rows (102,400 for one
+MCAN-small decoder self-attention at batch 64), so their cost is dominated by elementwise passes
+over those rows and by autograd's bookkeeping, not by arithmetic. The fused versions
+
+- run every helper layer for queries and keys together as one matmul over all rows, keeping
+  every (R, ·) tensor contiguous;
+- for CT, never form softmaxes: the navigator outputs are unit vectors, so the logits lie in
+  [-1, 1] and E = exp(S) is safe without max-subtraction; both transport plans are E divided by its
+  row or column sums, and the backward pass needs only E, the cost matrix and four vectors;
+- save only what the backward pass reads and write gradients into preallocated buffers.
+
+Gradient directions are the paper's (see :mod:`vqa_align.alignment`): the CT critic's parameter
+gradients are negated (it ascends); the GAN discriminator's input gradient is negated (a gradient
+reversal on q and k).
+
+Shapes follow :mod:`vqa_align.alignment`: queries (B, H, Nq, d), keys (B, H, Nk, d), q_valid
+(B, Nq) bool, k_valid (B, Nk) bool; both return a (B, H) distance.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# F.normalize's default: x / max(|x|, eps).
+_NORM_EPS = 1e-12
+
+
+def _concat_rows(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, H, Nq, d), (B, H, Nk, d) -> (B·H·(Nq+Nk), d) contiguous rows in ``dtype``, queries then keys per head."""
+    batch, heads, n_queries, dim = queries.shape
+    rows = queries.new_empty(batch, heads, n_queries + keys.shape[2], dim, dtype=dtype)  # one pass, cast included
+    rows[:, :, :n_queries].copy_(queries)
+    rows[:, :, n_queries:].copy_(keys)
+    return rows.view(-1, dim)
+
+
+def _split_rows(rows: Tensor, batch: int, heads: int, n_queries: int) -> tuple[Tensor, Tensor]:
+    """(B·H·L, c) -> (B, H, Nq, c), (B, H, Nk, c) views."""
+    per_head = rows.view(batch, heads, -1, rows.shape[-1])
+    return per_head[:, :, :n_queries], per_head[:, :, n_queries:]
+
+
+def _normalize_forward(raw: Tensor) -> tuple[Tensor, Tensor]:
+    """Row-wise x / max(|x|, eps) -> (unit rows, the clamped norms (R, 1))."""
+    norm = torch.linalg.vector_norm(raw, dim=-1, keepdim=True).clamp_min_(_NORM_EPS)
+    return raw / norm, norm
+
+
+def _normalize_backward(grad_unit: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
+    """Gradient through x / max(|x|, eps): (g - u (u·g)) / |x| where |x| > eps, else g / eps."""
+    along = torch.linalg.vecdot(unit, grad_unit, dim=-1).unsqueeze(-1)  # (R, 1)
+    along = along.masked_fill_(norm <= _NORM_EPS, 0.0)
+    return torch.addcmul(grad_unit, unit, along, value=-1.0).div_(norm)
+
+
+def _highway_forward(rows: Tensor, gate_w: Tensor, gate_b: Tensor) -> tuple[Tensor, ...]:
+    """y = t ⊙ relu(W_h x) + (1 - t) ⊙ x = x + t ⊙ (relu(W_h x) - x), t = σ(W_t x), x = rows (R, d).
+
+    ``gate_w`` (2d, d) / ``gate_b`` (2d,) = [W_h; W_t] as in :class:`~vqa_align.alignment.Highway`.
+    The two halves are separate matmuls so that every (R, d) tensor is contiguous (elementwise work
+    on column slices of one (R, 2d) output is 2-4x slower on the CPU).
+    Returns y and what :func:`_highway_backward` needs: (W_h x + b, t, relu(W_h x + b) - x).
+    """
+    d = rows.shape[-1]
+    transform = torch.addmm(gate_b[:d], rows, gate_w[:d].t())  # (R, d)
+    gate = torch.addmm(gate_b[d:], rows, gate_w[d:].t()).sigmoid_()  # (R, d)
+    delta = torch.relu(transform).sub_(rows)
+    return torch.addcmul(rows, gate, delta), transform, gate, delta
+
+
+def _highway_backward(
+    grad_out: Tensor, rows: Tensor, gate_w: Tensor, transform: Tensor, gate: Tensor, delta: Tensor, input_sign: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of :func:`_highway_forward` -> (input_sign · dL/dx, dL/dW (2d, d), dL/db (2d,)).
+
+    Consumes ``grad_out`` (R, d) as scratch.
+    """
+    d = rows.shape[-1]
+    grad_activated = grad_out * gate
+    grad_transform = torch.ops.aten.threshold_backward(grad_activated, transform, 0.0)
+    grad_carry = torch.ops.aten.sigmoid_backward(grad_out * delta, gate)
+    grad_rows = grad_out.sub_(grad_activated)  # the direct path: dy/dx = 1 - t
+    if input_sign != 1.0:
+        grad_rows.mul_(input_sign)
+    grad_rows.addmm_(grad_transform, gate_w[:d], alpha=input_sign).addmm_(grad_carry, gate_w[d:], alpha=input_sign)
+    grad_w = torch.cat([grad_transform.t() @ rows, grad_carry.t() @ rows])
+    grad_b = torch.cat([grad_transform.sum(0), grad_carry.sum(0)])
+    return grad_rows, grad_w, grad_b
+
+
+def _linear_weight_grads(grad_out: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """Weight (out, in) and bias (out,) gradients of y = x Wᵀ + b from (R, out) and (R, in) rows."""
+    return grad_out.t() @ inputs, grad_out.sum(0)
+
+
+def _mask_factor(valid: Tensor) -> Tensor | None:
+    """valid (B, N) -> a (B, N) 0/1 factor, or None on the CPU when nothing is padded.
+
+    On accelerators the check itself would be a host sync, so the factor is always applied there.
+    """
+    if valid.device.type == "cpu" and bool(valid.all()):
+        return None
+    return valid
+
+
+def native_bf16_matmul(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively (faster than fp32) on ``device``: CUDA, or a CPU with
+    avx512_bf16 / AMX (oneDNN uses them); elsewhere bf16 would be emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return _cpu_has_bf16()
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def compute_dtype(precision: str, queries: Tensor) -> torch.dtype:
+    """The dtype the fused helpers run in for ``AlignmentConfig.helper_precision``.
+
+    ``fp32``: at least fp32; ``bf16``: bf16; ``auto``: bf16 where it is native
+    (:func:`native_bf16_matmul`), else the inputs' dtype (at least fp32).
+    """
+    if precision == "bf16" or (precision == "auto" and native_bf16_matmul(queries.device)):
+        return torch.bfloat16
+    if precision in ("fp32", "auto"):
+        return torch.promote_types(queries.dtype, torch.float32)
+    raise ValueError(f"alignment.helper_precision must be auto, fp32 or bf16, got {precision!r}")
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums and the returned distance: at least fp32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _direction_weights(
+    q_valid: Tensor, k_valid: Tensor, q_scale: float, k_scale: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """q_scale / n on valid queries, k_scale / m on valid keys -> (B, 1, Nq), (B, 1, Nk)."""
+    n = q_valid.sum(-1, keepdim=True).clamp_min(1).to(dtype)  # (B, 1)
+    m = k_valid.sum(-1, keepdim=True).clamp_min(1).to(dtype)
+    return (q_valid.to(dtype) * (q_scale / n))[:, None, :], (k_valid.to(dtype) * (k_scale / m))[:, None, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditional transport
+# ----------------------------------------------------------------------------------------------
+
+
+class _FusedConditionalTransport(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, queries, keys, q_valid, k_valid, rho, dtype, nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2):  # type: ignore[override]  # noqa: E501
+        batch, heads, n_queries, _ = queries.shape
+        ctx.meta = (n_queries, queries.dtype, keys.dtype, nav_w1.dtype)
+        rows = _concat_rows(queries, keys, dtype)  # (R, d), R = B·H·(Nq + Nk)
+        nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2 = (
+            t.to(dtype) for t in (nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2)
+        )
+
+        # Helpers. Navigator: Linear-ReLU-Linear-normalise. Critic: highway, Linear-ReLU-Linear-normalise.
+        nav_hidden = torch.addmm(nav_b1, rows, nav_w1.t()).relu_()  # (R, hn)
+        nav, nav_norm = _normalize_forward(torch.addmm(nav_b2, nav_hidden, nav_w2.t()))  # (R, r)
+        highway, transform, gate, delta = _highway_forward(rows, gate_w, gate_b)  # (R, d)
+        crit_hidden = torch.relu(torch.addmm(crit_b1, highway, crit_w1.t()))  # (R, hc)
+        crit, crit_norm = _normalize_forward(torch.addmm(crit_b2, crit_hidden, crit_w2.t()))  # (R, r)
+
+        # Transport. S = f(q) f(k)ᵀ lies in [-1, 1], so E = exp(S) needs no max-subtraction; with
+        # padded pairs zeroed, the forward plan is E over its row sums and the backward plan E over
+        # its column sums. Cost C = 1 - g(q) g(k)ᵀ.
+        nav_q, nav_k = _split_rows(nav, batch, heads, n_queries)  # (B, H, Nq, r), (B, H, Nk, r)
+        crit_q, crit_k = _split_rows(crit, batch, heads, n_queries)
+        e = torch.exp(nav_q @ nav_k.transpose(-1, -2))  # (B, H, Nq, Nk)
+        q_factor, k_factor = _mask_factor(q_valid), _mask_factor(k_valid)
+        if q_factor is not None:
+            e.mul_(q_factor[:, None, :, None])
+        if k_factor is not None:
+            e.mul_(k_factor[:, None, None, :])
+        cost = torch.matmul(crit_q, crit_k.transpose(-1, -2)).neg_().add_(1.0)  # (B, H, Nq, Nk)
+        acc = _accumulation_dtype(dtype)
+        # Sums accumulate in fp32 internally; casting the small results (not the matrices) keeps them.
+        row_sum = e.sum(-1).to(acc).clamp_min_(torch.finfo(acc).tiny)  # (B, H, Nq); 0 only at padded rows
+        col_sum = e.sum(-2).to(acc).clamp_min_(torch.finfo(acc).tiny)  # (B, H, Nk)
+        e_cost = e * cost
+        forward_cost = e_cost.sum(-1).to(acc) / row_sum  # (B, H, Nq): Σ_j π(k_j|q_i) c_ij
+        backward_cost = e_cost.sum(-2).to(acc) / col_sum  # (B, H, Nk): Σ_i π(q_i|k_j) c_ij
+        q_weight, k_weight = _direction_weights(q_valid, k_valid, rho, 1.0 - rho, acc)  # ρ/n, (1-ρ)/m
+        distance = (forward_cost * q_weight).sum(-1) + (backward_cost * k_weight).sum(-1)  # (B, H)
+
+        ctx.save_for_backward(
+            rows, nav_hidden, nav, nav_norm, transform, gate, delta, highway, crit_hidden, crit, crit_norm,
+            e, cost, row_sum, col_sum, forward_cost, backward_cost, q_weight, k_weight,
+            nav_w1, nav_w2, gate_w, crit_w1, crit_w2,
+        )  # fmt: skip
+        return distance
+
+    @staticmethod
+    def backward(ctx, grad_distance):  # type: ignore[override]
+        (
+            rows, nav_hidden, nav, nav_norm, transform, gate, delta, highway, crit_hidden, crit, crit_norm,
+            e, cost, row_sum, col_sum, forward_cost, backward_cost, q_weight, k_weight,
+            nav_w1, nav_w2, gate_w, crit_w1, crit_w2,
+        ) = ctx.saved_tensors  # fmt: skip
+        n_queries, q_dtype, k_dtype, w_dtype = ctx.meta
+        batch, heads = e.shape[:2]
+        grad_distance = grad_distance.to(row_sum.dtype)[..., None]  # (B, H, 1)
+
+        # With α_i = g·w_i / rowsum_i and β_j = g·w_j / colsum_j (g = dLoss/dD):
+        #   dD/dC_ij = E_ij (α_i + β_j)                              (the combined transport plan)
+        #   dD/dS_ij = E_ij (α_i (C_ij - fc_i) + β_j (C_ij - bc_j))  (backward of both softmaxes)
+        alpha = grad_distance * q_weight / row_sum  # (B, H, Nq)
+        beta = grad_distance * k_weight / col_sum  # (B, H, Nk)
+        dt = e.dtype  # small vectors are cast before broadcasting to (B, H, Nq, Nk)
+        plan = e * (alpha.to(dt)[..., :, None] + beta.to(dt)[..., None, :])  # (B, H, Nq, Nk)
+        centre = (alpha * forward_cost).to(dt)[..., :, None] + (beta * backward_cost).to(dt)[..., None, :]
+        grad_logits = (plan * cost).addcmul_(e, centre, value=-1.0)
+
+        nav_q, nav_k = _split_rows(nav, batch, heads, n_queries)
+        crit_q, crit_k = _split_rows(crit, batch, heads, n_queries)
+        grad_nav = torch.cat([grad_logits @ nav_k, grad_logits.transpose(-1, -2) @ nav_q], dim=2)  # (B, H, L, r)
+        grad_crit = torch.cat([plan @ crit_k, plan.transpose(-1, -2) @ crit_q], dim=2).neg_()  # dC = -d(g·g)
+        grad_nav = _normalize_backward(grad_nav.view_as(nav), nav, nav_norm)  # (R, r)
+        grad_crit = _normalize_backward(grad_crit.view_as(crit), crit, crit_norm)
+
+        # Critic (its parameter gradients are negated below: the critic ascends the cost).
+        grad_crit_w2, grad_crit_b2 = _linear_weight_grads(grad_crit, crit_hidden)
+        grad_crit_hidden = torch.ops.aten.threshold_backward(grad_crit @ crit_w2, crit_hidden, 0.0)  # (R, hc)
+        grad_crit_w1, grad_crit_b1 = _linear_weight_grads(grad_crit_hidden, highway)
+        grad_rows, grad_gate_w, grad_gate_b = _highway_backward(grad_crit_hidden @ crit_w1, rows, gate_w, transform, gate, delta)
+        # Navigator.
+        grad_nav_w2, grad_nav_b2 = _linear_weight_grads(grad_nav, nav_hidden)
+        grad_nav_hidden = torch.ops.aten.threshold_backward(grad_nav @ nav_w2, nav_hidden, 0.0)  # (R, hn)
+        grad_nav_w1, grad_nav_b1 = _linear_weight_grads(grad_nav_hidden, rows)
+        grad_rows.addmm_(grad_nav_hidden, nav_w1)  # (R, d)
+
+        grad_q, grad_k = _split_rows(grad_rows, batch, heads, n_queries)
+        navigator = (grad_nav_w1, grad_nav_b1, grad_nav_w2, grad_nav_b2)
+        critic = (grad_gate_w, grad_gate_b, grad_crit_w1, grad_crit_b1, grad_crit_w2, grad_crit_b2)
+        weights = (*navigator, *(g.neg_() for g in critic))  # the critic ascends the cost
+        return (grad_q.to(q_dtype), grad_k.to(k_dtype), None, None, None, None, *(g.to(w_dtype) for g in weights))
+
+
+def fused_conditional_transport(
+    queries: Tensor,
+    keys: Tensor,
+    q_valid: Tensor,
+    k_valid: Tensor,
+    navigator: nn.Sequential,
+    critic: nn.Sequential,
+    rho: float,
+    precision: str = "fp32",
+) -> Tensor:
+    """CT of :class:`~vqa_align.alignment.HeadAligner` (method ``ct``) as one fused op -> (B, H) fp32.
+
+    ``navigator`` = Linear-ReLU-Linear, ``critic`` = (Highway, Linear-ReLU-Linear), as built by
+    ``HeadAligner``; equals ``conditional_transport`` on their L2-normalised outputs, with the
+    critic's parameter gradients negated. ``precision``: see :func:`compute_dtype`.
+    """
+    nav_first, nav_second = navigator[0], navigator[2]
+    highway, (crit_first, _, crit_second) = critic[0], critic[1]
+    dtype = compute_dtype(precision, queries)
+    with torch.autocast(queries.device.type, enabled=False):
+        return _FusedConditionalTransport.apply(
+            queries, keys, q_valid, k_valid, rho, dtype, nav_first.weight, nav_first.bias, nav_second.weight,
+            nav_second.bias, highway.gates.weight, highway.gates.bias, crit_first.weight, crit_first.bias,
+            crit_second.weight, crit_second.bias,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Adversarial (GAN) alignment
+# ----------------------------------------------------------------------------------------------
+
+
+class _FusedAdversarial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, queries, keys, q_valid, k_valid, slope, dtype, gate_w, gate_b, w1, b1, w2, b2):  # type: ignore[override]
+        batch, heads, n_queries, _ = queries.shape
+        ctx.meta = (n_queries, slope, queries.dtype, keys.dtype, gate_w.dtype)
+        rows = _concat_rows(queries, keys, dtype)  # (R, d), R = B·H·(Nq + Nk)
+        gate_w, gate_b, w1, b1, w2, b2 = (t.to(dtype) for t in (gate_w, gate_b, w1, b1, w2, b2))
+
+        # Discriminator: highway, Linear-LeakyReLU-Linear -> one logit per row.
+        highway, transform, gate, delta = _highway_forward(rows, gate_w, gate_b)  # (R, d)
+        hidden_pre = torch.addmm(b1, highway, w1.t())  # (R, h)
+        hidden = F.leaky_relu(hidden_pre, slope)
+        logits = torch.addmm(b2, hidden, w2.t()).to(_accumulation_dtype(dtype)).view(batch, heads, -1)  # (B, H, L)
+
+        # BCE(D(k), 1) + BCE(D(q), 0) = softplus(-D(k)) + softplus(D(q)), as masked means.
+        q_weight, k_weight = _direction_weights(q_valid, k_valid, 1.0, 1.0, logits.dtype)  # 1/n, 1/m
+        loss = (F.softplus(logits[..., :n_queries]) * q_weight).sum(-1) + (
+            F.softplus(-logits[..., n_queries:]) * k_weight
+        ).sum(-1)  # (B, H)
+        ctx.save_for_backward(rows, transform, gate, delta, highway, hidden_pre, hidden, logits, q_weight, k_weight, gate_w, w1, w2)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        rows, transform, gate, delta, highway, hidden_pre, hidden, logits, q_weight, k_weight, gate_w, w1, w2 = ctx.saved_tensors
+        n_queries, slope, q_dtype, k_dtype, param_dtype = ctx.meta
+        batch, heads = logits.shape[:2]
+        # d softplus(x)/dx = σ(x); d softplus(-x)/dx = σ(x) - 1.
+        probs = torch.sigmoid(logits)  # (B, H, L)
+        weight = torch.cat([q_weight, k_weight], dim=-1)  # (B, 1, L)
+        probs[..., n_queries:] -= 1.0
+        grad_logits = (probs * weight * grad_loss.to(probs.dtype)[..., None]).to(rows.dtype).view(-1, 1)  # (R, 1)
+
+        grad_w2, grad_b2 = _linear_weight_grads(grad_logits, hidden)
+        grad_hidden_pre = torch.ops.aten.leaky_relu_backward(grad_logits * w2, hidden_pre, slope, False)  # (R, h)
+        grad_w1, grad_b1 = _linear_weight_grads(grad_hidden_pre, highway)
+        # The projections ascend the discriminator loss: a gradient reversal on q and k (sign -1).
+        grad_rows, grad_gate_w, grad_gate_b = _highway_backward(
+            grad_hidden_pre @ w1, rows, gate_w, transform, gate, delta, input_sign=-1.0
+        )  # (R, d)
+        grad_q, grad_k = _split_rows(grad_rows, batch, heads, n_queries)
+        weights = (grad_gate_w, grad_gate_b, grad_w1, grad_b1, grad_w2, grad_b2)
+        return (grad_q.to(q_dtype), grad_k.to(k_dtype), None, None, None, None, *(g.to(param_dtype) for g in weights))
+
+
+def fused_adversarial_loss(
+    queries: Tensor, keys: Tensor, q_valid: Tensor, k_valid: Tensor, discriminator: nn.Sequential, precision: str = "fp32"
+) -> Tensor:
+    """GAN loss of :class:`~vqa_align.alignment.HeadAligner` (method ``gan``) as one fused op -> (B, H) fp32.
+
+    ``discriminator`` = (Highway, Linear-LeakyReLU-Linear to one logit), as built by ``HeadAligner``;
+    equals ``adversarial_loss`` of its logits with q and k behind a gradient reversal.
+    """
+    highway, (first, activation, second) = discriminator[0], discriminator[1]
+    dtype = compute_dtype(precision, queries)
+    with torch.autocast(queries.device.type, enabled=False):
+        return _FusedAdversarial.apply(
+            queries, keys, q_valid, k_valid, activation.negative_slope, dtype, highway.gates.weight,
+            highway.gates.bias, first.weight, first.bias, second.weight, second.bias,
+        )  # fmt: skip
