@@ -146,21 +146,31 @@ class Trainer:
     device: torch.device
 
     @classmethod
-    def build(cls, cfg: ModelConfig, device: str | torch.device = "cpu", precision: str = "fp32", seed: int = 0, fused_adam: bool | None = None):
+    def build(
+        cls,
+        cfg: ModelConfig,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        seed: int = 0,
+        fused_adam: bool | None = None,
+        capturable: bool = False,
+    ):
         torch.manual_seed(seed)
         device = torch.device(device)
         model = MCAN(cfg).to(device).train()
         kwargs = {}
         if device.type == "cuda":
             kwargs["fused"] = True if fused_adam is None else fused_adam
+            kwargs["capturable"] = capturable  # CUDA graphs: step count and lr stay on the device
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, **kwargs)
         dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
         return cls(model, optimizer, cfg.alignment.weight, dtype, device)
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: dict, autocast_cache: bool = True) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "targets"}
         if self.autocast_dtype is not None:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            # CUDA graph capture needs the autocast weight cache off (cached casts would be stale).
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=autocast_cache):
                 out = self.model(**inputs)
         else:
             out = self.model(**inputs)

@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--distinct-batches", type=int, default=6, help="batches kept on the GPU and cycled")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile variant of none")
+    p.add_argument(
+        "--graphs", default="", help="comma list of methods to also time as one CUDA graph per batch shape (CUDA only)"
+    )
     p.add_argument("--budget-s", type=float, default=330.0, help="skip remaining work after this many seconds")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out-json", default=None)
@@ -63,6 +66,51 @@ def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
         a @ b
     sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+class GraphedSteps:
+    """The whole training step (forward, loss, backward, fused Adam) captured as one CUDA graph per
+    distinct batch shape; all graphs share one memory pool (each replay is self-contained: inputs
+    are copied into its static buffers first, and nothing internal outlives a replay)."""
+
+    def __init__(self, trainer: common.Trainer, batches: list[dict], warmup: int = 3):
+        self.trainer = trainer
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture (cuBLAS/cuDNN handles, Adam state)
+            for i in range(warmup):
+                self._eager(batches[i % len(batches)])
+        torch.cuda.current_stream().wait_stream(side)
+        for batch in batches:
+            key = self.key(batch)
+            if key in self.graphs:
+                continue
+            static = {k: v.clone() for k, v in batch.items()}
+            graph = torch.cuda.CUDAGraph()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph, pool=self.pool):
+                loss = trainer.loss(static, autocast_cache=False)
+                loss.backward()
+                trainer.optimizer.step()
+            self.graphs[key] = (graph, static, loss)
+
+    @staticmethod
+    def key(batch: dict) -> tuple:
+        return tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+
+    def _eager(self, batch: dict) -> None:
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        self.trainer.loss(batch, autocast_cache=False).backward()
+        self.trainer.optimizer.step()
+
+    def step(self, batch: dict) -> torch.Tensor:
+        graph, static, loss = self.graphs[self.key(batch)]
+        for k, v in batch.items():
+            static[k].copy_(v, non_blocking=True)
+        graph.replay()
+        return loss
 
 
 def step_flops(cfg, batch: dict) -> float:
@@ -124,7 +172,7 @@ def main(argv=None) -> dict:
     def out_of_time() -> bool:
         return time.perf_counter() - started > args.budget_s
 
-    def measure(trainer: common.Trainer, batches: list[dict]) -> dict:
+    def measure(trainer, batches: list[dict]) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for i in range(max(warmup, len(batches))):  # every distinct shape once (cuBLAS/cuDNN plans)
@@ -172,6 +220,31 @@ def main(argv=None) -> dict:
                 del trainer
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            for method in [m for m in args.graphs.split(",") if m] if device.type == "cuda" else []:
+                if out_of_time():
+                    break
+                try:
+                    cfg = common.model_config(args.config, method, overrides)
+                    trainer = common.Trainer.build(cfg, device, args.precision, capturable=True)
+                    t0 = time.perf_counter()
+                    graphed = GraphedSteps(trainer, batches)
+                    capture_s = time.perf_counter() - t0
+                    row = {"regions": layout, "batch_size": batch_size, "method": f"{method}+graphs", **stats}
+                    row.update(measure(graphed, batches), capture_s=capture_s, graphs=len(graphed.graphs))
+                    row["ratio_vs_none"] = row["ms_per_step"] / base if base else None
+                    report["results"].append(row)
+                    print(
+                        f"{layout:9} {batch_size:5d} {method + '+graphs':8} {row['ms_per_step']:8.1f} "
+                        f"{row['samples_per_s']:10.0f} (capture {capture_s:.1f} s, {len(graphed.graphs)} graphs) "
+                        f"{row['peak_gpu_mem_gib']:8.2f}",
+                        flush=True,
+                    )
+                    del graphed, trainer
+                except Exception as err:  # noqa: BLE001 - report and keep the eager results
+                    report.setdefault("graph_errors", []).append(f"{layout} {batch_size} {method}: {type(err).__name__}: {err}"[:2000])
+                    print(f"CUDA graphs failed for {method}: {report['graph_errors'][-1][:300]}", flush=True)
+                save()
+                torch.cuda.empty_cache()
             del batches
 
     want_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda" and not args.smoke)

@@ -94,7 +94,7 @@ def test_aligner_matches_separate_helper_calls_and_explicit_matrices(method, see
     got, got_grads, ref, ref_grads = _aligner_case(method, seed, fused=fused)
     assert got.dtype == torch.float64
     assert torch.allclose(got, ref, atol=1e-10)
-    for a, b in zip(got_grads, ref_grads):
+    for a, b in zip(got_grads, ref_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-9)
 
 
@@ -105,9 +105,9 @@ def test_bf16_helper_precision_stays_close_to_the_exact_values_and_gradients(met
     assert (got.double() - ref).abs().max() <= 0.02 * ref.abs().max()
     # bf16 keeps ~3 significant digits: gradients agree in direction and size, not to rounding
     # (a wrong sign or a missing term gives a cosine far below 0.99).
-    for a, b in zip(got_grads, ref_grads):
+    for a, b in zip(got_grads, ref_grads, strict=True):
         assert F.cosine_similarity(a.double().flatten(), b.flatten(), dim=0) > 0.99
-    for a, b in zip(got_grads[:2], ref_grads[:2]):  # dD/dq, dD/dk
+    for a, b in zip(got_grads[:2], ref_grads[:2], strict=True):  # dD/dq, dD/dk
         assert (a.double() - b).abs().max() <= 0.15 * b.abs().max()
 
 
@@ -184,5 +184,5 @@ def test_sdpa_path_matches_explicit_attention_with_gradients(cross):
     g_fast = torch.autograd.grad((fast * xv[..., None]).sum(), inputs)
     g_slow = torch.autograd.grad((slow * xv[..., None]).sum(), inputs)
     assert torch.allclose(fast[xv], slow[xv], atol=1e-10)
-    for a, b in zip(g_fast, g_slow):
+    for a, b in zip(g_fast, g_slow, strict=True):
         assert torch.allclose(a, b, atol=1e-9)

@@ -116,10 +116,15 @@ def native_bf16_matmul(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively (faster than fp32) on ``device``: CUDA, or a CPU with
     avx512_bf16 / AMX (oneDNN uses them); elsewhere bf16 would be emulated and slower."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return _cuda_has_bf16(device.index if device.index is not None else torch.cuda.current_device())
     if device.type != "cpu":
         return False
     return _cpu_has_bf16()
+
+
+@functools.cache
+def _cuda_has_bf16(index: int) -> bool:  # cached: no device query inside a captured CUDA graph
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 @functools.cache
