@@ -11,6 +11,7 @@ import torch
 
 from vqa_align.config import DataConfig
 from vqa_align.data import RegionBucketBatchSampler, build_data, collate_batch, make_loader
+from vqa_align.errors import UserError
 from vqa_align.store import DataFormatError, FeatureStoreWriter
 from vqa_align.vqa_data import (
     QuestionRecord,
@@ -126,11 +127,22 @@ def _qa(qid, image_id, text, answer, answer_type="other"):
 @pytest.mark.parametrize(
     "mutate, match",
     [
-        (lambda q, a: q[1].pop("question"), r"questions\[1\] \(question_id 11\): missing field 'question'"),
-        (lambda q, a: a[0].update(answer_type="colour"), r"annotations\[0\] \(question_id 10\): unknown answer_type 'colour'"),
-        (lambda q, a: a[1].pop("answers"), r"annotations\[1\] \(question_id 11\): missing field 'answers'"),
-        (lambda q, a: a.pop(1), r"no annotation for question_id 11"),
-        (lambda q, a: q[1].update(question_id=10), r"question_id 10 already appears"),
+        (lambda q, a: q[1].pop("question"),
+         r"x_questions\.json: question record 1 \(question_id 11\): missing field 'question'"),
+        (lambda q, a: q[0].update(image_id="1"),
+         r"x_questions\.json: question record 0 \(question_id 10\): field 'image_id' must be an integer, got str"),
+        (lambda q, a: a[0].update(answer_type="colour"),
+         r"x_annotations\.json: annotation record 0 \(question_id 10\): unknown answer_type 'colour'"),
+        (lambda q, a: a[1].pop("answers"),
+         r"x_annotations\.json: annotation record 1 \(question_id 11\): missing field 'answers'"),
+        # training needs multiple_choice_answer (scoring does not); question_type is optional here
+        (lambda q, a: a[1].pop("multiple_choice_answer"),
+         r"annotation record 1 \(question_id 11\): missing field 'multiple_choice_answer'"),
+        (lambda q, a: a[1]["answers"].__setitem__(3, {"answer_id": 4}),
+         r"annotation record 1 \(question_id 11\): answers\[3\] must be an object with a string 'answer'"),
+        (lambda q, a: a.pop(1), r"x_annotations\.json: no annotation for question_id 11"),
+        (lambda q, a: q[1].update(question_id=10), r"x_questions\.json: question record 1: duplicate question_id 10"),
+        (lambda q, a: a[1].update(question_id=10), r"x_annotations\.json: annotation record 1: duplicate question_id 10"),
     ],
 )
 def test_load_split_errors(tmp_path, mutate, match):
@@ -140,7 +152,24 @@ def test_load_split_errors(tmp_path, mutate, match):
     q, a = _write_vqa(tmp_path, "x", qs, anns)
     with pytest.raises(DataFormatError, match=match) as err:
         load_split([q], [a])
-    assert "x_" in str(err.value)
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value)
+
+
+def test_load_split_optional_question_type_and_unreadable_files(tmp_path):
+    q_rec, a_rec = _qa(10, 1, "what is it?", "cat")
+    del a_rec["question_type"]  # not needed for training
+    q, a = _write_vqa(tmp_path, "x", [q_rec], [a_rec])
+    assert load_split([q], [a])[0].question_type is None
+    # a missing file is both a FileNotFoundError and a UserError (the CLI prints one line)
+    with pytest.raises(FileNotFoundError, match=r"annotations file not found: .*nope\.json") as err:
+        load_split([q], [tmp_path / "nope.json"])
+    assert isinstance(err.value, UserError)
+    a.write_text('{"annotations": [')
+    with pytest.raises(DataFormatError, match=r"x_annotations\.json: not valid JSON \(line 1"):
+        load_split([q], [a])
+    a.write_text('{"questions": []}')
+    with pytest.raises(DataFormatError, match=r"x_annotations\.json: not a VQA annotations file"):
+        load_split([q], [a])
 
 
 def test_load_split_with_augmentation(tmp_path):
@@ -152,6 +181,10 @@ def test_load_split_with_augmentation(tmp_path):
     assert only_q[0].answers is None
     with pytest.raises(DataFormatError, match="one annotations file per questions file"):
         load_split([q1, q2], [a1])
+    # a question id may appear once per split, across all its files
+    q3, a3 = _write_vqa(tmp_path, "vg2", *map(list, zip(_qa(1, 1, "what?", "cat"))))
+    with pytest.raises(DataFormatError, match=r"vg2_questions\.json: question_id 1 already appears in .*vqa_questions\.json"):
+        load_split([q1, q3], [a1, a3])
 
 
 # --- datasets and batches ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vqa_align.cli import UserError, main
+from vqa_align.store import DataFormatError
 from vqa_align.vqa_eval import (
     CONTRACTIONS,
     PUNCTUATION,
@@ -233,6 +234,8 @@ def test_evaluate_reads_files_and_run_score_prints_json(tmp_path: Path, capsys) 
 def _err(questions, annotations, results) -> str:
     with pytest.raises(UserError) as info:
         evaluate(questions, annotations, results)
+    # bad content is a DataFormatError, a missing file a FileNotFoundError; both are UserErrors
+    assert isinstance(info.value, (DataFormatError, FileNotFoundError)), type(info.value)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -305,6 +308,10 @@ def test_bad_annotations(tmp_path: Path) -> None:
         message = _err(q, _write(tmp_path, "a.json", bad), r)
         for piece in expected:
             assert piece in message, (piece, message)
+    # scoring needs question_type but not multiple_choice_answer (training needs that one)
+    no_mc = dict(a, annotations=[{k: v for k, v in x.items() if k != "multiple_choice_answer"}
+                                 for x in a["annotations"]])
+    assert evaluate(q, _write(tmp_path, "a.json", no_mc), r)["overall"] == 56.0
 
 
 def test_bad_questions(tmp_path: Path) -> None:
@@ -327,7 +334,9 @@ def test_bad_questions(tmp_path: Path) -> None:
 
 def test_unreadable_files(tmp_path: Path) -> None:
     q, a, r = make_fixture()
-    assert "not found" in _err(tmp_path / "nope.json", a, r)
+    assert "questions file not found: " in _err(tmp_path / "nope.json", a, r)
+    with pytest.raises(FileNotFoundError):
+        evaluate(q, tmp_path / "nope.json", r)
     message = _err(q, a, _write(tmp_path, "r.json", '[{"question_id": 1,'))
     assert "r.json" in message and "not valid JSON" in message and "line 1" in message
 

@@ -15,7 +15,6 @@ i.e. 0.3, 0.6, 0.9, 1.0 for m = 1, 2, 3, >= 4 (e.g. m = 2: (2 * 1/3 + 8 * 2/3) /
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -26,9 +25,8 @@ from typing import Any, Callable
 import numpy as np
 
 from vqa_align.store import DataFormatError
-from vqa_align.vqa_eval import normalize_answer
+from vqa_align.vqa_eval import load_annotations, load_questions, normalize_answer
 
-ANSWER_TYPES = ("yes/no", "number", "other")
 PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
 PAD_ID, UNK_ID = 0, 1
 NUM_HUMAN_ANSWERS = 10
@@ -58,67 +56,21 @@ class QuestionRecord:
 # Reading and validation
 # --------------------------------------------------------------------------------------------
 
+# The schema checks live in one place, vqa_eval (shared with scoring): a missing file raises
+# InputFileNotFoundError (UserError + FileNotFoundError), bad content DataFormatError.
 
-def read_json(path: str | Path, what: str) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise DataFormatError(f"{path}: not valid JSON ({err})") from None
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _require(record: Any, fields: dict[str, Callable[[Any], bool]], where: str) -> None:
-    if not isinstance(record, dict):
-        raise DataFormatError(f"{where}: expected an object, got {type(record).__name__}")
-    for name, ok in fields.items():
-        if name not in record:
-            raise DataFormatError(f"{where}: missing field {name!r}")
-        if not ok(record[name]):
-            raise DataFormatError(f"{where}: field {name!r} has an invalid value {record[name]!r}")
+TRAINING_ANNOTATION_FIELDS = ("multiple_choice_answer",)  # builds the answer vocabulary
 
 
 def load_questions_file(path: str | Path) -> list[dict[str, Any]]:
-    """Validated ``questions`` list of a VQA questions file."""
-    data = read_json(path, "questions")
-    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-        raise DataFormatError(f"{path}: expected an object with a 'questions' list (VQA v2 questions file)")
-    fields = {"question_id": _is_int, "image_id": _is_int, "question": lambda v: isinstance(v, str)}
-    for i, q in enumerate(data["questions"]):
-        qid = q.get("question_id") if isinstance(q, dict) else None
-        _require(q, fields, f"{path}: questions[{i}]" + (f" (question_id {qid})" if qid is not None else ""))
-    return data["questions"]
+    """Validated ``questions`` of a VQA questions file, in file order (see ``vqa_eval.load_questions``)."""
+    return list(load_questions(path).values())
 
 
 def load_annotations_file(path: str | Path) -> dict[int, dict[str, Any]]:
-    """Validated annotations of a VQA annotations file, by question id."""
-    data = read_json(path, "annotations")
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise DataFormatError(f"{path}: expected an object with an 'annotations' list (VQA v2 annotations file)")
-    fields = {
-        "question_id": _is_int, "image_id": _is_int, "answer_type": lambda v: isinstance(v, str),
-        "multiple_choice_answer": lambda v: isinstance(v, str), "answers": lambda v: isinstance(v, list) and len(v) > 0,
-    }
-    out: dict[int, dict[str, Any]] = {}
-    for i, a in enumerate(data["annotations"]):
-        qid = a.get("question_id") if isinstance(a, dict) else None
-        where = f"{path}: annotations[{i}]" + (f" (question_id {qid})" if qid is not None else "")
-        _require(a, fields, where)
-        if a["answer_type"] not in ANSWER_TYPES:
-            raise DataFormatError(f"{where}: unknown answer_type {a['answer_type']!r} (expected one of {ANSWER_TYPES})")
-        for j, ans in enumerate(a["answers"]):
-            if not isinstance(ans, dict) or not isinstance(ans.get("answer"), str):
-                raise DataFormatError(f"{where}: answers[{j}] needs a string field 'answer'")
-        if qid in out:
-            raise DataFormatError(f"{where}: duplicate question_id {qid}")
-        out[qid] = a
-    return out
+    """Validated annotations of a VQA annotations file by question id; training also needs
+    ``multiple_choice_answer`` (see ``vqa_eval.load_annotations``)."""
+    return load_annotations(path, required=TRAINING_ANNOTATION_FIELDS)
 
 
 def load_split(

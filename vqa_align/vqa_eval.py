@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vqa_align.cli import UserError
+from vqa_align.errors import InputFileNotFoundError
+from vqa_align.store import DataFormatError
 
 ANSWER_TYPES: tuple[str, ...] = ("yes/no", "number", "other")
 
@@ -162,25 +163,31 @@ def question_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
 
 
 # --- loading and validation ---------------------------------------------------------------------
+#
+# The one reader and validator of the official VQA v2 JSON files, shared by scoring (here) and
+# training (``vqa_data.load_questions_file`` / ``load_annotations_file`` wrap these). Bad content
+# raises ``DataFormatError`` (a UserError and a ValueError), a missing file
+# ``InputFileNotFoundError`` (a UserError and a FileNotFoundError); every message is one line
+# naming the file, the record index, its question_id and the field.
 
 JsonSource = str | Path | Mapping[str, Any] | Sequence[Any]
 
 
 def _load_json(source: Any, what: str) -> tuple[Any, str]:
-    """Return (parsed JSON, name for error messages)."""
+    """Return (parsed JSON, name for error messages): ``source`` is a path or already parsed."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise UserError(f"{what} file not found: {path}")
+            raise InputFileNotFoundError(f"{what} file not found: {path}")
         try:
             with path.open("r", encoding="utf-8") as f:
                 return json.load(f), str(path)
         except json.JSONDecodeError as err:
-            raise UserError(
+            raise DataFormatError(
                 f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
             ) from None
         except UnicodeDecodeError as err:
-            raise UserError(f"{path}: not UTF-8 text ({err.reason})") from None
+            raise DataFormatError(f"{path}: not UTF-8 text ({err.reason})") from None
     return source, f"<{what}>"
 
 
@@ -188,73 +195,76 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+_INT = (int, "an integer")
+_STR = (str, "a string")
+
+
 def _check_fields(record: Any, fields: Mapping[str, tuple[type, str]], where: str) -> None:
     if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for name, (typ, label) in fields.items():
         if name not in record:
-            raise UserError(f"{where}: missing field '{name}'")
+            raise DataFormatError(f"{where}: missing field '{name}'")
         value = record[name]
         ok = _is_int(value) if typ is int else isinstance(value, typ)
         if not ok:
-            raise UserError(
+            raise DataFormatError(
                 f"{where}: field '{name}' must be {label}, got {type(value).__name__} {value!r:.40}"
             )
 
 
+def _records(
+    source: JsonSource, key: str, fields: Mapping[str, tuple[type, str]], kind: str
+) -> Iterator[tuple[dict[str, Any], str]]:
+    """Yield (record, its location "FILE: KIND record I (question_id Q)") for the records of the
+    ``key`` list ("questions" / "annotations") of a VQA file, each checked against ``fields`` and
+    with a question_id not seen before in that file."""
+    data, name = _load_json(source, key)
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise DataFormatError(f"{name}: not a VQA {key} file (expected a JSON object with a list '{key}')")
+    seen: set[int] = set()
+    for i, record in enumerate(data[key]):
+        qid = record.get("question_id") if isinstance(record, dict) else None
+        where = f"{name}: {kind} record {i}" + (f" (question_id {qid})" if _is_int(qid) else "")
+        _check_fields(record, fields, where)
+        if qid in seen:
+            raise DataFormatError(f"{name}: {kind} record {i}: duplicate question_id {qid}")
+        seen.add(qid)
+        yield record, where
+
+
 def load_questions(source: JsonSource) -> dict[int, dict[str, Any]]:
     """Validate a VQA questions file (``{"questions": [{image_id, question, question_id}]}``)
-    and index it by question id."""
-    data, name = _load_json(source, "questions")
-    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-        raise UserError(
-            f"{name}: not a VQA questions file (expected an object with a 'questions' list)"
-        )
-    fields = {"question_id": (int, "an integer"), "image_id": (int, "an integer"),
-              "question": (str, "a string")}
-    out: dict[int, dict[str, Any]] = {}
-    for i, q in enumerate(data["questions"]):
-        qid = q.get("question_id") if isinstance(q, dict) else None
-        where = f"{name}: question record {i}" + (f" (question_id {qid})" if _is_int(qid) else "")
-        _check_fields(q, fields, where)
-        if qid in out:
-            raise UserError(f"{name}: question record {i}: duplicate question_id {qid}")
-        out[qid] = q
-    return out
+    and index it by question id (file order is kept; a repeated question_id is an error)."""
+    fields = {"question_id": _INT, "image_id": _INT, "question": _STR}
+    return {q["question_id"]: q for q, _ in _records(source, "questions", fields, "question")}
 
 
-def load_annotations(source: JsonSource) -> dict[int, dict[str, Any]]:
+def load_annotations(source: JsonSource, required: Sequence[str] = ()) -> dict[int, dict[str, Any]]:
     """Validate a VQA annotations file and index it by question id (file order is kept).
 
-    Each record needs ``question_id``, ``image_id``, ``question_type``, ``answer_type`` (one of
-    'yes/no', 'number', 'other') and a non-empty ``answers`` list of ``{"answer": str, ...}``.
+    Each record needs ``question_id``, ``image_id``, ``answer_type`` (one of 'yes/no', 'number',
+    'other') and a non-empty ``answers`` list of ``{"answer": str, ...}``; ``required`` names the
+    further string fields the caller uses (scoring: ``question_type``; training:
+    ``multiple_choice_answer``).
     """
-    data, name = _load_json(source, "annotations")
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise UserError(
-            f"{name}: not a VQA annotations file (expected an object with an 'annotations' list)"
-        )
-    fields = {"question_id": (int, "an integer"), "image_id": (int, "an integer"),
-              "question_type": (str, "a string"), "answer_type": (str, "a string"),
-              "answers": (list, "a list")}
+    if isinstance(required, str):
+        required = (required,)
+    fields = {"question_id": _INT, "image_id": _INT, "answer_type": _STR, "answers": (list, "a list")}
+    fields.update((name, _STR) for name in required)
     out: dict[int, dict[str, Any]] = {}
-    for i, ann in enumerate(data["annotations"]):
-        qid = ann.get("question_id") if isinstance(ann, dict) else None
-        where = f"{name}: annotation record {i}" + (f" (question_id {qid})" if _is_int(qid) else "")
-        _check_fields(ann, fields, where)
+    for ann, where in _records(source, "annotations", fields, "annotation"):
         if ann["answer_type"] not in ANSWER_TYPES:
-            raise UserError(
+            raise DataFormatError(
                 f"{where}: unknown answer_type {ann['answer_type']!r} (expected one of "
                 + ", ".join(repr(t) for t in ANSWER_TYPES) + ")"
             )
         if not ann["answers"]:
-            raise UserError(f"{where}: 'answers' is empty")
+            raise DataFormatError(f"{where}: 'answers' is empty")
         for j, a in enumerate(ann["answers"]):
             if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
-                raise UserError(f"{where}: answers[{j}] must be an object with a string 'answer'")
-        if qid in out:
-            raise UserError(f"{where}: duplicate question_id {qid}")
-        out[qid] = ann
+                raise DataFormatError(f"{where}: answers[{j}] must be an object with a string 'answer'")
+        out[ann["question_id"]] = ann
     return out
 
 
@@ -269,24 +279,24 @@ def load_results(
     """
     data, name = _load_json(source, "results")
     if not isinstance(data, list):
-        raise UserError(
+        raise DataFormatError(
             f"{name}: results must be a JSON list of {{\"question_id\": int, \"answer\": str}}, "
             f"got {type(data).__name__}"
         )
-    fields = {"question_id": (int, "an integer"), "answer": (str, "a string")}
+    fields = {"question_id": _INT, "answer": _STR}
     out: dict[int, str] = {}
     for i, r in enumerate(data):
         _check_fields(r, fields, f"{name}: record {i}")
         qid = r["question_id"]
         if qid in out:
-            raise UserError(f"{name}: record {i}: duplicate question_id {qid}")
+            raise DataFormatError(f"{name}: record {i}: duplicate question_id {qid}")
         if annotations is not None and qid not in annotations:
-            raise UserError(f"{name}: record {i}: question_id {qid} is not in the annotations")
+            raise DataFormatError(f"{name}: record {i}: question_id {qid} is not in the annotations")
         out[qid] = r["answer"]
     if annotations is not None and len(out) != len(annotations):
         missing = [q for q in annotations if q not in out]
         shown = ", ".join(str(q) for q in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise UserError(
+        raise DataFormatError(
             f"{name}: no answer for {len(missing)} of {len(annotations)} annotated questions "
             f"(question_id {shown}); the official evaluation needs an answer for every question"
         )
@@ -315,21 +325,21 @@ def evaluate(questions: JsonSource, annotations: JsonSource, results: JsonSource
         accuracies in percent rounded to two decimals.
     """
     qs = load_questions(questions)
-    anns = load_annotations(annotations)
+    anns = load_annotations(annotations, required=("question_type",))
     q_name = str(questions) if isinstance(questions, (str, Path)) else "<questions>"
     for qid, ann in anns.items():
         q = qs.get(qid)
         if q is None:
-            raise UserError(
+            raise DataFormatError(
                 f"{q_name}: no question with question_id {qid} (it is in the annotations)"
             )
         if q["image_id"] != ann["image_id"]:
-            raise UserError(
+            raise DataFormatError(
                 f"question_id {qid}: image_id {q['image_id']} in the questions file but "
                 f"{ann['image_id']} in the annotations file"
             )
     if not anns:
-        raise UserError("the annotations file has no annotations to score")
+        raise DataFormatError("the annotations file has no annotations to score")
     res = load_results(results, anns)
 
     acc_all: list[float] = []
