@@ -186,7 +186,14 @@ def main(argv=None) -> dict:
             samples += batch["tokens"].shape[0]
         sync(device)
         elapsed = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        # Graph replays allocate nothing (their memory is the pool reserved at capture), so the
+        # allocator's reserved peak is the comparable number for them; allocated for eager steps.
+        if device.type != "cuda":
+            peak = float("nan")
+        elif isinstance(trainer, GraphedSteps):
+            peak = torch.cuda.max_memory_reserved(device) / 2**30
+        else:
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
         return {"ms_per_step": 1000 * elapsed / steps, "samples_per_s": samples / elapsed, "peak_gpu_mem_gib": peak}
 
     print(f"{'regions':9} {'batch':>5} {'method':8} {'ms/step':>8} {'samples/s':>10} {'vs none':>8} {'TFLOP/s':>8} {'peak GiB':>8}", flush=True)
@@ -226,6 +233,7 @@ def main(argv=None) -> dict:
                 try:
                     cfg = common.model_config(args.config, method, overrides)
                     trainer = common.Trainer.build(cfg, device, args.precision, capturable=True)
+                    torch.cuda.reset_peak_memory_stats(device)
                     t0 = time.perf_counter()
                     graphed = GraphedSteps(trainer, batches)
                     capture_s = time.perf_counter() - t0

@@ -11,3 +11,7 @@ class InputFileNotFoundError(UserError, FileNotFoundError):
     Both a UserError (one-line CLI message) and a FileNotFoundError, so code that catches either
     (``except FileNotFoundError``, ``except OSError``, ``except UserError``) handles it.
     """
+
+
+class DataFormatError(UserError, ValueError):
+    """Bad input data; the message names the file, the record and the problem."""

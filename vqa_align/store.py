@@ -28,17 +28,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from vqa_align.errors import UserError
+# DataFormatError is re-exported: the converters and their tests import it from here.
+from vqa_align.errors import DataFormatError, UserError
 
 FORMAT_VERSION = 1
 CHUNK_ROWS = 100  # rows per HDF5 chunk: about one image of bottom-up features (10-100 boxes)
 WRITE_BUFFER_ROWS = 8192  # rows buffered in memory before one resize + write
 INDEX_NAMES = ("image_ids", "offsets", "image_sizes")
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-class DataFormatError(UserError, ValueError):
-    """Bad input data; the message names the file, the record and the problem."""
 
 
 class StoreRecordError(DataFormatError):

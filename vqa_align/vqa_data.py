@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vqa_align.store import DataFormatError
+from vqa_align.errors import DataFormatError
 from vqa_align.vqa_eval import load_annotations, load_questions, normalize_answer
 
 PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"

@@ -31,8 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vqa_align.errors import InputFileNotFoundError
-from vqa_align.store import DataFormatError
+from vqa_align.errors import DataFormatError, InputFileNotFoundError
 
 ANSWER_TYPES: tuple[str, ...] = ("yes/no", "number", "other")
 
