@@ -120,6 +120,7 @@ def test_helper_precision_resolution(monkeypatch):
     assert alignment_kernels.compute_dtype("bf16", q32) == torch.bfloat16
     monkeypatch.setattr(alignment_kernels, "_cpu_has_bf16", lambda: True)
     assert alignment_kernels.compute_dtype("auto", q32) == torch.bfloat16
+    assert alignment_kernels.compute_dtype("auto", q32.double()) == torch.float64  # fp64 asks for precision
     monkeypatch.setattr(alignment_kernels, "_cpu_has_bf16", lambda: False)
     assert alignment_kernels.compute_dtype("auto", q32) == torch.float32
     with pytest.raises(ValueError, match="helper_precision"):

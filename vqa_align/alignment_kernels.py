@@ -141,9 +141,12 @@ def compute_dtype(precision: str, queries: Tensor) -> torch.dtype:
     """The dtype the fused helpers run in for ``AlignmentConfig.helper_precision``.
 
     ``fp32``: at least fp32; ``bf16``: bf16; ``auto``: bf16 where it is native
-    (:func:`native_bf16_matmul`), else the inputs' dtype (at least fp32).
+    (:func:`native_bf16_matmul`) and the inputs are not fp64 (an fp64 model asks for precision),
+    else the inputs' dtype (at least fp32).
     """
-    if precision == "bf16" or (precision == "auto" and native_bf16_matmul(queries.device)):
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and queries.dtype != torch.float64 and native_bf16_matmul(queries.device):
         return torch.bfloat16
     if precision in ("fp32", "auto"):
         return torch.promote_types(queries.dtype, torch.float32)
