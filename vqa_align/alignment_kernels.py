@@ -82,15 +82,16 @@ def _highway_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`_highway_forward` -> (input_sign · dL/dx, dL/dW (2d, d), dL/db (2d,)).
 
-    Consumes ``grad_out`` (R, d) as scratch.
+    ``input_sign`` is +1, or -1 for a gradient reversal on x. Consumes ``grad_out`` (R, d) as scratch.
     """
+    if input_sign not in (1.0, -1.0):
+        raise ValueError(f"input_sign must be +1 or -1, got {input_sign}")
     d = rows.shape[-1]
     grad_activated = grad_out * gate
     grad_transform = torch.ops.aten.threshold_backward(grad_activated, transform, 0.0)
     grad_carry = torch.ops.aten.sigmoid_backward(grad_out * delta, gate)
-    grad_rows = grad_out.sub_(grad_activated)  # the direct path: dy/dx = 1 - t
-    if input_sign != 1.0:
-        grad_rows.mul_(input_sign)
+    # The direct path dy/dx = 1 - t, times input_sign, written over a buffer that is not needed any more.
+    grad_rows = grad_out.sub_(grad_activated) if input_sign == 1.0 else grad_activated.sub_(grad_out)
     grad_rows.addmm_(grad_transform, gate_w[:d], alpha=input_sign).addmm_(grad_carry, gate_w[d:], alpha=input_sign)
     grad_w = torch.cat([grad_transform.t() @ rows, grad_carry.t() @ rows])
     grad_b = torch.cat([grad_transform.sum(0), grad_carry.sum(0)])
@@ -306,8 +307,7 @@ class _FusedAdversarial(torch.autograd.Function):
 
         # Discriminator: highway, Linear-LeakyReLU-Linear -> one logit per row.
         highway, transform, gate, delta = _highway_forward(rows, gate_w, gate_b)  # (R, d)
-        hidden_pre = torch.addmm(b1, highway, w1.t())  # (R, h)
-        hidden = F.leaky_relu(hidden_pre, slope)
+        hidden = F.leaky_relu_(torch.addmm(b1, highway, w1.t()), slope)  # (R, h); its sign is the pre-activation's
         logits = torch.addmm(b2, hidden, w2.t()).to(_accumulation_dtype(dtype)).view(batch, heads, -1)  # (B, H, L)
 
         # BCE(D(k), 1) + BCE(D(q), 0) = softplus(-D(k)) + softplus(D(q)), as masked means.
@@ -315,12 +315,12 @@ class _FusedAdversarial(torch.autograd.Function):
         loss = (F.softplus(logits[..., :n_queries]) * q_weight).sum(-1) + (
             F.softplus(-logits[..., n_queries:]) * k_weight
         ).sum(-1)  # (B, H)
-        ctx.save_for_backward(rows, transform, gate, delta, highway, hidden_pre, hidden, logits, q_weight, k_weight, gate_w, w1, w2)
+        ctx.save_for_backward(rows, transform, gate, delta, highway, hidden, logits, q_weight, k_weight, gate_w, w1, w2)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
-        rows, transform, gate, delta, highway, hidden_pre, hidden, logits, q_weight, k_weight, gate_w, w1, w2 = ctx.saved_tensors
+        rows, transform, gate, delta, highway, hidden, logits, q_weight, k_weight, gate_w, w1, w2 = ctx.saved_tensors
         n_queries, slope, q_dtype, k_dtype, param_dtype = ctx.meta
         batch, heads = logits.shape[:2]
         # d softplus(x)/dx = σ(x); d softplus(-x)/dx = σ(x) - 1.
@@ -330,7 +330,7 @@ class _FusedAdversarial(torch.autograd.Function):
         grad_logits = (probs * weight * grad_loss.to(probs.dtype)[..., None]).to(rows.dtype).view(-1, 1)  # (R, 1)
 
         grad_w2, grad_b2 = _linear_weight_grads(grad_logits, hidden)
-        grad_hidden_pre = torch.ops.aten.leaky_relu_backward(grad_logits * w2, hidden_pre, slope, False)  # (R, h)
+        grad_hidden_pre = torch.ops.aten.leaky_relu_backward(grad_logits * w2, hidden, slope, True)  # (R, h)
         grad_w1, grad_b1 = _linear_weight_grads(grad_hidden_pre, highway)
         # The projections ascend the discriminator loss: a gradient reversal on q and k (sign -1).
         grad_rows, grad_gate_w, grad_gate_b = _highway_backward(

@@ -59,6 +59,8 @@ class AlignmentConfig:
             )
         if self.weight < 0:
             raise ConfigError(f"model.alignment.weight must be >= 0, got {self.weight}")
+        if self.gan_leaky_slope < 0:
+            raise ConfigError(f"model.alignment.gan_leaky_slope must be >= 0, got {self.gan_leaky_slope}")
         if not 0.0 <= self.ct_rho <= 1.0:
             raise ConfigError(f"model.alignment.ct_rho must lie in [0, 1], got {self.ct_rho}")
         if self.ot_epsilon <= 0 or self.ot_iterations < 1:
