@@ -125,6 +125,9 @@ class DataConfig:
     num_workers: int = 2
     bucket_by_regions: bool = True  # batch images of similar region counts to cut padding
     pin_memory: bool = True
+    # Hold each split's features, boxes and questions in the training device's memory and form
+    # batches there (vqa_align/resident.py): no loader workers, no per-step feature copies.
+    resident: bool = False
     skip_missing: bool = False  # drop questions whose image lacks features, with a counted warning
 
     def validate(self) -> None:

@@ -176,6 +176,7 @@ class Trainer:
         bundle = build_data(config.data, ["train", "val"], tokenizer=tokenizer)
         self.tokenizer, self.answers = bundle.tokenizer, bundle.answers
         self.train_set, self.val_set = bundle.datasets["train"], bundle.datasets.get("val")
+        self._resident: dict[int, Any] = {}  # id(dataset) -> ResidentSplit (data.resident)
         if len(self.train_set) == 0:
             raise UserError("the training split has no questions")
         config.model.vocab_size = len(self.tokenizer)
@@ -249,6 +250,12 @@ class Trainer:
             bucket=dcfg.bucket_by_regions,
         )
         sampler.set_epoch(epoch)
+        if dcfg.resident:
+            from vqa_align.resident import ResidentLoader, ResidentSplit
+
+            if id(dataset) not in self._resident:  # loaded once per split, kept for the run
+                self._resident[id(dataset)] = ResidentSplit(dataset, self.device)
+            return ResidentLoader(self._resident[id(dataset)], SkipFirstBatches(sampler, skip))
         workers = dcfg.num_workers
         if workers > 0:
             dataset.store.close()  # every worker opens its own HDF5 handle after fork
