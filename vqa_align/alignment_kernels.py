@@ -12,7 +12,8 @@ over those rows and by autograd's bookkeeping, not by arithmetic. The fused vers
 - for CT, never form softmaxes: the navigator outputs are unit vectors, so the logits lie in
   [-1, 1] and E = exp(S) is safe without max-subtraction; both transport plans are E divided by its
   row or column sums, and the backward pass needs only E, the cost matrix and four vectors;
-- save only what the backward pass reads and write gradients into preallocated buffers.
+- save only what the backward pass reads, and reuse buffers in place once they are consumed;
+- optionally run in bf16 (``helper_precision``), with sums and the returned distance in fp32.
 
 Gradient directions are the paper's (see :mod:`vqa_align.alignment`): the CT critic's parameter
 gradients are negated (it ascends); the GAN discriminator's input gradient is negated (a gradient
