@@ -160,10 +160,15 @@ class TrainConfig:
     log_every_steps: int = 50
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
     max_steps: int | None = None  # stop early (tests, benchmarks)
+    # Capture each training step as a CUDA graph per batch shape (vqa_align/cuda_graphs.py): one
+    # CUDA device, no DDP, grad_accumulation 1.
+    cuda_graphs: bool = False
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
             raise ConfigError("train.epochs, train.batch_size and train.grad_accumulation must be >= 1")
+        if self.cuda_graphs and self.grad_accumulation != 1:
+            raise ConfigError("train.cuda_graphs needs train.grad_accumulation: 1 (a graph holds one whole step)")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2:

@@ -203,9 +203,16 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=freezes,
             )
+        if tcfg.cuda_graphs and (self.device.type != "cuda" or self.dist.world_size > 1):
+            raise UserError("train.cuda_graphs needs one CUDA device (train.device: cuda, no torchrun with several processes)")
+        # On CUDA the fused Adam kernel; for CUDA graphs also capturable, with the learning rate a
+        # device tensor that _set_lr updates in place (a float would be frozen into the graph).
+        adam_options = {"fused": True, "capturable": tcfg.cuda_graphs} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), eps=tcfg.eps, weight_decay=tcfg.weight_decay
+            self.model.parameters(), lr=torch.tensor(tcfg.lr, device=self.device) if tcfg.cuda_graphs else tcfg.lr,
+            betas=tuple(tcfg.betas), eps=tcfg.eps, weight_decay=tcfg.weight_decay, **adam_options,
         )
+        self._graphed = None  # GraphedTrainStep, built at the first training step (train.cuda_graphs)
         self.epoch = 0  # epoch in progress (0-based)
         self.batches_done = 0  # batches of that epoch already consumed
         self.global_step = 0  # optimizer steps
@@ -277,7 +284,12 @@ class Trainer:
         t = self.config.train
         lr = learning_rate(self.epoch, t.lr, t.warmup_epochs, t.decay_epochs, t.decay_factor)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if not t.cuda_graphs:
+                group["lr"] = lr  # also replaces a tensor lr resumed from a CUDA-graph run
+            elif isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)  # in place: captured graphs read this tensor
+            else:
+                group["lr"] = torch.tensor(lr, device=self.device)
         return lr
 
     def train_epoch(self) -> dict[str, float]:
@@ -289,6 +301,7 @@ class Trainer:
         set_frozen = getattr(self.model.question_encoder, "set_frozen", None)
         if set_frozen is not None:
             set_frozen(self.epoch < self.config.model.minilm_freeze_epochs)
+            self._graphed = None  # captured graphs would keep the previous epoch's frozen set
         loader = self._loader(self.train_set, True, self.epoch, self.batches_done, tcfg.batch_size)
         self.ddp_model.train()
         bar = tqdm(
@@ -312,12 +325,16 @@ class Trainer:
             inputs = self._inputs(batch)
             targets = batch["targets"].to(self.device, non_blocking=True)
             batch_size = targets.shape[0]
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = self.ddp_model(**inputs)
-            task = task_loss(out.logits, targets, tcfg.loss_reduction)
-            align = out.alignment_loss.float()
-            align_scale = batch_size if tcfg.loss_reduction == "sum" else 1.0
-            loss = task + lam * align_scale * align
+            graphed = tcfg.cuda_graphs
+            if graphed:  # forward, backward and optimizer step in one replay (vqa_align/cuda_graphs.py)
+                loss, task, align = self._graphed_step(inputs, targets)
+            else:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    out = self.ddp_model(**inputs)
+                task = task_loss(out.logits, targets, tcfg.loss_reduction)
+                align = out.alignment_loss.float()
+                align_scale = batch_size if tcfg.loss_reduction == "sum" else 1.0
+                loss = task + lam * align_scale * align
             here = torch.stack([  # filled on the device: no host-to-device copy
                 torch.full((), float(self.global_step + 1), dtype=torch.float64, device=self.device),
                 torch.full((), float(self.batches_done + 1), dtype=torch.float64, device=self.device),
@@ -325,10 +342,13 @@ class Trainer:
             ])
             is_first_bad = ~torch.isfinite(loss.detach()) & (self._first_bad[0] < 0)
             self._first_bad = torch.where(is_first_bad, here, self._first_bad)
-            (loss / accum).backward()
             self.batches_done += 1
-            if self.batches_done % accum == 0:
-                self._optimizer_step()
+            if graphed:
+                self.global_step += 1
+            else:
+                (loss / accum).backward()
+                if self.batches_done % accum == 0:
+                    self._optimizer_step()
             per_sample = 1.0 / batch_size if tcfg.loss_reduction == "sum" else 1.0
             sums += torch.stack([loss.detach() * per_sample, task.detach() * per_sample, align.detach()]).double() * batch_size
             samples += batch_size
@@ -363,6 +383,31 @@ class Trainer:
         n = max(samples, 1)
         return {"train_loss": loss_sum / n, "train_task_loss": task_sum / n, "train_alignment_loss": align_sum / n,
                 "lr": lr}
+
+    def _graphed_step(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One training step through :class:`~vqa_align.cuda_graphs.GraphedTrainStep` -> (loss, task, align)."""
+        from vqa_align.cuda_graphs import GraphedTrainStep, pad_to_static
+
+        if self._graphed is None:
+            self._graphed = GraphedTrainStep(self._whole_step, lambda: self.optimizer.zero_grad(set_to_none=True))
+        dcfg = self.config.data
+        return self._graphed(pad_to_static(inputs, dcfg.max_question_tokens, dcfg.max_regions), targets)
+
+    def _whole_step(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Forward, loss, backward, clipping and the optimizer update, with no host sync (capturable)."""
+        tcfg = self.config.train
+        # The autocast weight cache must be off while capturing (cached casts would go stale).
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None, cache_enabled=False):
+            out = self.model(**inputs)
+        task = task_loss(out.logits, targets, tcfg.loss_reduction)
+        align = out.alignment_loss.float()
+        align_scale = targets.shape[0] if tcfg.loss_reduction == "sum" else 1.0
+        loss = task + self.config.model.alignment.weight * align_scale * align
+        loss.backward()
+        if tcfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip, foreach=True)
+        self.optimizer.step()
+        return loss.detach(), task.detach(), align.detach()
 
     def _raise_if_non_finite(self) -> None:
         """Stop (one host sync) if any step since the epoch began had a non-finite loss."""
