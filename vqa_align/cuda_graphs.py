@@ -10,7 +10,8 @@ Shapes must be static per graph, so batches are padded to a few shapes first
 (:func:`pad_to_static`): questions to ``data.max_question_tokens`` and region counts up to a
 multiple of :data:`REGION_BUCKET`. Padded positions are masked everywhere in the model (attention,
 pooling, alignment), so the step computes the same loss and gradients as on the unpadded batch
-(tested on the CPU). A batch of another size (the last, smaller one of an epoch) runs eagerly.
+(tested on the CPU). Each new shape (also the last, smaller batch of an epoch) is captured once
+and replayed from then on; after 32 graphs, further new shapes run eagerly.
 
 Requirements (checked by the trainer): one CUDA device, no DDP, ``train.grad_accumulation: 1``;
 the optimizer must be capturable with a tensor learning rate (the trainer builds it so).
@@ -50,8 +51,8 @@ def pad_to_static(inputs: dict[str, Tensor], max_tokens: int, max_regions: int) 
 
 class GraphedTrainStep:
     """Runs ``step_fn(inputs, targets) -> (loss, task, align)`` (forward + backward + optimizer
-    update) as one CUDA graph per distinct input shape; eager for the first steps and for shapes
-    seen after ``max_graphs`` captures. All graphs share one memory pool (each replay is
+    update) as one CUDA graph per distinct input shape; eager for the first :data:`WARMUP_STEPS`
+    steps and for new shapes once ``max_graphs`` graphs exist. All graphs share one memory pool (each replay is
     self-contained: its inputs are copied into its static buffers first and nothing it allocates
     is read after the next replay, except the returned losses, which callers read before that).
     """
