@@ -205,6 +205,9 @@ class Trainer:
             )
         if tcfg.cuda_graphs and (self.device.type != "cuda" or self.dist.world_size > 1):
             raise UserError("train.cuda_graphs needs one CUDA device (train.device: cuda, no torchrun with several processes)")
+        if tcfg.cuda_graphs and config.model.question_encoder != "lstm":
+            # The Hugging Face encoder has data-dependent checks (host syncs) that capture forbids.
+            raise UserError("train.cuda_graphs supports model.question_encoder: lstm only")
         # On CUDA the fused Adam kernel; for CUDA graphs also capturable, with the learning rate a
         # device tensor that _set_lr updates in place (a float would be frozen into the graph).
         adam_options = {"fused": True, "capturable": tcfg.cuda_graphs} if self.device.type == "cuda" else {}
