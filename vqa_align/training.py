@@ -300,7 +300,6 @@ class Trainer:
         from tqdm import tqdm
 
         tcfg = self.config.train
-        lam = self.config.model.alignment.weight
         lr = self._set_lr()
         set_frozen = getattr(self.model.question_encoder, "set_frozen", None)
         if set_frozen is not None:
@@ -333,12 +332,7 @@ class Trainer:
             if graphed:  # forward, backward and optimizer step in one replay (vqa_align/cuda_graphs.py)
                 loss, task, align = self._graphed_step(inputs, targets)
             else:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    out = self.ddp_model(**inputs)
-                task = task_loss(out.logits, targets, tcfg.loss_reduction)
-                align = out.alignment_loss.float()
-                align_scale = batch_size if tcfg.loss_reduction == "sum" else 1.0
-                loss = task + lam * align_scale * align
+                loss, task, align = self._losses(self.ddp_model, inputs, targets)
             here = torch.stack([  # filled on the device: no host-to-device copy
                 torch.full((), float(self.global_step + 1), dtype=torch.float64, device=self.device),
                 torch.full((), float(self.batches_done + 1), dtype=torch.float64, device=self.device),
@@ -397,16 +391,25 @@ class Trainer:
         dcfg = self.config.data
         return self._graphed(pad_to_static(inputs, dcfg.max_question_tokens, dcfg.max_regions), targets)
 
+    def _losses(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor, autocast_cache: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, task loss, alignment loss) of one batch: L = L_task + λ·scale·L_align, where scale is
+        the batch size for the summed task loss, so that λ keeps its per-sample meaning."""
+        tcfg = self.config.train
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None, cache_enabled=autocast_cache):
+            out = model(**inputs)
+        task = task_loss(out.logits, targets, tcfg.loss_reduction)
+        align = out.alignment_loss.float()
+        align_scale = targets.shape[0] if tcfg.loss_reduction == "sum" else 1.0
+        return task + self.config.model.alignment.weight * align_scale * align, task, align
+
     def _whole_step(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Forward, loss, backward, clipping and the optimizer update, with no host sync (capturable)."""
         tcfg = self.config.train
         # The autocast weight cache must be off while capturing (cached casts would go stale).
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None, cache_enabled=False):
-            out = self.model(**inputs)
-        task = task_loss(out.logits, targets, tcfg.loss_reduction)
-        align = out.alignment_loss.float()
-        align_scale = targets.shape[0] if tcfg.loss_reduction == "sum" else 1.0
-        loss = task + self.config.model.alignment.weight * align_scale * align
+        loss, task, align = self._losses(self.model, inputs, targets, autocast_cache=False)
         loss.backward()
         if tcfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip, foreach=True)
