@@ -93,7 +93,8 @@ class GraphedTrainStep:
             static_targets = targets.clone()
             graph = torch.cuda.CUDAGraph()
             self.zero_grad()  # gradients are allocated inside the graph and overwritten by each replay
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: the DataLoader's pin-memory thread may call CUDA during a capture.
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 outputs = self.step_fn(static_inputs, static_targets)
             entry = self.graphs[key] = (graph, static_inputs, static_targets, outputs)
         graph, static_inputs, static_targets, outputs = entry
