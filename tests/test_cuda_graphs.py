@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_batch, tiny_model_config, tiny_run_overrides
+
 from vqa_align.cli import main as cli_main
 from vqa_align.config import ConfigError, load_config
 from vqa_align.cuda_graphs import REGION_BUCKET, pad_to_static

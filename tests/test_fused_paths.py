@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_masks as _masks
+
 from vqa_align.alignment import (
     HeadAligner,
     adversarial_loss,
@@ -28,8 +28,6 @@ from vqa_align.alignment import (
 )
 from vqa_align.config import AlignmentConfig
 from vqa_align.model import MultiHeadAttention
-
-
 
 
 def plain_ct(aligner, q, k, qv, kv):

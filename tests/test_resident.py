@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import torch
-
 from conftest import tiny_run_overrides
+
 from vqa_align.config import load_config
 from vqa_align.data import build_data, collate_batch
 from vqa_align.resident import ResidentSplit

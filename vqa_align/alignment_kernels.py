@@ -176,7 +176,7 @@ def _direction_weights(
 
 class _FusedConditionalTransport(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries, keys, q_valid, k_valid, rho, dtype, nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2):  # type: ignore[override]  # noqa: E501
+    def forward(ctx, queries, keys, q_valid, k_valid, rho, dtype, nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2):  # type: ignore[override]
         batch, heads, n_queries, _ = queries.shape
         ctx.meta = (n_queries, queries.dtype, keys.dtype, nav_w1.dtype)
         rows = _concat_rows(queries, keys, dtype)  # (R, d), R = B·H·(Nq + Nk)
