@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from vqa_align.errors import UserError
 from vqa_align.config import DataConfig
-from vqa_align.store import FeatureStore
+from vqa_align.errors import UserError
+from vqa_align.store import FeatureStore, normalise_boxes
 from vqa_align.vqa_data import (
     PAD_ID,
     QuestionRecord,
@@ -96,13 +96,12 @@ class VQADataset(Dataset):
         row = int(self.store_rows[i])
         feats, boxes = self.store.read_row(row, self.max_regions)
         w, h = self.store.image_sizes[row]
-        scale = np.array([w, h, w, h], dtype=np.float32)
         item: dict[str, Any] = {
             "question_id": int(self.question_ids[i]),
             "image_id": int(self.image_ids[i]),
             "tokens": self.token_ids[self.token_offsets[i]:self.token_offsets[i + 1]].astype(np.int64),
             "features": feats,
-            "boxes": np.clip(boxes / scale, 0.0, 1.0),
+            "boxes": normalise_boxes(boxes, w, h),
         }
         if self.has_targets:
             a, b = self.target_offsets[i], self.target_offsets[i + 1]
@@ -110,6 +109,11 @@ class VQADataset(Dataset):
             targets[self.target_idx[a:b]] = self.target_scores[a:b]
             item["targets"] = targets
         return item
+
+
+def torch_dtype(numpy_dtype: Any) -> torch.dtype:
+    """The torch dtype of a numpy dtype (e.g. the store's float16)."""
+    return torch.from_numpy(np.empty(0, dtype=numpy_dtype)).dtype
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -139,11 +143,11 @@ def collate_batch(samples: list[dict[str, Any]], *, keep_store_dtype: bool = Fal
     d = samples[0]["features"].shape[1]
     in_worker = get_worker_info() is not None
     fp16_transport = keep_store_dtype and in_worker
-    feat_dtype = torch.from_numpy(np.empty(0, src_dtype)).dtype if fp16_transport else torch.float32
+    feat_dtype = torch_dtype(src_dtype) if fp16_transport else torch.float32
     tokens = np.full((b, t), PAD_ID, dtype=np.int64)
     boxes = np.zeros((b, n, 4), dtype=np.float32)
     features = _empty((b, n, d), feat_dtype)
-    same_dtype = features.dtype == torch.from_numpy(np.empty(0, src_dtype)).dtype
+    same_dtype = features.dtype == torch_dtype(src_dtype)
     feats_np = features.numpy()
     for i, s in enumerate(samples):
         k = counts[i]

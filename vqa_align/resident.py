@@ -16,13 +16,14 @@ builds from the same question indices (tested). The batch sampler is the same
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from vqa_align.data import VQADataset
+from vqa_align.data import VQADataset, torch_dtype
+from vqa_align.store import normalise_boxes
 from vqa_align.vqa_data import PAD_ID
 
 log = logging.getLogger(__name__)
@@ -48,20 +49,19 @@ class ResidentSplit:
         kept = np.minimum(store.region_counts[used_rows], dataset.max_regions)  # (I,)
         image_start = np.concatenate([[0], np.cumsum(kept)[:-1]]).astype(np.int64)
         total = int(kept.sum())
-        self.features = torch.empty(total, store.feature_dim, dtype=_torch_dtype(store.feature_dtype), device=self.device)
+        self.features = torch.empty(total, store.feature_dim, dtype=torch_dtype(store.feature_dtype), device=self.device)
         self.boxes = torch.empty(total, 4, dtype=torch.float32, device=self.device)
         for first in range(0, len(used_rows), _LOAD_IMAGES_PER_COPY):
             rows = used_rows[first : first + _LOAD_IMAGES_PER_COPY]
             feats, boxes = [], []
             for row in rows:
                 f, b = store.read_row(int(row), dataset.max_regions)
-                w, h = store.image_sizes[row]
                 feats.append(f)
-                boxes.append(np.clip(b / np.array([w, h, w, h], np.float32), 0.0, 1.0))  # as VQADataset
+                boxes.append(normalise_boxes(b, *store.image_sizes[row]))  # as VQADataset
             start = int(image_start[first])
             stop = start + sum(len(f) for f in feats)
             self.features[start:stop] = torch.from_numpy(np.concatenate(feats))
-            self.boxes[start:stop] = torch.from_numpy(np.concatenate(boxes).astype(np.float32))
+            self.boxes[start:stop] = torch.from_numpy(np.concatenate(boxes))
         self.image_start = torch.from_numpy(image_start).to(self.device)  # (I,)
         self.question_image = torch.from_numpy(question_image.astype(np.int64)).to(self.device)  # (Q,)
 
@@ -86,9 +86,9 @@ class ResidentSplit:
         log.info("%s: %d images, %d regions, %d questions resident on %s (%.2f GiB of features and boxes)",
                  dataset.name or "dataset", len(used_rows), total, len(dataset), self.device, gib)
 
-    def batch(self, indices: Iterable[int]) -> dict[str, torch.Tensor]:
+    def batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The batch of questions ``indices`` (padded to its own longest question and region count)."""
-        idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64)
+        idx = np.asarray(indices, dtype=np.int64)
         counts = self.dataset.region_counts[idx].astype(np.int64)  # (B,) host: the padded size needs no sync
         lengths = self.lengths[idx]
         n, t = int(counts.max()), int(lengths.max())
@@ -140,6 +140,3 @@ def _ragged_cols(lengths: np.ndarray) -> np.ndarray:
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     return np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
 
-
-def _torch_dtype(numpy_dtype: Any) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=numpy_dtype)).dtype
