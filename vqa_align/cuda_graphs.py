@@ -41,7 +41,7 @@ def pad_to_static(inputs: dict[str, Tensor], max_tokens: int, max_regions: int) 
     :data:`REGION_BUCKET` regions (at most ``max_regions``), with zeros (= padding)."""
     tokens, features, boxes = inputs["tokens"], inputs["features"], inputs["boxes"]
     n = features.shape[1]
-    target_n = min(max(-(-n // REGION_BUCKET) * REGION_BUCKET, n), max(max_regions, n))
+    target_n = min(-(-n // REGION_BUCKET) * REGION_BUCKET, max(max_regions, n))  # round up, never truncate
     padded = dict(inputs)
     padded["tokens"] = F.pad(tokens, (0, max(max_tokens - tokens.shape[1], 0)))
     padded["features"] = F.pad(features, (0, 0, 0, target_n - n))
