@@ -164,12 +164,17 @@ def _step(params, loss_fn, lr):
                 p -= lr * g
 
 
+def _separated_queries_and_keys():
+    """q (4, 2, 6, 8) and keys shifted by +1 (4, 2, 5, 8), both leaf tensors; no padding."""
+    q = torch.randn(4, 2, 6, 8, requires_grad=True)
+    k = (torch.randn(4, 2, 5, 8) + 1.0).requires_grad_(True)
+    return q, k, torch.ones(4, 6, dtype=torch.bool), torch.ones(4, 5, dtype=torch.bool)
+
+
 def test_ct_signs_critic_ascends_projections_and_navigator_descend():
     torch.manual_seed(0)
     aligner = HeadAligner(8, AlignmentConfig(method="ct", helper_hidden=16, helper_out=8))
-    q = torch.randn(4, 2, 6, 8, requires_grad=True)
-    k = (torch.randn(4, 2, 5, 8) + 1.0).requires_grad_(True)
-    qv, kv = torch.ones(4, 6, dtype=torch.bool), torch.ones(4, 5, dtype=torch.bool)
+    q, k, qv, kv = _separated_queries_and_keys()
 
     def ct():
         return aligner(q, k, qv, kv).mean()
@@ -185,9 +190,7 @@ def test_ct_signs_critic_ascends_projections_and_navigator_descend():
 def test_gan_signs_discriminator_descends_projections_ascend():
     torch.manual_seed(0)
     aligner = HeadAligner(8, AlignmentConfig(method="gan", helper_hidden=16))
-    q = torch.randn(4, 2, 6, 8, requires_grad=True)
-    k = (torch.randn(4, 2, 5, 8) + 1.0).requires_grad_(True)
-    qv, kv = torch.ones(4, 6, dtype=torch.bool), torch.ones(4, 5, dtype=torch.bool)
+    q, k, qv, kv = _separated_queries_and_keys()
 
     def loss():
         return aligner(q, k, qv, kv).mean()
