@@ -3,7 +3,8 @@
 Synthetic inputs that follow the batch contract of ``vqa_align.model.MCAN``:
 tokens (B, T) long with 0 = padding, question_lengths (B,), features (B, N, D), boxes (B, N, 4)
 normalised x1 y1 x2 y2, region_counts (B,). One training step is what the trainer does:
-forward, loss = BCE-with-logits(sum) + λ·alignment_loss, backward, Adam step.
+forward, loss = BCE-with-logits(sum) + λ·B·alignment_loss (the trainer's ``task_loss`` and scale),
+backward, Adam step.
 
 Region layouts:
 - ``fixed100``: every image padded to 100 regions (what the public MCAN code does).
@@ -28,10 +29,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from vqa_align.config import ModelConfig, load_config  # noqa: E402
 from vqa_align.model import MCAN  # noqa: E402
+from vqa_align.training import task_loss  # noqa: E402
 
 VOCAB_SIZE = 20_000
 NUM_ANSWERS = 3_129
@@ -173,8 +174,9 @@ class Trainer:
                 out = self.model(**inputs)
         else:
             out = self.model(**inputs)
-        task = F.binary_cross_entropy_with_logits(out.logits.float(), batch["targets"], reduction="sum")
-        return task + self.weight * out.alignment_loss.float()
+        targets = batch["targets"]
+        # As the trainer: summed task loss, so the alignment term is scaled by the batch size.
+        return task_loss(out.logits, targets, "sum") + self.weight * targets.shape[0] * out.alignment_loss.float()
 
     def step(self, batch: dict) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
