@@ -31,6 +31,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from vqa_align.config import ModelConfig, load_config  # noqa: E402
+from vqa_align.host_memory import keep_freed_memory  # noqa: E402
 from vqa_align.model import MCAN  # noqa: E402
 from vqa_align.training import task_loss  # noqa: E402
 
@@ -158,6 +159,8 @@ class Trainer:
     ):
         torch.manual_seed(seed)
         device = torch.device(device)
+        if device.type == "cpu":
+            keep_freed_memory()  # as the trainer does (train.keep_freed_memory, the default)
         model = MCAN(cfg).to(device).train()
         kwargs = {"fused": True if fused_adam is None else fused_adam}  # as the trainer (CPU and CUDA)
         if device.type == "cuda":

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_masks as _masks
 
+from vqa_align import native_kernels
 from vqa_align.alignment import (
     HeadAligner,
     adversarial_loss,
@@ -85,10 +86,19 @@ def _aligner_case(method: str, seed: int, precision: str = "fp32", fused: bool =
     return got, got_grads, ref, ref_grads
 
 
+@pytest.fixture(params=["native", "torch"])
+def glue(request, monkeypatch):
+    """Run a fused-aligner test with the C++ glue kernels and with their PyTorch versions."""
+    if request.param == "native" and not native_kernels.load_native():
+        pytest.skip("no C++ toolchain")
+    monkeypatch.setenv(native_kernels.ENV_SWITCH, "1" if request.param == "native" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("method", ["ct", "gan"])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("fused", [True, False])
-def test_aligner_matches_separate_helper_calls_and_explicit_matrices(method, seed, fused):
+def test_aligner_matches_separate_helper_calls_and_explicit_matrices(method, seed, fused, glue):
     got, got_grads, ref, ref_grads = _aligner_case(method, seed, fused=fused)
     assert got.dtype == torch.float64
     assert torch.allclose(got, ref, atol=1e-10)
@@ -97,7 +107,7 @@ def test_aligner_matches_separate_helper_calls_and_explicit_matrices(method, see
 
 
 @pytest.mark.parametrize("method", ["ct", "gan"])
-def test_bf16_helper_precision_stays_close_to_the_exact_values_and_gradients(method):
+def test_bf16_helper_precision_stays_close_to_the_exact_values_and_gradients(method, glue):
     got, got_grads, ref, ref_grads = _aligner_case(method, 2, precision="bf16")
     assert got.dtype == torch.float32  # the distance itself is accumulated in fp32
     assert (got.double() - ref).abs().max() <= 0.02 * ref.abs().max()

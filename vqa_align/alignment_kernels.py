@@ -26,14 +26,13 @@ Shapes follow :mod:`vqa_align.alignment`: queries (B, H, Nq, d), keys (B, H, Nk,
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# F.normalize's default: x / max(|x|, eps).
-_NORM_EPS = 1e-12
-
+from vqa_align.native_kernels import glue_for
 
 def _concat_rows(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, H, Nq, d), (B, H, Nk, d) -> (B·H·(Nq+Nk), d) contiguous rows in ``dtype``, queries then keys per head."""
@@ -50,58 +49,32 @@ def _split_rows(rows: Tensor, batch: int, heads: int, n_queries: int) -> tuple[T
     return per_head[:, :, :n_queries], per_head[:, :, n_queries:]
 
 
-def _normalize_forward(raw: Tensor) -> tuple[Tensor, Tensor]:
-    """Row-wise x / max(|x|, eps) -> (unit rows, the clamped norms (R, 1))."""
-    norm = torch.linalg.vector_norm(raw, dim=-1, keepdim=True).clamp_min_(_NORM_EPS)
-    return raw / norm, norm
-
-
-def _normalize_backward(grad_unit: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
-    """Gradient through x / max(|x|, eps): (g - u (u·g)) / |x| where |x| > eps, else g / eps."""
-    along = torch.linalg.vecdot(unit, grad_unit, dim=-1).unsqueeze(-1)  # (R, 1)
-    along = along.masked_fill_(norm <= _NORM_EPS, 0.0)
-    return torch.addcmul(grad_unit, unit, along, value=-1.0).div_(norm)
-
-
-def _highway_forward(rows: Tensor, gate_w: Tensor, gate_b: Tensor) -> tuple[Tensor, ...]:
-    """y = t ⊙ relu(W_h x) + (1 - t) ⊙ x = x + t ⊙ (relu(W_h x) - x), t = σ(W_t x), x = rows (R, d).
+def _highway_forward(glue: SimpleNamespace, rows: Tensor, gate_w: Tensor, gate_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """y = t ⊙ relu(W_h x) + (1 - t) ⊙ x, t = σ(W_t x), x = rows (R, d) -> (y, W_h x + b, t).
 
     ``gate_w`` (2d, d) / ``gate_b`` (2d,) = [W_h; W_t] as in :class:`~vqa_align.alignment.Highway`.
     The two halves are separate matmuls so that every (R, d) tensor is contiguous (elementwise work
     on column slices of one (R, 2d) output is 2-4x slower on the CPU).
-    Returns y and what :func:`_highway_backward` needs: (W_h x + b, t, relu(W_h x + b) - x).
     """
     d = rows.shape[-1]
     transform = torch.addmm(gate_b[:d], rows, gate_w[:d].t())  # (R, d)
     gate = torch.addmm(gate_b[d:], rows, gate_w[d:].t()).sigmoid_()  # (R, d)
-    delta = torch.relu(transform).sub_(rows)
-    return torch.addcmul(rows, gate, delta), transform, gate, delta
+    return glue.highway_forward(transform, gate, rows), transform, gate
 
 
 def _highway_backward(
-    grad_out: Tensor, rows: Tensor, gate_w: Tensor, transform: Tensor, gate: Tensor, delta: Tensor, input_sign: float = 1.0
+    glue: SimpleNamespace, grad_out: Tensor, rows: Tensor, gate_w: Tensor, transform: Tensor, gate: Tensor,
+    input_sign: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`_highway_forward` -> (input_sign · dL/dx, dL/dW (2d, d), dL/db (2d,)).
 
-    ``input_sign`` is +1, or -1 for a gradient reversal on x. Consumes ``grad_out`` (R, d) as scratch.
+    ``input_sign`` is +1, or -1 for a gradient reversal on x. Consumes ``grad_out`` (R, d).
     """
-    if input_sign not in (1.0, -1.0):
-        raise ValueError(f"input_sign must be +1 or -1, got {input_sign}")
     d = rows.shape[-1]
-    grad_activated = grad_out * gate
-    grad_transform = torch.ops.aten.threshold_backward(grad_activated, transform, 0.0)
-    grad_carry = torch.ops.aten.sigmoid_backward(grad_out * delta, gate)
-    # The direct path dy/dx = 1 - t, times input_sign, written over a buffer that is not needed any more.
-    grad_rows = grad_out.sub_(grad_activated) if input_sign == 1.0 else grad_activated.sub_(grad_out)
-    grad_rows.addmm_(grad_transform, gate_w[:d], alpha=input_sign).addmm_(grad_carry, gate_w[d:], alpha=input_sign)
-    grad_w = torch.cat([grad_transform.t() @ rows, grad_carry.t() @ rows])
-    grad_b = torch.cat([grad_transform.sum(0), grad_carry.sum(0)])
+    grad_rows, grad_transform, grad_gate, grad_b = glue.highway_backward(grad_out, gate, transform, rows, input_sign)
+    grad_rows.addmm_(grad_transform, gate_w[:d], alpha=input_sign).addmm_(grad_gate, gate_w[d:], alpha=input_sign)
+    grad_w = torch.cat([grad_transform.t() @ rows, grad_gate.t() @ rows])
     return grad_rows, grad_w, grad_b
-
-
-def _linear_weight_grads(grad_out: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
-    """Weight (out, in) and bias (out,) gradients of y = x Wᵀ + b from (R, out) and (R, in) rows."""
-    return grad_out.t() @ inputs, grad_out.sum(0)
 
 
 def _mask_factor(valid: Tensor) -> Tensor | None:
@@ -185,11 +158,12 @@ class _FusedConditionalTransport(torch.autograd.Function):
         )
 
         # Helpers. Navigator: Linear-ReLU-Linear-normalise. Critic: highway, Linear-ReLU-Linear-normalise.
+        glue = glue_for(rows.device)
         nav_hidden = torch.addmm(nav_b1, rows, nav_w1.t()).relu_()  # (R, hn)
-        nav, nav_norm = _normalize_forward(torch.addmm(nav_b2, nav_hidden, nav_w2.t()))  # (R, r)
-        highway, transform, gate, delta = _highway_forward(rows, gate_w, gate_b)  # (R, d)
-        crit_hidden = torch.relu(torch.addmm(crit_b1, highway, crit_w1.t()))  # (R, hc)
-        crit, crit_norm = _normalize_forward(torch.addmm(crit_b2, crit_hidden, crit_w2.t()))  # (R, r)
+        nav, nav_norm = glue.normalize_rows(torch.addmm(nav_b2, nav_hidden, nav_w2.t()))  # (R, r), (R,)
+        highway, transform, gate = _highway_forward(glue, rows, gate_w, gate_b)  # (R, d)
+        crit_hidden = torch.addmm(crit_b1, highway, crit_w1.t()).relu_()  # (R, hc)
+        crit, crit_norm = glue.normalize_rows(torch.addmm(crit_b2, crit_hidden, crit_w2.t()))  # (R, r), (R,)
 
         # Transport. S = f(q) f(k)ᵀ lies in [-1, 1], so E = exp(S) needs no max-subtraction; with
         # padded pairs zeroed, the forward plan is E over its row sums and the backward plan E over
@@ -214,7 +188,7 @@ class _FusedConditionalTransport(torch.autograd.Function):
         distance = (forward_cost * q_weight).sum(-1) + (backward_cost * k_weight).sum(-1)  # (B, H)
 
         ctx.save_for_backward(
-            rows, nav_hidden, nav, nav_norm, transform, gate, delta, highway, crit_hidden, crit, crit_norm,
+            rows, nav_hidden, nav, nav_norm, transform, gate, highway, crit_hidden, crit, crit_norm,
             e, cost, row_sum, col_sum, forward_cost, backward_cost, q_weight, k_weight,
             nav_w1, nav_w2, gate_w, crit_w1, crit_w2,
         )  # fmt: skip
@@ -223,10 +197,11 @@ class _FusedConditionalTransport(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_distance):  # type: ignore[override]
         (
-            rows, nav_hidden, nav, nav_norm, transform, gate, delta, highway, crit_hidden, crit, crit_norm,
+            rows, nav_hidden, nav, nav_norm, transform, gate, highway, crit_hidden, crit, crit_norm,
             e, cost, row_sum, col_sum, forward_cost, backward_cost, q_weight, k_weight,
             nav_w1, nav_w2, gate_w, crit_w1, crit_w2,
         ) = ctx.saved_tensors  # fmt: skip
+        glue = glue_for(rows.device)
         n_queries, q_dtype, k_dtype, w_dtype = ctx.meta
         batch, heads = e.shape[:2]
         grad_distance = grad_distance.to(row_sum.dtype)[..., None]  # (B, H, 1)
@@ -245,18 +220,20 @@ class _FusedConditionalTransport(torch.autograd.Function):
         crit_q, crit_k = _split_rows(crit, batch, heads, n_queries)
         grad_nav = torch.cat([grad_logits @ nav_k, grad_logits.transpose(-1, -2) @ nav_q], dim=2)  # (B, H, L, r)
         grad_crit = torch.cat([plan @ crit_k, plan.transpose(-1, -2) @ crit_q], dim=2).neg_()  # dC = -d(g·g)
-        grad_nav = _normalize_backward(grad_nav.view_as(nav), nav, nav_norm)  # (R, r)
-        grad_crit = _normalize_backward(grad_crit.view_as(crit), crit, crit_norm)
+        grad_nav, grad_nav_b2 = glue.normalize_backward(grad_nav.view_as(nav), nav, nav_norm)  # (R, r), (r,)
+        grad_crit, grad_crit_b2 = glue.normalize_backward(grad_crit.view_as(crit), crit, crit_norm)
 
         # Critic (its parameter gradients are negated below: the critic ascends the cost).
-        grad_crit_w2, grad_crit_b2 = _linear_weight_grads(grad_crit, crit_hidden)
-        grad_crit_hidden = torch.ops.aten.threshold_backward(grad_crit @ crit_w2, crit_hidden, 0.0)  # (R, hc)
-        grad_crit_w1, grad_crit_b1 = _linear_weight_grads(grad_crit_hidden, highway)
-        grad_rows, grad_gate_w, grad_gate_b = _highway_backward(grad_crit_hidden @ crit_w1, rows, gate_w, transform, gate, delta)
+        grad_crit_w2 = grad_crit.t() @ crit_hidden
+        grad_crit_hidden, grad_crit_b1 = glue.leaky_relu_backward(grad_crit @ crit_w2, crit_hidden, 0.0)  # (R, hc)
+        grad_crit_w1 = grad_crit_hidden.t() @ highway
+        grad_rows, grad_gate_w, grad_gate_b = _highway_backward(
+            glue, grad_crit_hidden @ crit_w1, rows, gate_w, transform, gate
+        )  # (R, d)
         # Navigator.
-        grad_nav_w2, grad_nav_b2 = _linear_weight_grads(grad_nav, nav_hidden)
-        grad_nav_hidden = torch.ops.aten.threshold_backward(grad_nav @ nav_w2, nav_hidden, 0.0)  # (R, hn)
-        grad_nav_w1, grad_nav_b1 = _linear_weight_grads(grad_nav_hidden, rows)
+        grad_nav_w2 = grad_nav.t() @ nav_hidden
+        grad_nav_hidden, grad_nav_b1 = glue.leaky_relu_backward(grad_nav @ nav_w2, nav_hidden, 0.0)  # (R, hn)
+        grad_nav_w1 = grad_nav_hidden.t() @ rows
         grad_rows.addmm_(grad_nav_hidden, nav_w1)  # (R, d)
 
         grad_q, grad_k = _split_rows(grad_rows, batch, heads, n_queries)
@@ -307,7 +284,8 @@ class _FusedAdversarial(torch.autograd.Function):
         gate_w, gate_b, w1, b1, w2, b2 = (t.to(dtype) for t in (gate_w, gate_b, w1, b1, w2, b2))
 
         # Discriminator: highway, Linear-LeakyReLU-Linear -> one logit per row.
-        highway, transform, gate, delta = _highway_forward(rows, gate_w, gate_b)  # (R, d)
+        glue = glue_for(rows.device)
+        highway, transform, gate = _highway_forward(glue, rows, gate_w, gate_b)  # (R, d)
         hidden = F.leaky_relu_(torch.addmm(b1, highway, w1.t()), slope)  # (R, h); its sign is the pre-activation's
         logits = torch.addmm(b2, hidden, w2.t()).to(_accumulation_dtype(dtype)).view(batch, heads, -1)  # (B, H, L)
 
@@ -316,12 +294,13 @@ class _FusedAdversarial(torch.autograd.Function):
         loss = (F.softplus(logits[..., :n_queries]) * q_weight).sum(-1) + (
             F.softplus(-logits[..., n_queries:]) * k_weight
         ).sum(-1)  # (B, H)
-        ctx.save_for_backward(rows, transform, gate, delta, highway, hidden, logits, q_weight, k_weight, gate_w, w1, w2)
+        ctx.save_for_backward(rows, transform, gate, highway, hidden, logits, q_weight, k_weight, gate_w, w1, w2)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
-        rows, transform, gate, delta, highway, hidden, logits, q_weight, k_weight, gate_w, w1, w2 = ctx.saved_tensors
+        rows, transform, gate, highway, hidden, logits, q_weight, k_weight, gate_w, w1, w2 = ctx.saved_tensors
+        glue = glue_for(rows.device)
         n_queries, slope, q_dtype, k_dtype, param_dtype = ctx.meta
         batch, heads = logits.shape[:2]
         # d softplus(x)/dx = σ(x); d softplus(-x)/dx = σ(x) - 1.
@@ -330,12 +309,12 @@ class _FusedAdversarial(torch.autograd.Function):
         probs[..., n_queries:] -= 1.0
         grad_logits = (probs * weight * grad_loss.to(probs.dtype)[..., None]).to(rows.dtype).view(-1, 1)  # (R, 1)
 
-        grad_w2, grad_b2 = _linear_weight_grads(grad_logits, hidden)
-        grad_hidden_pre = torch.ops.aten.leaky_relu_backward(grad_logits * w2, hidden, slope, True)  # (R, h)
-        grad_w1, grad_b1 = _linear_weight_grads(grad_hidden_pre, highway)
+        grad_w2, grad_b2 = grad_logits.t() @ hidden, grad_logits.sum(0)
+        grad_hidden_pre, grad_b1 = glue.leaky_relu_backward(grad_logits * w2, hidden, slope)  # (R, h)
+        grad_w1 = grad_hidden_pre.t() @ highway
         # The projections ascend the discriminator loss: a gradient reversal on q and k (sign -1).
         grad_rows, grad_gate_w, grad_gate_b = _highway_backward(
-            grad_hidden_pre @ w1, rows, gate_w, transform, gate, delta, input_sign=-1.0
+            glue, grad_hidden_pre @ w1, rows, gate_w, transform, gate, input_sign=-1.0
         )  # (R, d)
         grad_q, grad_k = _split_rows(grad_rows, batch, heads, n_queries)
         weights = (grad_gate_w, grad_gate_b, grad_w1, grad_b1, grad_w2, grad_b2)

@@ -163,6 +163,9 @@ class TrainConfig:
     # Capture each training step as a CUDA graph per batch shape (vqa_align/cuda_graphs.py): one
     # CUDA device, no DDP, grad_accumulation 1.
     cuda_graphs: bool = False
+    # CPU: let glibc keep freed memory for the next step instead of returning it to the kernel and
+    # page-faulting it back (vqa_align/host_memory.py; -10 % on an MCAN-small CT step).
+    keep_freed_memory: bool = True
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accumulation < 1:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from vqa_align.checkpoint import TRAINER_STATE_FILE, resolve_checkpoint, save_checkpoint
 from vqa_align.cli import UserError
 from vqa_align.config import Config, load_config, save_config
+from vqa_align.host_memory import keep_freed_memory
 from vqa_align.model import MCAN, MODEL_INPUTS
 
 METRICS_FILE = "metrics.jsonl"
@@ -166,6 +167,8 @@ class Trainer:
         if self.dist.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.amp_dtype = autocast_dtype(tcfg.precision, self.device)
+        if tcfg.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         seed_everything(tcfg.seed)
 
         tokenizer = None

@@ -1,0 +1,116 @@
+"""The C++ glue kernels of the fused aligners against their PyTorch versions (vqa_align.native_kernels).
+
+The PyTorch versions are themselves checked against plain autograd through the fused aligners in
+test_fused_paths.py (which runs both glues); here each kernel is compared with its PyTorch twin on
+random rows, including the edge cases the formulas single out: zero rows (clamped norms),
+activations at exactly zero, both gradient-reversal signs, a leaky slope.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vqa_align import native_kernels as nk
+
+pytestmark = pytest.mark.skipif(not nk.load_native(), reason="no C++ toolchain: the PyTorch glue runs instead")
+
+# Exact in fp64/fp32 up to summation order; in bf16 the kernels keep intermediates in fp32 where
+# PyTorch rounds each step to bf16, so they differ by a few bf16 ulps.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 0.05}
+DTYPES = list(TOLERANCE)
+
+
+def _rows(gen, rows, width, dtype, low=None):
+    x = torch.randn(rows, width, generator=gen, dtype=torch.float64)
+    return (x.abs() if low == 0 else x).to(dtype)
+
+
+def _close(a, b, dtype, scale=1.0):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    err = (a.double() - b.double()).abs().max().item()
+    assert err <= TOLERANCE[dtype] * max(1.0, scale), err
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalize_rows_and_backward(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = _rows(gen, 1000, 32, dtype)
+    x[7] = 0.0  # |x| = 0 < eps: the clamped branch
+    want_unit, want_norms = nk.TORCH_GLUE.normalize_rows(x.clone())
+    got_unit, got_norms = nk.NATIVE_GLUE.normalize_rows(x.clone())
+    _close(got_unit, want_unit, dtype)
+    assert got_norms.dtype == want_norms.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(got_norms, want_norms, rtol=1e-3 if dtype == torch.bfloat16 else 1e-6, atol=0)
+    assert got_norms[7] == nk.NORM_EPS
+
+    grad = _rows(gen, 1000, 32, dtype)
+    grad[7] = 0.0  # grad / eps would be ~1e12: keep the sums comparable
+    want_grad, want_sums = nk.TORCH_GLUE.normalize_backward(grad.clone(), want_unit, want_norms)
+    got_grad, got_sums = nk.NATIVE_GLUE.normalize_backward(grad.clone(), want_unit, want_norms)
+    _close(got_grad, want_grad, dtype, scale=want_grad.abs().max().item())
+    _close(got_sums, want_sums, dtype, scale=want_grad.abs().sum(0).max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+def test_leaky_relu_backward(dtype, slope):
+    gen = torch.Generator().manual_seed(1)
+    activated = _rows(gen, 777, 64, dtype)
+    activated[:, :5] = 0.0  # exactly at the kink: the gradient takes the slope side, as PyTorch's
+    grad = _rows(gen, 777, 64, dtype)
+    want, want_sums = nk.TORCH_GLUE.leaky_relu_backward(grad.clone(), activated, slope)
+    got, got_sums = nk.NATIVE_GLUE.leaky_relu_backward(grad.clone(), activated, slope)
+    _close(got, want, dtype)
+    _close(got_sums, want_sums, dtype, scale=grad.abs().sum(0).max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("input_sign", [1.0, -1.0])
+def test_highway_forward_and_backward(dtype, input_sign):
+    gen = torch.Generator().manual_seed(2)
+    transform, rows, grad = (_rows(gen, 600, 64, dtype) for _ in range(3))
+    transform[:3] = 0.0
+    gate = torch.rand(600, 64, generator=gen, dtype=torch.float64).to(dtype)
+    _close(nk.NATIVE_GLUE.highway_forward(transform, gate, rows), nk.TORCH_GLUE.highway_forward(transform, gate, rows), dtype, 4)
+    want = nk.TORCH_GLUE.highway_backward(grad.clone(), gate, transform, rows, input_sign)
+    got = nk.NATIVE_GLUE.highway_backward(grad.clone(), gate, transform, rows, input_sign)
+    for a, b in zip(got[:3], want[:3], strict=True):
+        _close(a, b, dtype, 4)
+    _close(got[3], want[3], dtype, scale=100 * grad.abs().sum(0).max().item())
+
+
+def test_column_sums_do_not_depend_on_the_thread_count():
+    gen = torch.Generator().manual_seed(3)
+    grad, activated = _rows(gen, 5000, 64, torch.float32), _rows(gen, 5000, 64, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = nk.NATIVE_GLUE.leaky_relu_backward(grad.clone(), activated, 0.0)[1]
+        torch.set_num_threads(2)
+        two = nk.NATIVE_GLUE.leaky_relu_backward(grad.clone(), activated, 0.0)[1]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_bad_arguments_name_the_argument():
+    x = torch.randn(10, 8)
+    with pytest.raises(RuntimeError, match="x must be a contiguous 2-D tensor"):
+        nk.NATIVE_GLUE.normalize_rows(x.t())
+    with pytest.raises(RuntimeError, match="activated has shape"):
+        nk.NATIVE_GLUE.leaky_relu_backward(x.clone(), torch.randn(10, 4), 0.0)
+    with pytest.raises(RuntimeError, match="gate has dtype"):
+        nk.NATIVE_GLUE.highway_forward(x, x.double(), x)
+    with pytest.raises(RuntimeError, match="input_sign must be"):
+        nk.NATIVE_GLUE.highway_backward(x.clone(), x, x, x, 0.5)
+
+
+def test_glue_selection(monkeypatch):
+    assert nk.glue_for(torch.device("cpu")) is nk.NATIVE_GLUE
+    assert nk.glue_for(torch.device("cuda")) is nk.TORCH_GLUE  # CPU kernels only
+    monkeypatch.setenv(nk.ENV_SWITCH, "0")
+    assert nk.glue_for(torch.device("cpu")) is nk.TORCH_GLUE
+    monkeypatch.setenv(nk.ENV_SWITCH, "maybe")
+    with pytest.raises(ValueError, match=nk.ENV_SWITCH):
+        nk.glue_for(torch.device("cpu"))
