@@ -33,15 +33,17 @@ def _close(a, b, dtype, scale=1.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_normalize_rows_and_backward(dtype):
+def test_linear_normalize_and_backward(dtype):
     gen = torch.Generator().manual_seed(0)
-    x = _rows(gen, 1000, 32, dtype)
-    x[7] = 0.0  # |x| = 0 < eps: the clamped branch
-    want_unit, want_norms = nk.TORCH_GLUE.normalize_rows(x.clone())
-    got_unit, got_norms = nk.NATIVE_GLUE.normalize_rows(x.clone())
-    _close(got_unit, want_unit, dtype)
-    assert got_norms.dtype == want_norms.dtype == torch.promote_types(dtype, torch.float32)
-    torch.testing.assert_close(got_norms, want_norms, rtol=1e-3 if dtype == torch.bfloat16 else 1e-6, atol=0)
+    x, weight, bias = _rows(gen, 1000, 24, dtype), _rows(gen, 32, 24, dtype), _rows(gen, 1, 32, dtype)[0]
+    x[7] = 0.0
+    bias_zero = torch.zeros_like(bias)
+    for b in (bias, bias_zero):  # zero bias + zero row: |y| = 0 < eps, the clamped branch
+        want_unit, want_norms = nk.TORCH_GLUE.linear_normalize(x, weight, b)
+        got_unit, got_norms = nk.NATIVE_GLUE.linear_normalize(x, weight, b)
+        _close(got_unit, want_unit, dtype)
+        assert got_norms.dtype == want_norms.dtype == torch.promote_types(dtype, torch.float32)
+        torch.testing.assert_close(got_norms, want_norms, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
     assert got_norms[7] == nk.NORM_EPS
 
     grad = _rows(gen, 1000, 32, dtype)
@@ -54,8 +56,12 @@ def test_normalize_rows_and_backward(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("slope", [0.0, 0.2])
-def test_leaky_relu_backward(dtype, slope):
+def test_linear_activation_and_its_backward(dtype, slope):
     gen = torch.Generator().manual_seed(1)
+    x, weight, bias = _rows(gen, 777, 48, dtype), _rows(gen, 64, 48, dtype), _rows(gen, 1, 64, dtype)[0]
+    want = nk.TORCH_GLUE.linear_activation(x, weight, bias, slope)
+    _close(nk.NATIVE_GLUE.linear_activation(x, weight, bias, slope), want, dtype, scale=want.abs().max().item())
+
     activated = _rows(gen, 777, 64, dtype)
     activated[:, :5] = 0.0  # exactly at the kink: the gradient takes the slope side, as PyTorch's
     grad = _rows(gen, 777, 64, dtype)
@@ -69,15 +75,44 @@ def test_leaky_relu_backward(dtype, slope):
 @pytest.mark.parametrize("input_sign", [1.0, -1.0])
 def test_highway_forward_and_backward(dtype, input_sign):
     gen = torch.Generator().manual_seed(2)
-    transform, rows, grad = (_rows(gen, 600, 64, dtype) for _ in range(3))
-    transform[:3] = 0.0
-    gate = torch.rand(600, 64, generator=gen, dtype=torch.float64).to(dtype)
-    _close(nk.NATIVE_GLUE.highway_forward(transform, gate, rows), nk.TORCH_GLUE.highway_forward(transform, gate, rows), dtype, 4)
+    rows, grad = _rows(gen, 600, 64, dtype), _rows(gen, 600, 64, dtype)
+    gate_w, gate_b = _rows(gen, 128, 64, dtype) / 8, _rows(gen, 1, 128, dtype)[0]
+    want = nk.TORCH_GLUE.highway_forward(rows, gate_w, gate_b)
+    got = nk.NATIVE_GLUE.highway_forward(rows, gate_w, gate_b)
+    for a, b in zip(got, want, strict=True):  # y, transform (biased), gate
+        _close(a, b, dtype, 8)
+    _, transform, gate = want
     want = nk.TORCH_GLUE.highway_backward(grad.clone(), gate, transform, rows, input_sign)
     got = nk.NATIVE_GLUE.highway_backward(grad.clone(), gate, transform, rows, input_sign)
     for a, b in zip(got[:3], want[:3], strict=True):
         _close(a, b, dtype, 4)
     _close(got[3], want[3], dtype, scale=100 * grad.abs().sum(0).max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_transport_forward_and_backward(dtype):
+    gen = torch.Generator().manual_seed(4)
+    batch, heads, n_q, n_k = 5, 3, 9, 6
+    q_valid = torch.rand(batch, n_q, generator=gen) < 0.8
+    k_valid = torch.rand(batch, n_k, generator=gen) < 0.8
+    q_valid[0], k_valid[0] = True, True
+    q_valid[1, :] = False  # a sample with no valid query: all-zero rows and sums
+    e = torch.rand(batch, heads, n_q, n_k, generator=gen, dtype=torch.float64).add_(0.4).to(dtype)
+    dots = torch.rand(batch, heads, n_q, n_k, generator=gen, dtype=torch.float64).mul_(2).sub_(1).to(dtype)
+    want = nk.TORCH_GLUE.transport_forward(e.clone(), dots.clone(), q_valid, k_valid)
+    got = nk.NATIVE_GLUE.transport_forward(e.clone(), dots.clone(), q_valid, k_valid)
+    for a, b in zip(got, want, strict=True):  # E, C, then the four sums (B, H, ·)
+        _close(a, b, dtype, scale=n_q)
+    assert got[2][1].abs().max() == 0 and got[0][1].abs().max() == 0
+
+    acc = torch.promote_types(dtype, torch.float32)
+    alpha, a = (torch.randn(batch, heads, n_q, generator=gen, dtype=torch.float64).to(acc) for _ in range(2))
+    beta, b = (torch.randn(batch, heads, n_k, generator=gen, dtype=torch.float64).to(acc) for _ in range(2))
+    e_masked, cost = want[:2]
+    want = nk.TORCH_GLUE.transport_backward(e_masked, cost, alpha, beta, a, b)
+    got = nk.NATIVE_GLUE.transport_backward(e_masked, cost, alpha, beta, a, b)
+    for x, y in zip(got, want, strict=True):  # plan, dS
+        _close(x, y, dtype, scale=8)
 
 
 def test_column_sums_do_not_depend_on_the_thread_count():
@@ -96,14 +131,22 @@ def test_column_sums_do_not_depend_on_the_thread_count():
 
 def test_bad_arguments_name_the_argument():
     x = torch.randn(10, 8)
+    ops = torch.ops.vqa_align_glue
     with pytest.raises(RuntimeError, match="x must be a contiguous 2-D tensor"):
-        nk.NATIVE_GLUE.normalize_rows(x.t())
+        ops.normalize_rows_(x.t(), torch.zeros(10))
+    with pytest.raises(RuntimeError, match="bias has shape"):
+        ops.bias_leaky_relu_(x, torch.zeros(3), 0.0)
     with pytest.raises(RuntimeError, match="activated has shape"):
         nk.NATIVE_GLUE.leaky_relu_backward(x.clone(), torch.randn(10, 4), 0.0)
     with pytest.raises(RuntimeError, match="gate has dtype"):
-        nk.NATIVE_GLUE.highway_forward(x, x.double(), x)
+        ops.highway_forward_(x.clone(), torch.zeros(8), x.double(), x)
     with pytest.raises(RuntimeError, match="input_sign must be"):
         nk.NATIVE_GLUE.highway_backward(x.clone(), x, x, x, 0.5)
+    e = torch.rand(2, 1, 3, 4)
+    with pytest.raises(RuntimeError, match="q_valid / k_valid must be bool"):
+        ops.transport_forward_(e, e.clone(), torch.ones(2, 3), torch.ones(2, 4))
+    with pytest.raises(RuntimeError, match="alpha must be a contiguous"):
+        ops.transport_backward(e, e, torch.ones(2, 1, 4), torch.ones(2, 1, 4), torch.ones(2, 1, 3), torch.ones(2, 1, 4))
 
 
 def test_glue_selection(monkeypatch):

@@ -49,24 +49,11 @@ def _split_rows(rows: Tensor, batch: int, heads: int, n_queries: int) -> tuple[T
     return per_head[:, :, :n_queries], per_head[:, :, n_queries:]
 
 
-def _highway_forward(glue: SimpleNamespace, rows: Tensor, gate_w: Tensor, gate_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """y = t ⊙ relu(W_h x) + (1 - t) ⊙ x, t = σ(W_t x), x = rows (R, d) -> (y, W_h x + b, t).
-
-    ``gate_w`` (2d, d) / ``gate_b`` (2d,) = [W_h; W_t] as in :class:`~vqa_align.alignment.Highway`.
-    The two halves are separate matmuls so that every (R, d) tensor is contiguous (elementwise work
-    on column slices of one (R, 2d) output is 2-4x slower on the CPU).
-    """
-    d = rows.shape[-1]
-    transform = torch.addmm(gate_b[:d], rows, gate_w[:d].t())  # (R, d)
-    gate = torch.addmm(gate_b[d:], rows, gate_w[d:].t()).sigmoid_()  # (R, d)
-    return glue.highway_forward(transform, gate, rows), transform, gate
-
-
 def _highway_backward(
     glue: SimpleNamespace, grad_out: Tensor, rows: Tensor, gate_w: Tensor, transform: Tensor, gate: Tensor,
     input_sign: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward of :func:`_highway_forward` -> (input_sign · dL/dx, dL/dW (2d, d), dL/db (2d,)).
+    """Backward of the glue's ``highway_forward`` -> (input_sign · dL/dx, dL/dW (2d, d), dL/db (2d,)).
 
     ``input_sign`` is +1, or -1 for a gradient reversal on x. Consumes ``grad_out`` (R, d).
     """
@@ -75,16 +62,6 @@ def _highway_backward(
     grad_rows.addmm_(grad_transform, gate_w[:d], alpha=input_sign).addmm_(grad_gate, gate_w[d:], alpha=input_sign)
     grad_w = torch.cat([grad_transform.t() @ rows, grad_gate.t() @ rows])
     return grad_rows, grad_w, grad_b
-
-
-def _mask_factor(valid: Tensor) -> Tensor | None:
-    """valid (B, N) -> a (B, N) 0/1 factor, or None on the CPU when nothing is padded.
-
-    On accelerators the check itself would be a host sync, so the factor is always applied there.
-    """
-    if valid.device.type == "cpu" and bool(valid.all()):
-        return None
-    return valid
 
 
 def native_bf16_matmul(device: torch.device) -> bool:
@@ -159,31 +136,25 @@ class _FusedConditionalTransport(torch.autograd.Function):
 
         # Helpers. Navigator: Linear-ReLU-Linear-normalise. Critic: highway, Linear-ReLU-Linear-normalise.
         glue = glue_for(rows.device)
-        nav_hidden = torch.addmm(nav_b1, rows, nav_w1.t()).relu_()  # (R, hn)
-        nav, nav_norm = glue.normalize_rows(torch.addmm(nav_b2, nav_hidden, nav_w2.t()))  # (R, r), (R,)
-        highway, transform, gate = _highway_forward(glue, rows, gate_w, gate_b)  # (R, d)
-        crit_hidden = torch.addmm(crit_b1, highway, crit_w1.t()).relu_()  # (R, hc)
-        crit, crit_norm = glue.normalize_rows(torch.addmm(crit_b2, crit_hidden, crit_w2.t()))  # (R, r), (R,)
+        nav_hidden = glue.linear_activation(rows, nav_w1, nav_b1, 0.0)  # (R, hn)
+        nav, nav_norm = glue.linear_normalize(nav_hidden, nav_w2, nav_b2)  # (R, r), (R,)
+        highway, transform, gate = glue.highway_forward(rows, gate_w, gate_b)  # (R, d) each
+        crit_hidden = glue.linear_activation(highway, crit_w1, crit_b1, 0.0)  # (R, hc)
+        crit, crit_norm = glue.linear_normalize(crit_hidden, crit_w2, crit_b2)  # (R, r), (R,)
 
         # Transport. S = f(q) f(k)ᵀ lies in [-1, 1], so E = exp(S) needs no max-subtraction; with
         # padded pairs zeroed, the forward plan is E over its row sums and the backward plan E over
         # its column sums. Cost C = 1 - g(q) g(k)ᵀ.
         nav_q, nav_k = _split_rows(nav, batch, heads, n_queries)  # (B, H, Nq, r), (B, H, Nk, r)
         crit_q, crit_k = _split_rows(crit, batch, heads, n_queries)
-        e = torch.exp(nav_q @ nav_k.transpose(-1, -2))  # (B, H, Nq, Nk)
-        q_factor, k_factor = _mask_factor(q_valid), _mask_factor(k_valid)
-        if q_factor is not None:
-            e.mul_(q_factor[:, None, :, None])
-        if k_factor is not None:
-            e.mul_(k_factor[:, None, None, :])
-        cost = torch.matmul(crit_q, crit_k.transpose(-1, -2)).neg_().add_(1.0)  # (B, H, Nq, Nk)
-        acc = _accumulation_dtype(dtype)
-        # Sums accumulate in fp32 internally; casting the small results (not the matrices) keeps them.
-        row_sum = e.sum(-1).to(acc).clamp_min_(torch.finfo(acc).tiny)  # (B, H, Nq); 0 only at padded rows
-        col_sum = e.sum(-2).to(acc).clamp_min_(torch.finfo(acc).tiny)  # (B, H, Nk)
-        e_cost = e * cost
-        forward_cost = e_cost.sum(-1).to(acc) / row_sum  # (B, H, Nq): Σ_j π(k_j|q_i) c_ij
-        backward_cost = e_cost.sum(-2).to(acc) / col_sum  # (B, H, Nk): Σ_i π(q_i|k_j) c_ij
+        e = torch.matmul(nav_q, nav_k.transpose(-1, -2)).exp_()  # (B, H, Nq, Nk)
+        cost_dots = torch.matmul(crit_q, crit_k.transpose(-1, -2))  # g(q)·g(k)
+        # Sums are in the accumulation dtype (fp32 at least), the matrices in the helpers' dtype.
+        e, cost, row_sum, col_sum, row_cost, col_cost = glue.transport_forward(e, cost_dots, q_valid, k_valid)
+        acc = row_sum.dtype
+        row_sum, col_sum = row_sum.clamp_min_(torch.finfo(acc).tiny), col_sum.clamp_min_(torch.finfo(acc).tiny)
+        forward_cost = row_cost / row_sum  # (B, H, Nq): Σ_j π(k_j|q_i) c_ij; row_sum is 0 only at padded rows
+        backward_cost = col_cost / col_sum  # (B, H, Nk): Σ_i π(q_i|k_j) c_ij
         q_weight, k_weight = _direction_weights(q_valid, k_valid, rho, 1.0 - rho, acc)  # ρ/n, (1-ρ)/m
         distance = (forward_cost * q_weight).sum(-1) + (backward_cost * k_weight).sum(-1)  # (B, H)
 
@@ -211,10 +182,7 @@ class _FusedConditionalTransport(torch.autograd.Function):
         #   dD/dS_ij = E_ij (α_i (C_ij - fc_i) + β_j (C_ij - bc_j))  (backward of both softmaxes)
         alpha = grad_distance * q_weight / row_sum  # (B, H, Nq)
         beta = grad_distance * k_weight / col_sum  # (B, H, Nk)
-        dt = e.dtype  # small vectors are cast before broadcasting to (B, H, Nq, Nk)
-        plan = e * (alpha.to(dt)[..., :, None] + beta.to(dt)[..., None, :])  # (B, H, Nq, Nk)
-        centre = (alpha * forward_cost).to(dt)[..., :, None] + (beta * backward_cost).to(dt)[..., None, :]
-        grad_logits = (plan * cost).addcmul_(e, centre, value=-1.0)
+        plan, grad_logits = glue.transport_backward(e, cost, alpha, beta, alpha * forward_cost, beta * backward_cost)
 
         nav_q, nav_k = _split_rows(nav, batch, heads, n_queries)
         crit_q, crit_k = _split_rows(crit, batch, heads, n_queries)
@@ -285,8 +253,8 @@ class _FusedAdversarial(torch.autograd.Function):
 
         # Discriminator: highway, Linear-LeakyReLU-Linear -> one logit per row.
         glue = glue_for(rows.device)
-        highway, transform, gate = _highway_forward(glue, rows, gate_w, gate_b)  # (R, d)
-        hidden = F.leaky_relu_(torch.addmm(b1, highway, w1.t()), slope)  # (R, h); its sign is the pre-activation's
+        highway, transform, gate = glue.highway_forward(rows, gate_w, gate_b)  # (R, d) each
+        hidden = glue.linear_activation(highway, w1, b1, slope)  # (R, h); its sign is the pre-activation's
         logits = torch.addmm(b2, hidden, w2.t()).to(_accumulation_dtype(dtype)).view(batch, heads, -1)  # (B, H, L)
 
         # BCE(D(k), 1) + BCE(D(q), 0) = softplus(-D(k)) + softplus(D(q)), as masked means.

@@ -1,12 +1,12 @@
 """The elementwise glue of the fused aligners: one-pass C++ kernels on the CPU, PyTorch elsewhere.
 
 Between the helper networks' matmuls, the fused CT and GAN aligners
-(:mod:`vqa_align.alignment_kernels`) do elementwise work on B·H·(Nq + Nk) rows: the highway
-layer's mix, the L2 normalisation of the helper outputs and their backward passes, the (leaky)
-ReLU backward and the bias-gradient column sums. PyTorch does each of these as several passes,
-each with a freshly allocated output; on a 2-core CPU those passes (and the page faults of the
-fresh memory) cost more than the matmuls. ``csrc/alignment_glue.cpp`` does each step in one
-pass, in place where it can, with the column sums folded in.
+(:mod:`vqa_align.alignment_kernels`) do elementwise work on B·H·(Nq + Nk) rows: bias adds and
+activations, the highway layer's mix, the L2 normalisation of the helper outputs, their backward
+passes and the bias-gradient column sums; and, for CT, on the (B, H, Nq, Nk) transport matrices.
+PyTorch does each of these as several passes, each with a freshly allocated output; on a 2-core
+CPU those passes cost more than the matmuls. ``csrc/alignment_glue.cpp`` does each step in one
+pass, in place where it can, with the bias adds and column sums folded in.
 
 The kernels are compiled on first use with :func:`torch.utils.cpp_extension.load` (≈ 25 s once,
 then cached in ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) for the host CPU
@@ -25,12 +25,14 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,11 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "alignment_glue.cpp"
 ENV_SWITCH = "VQA_ALIGN_NATIVE_KERNELS"
 NORM_EPS = 1e-12  # F.normalize's default: x / max(|x|, eps)
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: ATen's parallel_for is header-inlined
+# OpenMP: ATen's parallel_for is header-inlined. On x86, loops use 512-bit vectors where the CPU has
+# them (GCC prefers 256-bit by default; these memory-bound loops gain from the wider ones).
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"] + (
+    ["-mprefer-vector-width=512"] if platform.machine().lower() in ("x86_64", "amd64") else []
+)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,17 +56,22 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
-def normalize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x (R, w) -> (x / max(|x|, eps) row-wise, the clamped norms (R,) in the accumulation dtype)."""
-    norms = torch.linalg.vector_norm(x, dim=-1, dtype=_accumulation_dtype(x.dtype)).clamp_min_(NORM_EPS)
-    return x.mul_(norms.reciprocal()[:, None]), norms
+def linear_activation(x: Tensor, weight: Tensor, bias: Tensor, slope: float) -> Tensor:
+    """leaky_relu(x Wᵀ + b, slope) for rows x (R, in): slope 0 is a ReLU."""
+    y = torch.addmm(bias, x, weight.t())
+    return y.relu_() if slope == 0.0 else F.leaky_relu_(y, slope)
+
+
+def linear_normalize(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """y = x Wᵀ + b -> (y / max(|y|, eps) row-wise, the clamped norms (R,) in the accumulation dtype)."""
+    y = torch.addmm(bias, x, weight.t())
+    norms = torch.linalg.vector_norm(y, dim=-1, dtype=_accumulation_dtype(y.dtype)).clamp_min_(NORM_EPS)
+    return y.mul_(norms.reciprocal()[:, None]), norms
 
 
 def normalize_backward(grad: Tensor, unit: Tensor, norms: Tensor) -> tuple[Tensor, Tensor]:
-    """Backward of :func:`normalize_rows`: (grad - u (u·grad)) / |x| where |x| > eps, else grad / eps.
-
-    -> (dL/dx (R, w), its column sums (w,): the bias gradient of the layer that made x).
-    """
+    """Backward of the normalisation in :func:`linear_normalize`: (grad - u (u·grad)) / |y| where
+    |y| > eps, else grad / eps -> (dL/dy (R, w), its column sums (w,): the bias gradient)."""
     along = torch.linalg.vecdot(unit, grad, dim=-1).to(norms.dtype).masked_fill_(norms <= NORM_EPS, 0.0)  # (R,)
     grad = grad.addcmul_(unit, along[:, None], value=-1.0).mul_(norms.reciprocal()[:, None])
     return grad, grad.sum(0, dtype=norms.dtype)
@@ -75,9 +86,18 @@ def leaky_relu_backward(grad: Tensor, activated: Tensor, slope: float) -> tuple[
     return grad, grad.sum(0, dtype=_accumulation_dtype(grad.dtype))
 
 
-def highway_forward(transform: Tensor, gate: Tensor, rows: Tensor) -> Tensor:
-    """y = x + t ⊙ (relu(transform) - x) for x = rows (R, d), t = gate (already σ'd)."""
-    return torch.addcmul(rows, gate, torch.relu(transform).sub_(rows))
+def highway_forward(rows: Tensor, gate_w: Tensor, gate_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """y = t ⊙ relu(W_h x + b_h) + (1 - t) ⊙ x, t = σ(W_t x + b_t), x = rows (R, d).
+
+    ``gate_w`` (2d, d) / ``gate_b`` (2d,) = [W_h; W_t] as in :class:`~vqa_align.alignment.Highway`.
+    -> (y, W_h x + b_h, t), what :func:`highway_backward` needs. The two halves are separate
+    matmuls so that every (R, d) tensor is contiguous (elementwise work on column slices of one
+    (R, 2d) output is 2-4x slower on the CPU).
+    """
+    d = rows.shape[-1]
+    transform = torch.addmm(gate_b[:d], rows, gate_w[:d].t())  # (R, d)
+    gate = torch.addmm(gate_b[d:], rows, gate_w[d:].t()).sigmoid_()  # (R, d)
+    return torch.addcmul(rows, gate, torch.relu(transform).sub_(rows)), transform, gate
 
 
 def highway_backward(
@@ -100,34 +120,89 @@ def highway_backward(
     return direct, grad_transform, grad_gate, torch.cat([grad_transform.sum(0, dtype=acc), grad_gate.sum(0, dtype=acc)])
 
 
+def _mask_factor(valid: Tensor) -> Tensor | None:
+    """valid (B, N) -> a (B, N) 0/1 factor, or None on the CPU when nothing is padded.
+
+    On accelerators the check itself would be a host sync, so the factor is always applied there.
+    """
+    if valid.device.type == "cpu" and bool(valid.all()):
+        return None
+    return valid
+
+
+def transport_forward(
+    e: Tensor, cost_dots: Tensor, q_valid: Tensor, k_valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The elementwise part of the CT forward pass, on (B, H, Nq, Nk) matrices.
+
+    ``e`` = exp(S), ``cost_dots`` = g(q)·g(k). -> (E = e with padded pairs zeroed, C = 1 - cost_dots,
+    the row sums (B, H, Nq) and column sums (B, H, Nk) of E, and those of E ⊙ C), sums in the
+    accumulation dtype.
+    """
+    q_factor, k_factor = _mask_factor(q_valid), _mask_factor(k_valid)
+    if q_factor is not None:
+        e.mul_(q_factor[:, None, :, None])
+    if k_factor is not None:
+        e.mul_(k_factor[:, None, None, :])
+    cost = cost_dots.neg_().add_(1.0)
+    acc = _accumulation_dtype(e.dtype)
+    e_cost = e * cost
+    return e, cost, e.sum(-1, dtype=acc), e.sum(-2, dtype=acc), e_cost.sum(-1, dtype=acc), e_cost.sum(-2, dtype=acc)
+
+
+def transport_backward(
+    e: Tensor, cost: Tensor, alpha: Tensor, beta: Tensor, a: Tensor, b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The elementwise part of the CT backward pass -> (P, dS), (B, H, Nq, Nk) each:
+    P_ij = E_ij (α_i + β_j) and dS_ij = P_ij C_ij - E_ij (a_i + b_j); α, a (B, H, Nq), β, b (B, H, Nk)."""
+    dt = e.dtype  # the small vectors are cast before broadcasting to (B, H, Nq, Nk)
+    plan = e * (alpha.to(dt)[..., :, None] + beta.to(dt)[..., None, :])
+    centre = a.to(dt)[..., :, None] + b.to(dt)[..., None, :]
+    return plan, (plan * cost).addcmul_(e, centre, value=-1.0)
+
+
 TORCH_GLUE = SimpleNamespace(
     name="torch",
-    normalize_rows=normalize_rows,
+    linear_activation=linear_activation,
+    linear_normalize=linear_normalize,
     normalize_backward=normalize_backward,
     leaky_relu_backward=leaky_relu_backward,
     highway_forward=highway_forward,
     highway_backward=highway_backward,
+    transport_forward=transport_forward,
+    transport_backward=transport_backward,
 )
 
 
 # ----------------------------------------------------------------------------------------------
-# C++ kernels (CPU)
+# C++ kernels (CPU): the matmuls without bias here, the bias added inside the kernels' passes
 # ----------------------------------------------------------------------------------------------
 
 
-def _native_normalize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    norms = torch.ops.vqa_align_glue.normalize_rows_(x)
-    return x, norms
+def _native_linear_activation(x: Tensor, weight: Tensor, bias: Tensor, slope: float) -> Tensor:
+    y = torch.mm(x, weight.t())
+    torch.ops.vqa_align_glue.bias_leaky_relu_(y, bias, float(slope))
+    return y
+
+
+def _native_linear_normalize(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    y = torch.mm(x, weight.t())
+    return y, torch.ops.vqa_align_glue.normalize_rows_(y, bias)
 
 
 def _native_normalize_backward(grad: Tensor, unit: Tensor, norms: Tensor) -> tuple[Tensor, Tensor]:
-    sums = torch.ops.vqa_align_glue.normalize_backward_(grad, unit, norms)
-    return grad, sums
+    return grad, torch.ops.vqa_align_glue.normalize_backward_(grad, unit, norms)
 
 
 def _native_leaky_relu_backward(grad: Tensor, activated: Tensor, slope: float) -> tuple[Tensor, Tensor]:
-    sums = torch.ops.vqa_align_glue.leaky_relu_backward_(grad, activated, float(slope))
-    return grad, sums
+    return grad, torch.ops.vqa_align_glue.leaky_relu_backward_(grad, activated, float(slope))
+
+
+def _native_highway_forward(rows: Tensor, gate_w: Tensor, gate_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    d = rows.shape[-1]
+    transform = torch.mm(rows, gate_w[:d].t())  # the bias is added by the kernel
+    gate = torch.addmm(gate_b[d:], rows, gate_w[d:].t()).sigmoid_()
+    return torch.ops.vqa_align_glue.highway_forward_(transform, gate_b[:d], gate, rows), transform, gate
 
 
 def _native_highway_backward(
@@ -139,13 +214,23 @@ def _native_highway_backward(
     return grad_out, grad_transform, grad_gate, sums
 
 
+def _native_transport_forward(
+    e: Tensor, cost_dots: Tensor, q_valid: Tensor, k_valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    sums = torch.ops.vqa_align_glue.transport_forward_(e, cost_dots, q_valid, k_valid)
+    return (e, cost_dots, *sums)
+
+
 NATIVE_GLUE = SimpleNamespace(
     name="native",
-    normalize_rows=_native_normalize_rows,
+    linear_activation=_native_linear_activation,
+    linear_normalize=_native_linear_normalize,
     normalize_backward=_native_normalize_backward,
     leaky_relu_backward=_native_leaky_relu_backward,
-    highway_forward=lambda transform, gate, rows: torch.ops.vqa_align_glue.highway_forward(transform, gate, rows),
+    highway_forward=_native_highway_forward,
     highway_backward=_native_highway_backward,
+    transport_forward=_native_transport_forward,
+    transport_backward=lambda *args: torch.ops.vqa_align_glue.transport_backward(*args),
 )
 
 

@@ -62,19 +62,40 @@ struct Io<c10::BFloat16> {
 // Row kernels: rows [0, n) of width w, pointers at the first row of the block.
 // ---------------------------------------------------------------------------------------------
 
+// x <- (x + bias) / max(|x + bias|, eps) row-wise. The biased row is rounded to the storage dtype
+// before its norm is taken, as when the bias is added by a separate op.
 template <typename io>
-void normalize_block(typename io::raw* __restrict__ x, typename io::acc* __restrict__ norms, int64_t n, int64_t w) {
+void normalize_block(typename io::raw* __restrict__ x, const typename io::acc* __restrict__ bias,
+                     typename io::acc* __restrict__ norms, int64_t n, int64_t w) {
   using acc = typename io::acc;
   for (int64_t i = 0; i < n; ++i) {
     typename io::raw* __restrict__ row = x + i * w;
     acc squares = 0;
 #pragma omp simd reduction(+ : squares)
-    for (int64_t c = 0; c < w; ++c) squares += io::load(row[c]) * io::load(row[c]);
+    for (int64_t c = 0; c < w; ++c) {
+      const auto biased = io::store(io::load(row[c]) + bias[c]);
+      row[c] = biased;
+      squares += io::load(biased) * io::load(biased);
+    }
     const acc norm = std::max(std::sqrt(squares), static_cast<acc>(kNormEps));
     const acc inverse = acc(1) / norm;
 #pragma omp simd
     for (int64_t c = 0; c < w; ++c) row[c] = io::store(io::load(row[c]) * inverse);
     norms[i] = norm;
+  }
+}
+
+// y <- leaky_relu(y + bias, slope) (slope 0: ReLU, slope 1: the bias alone).
+template <typename io>
+void bias_leaky_relu_block(typename io::raw* __restrict__ y, const typename io::acc* __restrict__ bias, int64_t n,
+                           int64_t w, typename io::acc slope) {
+  using acc = typename io::acc;
+  for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+    for (int64_t c = 0; c < w; ++c) {
+      const acc v = io::load(io::store(io::load(y[i * w + c]) + bias[c]));  // rounded as a separate bias add
+      y[i * w + c] = io::store(v > acc(0) ? v : v * slope);
+    }
   }
 }
 
@@ -115,15 +136,73 @@ void leaky_relu_backward_block(typename io::raw* __restrict__ g, const typename 
   }
 }
 
+// transform <- transform + bias; y = x + t ⊙ (relu(transform) - x).
 template <typename io>
-void highway_forward_block(const typename io::raw* __restrict__ transform, const typename io::raw* __restrict__ gate,
-                           const typename io::raw* __restrict__ x, typename io::raw* __restrict__ y, int64_t count) {
+void highway_forward_block(typename io::raw* __restrict__ transform, const typename io::acc* __restrict__ bias,
+                           const typename io::raw* __restrict__ gate, const typename io::raw* __restrict__ x,
+                           typename io::raw* __restrict__ y, int64_t n, int64_t w) {
   using acc = typename io::acc;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t o = i * w;
 #pragma omp simd
-  for (int64_t k = 0; k < count; ++k) {
-    const acc xv = io::load(x[k]);
-    const acc activated = std::max(io::load(transform[k]), acc(0));
-    y[k] = io::store(xv + io::load(gate[k]) * (activated - xv));
+    for (int64_t c = 0; c < w; ++c) {
+      const auto biased = io::store(io::load(transform[o + c]) + bias[c]);
+      transform[o + c] = biased;
+      const acc xv = io::load(x[o + c]);
+      y[o + c] = io::store(xv + io::load(gate[o + c]) * (std::max(io::load(biased), acc(0)) - xv));
+    }
+  }
+}
+
+// One (Nq, Nk) transport matrix, forward: E <- E ⊙ [q valid] ⊙ [k valid], C <- 1 - C (C holds g(q)·g(k)
+// on entry); row and column sums of E and of E ⊙ C (from the unrounded products).
+template <typename io>
+void transport_forward_matrix(typename io::raw* __restrict__ e, typename io::raw* __restrict__ cost,
+                              const bool* __restrict__ q_valid, const typename io::acc* __restrict__ k_mask,
+                              typename io::acc* __restrict__ row_sum, typename io::acc* __restrict__ col_sum,
+                              typename io::acc* __restrict__ row_cost, typename io::acc* __restrict__ col_cost,
+                              int64_t nq, int64_t nk) {
+  using acc = typename io::acc;
+  for (int64_t j = 0; j < nk; ++j) col_sum[j] = col_cost[j] = acc(0);
+  for (int64_t i = 0; i < nq; ++i) {
+    typename io::raw* __restrict__ er = e + i * nk;
+    typename io::raw* __restrict__ cr = cost + i * nk;
+    const acc row_valid = q_valid[i] ? acc(1) : acc(0);
+    acc rs = 0, rc = 0;
+#pragma omp simd reduction(+ : rs, rc)
+    for (int64_t j = 0; j < nk; ++j) {
+      const acc ev = io::load(er[j]) * (k_mask[j] * row_valid);
+      const acc cv = acc(1) - io::load(cr[j]);
+      er[j] = io::store(ev);
+      cr[j] = io::store(cv);
+      rs += ev;
+      rc += ev * cv;
+      col_sum[j] += ev;
+      col_cost[j] += ev * cv;
+    }
+    row_sum[i] = rs;
+    row_cost[i] = rc;
+  }
+}
+
+// One transport matrix, backward: P = E ⊙ (α_i + β_j) and dS = P ⊙ C - E ⊙ (a_i + b_j).
+template <typename io>
+void transport_backward_matrix(const typename io::raw* __restrict__ e, const typename io::raw* __restrict__ cost,
+                               const typename io::acc* __restrict__ alpha, const typename io::acc* __restrict__ beta,
+                               const typename io::acc* __restrict__ a, const typename io::acc* __restrict__ b,
+                               typename io::raw* __restrict__ plan, typename io::raw* __restrict__ grad_logits,
+                               int64_t nq, int64_t nk) {
+  using acc = typename io::acc;
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t o = i * nk;
+    const acc ai = alpha[i], ci = a[i];
+#pragma omp simd
+    for (int64_t j = 0; j < nk; ++j) {
+      const acc ev = io::load(e[o + j]);
+      const acc pv = ev * (ai + beta[j]);
+      plan[o + j] = io::store(pv);
+      grad_logits[o + j] = io::store(pv * io::load(cost[o + j]) - ev * (ci + b[j]));
+    }
   }
 }
 
@@ -200,20 +279,46 @@ typename Io<scalar_t>::raw* raw_ptr(const at::Tensor& t) {
 // Ops
 // ---------------------------------------------------------------------------------------------
 
-// x <- x / max(|x|, eps) row-wise; returns the clamped norms (rows,) in the accumulation dtype.
-at::Tensor normalize_rows_(at::Tensor x) {
+// A (width,) bias in the accumulation dtype.
+at::Tensor checked_bias(const at::Tensor& bias, const at::Tensor& rows) {
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == rows.size(1), "alignment_glue: bias has shape ", bias.sizes(),
+              ", expected (", rows.size(1), ",)");
+  return bias.to(acc_type(rows.scalar_type())).contiguous();
+}
+
+// x <- (x + bias) / max(|x + bias|, eps) row-wise; returns the clamped norms (rows,) in the
+// accumulation dtype.
+at::Tensor normalize_rows_(at::Tensor x, const at::Tensor& bias) {
   check_rows(x, "x", x);
   const int64_t rows = x.size(0), width = x.size(1);
+  const at::Tensor b = checked_bias(bias, x);
   at::Tensor norms = at::empty({rows}, x.options().dtype(acc_type(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "normalize_rows_", [&] {
     using io = Io<scalar_t>;
     auto* data = raw_ptr<scalar_t>(x);
+    const auto* bias_data = b.data_ptr<typename io::acc>();
     auto* norm_out = norms.data_ptr<typename io::acc>();
     at::parallel_for(0, rows, kBlockRows, [&](int64_t begin, int64_t end) {
-      normalize_block<io>(data + begin * width, norm_out + begin, end - begin, width);
+      normalize_block<io>(data + begin * width, bias_data, norm_out + begin, end - begin, width);
     });
   });
   return norms;
+}
+
+// y <- leaky_relu(y + bias, slope), in place.
+void bias_leaky_relu_(at::Tensor y, const at::Tensor& bias, double slope) {
+  check_rows(y, "y", y);
+  const int64_t rows = y.size(0), width = y.size(1);
+  const at::Tensor b = checked_bias(bias, y);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "bias_leaky_relu_", [&] {
+    using io = Io<scalar_t>;
+    using acc_t = typename io::acc;
+    auto* data = raw_ptr<scalar_t>(y);
+    const auto* bias_data = b.data_ptr<acc_t>();
+    at::parallel_for(0, rows, kBlockRows, [&](int64_t begin, int64_t end) {
+      bias_leaky_relu_block<io>(data + begin * width, bias_data, end - begin, width, static_cast<acc_t>(slope));
+    });
+  });
 }
 
 // Backward of x / max(|x|, eps): grad <- (grad - u (u·grad)) / |x| where |x| > eps, else grad / eps.
@@ -259,21 +364,26 @@ at::Tensor leaky_relu_backward_(at::Tensor grad, const at::Tensor& activated, do
   return sums;
 }
 
-// Highway forward after its two matmuls: y = x + t ⊙ (relu(transform) - x), t = gate (already σ'd).
-at::Tensor highway_forward(const at::Tensor& transform, const at::Tensor& gate, const at::Tensor& rows_in) {
+// Highway forward after its two matmuls: transform <- transform + bias (in place, kept for the
+// backward pass), returns y = x + t ⊙ (relu(transform) - x) with t = gate (already σ'd).
+at::Tensor highway_forward_(at::Tensor transform, const at::Tensor& bias, const at::Tensor& gate,
+                            const at::Tensor& rows_in) {
   check_rows(rows_in, "rows", rows_in);
   check_same_shape(transform, "transform", rows_in);
   check_same_shape(gate, "gate", rows_in);
+  const at::Tensor b = checked_bias(bias, rows_in);
   at::Tensor out = at::empty_like(rows_in);
-  const int64_t total = rows_in.numel(), grain = kBlockRows * std::max<int64_t>(1, rows_in.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, rows_in.scalar_type(), "highway_forward", [&] {
+  const int64_t rows = rows_in.size(0), width = rows_in.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, rows_in.scalar_type(), "highway_forward_", [&] {
     using io = Io<scalar_t>;
-    const auto* tr = raw_ptr<scalar_t>(transform);
+    auto* tr = raw_ptr<scalar_t>(transform);
+    const auto* bias_data = b.data_ptr<typename io::acc>();
     const auto* t = raw_ptr<scalar_t>(gate);
     const auto* x = raw_ptr<scalar_t>(rows_in);
     auto* y = raw_ptr<scalar_t>(out);
-    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-      highway_forward_block<io>(tr + begin, t + begin, x + begin, y + begin, end - begin);
+    at::parallel_for(0, rows, kBlockRows, [&](int64_t begin, int64_t end) {
+      const int64_t o = begin * width;
+      highway_forward_block<io>(tr + o, bias_data, t + o, x + o, y + o, end - begin, width);
     });
   });
   return out;
@@ -313,20 +423,117 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> highway_backward_(
   return {grad_transform, grad_gate, sums};
 }
 
+void check_matrices(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.is_contiguous(), "alignment_glue: ", name,
+              " must be a contiguous (B, H, Nq, Nk) CPU tensor, got ", t.sizes());
+  TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type(), "alignment_glue: ", name,
+              " has shape ", t.sizes(), " and dtype ", t.scalar_type(), ", expected ", like.sizes(), " ",
+              like.scalar_type());
+}
+
+void check_vectors(const at::Tensor& t, const char* name, int64_t batch, int64_t heads, int64_t n, at::ScalarType type) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == batch && t.size(1) == heads && t.size(2) == n && t.is_contiguous() &&
+                  t.scalar_type() == type,
+              "alignment_glue: ", name, " must be a contiguous (", batch, ", ", heads, ", ", n, ") ", type,
+              " tensor, got ", t.sizes(), " ", t.scalar_type());
+}
+
+// Transport forward: e <- e ⊙ valid pairs, cost_dots <- 1 - cost_dots (in place), with e = exp(S)
+// and cost_dots = g(q)·g(k) (B, H, Nq, Nk). Returns the row sums (B, H, Nq) and column sums
+// (B, H, Nk) of E and of E ⊙ C, in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport_forward_(
+    at::Tensor e, at::Tensor cost_dots, const at::Tensor& q_valid, const at::Tensor& k_valid) {
+  check_matrices(e, "e", e);
+  check_matrices(cost_dots, "cost_dots", e);
+  const int64_t batch = e.size(0), heads = e.size(1), nq = e.size(2), nk = e.size(3);
+  TORCH_CHECK(q_valid.scalar_type() == at::kBool && q_valid.dim() == 2 && q_valid.size(0) == batch &&
+                  q_valid.size(1) == nq && k_valid.scalar_type() == at::kBool && k_valid.dim() == 2 &&
+                  k_valid.size(0) == batch && k_valid.size(1) == nk,
+              "alignment_glue: q_valid / k_valid must be bool (B, Nq) / (B, Nk), got ", q_valid.sizes(), " ",
+              q_valid.scalar_type(), " / ", k_valid.sizes(), " ", k_valid.scalar_type());
+  const at::Tensor qv = q_valid.contiguous(), kv = k_valid.contiguous();
+  const auto options = e.options().dtype(acc_type(e.scalar_type()));
+  at::Tensor row_sum = at::empty({batch, heads, nq}, options), row_cost = at::empty({batch, heads, nq}, options);
+  at::Tensor col_sum = at::empty({batch, heads, nk}, options), col_cost = at::empty({batch, heads, nk}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, e.scalar_type(), "transport_forward_", [&] {
+    using io = Io<scalar_t>;
+    using acc_t = typename io::acc;
+    auto* ep = raw_ptr<scalar_t>(e);
+    auto* cp = raw_ptr<scalar_t>(cost_dots);
+    const bool* qp = qv.data_ptr<bool>();
+    const bool* kp = kv.data_ptr<bool>();
+    acc_t *rs = row_sum.data_ptr<acc_t>(), *rc = row_cost.data_ptr<acc_t>();
+    acc_t *cs = col_sum.data_ptr<acc_t>(), *cc = col_cost.data_ptr<acc_t>();
+    at::parallel_for(0, batch * heads, 1, [&](int64_t first, int64_t last) {
+      std::vector<acc_t> k_mask(static_cast<size_t>(nk));
+      int64_t mask_sample = -1;
+      for (int64_t m = first; m < last; ++m) {
+        const int64_t b = m / heads;
+        if (b != mask_sample) {  // the key mask as numbers, once per sample
+          for (int64_t j = 0; j < nk; ++j) k_mask[j] = kp[b * nk + j] ? acc_t(1) : acc_t(0);
+          mask_sample = b;
+        }
+        transport_forward_matrix<io>(ep + m * nq * nk, cp + m * nq * nk, qp + b * nq, k_mask.data(), rs + m * nq,
+                                     cs + m * nk, rc + m * nq, cc + m * nk, nq, nk);
+      }
+    });
+  });
+  return {row_sum, col_sum, row_cost, col_cost};
+}
+
+// Transport backward: plan = E ⊙ (α_i + β_j), grad_logits = plan ⊙ C - E ⊙ (a_i + b_j), with
+// α, a (B, H, Nq) and β, b (B, H, Nk) in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> transport_backward(const at::Tensor& e, const at::Tensor& cost,
+                                                      const at::Tensor& alpha, const at::Tensor& beta,
+                                                      const at::Tensor& a, const at::Tensor& b) {
+  check_matrices(e, "e", e);
+  check_matrices(cost, "cost", e);
+  const int64_t batch = e.size(0), heads = e.size(1), nq = e.size(2), nk = e.size(3);
+  const at::ScalarType acc = acc_type(e.scalar_type());
+  check_vectors(alpha, "alpha", batch, heads, nq, acc);
+  check_vectors(a, "a", batch, heads, nq, acc);
+  check_vectors(beta, "beta", batch, heads, nk, acc);
+  check_vectors(b, "b", batch, heads, nk, acc);
+  at::Tensor plan = at::empty_like(e), grad_logits = at::empty_like(e);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, e.scalar_type(), "transport_backward", [&] {
+    using io = Io<scalar_t>;
+    using acc_t = typename io::acc;
+    const auto* ep = raw_ptr<scalar_t>(e);
+    const auto* cp = raw_ptr<scalar_t>(cost);
+    const acc_t *al = alpha.data_ptr<acc_t>(), *be = beta.data_ptr<acc_t>(), *ap = a.data_ptr<acc_t>(), *bp = b.data_ptr<acc_t>();
+    auto* pp = raw_ptr<scalar_t>(plan);
+    auto* gp = raw_ptr<scalar_t>(grad_logits);
+    at::parallel_for(0, batch * heads, 1, [&](int64_t first, int64_t last) {
+      for (int64_t m = first; m < last; ++m) {
+        const int64_t o = m * nq * nk;
+        transport_backward_matrix<io>(ep + o, cp + o, al + m * nq, be + m * nk, ap + m * nq, bp + m * nk, pp + o,
+                                      gp + o, nq, nk);
+      }
+    });
+  });
+  return {plan, grad_logits};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vqa_align_glue, m) {
-  m.def("normalize_rows_(Tensor(a!) x) -> Tensor");
+  m.def("normalize_rows_(Tensor(a!) x, Tensor bias) -> Tensor");
+  m.def("bias_leaky_relu_(Tensor(a!) y, Tensor bias, float slope) -> ()");
   m.def("normalize_backward_(Tensor(a!) grad, Tensor unit, Tensor norms) -> Tensor");
   m.def("leaky_relu_backward_(Tensor(a!) grad, Tensor activated, float slope) -> Tensor");
-  m.def("highway_forward(Tensor transform, Tensor gate, Tensor rows) -> Tensor");
+  m.def("highway_forward_(Tensor(a!) transform, Tensor bias, Tensor gate, Tensor rows) -> Tensor");
   m.def("highway_backward_(Tensor(a!) grad_out, Tensor gate, Tensor transform, Tensor rows, float input_sign) -> (Tensor, Tensor, Tensor)");
+  m.def("transport_forward_(Tensor(a!) e, Tensor(b!) cost_dots, Tensor q_valid, Tensor k_valid) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("transport_backward(Tensor e, Tensor cost, Tensor alpha, Tensor beta, Tensor a, Tensor b) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vqa_align_glue, CPU, m) {
   m.impl("normalize_rows_", &normalize_rows_);
+  m.impl("bias_leaky_relu_", &bias_leaky_relu_);
   m.impl("normalize_backward_", &normalize_backward_);
   m.impl("leaky_relu_backward_", &leaky_relu_backward_);
-  m.impl("highway_forward", &highway_forward);
+  m.impl("highway_forward_", &highway_forward_);
   m.impl("highway_backward_", &highway_backward_);
+  m.impl("transport_forward_", &transport_forward_);
+  m.impl("transport_backward", &transport_backward);
 }
