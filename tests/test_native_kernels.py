@@ -97,7 +97,7 @@ def test_transport_forward_and_backward(dtype):
     k_valid = torch.rand(batch, n_k, generator=gen) < 0.8
     q_valid[0], k_valid[0] = True, True
     q_valid[1, :] = False  # a sample with no valid query: all-zero rows and sums
-    e = torch.rand(batch, heads, n_q, n_k, generator=gen, dtype=torch.float64).add_(0.4).to(dtype)
+    e = torch.rand(batch, heads, n_q, n_k, generator=gen, dtype=torch.float64).mul_(2).sub_(1).to(dtype)  # S
     dots = torch.rand(batch, heads, n_q, n_k, generator=gen, dtype=torch.float64).mul_(2).sub_(1).to(dtype)
     want = nk.TORCH_GLUE.transport_forward(e.clone(), dots.clone(), q_valid, k_valid)
     got = nk.NATIVE_GLUE.transport_forward(e.clone(), dots.clone(), q_valid, k_valid)
@@ -139,7 +139,7 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(RuntimeError, match="activated has shape"):
         nk.NATIVE_GLUE.leaky_relu_backward(x.clone(), torch.randn(10, 4), 0.0)
     with pytest.raises(RuntimeError, match="gate has dtype"):
-        ops.highway_forward_(x.clone(), torch.zeros(8), x.double(), x)
+        ops.highway_forward_(x.clone(), torch.zeros(8), x.double(), torch.zeros(8), x)
     with pytest.raises(RuntimeError, match="input_sign must be"):
         nk.NATIVE_GLUE.highway_backward(x.clone(), x, x, x, 0.5)
     e = torch.rand(2, 1, 3, 4)

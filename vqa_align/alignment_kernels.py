@@ -35,18 +35,19 @@ from torch import Tensor, nn
 from vqa_align.native_kernels import glue_for
 
 def _concat_rows(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, H, Nq, d), (B, H, Nk, d) -> (B·H·(Nq+Nk), d) contiguous rows in ``dtype``, queries then keys per head."""
-    batch, heads, n_queries, dim = queries.shape
-    rows = queries.new_empty(batch, heads, n_queries + keys.shape[2], dim, dtype=dtype)  # one pass, cast included
-    rows[:, :, :n_queries].copy_(queries)
-    rows[:, :, n_queries:].copy_(keys)
-    return rows.view(-1, dim)
+    """(B, H, Nq, d), (B, H, Nk, d) -> (B·H·Nq + B·H·Nk, d) contiguous rows in ``dtype``: every
+    query row, then every key row, so that each half is a contiguous (B, H, N, d) block."""
+    n_query_rows = queries.numel() // queries.shape[-1]
+    rows = queries.new_empty(n_query_rows + keys.numel() // keys.shape[-1], queries.shape[-1], dtype=dtype)
+    rows[:n_query_rows].view(queries.shape).copy_(queries)  # one pass each, cast included
+    rows[n_query_rows:].view(keys.shape).copy_(keys)
+    return rows
 
 
 def _split_rows(rows: Tensor, batch: int, heads: int, n_queries: int) -> tuple[Tensor, Tensor]:
-    """(B·H·L, c) -> (B, H, Nq, c), (B, H, Nk, c) views."""
-    per_head = rows.view(batch, heads, -1, rows.shape[-1])
-    return per_head[:, :, :n_queries], per_head[:, :, n_queries:]
+    """(R, c) rows of :func:`_concat_rows` -> contiguous (B, H, Nq, c), (B, H, Nk, c) views."""
+    n_query_rows = batch * heads * n_queries
+    return rows[:n_query_rows].view(batch, heads, n_queries, -1), rows[n_query_rows:].view(batch, heads, -1, rows.shape[-1])
 
 
 def _highway_backward(
@@ -147,10 +148,10 @@ class _FusedConditionalTransport(torch.autograd.Function):
         # its column sums. Cost C = 1 - g(q) g(k)ᵀ.
         nav_q, nav_k = _split_rows(nav, batch, heads, n_queries)  # (B, H, Nq, r), (B, H, Nk, r)
         crit_q, crit_k = _split_rows(crit, batch, heads, n_queries)
-        e = torch.matmul(nav_q, nav_k.transpose(-1, -2)).exp_()  # (B, H, Nq, Nk)
+        logits = torch.matmul(nav_q, nav_k.transpose(-1, -2))  # S (B, H, Nq, Nk)
         cost_dots = torch.matmul(crit_q, crit_k.transpose(-1, -2))  # g(q)·g(k)
-        # Sums are in the accumulation dtype (fp32 at least), the matrices in the helpers' dtype.
-        e, cost, row_sum, col_sum, row_cost, col_cost = glue.transport_forward(e, cost_dots, q_valid, k_valid)
+        # E = exp(S) masked, C = 1 - g·g; sums in the accumulation dtype (fp32 at least).
+        e, cost, row_sum, col_sum, row_cost, col_cost = glue.transport_forward(logits, cost_dots, q_valid, k_valid)
         acc = row_sum.dtype
         row_sum, col_sum = row_sum.clamp_min_(torch.finfo(acc).tiny), col_sum.clamp_min_(torch.finfo(acc).tiny)
         forward_cost = row_cost / row_sum  # (B, H, Nq): Σ_j π(k_j|q_i) c_ij; row_sum is 0 only at padded rows
@@ -184,12 +185,15 @@ class _FusedConditionalTransport(torch.autograd.Function):
         beta = grad_distance * k_weight / col_sum  # (B, H, Nk)
         plan, grad_logits = glue.transport_backward(e, cost, alpha, beta, alpha * forward_cost, beta * backward_cost)
 
-        nav_q, nav_k = _split_rows(nav, batch, heads, n_queries)
-        crit_q, crit_k = _split_rows(crit, batch, heads, n_queries)
-        grad_nav = torch.cat([grad_logits @ nav_k, grad_logits.transpose(-1, -2) @ nav_q], dim=2)  # (B, H, L, r)
-        grad_crit = torch.cat([plan @ crit_k, plan.transpose(-1, -2) @ crit_q], dim=2).neg_()  # dC = -d(g·g)
-        grad_nav, grad_nav_b2 = glue.normalize_backward(grad_nav.view_as(nav), nav, nav_norm)  # (R, r), (r,)
-        grad_crit, grad_crit_b2 = glue.normalize_backward(grad_crit.view_as(crit), crit, crit_norm)
+        grad_nav, grad_crit = torch.empty_like(nav), torch.empty_like(crit)  # (R, r) each, the layout of rows
+        for grad, factor, unit in ((grad_nav, grad_logits, nav), (grad_crit, plan, crit)):
+            unit_q, unit_k = _split_rows(unit, batch, heads, n_queries)
+            grad_q, grad_k = _split_rows(grad, batch, heads, n_queries)
+            torch.matmul(factor, unit_k, out=grad_q)  # (B, H, Nq, r)
+            torch.matmul(factor.transpose(-1, -2), unit_q, out=grad_k)  # (B, H, Nk, r)
+        grad_crit.neg_()  # dC = -d(g·g)
+        grad_nav, grad_nav_b2 = glue.normalize_backward(grad_nav, nav, nav_norm)  # (R, r), (r,)
+        grad_crit, grad_crit_b2 = glue.normalize_backward(grad_crit, crit, crit_norm)
 
         # Critic (its parameter gradients are negated below: the critic ascends the cost).
         grad_crit_w2 = grad_crit.t() @ crit_hidden
@@ -255,13 +259,12 @@ class _FusedAdversarial(torch.autograd.Function):
         glue = glue_for(rows.device)
         highway, transform, gate = glue.highway_forward(rows, gate_w, gate_b)  # (R, d) each
         hidden = glue.linear_activation(highway, w1, b1, slope)  # (R, h); its sign is the pre-activation's
-        logits = torch.addmm(b2, hidden, w2.t()).to(_accumulation_dtype(dtype)).view(batch, heads, -1)  # (B, H, L)
+        logits = torch.addmm(b2, hidden, w2.t()).to(_accumulation_dtype(dtype))  # (R, 1)
+        logits_q, logits_k = (t.squeeze(-1) for t in _split_rows(logits, batch, heads, n_queries))  # (B, H, N)
 
         # BCE(D(k), 1) + BCE(D(q), 0) = softplus(-D(k)) + softplus(D(q)), as masked means.
         q_weight, k_weight = _direction_weights(q_valid, k_valid, 1.0, 1.0, logits.dtype)  # 1/n, 1/m
-        loss = (F.softplus(logits[..., :n_queries]) * q_weight).sum(-1) + (
-            F.softplus(-logits[..., n_queries:]) * k_weight
-        ).sum(-1)  # (B, H)
+        loss = (F.softplus(logits_q) * q_weight).sum(-1) + (F.softplus(-logits_k) * k_weight).sum(-1)  # (B, H)
         ctx.save_for_backward(rows, transform, gate, highway, hidden, logits, q_weight, k_weight, gate_w, w1, w2)
         return loss
 
@@ -270,12 +273,13 @@ class _FusedAdversarial(torch.autograd.Function):
         rows, transform, gate, highway, hidden, logits, q_weight, k_weight, gate_w, w1, w2 = ctx.saved_tensors
         glue = glue_for(rows.device)
         n_queries, slope, q_dtype, k_dtype, param_dtype = ctx.meta
-        batch, heads = logits.shape[:2]
+        batch, heads = grad_loss.shape
         # d softplus(x)/dx = σ(x); d softplus(-x)/dx = σ(x) - 1.
-        probs = torch.sigmoid(logits)  # (B, H, L)
-        weight = torch.cat([q_weight, k_weight], dim=-1)  # (B, 1, L)
-        probs[..., n_queries:] -= 1.0
-        grad_logits = (probs * weight * grad_loss.to(probs.dtype)[..., None]).to(rows.dtype).view(-1, 1)  # (R, 1)
+        upstream = grad_loss.to(logits.dtype)[..., None]  # (B, H, 1)
+        probs_q, probs_k = _split_rows(torch.sigmoid(logits), batch, heads, n_queries)  # (B, H, N, 1)
+        grad_logits = torch.cat([
+            (probs_q.squeeze(-1) * q_weight * upstream).flatten(), ((probs_k.squeeze(-1) - 1.0) * k_weight * upstream).flatten()
+        ]).to(rows.dtype)[:, None]  # (R, 1)
 
         grad_w2, grad_b2 = grad_logits.t() @ hidden, grad_logits.sum(0)
         grad_hidden_pre, grad_b1 = glue.leaky_relu_backward(grad_logits * w2, hidden, slope)  # (R, h)

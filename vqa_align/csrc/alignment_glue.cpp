@@ -58,6 +58,27 @@ struct Io<c10::BFloat16> {
   }
 };
 
+// exp in the accumulation type. float: range reduction x = n ln2 + r (Cody-Waite) and Cephes'
+// degree-5 polynomial for exp(r), ~1 ulp, written so that the loops vectorise (std::exp does not
+// without -ffast-math, which would also drop the NaN handling above); double: std::exp.
+inline float exp_acc(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);  // exp stays a finite normal float
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+inline double exp_acc(double x) { return std::exp(x); }
+
 // ---------------------------------------------------------------------------------------------
 // Row kernels: rows [0, n) of width w, pointers at the first row of the block.
 // ---------------------------------------------------------------------------------------------
@@ -136,26 +157,33 @@ void leaky_relu_backward_block(typename io::raw* __restrict__ g, const typename 
   }
 }
 
-// transform <- transform + bias; y = x + t ⊙ (relu(transform) - x).
+// transform <- transform + b_h; gate <- σ(gate + b_t); y = x + t ⊙ (relu(transform) - x) with t the
+// stored (rounded) gate, as the backward pass sees it.
 template <typename io>
-void highway_forward_block(typename io::raw* __restrict__ transform, const typename io::acc* __restrict__ bias,
-                           const typename io::raw* __restrict__ gate, const typename io::raw* __restrict__ x,
-                           typename io::raw* __restrict__ y, int64_t n, int64_t w) {
+void highway_forward_block(typename io::raw* __restrict__ transform, const typename io::acc* __restrict__ bias_h,
+                           typename io::raw* __restrict__ gate, const typename io::acc* __restrict__ bias_t,
+                           const typename io::raw* __restrict__ x, typename io::raw* __restrict__ y, int64_t n,
+                           int64_t w) {
   using acc = typename io::acc;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t o = i * w;
+    typename io::raw* __restrict__ tr = transform + i * w;
+    typename io::raw* __restrict__ g = gate + i * w;
+    const typename io::raw* __restrict__ xr = x + i * w;
+    typename io::raw* __restrict__ yr = y + i * w;
 #pragma omp simd
     for (int64_t c = 0; c < w; ++c) {
-      const auto biased = io::store(io::load(transform[o + c]) + bias[c]);
-      transform[o + c] = biased;
-      const acc xv = io::load(x[o + c]);
-      y[o + c] = io::store(xv + io::load(gate[o + c]) * (std::max(io::load(biased), acc(0)) - xv));
+      const auto biased = io::store(io::load(tr[c]) + bias_h[c]);
+      const auto t = io::store(acc(1) / (acc(1) + exp_acc(-(io::load(g[c]) + bias_t[c]))));
+      const acc xv = io::load(xr[c]);
+      tr[c] = biased;
+      g[c] = t;
+      yr[c] = io::store(xv + io::load(t) * (std::max(io::load(biased), acc(0)) - xv));
     }
   }
 }
 
-// One (Nq, Nk) transport matrix, forward: E <- E ⊙ [q valid] ⊙ [k valid], C <- 1 - C (C holds g(q)·g(k)
-// on entry); row and column sums of E and of E ⊙ C (from the unrounded products).
+// One (Nq, Nk) transport matrix, forward: E <- exp(S) ⊙ [q valid] ⊙ [k valid] (E holds S on entry),
+// C <- 1 - C (C holds g(q)·g(k) on entry); row and column sums of E and of E ⊙ C (unrounded).
 template <typename io>
 void transport_forward_matrix(typename io::raw* __restrict__ e, typename io::raw* __restrict__ cost,
                               const bool* __restrict__ q_valid, const typename io::acc* __restrict__ k_mask,
@@ -171,7 +199,7 @@ void transport_forward_matrix(typename io::raw* __restrict__ e, typename io::raw
     acc rs = 0, rc = 0;
 #pragma omp simd reduction(+ : rs, rc)
     for (int64_t j = 0; j < nk; ++j) {
-      const acc ev = io::load(er[j]) * (k_mask[j] * row_valid);
+      const acc ev = exp_acc(io::load(er[j])) * (k_mask[j] * row_valid);
       const acc cv = acc(1) - io::load(cr[j]);
       er[j] = io::store(ev);
       cr[j] = io::store(cv);
@@ -364,26 +392,28 @@ at::Tensor leaky_relu_backward_(at::Tensor grad, const at::Tensor& activated, do
   return sums;
 }
 
-// Highway forward after its two matmuls: transform <- transform + bias (in place, kept for the
-// backward pass), returns y = x + t ⊙ (relu(transform) - x) with t = gate (already σ'd).
-at::Tensor highway_forward_(at::Tensor transform, const at::Tensor& bias, const at::Tensor& gate,
+// Highway forward after its two matmuls (without their biases): transform <- transform + b_h and
+// gate <- σ(gate + b_t), in place (both are kept for the backward pass); returns
+// y = x + t ⊙ (relu(transform) - x) with t = gate.
+at::Tensor highway_forward_(at::Tensor transform, const at::Tensor& bias_h, at::Tensor gate, const at::Tensor& bias_t,
                             const at::Tensor& rows_in) {
   check_rows(rows_in, "rows", rows_in);
   check_same_shape(transform, "transform", rows_in);
   check_same_shape(gate, "gate", rows_in);
-  const at::Tensor b = checked_bias(bias, rows_in);
+  const at::Tensor bh = checked_bias(bias_h, rows_in), bt = checked_bias(bias_t, rows_in);
   at::Tensor out = at::empty_like(rows_in);
   const int64_t rows = rows_in.size(0), width = rows_in.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, rows_in.scalar_type(), "highway_forward_", [&] {
     using io = Io<scalar_t>;
     auto* tr = raw_ptr<scalar_t>(transform);
-    const auto* bias_data = b.data_ptr<typename io::acc>();
-    const auto* t = raw_ptr<scalar_t>(gate);
+    auto* t = raw_ptr<scalar_t>(gate);
     const auto* x = raw_ptr<scalar_t>(rows_in);
     auto* y = raw_ptr<scalar_t>(out);
+    const auto* bh_data = bh.data_ptr<typename io::acc>();
+    const auto* bt_data = bt.data_ptr<typename io::acc>();
     at::parallel_for(0, rows, kBlockRows, [&](int64_t begin, int64_t end) {
       const int64_t o = begin * width;
-      highway_forward_block<io>(tr + o, bias_data, t + o, x + o, y + o, end - begin, width);
+      highway_forward_block<io>(tr + o, bh_data, t + o, bt_data, x + o, y + o, end - begin, width);
     });
   });
   return out;
@@ -438,12 +468,13 @@ void check_vectors(const at::Tensor& t, const char* name, int64_t batch, int64_t
               " tensor, got ", t.sizes(), " ", t.scalar_type());
 }
 
-// Transport forward: e <- e ⊙ valid pairs, cost_dots <- 1 - cost_dots (in place), with e = exp(S)
-// and cost_dots = g(q)·g(k) (B, H, Nq, Nk). Returns the row sums (B, H, Nq) and column sums
+// Transport forward: logits <- E = exp(S) ⊙ valid pairs, cost_dots <- C = 1 - cost_dots (in place),
+// with S = f(q)·f(k) and cost_dots = g(q)·g(k) (B, H, Nq, Nk). Returns the row sums (B, H, Nq) and column sums
 // (B, H, Nk) of E and of E ⊙ C, in the accumulation dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport_forward_(
-    at::Tensor e, at::Tensor cost_dots, const at::Tensor& q_valid, const at::Tensor& k_valid) {
-  check_matrices(e, "e", e);
+    at::Tensor logits, at::Tensor cost_dots, const at::Tensor& q_valid, const at::Tensor& k_valid) {
+  const at::Tensor& e = logits;
+  check_matrices(e, "logits", e);
   check_matrices(cost_dots, "cost_dots", e);
   const int64_t batch = e.size(0), heads = e.size(1), nq = e.size(2), nk = e.size(3);
   TORCH_CHECK(q_valid.scalar_type() == at::kBool && q_valid.dim() == 2 && q_valid.size(0) == batch &&
@@ -521,9 +552,9 @@ TORCH_LIBRARY(vqa_align_glue, m) {
   m.def("bias_leaky_relu_(Tensor(a!) y, Tensor bias, float slope) -> ()");
   m.def("normalize_backward_(Tensor(a!) grad, Tensor unit, Tensor norms) -> Tensor");
   m.def("leaky_relu_backward_(Tensor(a!) grad, Tensor activated, float slope) -> Tensor");
-  m.def("highway_forward_(Tensor(a!) transform, Tensor bias, Tensor gate, Tensor rows) -> Tensor");
+  m.def("highway_forward_(Tensor(a!) transform, Tensor bias_h, Tensor(b!) gate, Tensor bias_t, Tensor rows) -> Tensor");
   m.def("highway_backward_(Tensor(a!) grad_out, Tensor gate, Tensor transform, Tensor rows, float input_sign) -> (Tensor, Tensor, Tensor)");
-  m.def("transport_forward_(Tensor(a!) e, Tensor(b!) cost_dots, Tensor q_valid, Tensor k_valid) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("transport_forward_(Tensor(a!) logits, Tensor(b!) cost_dots, Tensor q_valid, Tensor k_valid) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("transport_backward(Tensor e, Tensor cost, Tensor alpha, Tensor beta, Tensor a, Tensor b) -> (Tensor, Tensor)");
 }
 
