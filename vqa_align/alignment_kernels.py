@@ -7,8 +7,11 @@ the helpers run on every head's copy of every position, B·H·(Nq + Nk) rows (10
 MCAN-small decoder self-attention at batch 64), so their cost is dominated by elementwise passes
 over those rows and by autograd's bookkeeping, not by arithmetic. The fused versions
 
-- run every helper layer for queries and keys together as one matmul over all rows, keeping
-  every (R, ·) tensor contiguous;
+- run every helper layer for queries and keys together as one matmul over all rows (all query
+  rows, then all key rows), keeping every (R, ·) tensor contiguous;
+- do the elementwise work between the matmuls through :mod:`vqa_align.native_kernels`: one-pass
+  C++ kernels on the CPU (bias adds and activations, the highway mix, the normalisation, the
+  transport matrices, with the bias-gradient sums folded in), PyTorch ops elsewhere;
 - for CT, never form softmaxes: the navigator outputs are unit vectors, so the logits lie in
   [-1, 1] and E = exp(S) is safe without max-subtraction; both transport plans are E divided by its
   row or column sums, and the backward pass needs only E, the cost matrix and four vectors;
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqa_align.native_kernels import glue_for
+
 
 def _concat_rows(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, H, Nq, d), (B, H, Nk, d) -> (B·H·Nq + B·H·Nk, d) contiguous rows in ``dtype``: every
