@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -101,3 +102,13 @@ def tiny_run_overrides(cache, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def require_native_kernels() -> None:
+    """Skip when there is no C++ compiler (the PyTorch fallbacks run); where there is one, the C++
+    kernels must build: a build error is a test failure, not a silent fallback."""
+    from vqa_align import native_kernels
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the PyTorch versions run instead")
+    assert native_kernels.load_native(), "a C++ compiler exists but vqa_align's C++ kernels did not build"

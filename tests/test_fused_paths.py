@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_masks as _masks
+from conftest import require_native_kernels
 
 from vqa_align import native_kernels
 from vqa_align.alignment import (
@@ -89,8 +90,8 @@ def _aligner_case(method: str, seed: int, precision: str = "fp32", fused: bool =
 @pytest.fixture(params=["native", "torch"])
 def glue(request, monkeypatch):
     """Run a fused-aligner test with the C++ glue kernels and with their PyTorch versions."""
-    if request.param == "native" and not native_kernels.load_native():
-        pytest.skip("no C++ toolchain")
+    if request.param == "native":
+        require_native_kernels()
     monkeypatch.setenv(native_kernels.ENV_SWITCH, "1" if request.param == "native" else "0")
     return request.param
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import require_native_kernels
 
 from vqa_align import native_kernels as nk
 
-pytestmark = pytest.mark.skipif(not nk.load_native(), reason="no C++ toolchain: the PyTorch glue runs instead")
+
+@pytest.fixture(autouse=True)
+def _native():
+    require_native_kernels()
 
 # Exact in fp64/fp32 up to summation order; in bf16 the kernels keep intermediates in fp32 where
 # PyTorch rounds each step to bf16, so they differ by a few bf16 ulps.

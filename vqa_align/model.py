@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from vqa_align.alignment import AttentionDetails, HeadAligner, ModuleDiagnostics, diagnose_module
 from vqa_align.config import ModelConfig
+from vqa_align.dropout import Dropout
 
 BOX_GEOMETRY_DIM = 6  # normalised x1, y1, x2, y2, w, h
 
@@ -112,7 +113,7 @@ class FeedForward(nn.Sequential):
     """Linear -> ReLU -> Dropout -> Linear."""
 
     def __init__(self, hidden_size: int, ffn_size: int, dropout: float):
-        super().__init__(nn.Linear(hidden_size, ffn_size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_size, hidden_size))
+        super().__init__(nn.Linear(hidden_size, ffn_size), nn.ReLU(), Dropout(dropout), nn.Linear(ffn_size, hidden_size))
 
 
 @dataclass
@@ -131,7 +132,7 @@ class SelfAttentionUnit(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.hidden_size)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
         self.norm2 = nn.LayerNorm(cfg.hidden_size)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, x_valid: Tensor, compute_alignment: bool, need_details: bool) -> LayerOutput:
         out = LayerOutput(x)
@@ -157,7 +158,7 @@ class GuidedAttentionUnit(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.hidden_size)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
         self.norm3 = nn.LayerNorm(cfg.hidden_size)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(
         self, x: Tensor, y: Tensor, x_valid: Tensor, y_valid: Tensor, compute_alignment: bool, need_details: bool
@@ -182,7 +183,7 @@ class AttFlat(nn.Module):
 
     def __init__(self, hidden_size: int, mlp_size: int, glimpses: int, out_size: int, dropout: float):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(mlp_size, glimpses))
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_size), nn.ReLU(), Dropout(dropout), nn.Linear(mlp_size, glimpses))
         self.merge = nn.Linear(hidden_size * glimpses, out_size)
 
     def forward(self, x: Tensor, x_valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -328,7 +329,7 @@ class MCAN(nn.Module):
             # (e.g. "is there a red shape?" = [red asked] AND [red seen]); the fused vector is a
             # *sum*, so MCAN's linear classifier can only add the two evidences.
             self.classifier: nn.Module = nn.Sequential(
-                nn.Linear(cfg.flat_size, cfg.classifier_hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+                nn.Linear(cfg.flat_size, cfg.classifier_hidden), nn.ReLU(), Dropout(cfg.dropout),
                 nn.Linear(cfg.classifier_hidden, cfg.num_answers),
             )
         else:

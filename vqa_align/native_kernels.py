@@ -37,7 +37,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "alignment_glue.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "alignment_glue.cpp", CSRC / "dropout.cpp")  # one extension, op namespace vqa_align_glue
 ENV_SWITCH = "VQA_ALIGN_NATIVE_KERNELS"
 NORM_EPS = 1e-12  # F.normalize's default: x / max(|x|, eps)
 # OpenMP: ATen's parallel_for is header-inlined. -fno-trapping-math lets GCC vectorise the floor in
@@ -246,7 +247,7 @@ def enabled_by_environment() -> bool:
 @functools.cache
 def load_native() -> bool:
     """Compile (first time) and load the C++ kernels; False, with one warning, where that fails."""
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     # The build is specific to this source, its flags and the host CPU (-march=native).
     tag = hashlib.sha256(source + " ".join(_CFLAGS).encode() + _cpu_signature().encode()).hexdigest()[:12]
     name = f"vqa_align_glue_{tag}"
@@ -258,7 +259,8 @@ def load_native() -> bool:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         log.info("loading the aligner glue kernels %s (the first use compiles them, ~25 s)", name)
         cpp_extension.load(
-            name=name, sources=[str(SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False
+            name=name, sources=[str(p) for p in SOURCES], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+            is_python_module=False,
         )
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a broken toolchain: fall back
         warnings.warn(
@@ -294,9 +296,14 @@ def _cpu_signature() -> str:
     return "unknown"
 
 
+def native_enabled() -> bool:
+    """Whether the C++ CPU kernels run: not turned off by the environment, and built."""
+    return enabled_by_environment() and load_native()
+
+
 def glue_for(device: torch.device) -> SimpleNamespace:
     """The glue implementation for tensors on ``device``: the C++ kernels on the CPU when they
     are enabled and build, else the PyTorch versions."""
-    if device.type == "cpu" and enabled_by_environment() and load_native():
+    if device.type == "cpu" and native_enabled():
         return NATIVE_GLUE
     return TORCH_GLUE
