@@ -1,4 +1,6 @@
-"""The elementwise glue of the fused aligners: one-pass C++ kernels on the CPU, PyTorch elsewhere.
+"""The project's C++ CPU kernels: their loader, and the elementwise glue of the fused aligners
+(one-pass C++ kernels on the CPU, PyTorch versions elsewhere). The same extension also holds the
+counter-based dropout of :mod:`vqa_align.dropout` (``csrc/dropout.cpp``).
 
 Between the helper networks' matmuls, the fused CT and GAN aligners
 (:mod:`vqa_align.alignment_kernels`) do elementwise work on B·H·(Nq + Nk) rows: bias adds and
@@ -8,11 +10,12 @@ PyTorch does each of these as several passes, each with a freshly allocated outp
 CPU those passes cost more than the matmuls. ``csrc/alignment_glue.cpp`` does each step in one
 pass, in place where it can, with the bias adds and column sums folded in.
 
-The kernels are compiled on first use with :func:`torch.utils.cpp_extension.load` (≈ 25 s once,
+The kernels are compiled on first use with :func:`torch.utils.cpp_extension.load` (10–30 s once,
 then cached in ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) for the host CPU
-(``-march=native``). Where that is impossible (no C++ compiler) the PyTorch versions below run
-instead, with one warning; they compute the same functions and are what the tests compare the
-kernels against. ``VQA_ALIGN_NATIVE_KERNELS=0`` turns the kernels off.
+(``-march=native``; the cache name includes the CPU's flags). Where that is impossible (no C++
+compiler) the PyTorch versions below run instead, with one warning; they compute the same
+functions and are what the tests compare the kernels against. ``VQA_ALIGN_NATIVE_KERNELS=0`` turns
+the kernels off.
 
 Both implementations have the same signatures; every function may overwrite its first argument
 (it is consumed). Rows are contiguous 2-D ``(rows, width)`` tensors of one dtype; column sums and
@@ -257,15 +260,17 @@ def load_native() -> bool:
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        log.info("loading the aligner glue kernels %s (the first use compiles them, ~25 s)", name)
+        log.info("loading the C++ CPU kernels %s (the first use compiles them, 10-30 s)", name)
         cpp_extension.load(
             name=name, sources=[str(p) for p in SOURCES], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a broken toolchain: fall back
+        detail = " ".join(str(error).split())[-400:]  # the compiler's own message comes last
         warnings.warn(
-            f"vqa_align: could not build the C++ aligner kernels ({type(error).__name__}: {str(error)[:300]}); "
-            f"using the PyTorch versions (same results, slower on the CPU). Set {ENV_SWITCH}=0 to skip the attempt.",
+            f"vqa_align: could not build the C++ CPU kernels (aligner glue, dropout): {type(error).__name__}: "
+            f"...{detail}; using the PyTorch versions instead (slower on the CPU). "
+            f"Set {ENV_SWITCH}=0 to skip the attempt.",
             RuntimeWarning,
             stacklevel=2,
         )
