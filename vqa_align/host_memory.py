@@ -5,8 +5,9 @@ A training step allocates and frees the same large tensors every step (activatio
 a dynamic threshold (at most 32 MiB) are mmap'ed and unmapped one by one, and free memory at the
 top of the heap is trimmed once it exceeds twice that threshold. Each step then page-faults and
 zeroes the same memory again: 50,000-180,000 minor faults per MCAN-small CT step at batch 64 on
-the 2-core CPU, about a third of an aligner's time measured alone (BENCHMARKS.md, session 3). With a high mmap
-threshold and no trimming, a step reuses the previous step's memory and the faults go to zero.
+the 2-core CPU, about a third of an aligner's time measured alone (BENCHMARKS.md, session 3).
+With a high mmap threshold and no trimming, a step reuses the previous step's memory and the
+faults go to zero.
 
 The price: the resident size stays at the step's high-water mark instead of dropping between
 steps, which for a training loop is where it returns every step anyway. Only glibc has these
