@@ -50,8 +50,8 @@ def _concat_rows(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _split_rows(rows: Tensor, batch: int, heads: int, n_queries: int) -> tuple[Tensor, Tensor]:
     """(R, c) rows of :func:`_concat_rows` -> contiguous (B, H, Nq, c), (B, H, Nk, c) views."""
-    n_query_rows = batch * heads * n_queries
-    return rows[:n_query_rows].view(batch, heads, n_queries, -1), rows[n_query_rows:].view(batch, heads, -1, rows.shape[-1])
+    n_query_rows, width = batch * heads * n_queries, rows.shape[-1]
+    return rows[:n_query_rows].view(batch, heads, n_queries, width), rows[n_query_rows:].view(batch, heads, -1, width)
 
 
 def _highway_backward(
@@ -192,9 +192,9 @@ class _FusedConditionalTransport(torch.autograd.Function):
         grad_nav, grad_crit = torch.empty_like(nav), torch.empty_like(crit)  # (R, r) each, the layout of rows
         for grad, factor, unit in ((grad_nav, grad_logits, nav), (grad_crit, plan, crit)):
             unit_q, unit_k = _split_rows(unit, batch, heads, n_queries)
-            grad_q, grad_k = _split_rows(grad, batch, heads, n_queries)
-            torch.matmul(factor, unit_k, out=grad_q)  # (B, H, Nq, r)
-            torch.matmul(factor.transpose(-1, -2), unit_q, out=grad_k)  # (B, H, Nk, r)
+            out_q, out_k = _split_rows(grad, batch, heads, n_queries)
+            torch.matmul(factor, unit_k, out=out_q)  # (B, H, Nq, r)
+            torch.matmul(factor.transpose(-1, -2), unit_q, out=out_k)  # (B, H, Nk, r)
         grad_crit.neg_()  # dC = -d(g·g)
         grad_nav, grad_nav_b2 = glue.normalize_backward(grad_nav, nav, nav_norm)  # (R, r), (r,)
         grad_crit, grad_crit_b2 = glue.normalize_backward(grad_crit, crit, crit_norm)
