@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqa_align.native_kernels import glue_for
+from vqa_align.native_kernels import accumulation_dtype, cpu_flags, glue_for
 
 
 def _concat_rows(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
@@ -84,13 +84,8 @@ def _cuda_has_bf16(index: int) -> bool:  # cached: no device query inside a capt
     return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
-@functools.cache
 def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
@@ -108,11 +103,6 @@ def compute_dtype(precision: str, queries: Tensor) -> torch.dtype:
     if precision in ("fp32", "auto"):
         return torch.promote_types(queries.dtype, torch.float32)
     raise ValueError(f"alignment.helper_precision must be auto, fp32 or bf16, got {precision!r}")
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Sums and the returned distance: at least fp32."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _direction_weights(
@@ -263,7 +253,7 @@ class _FusedAdversarial(torch.autograd.Function):
         glue = glue_for(rows.device)
         highway, transform, gate = glue.highway_forward(rows, gate_w, gate_b)  # (R, d) each
         hidden = glue.linear_activation(highway, w1, b1, slope)  # (R, h); its sign is the pre-activation's
-        logits = torch.addmm(b2, hidden, w2.t()).to(_accumulation_dtype(dtype))  # (R, 1)
+        logits = torch.addmm(b2, hidden, w2.t()).to(accumulation_dtype(dtype))  # (R, 1)
         logits_q, logits_k = (t.squeeze(-1) for t in _split_rows(logits, batch, heads, n_queries))  # (B, H, N)
 
         # BCE(D(k), 1) + BCE(D(q), 0) = softplus(-D(k)) + softplus(D(q)), as masked means.

@@ -52,8 +52,19 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"] + (
 )
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums, norms and the aligners' distances: at least fp32."""
     return torch.promote_types(dtype, torch.float32)
+
+
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """The host CPU's feature flags (``/proc/cpuinfo``), empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((tuple(line.split(":", 1)[1].split()) for line in handle if line.startswith("flags")), ())
+    except OSError:
+        return ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +81,7 @@ def linear_activation(x: Tensor, weight: Tensor, bias: Tensor, slope: float) -> 
 def linear_normalize(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """y = x Wᵀ + b -> (y / max(|y|, eps) row-wise, the clamped norms (R,) in the accumulation dtype)."""
     y = torch.addmm(bias, x, weight.t())
-    norms = torch.linalg.vector_norm(y, dim=-1, dtype=_accumulation_dtype(y.dtype)).clamp_min_(NORM_EPS)
+    norms = torch.linalg.vector_norm(y, dim=-1, dtype=accumulation_dtype(y.dtype)).clamp_min_(NORM_EPS)
     return y.mul_(norms.reciprocal()[:, None]), norms
 
 
@@ -88,7 +99,7 @@ def leaky_relu_backward(grad: Tensor, activated: Tensor, slope: float) -> tuple[
     -> (dL/d pre-activation (R, w), its column sums (w,): the bias gradient of that layer).
     """
     grad = torch.ops.aten.leaky_relu_backward(grad, activated, slope, True)
-    return grad, grad.sum(0, dtype=_accumulation_dtype(grad.dtype))
+    return grad, grad.sum(0, dtype=accumulation_dtype(grad.dtype))
 
 
 def highway_forward(rows: Tensor, gate_w: Tensor, gate_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -121,7 +132,7 @@ def highway_backward(
     grad_transform = torch.ops.aten.threshold_backward(grad_activated, transform, 0.0)
     grad_gate = torch.ops.aten.sigmoid_backward(grad_out * torch.relu(transform).sub_(rows), gate)
     direct = grad_out.sub_(grad_activated) if input_sign == 1.0 else grad_activated.sub_(grad_out)
-    acc = _accumulation_dtype(grad_out.dtype)
+    acc = accumulation_dtype(grad_out.dtype)
     return direct, grad_transform, grad_gate, torch.cat([grad_transform.sum(0, dtype=acc), grad_gate.sum(0, dtype=acc)])
 
 
@@ -152,7 +163,7 @@ def transport_forward(
     if k_factor is not None:
         e.mul_(k_factor[:, None, None, :])
     cost = cost_dots.neg_().add_(1.0)
-    acc = _accumulation_dtype(e.dtype)
+    acc = accumulation_dtype(e.dtype)
     e_cost = e * cost
     return e, cost, e.sum(-1, dtype=acc), e.sum(-2, dtype=acc), e_cost.sum(-1, dtype=acc), e_cost.sum(-2, dtype=acc)
 
@@ -252,7 +263,7 @@ def load_native() -> bool:
     """Compile (first time) and load the C++ kernels; False, with one warning, where that fails."""
     source = b"".join(path.read_bytes() for path in SOURCES)
     # The build is specific to this source, its flags and the host CPU (-march=native).
-    tag = hashlib.sha256(source + " ".join(_CFLAGS).encode() + _cpu_signature().encode()).hexdigest()[:12]
+    tag = hashlib.sha256(source + " ".join(_CFLAGS).encode() + " ".join(cpu_flags()).encode()).hexdigest()[:12]
     name = f"vqa_align_glue_{tag}"
     try:
         cpp_extension = _import_cpp_extension()
@@ -288,17 +299,6 @@ def _import_cpp_extension():
     finally:
         logger.setLevel(level)
     return cpp_extension
-
-
-def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return "unknown"
 
 
 def native_enabled() -> bool:
