@@ -36,7 +36,8 @@ SHAPES = {"sa_image": (REGIONS, REGIONS), "sga_guided": (REGIONS, TOKENS), "sa_q
 
 
 def time_call(aligner: HeadAligner, queries: torch.Tensor, keys: torch.Tensor, valid_q, valid_k, glue: str) -> float:
-    os.environ[native_kernels.ENV_SWITCH] = "1" if glue == "native" else "0"
+    os.environ[native_kernels.ENV_SWITCH] = "0" if glue == "torch" else "1"
+    os.environ[native_kernels.HELPER_BLOCKS_SWITCH] = "1" if glue == "native" else "0"
     start = time.perf_counter()
     aligner(queries, keys, valid_q, valid_k).sum().backward()
     return time.perf_counter() - start
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()
-    glues = ["native", "torch"] if native_kernels.load_native() else ["torch"]
+    glues = ["native", "layers", "torch"] if native_kernels.load_native() else ["torch"]
     results = []
     for method in args.methods.split(","):
         aligner = HeadAligner(HEAD_DIM, AlignmentConfig(method=method, helper_precision=args.precision))
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 median = statistics.median(times[glue])
                 results.append({"method": method, "module": kind, "glue": glue, "median_ms": 1e3 * median})
     os.environ.pop(native_kernels.ENV_SWITCH, None)
+    os.environ.pop(native_kernels.HELPER_BLOCKS_SWITCH, None)
     totals = {}
     for row in results:
         key = (row["method"], row["glue"])

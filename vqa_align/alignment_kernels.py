@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqa_align.native_kernels import accumulation_dtype, cpu_flags, glue_for
+from vqa_align.native_kernels import accumulation_dtype, cpu_flags, ct_helper_blocks, glue_for
 
 
 def _concat_rows(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
@@ -119,33 +119,83 @@ def _direction_weights(
 # ----------------------------------------------------------------------------------------------
 
 
+def _ct_helpers_forward(rows: Tensor, weights: tuple[Tensor, ...], glue: SimpleNamespace) -> tuple[Tensor, ...]:
+    """The CT helpers layer by layer over all rows (R, d) -> nav, nav_norm, crit, crit_norm and the
+    activations the backward pass reads."""
+    nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2 = weights
+    # Navigator: Linear-ReLU-Linear-normalise. Critic: highway, Linear-ReLU-Linear-normalise.
+    nav_hidden = glue.linear_activation(rows, nav_w1, nav_b1, 0.0)  # (R, hn)
+    nav, nav_norm = glue.linear_normalize(nav_hidden, nav_w2, nav_b2)  # (R, r), (R,)
+    highway, transform, gate = glue.highway_forward(rows, gate_w, gate_b)  # (R, d) each
+    crit_hidden = glue.linear_activation(highway, crit_w1, crit_b1, 0.0)  # (R, hc)
+    crit, crit_norm = glue.linear_normalize(crit_hidden, crit_w2, crit_b2)  # (R, r), (R,)
+    return nav, nav_norm, crit, crit_norm, (rows, nav_hidden, transform, gate, highway, crit_hidden)
+
+
+def _ct_helpers_backward(
+    grad_nav: Tensor, grad_crit: Tensor, nav: Tensor, nav_norm: Tensor, crit: Tensor, crit_norm: Tensor,
+    activations: tuple[Tensor, ...], weights: tuple[Tensor, ...], glue: SimpleNamespace,
+) -> tuple[Tensor, ...]:
+    """Backward of :func:`_ct_helpers_forward` from dD/dnav and dD/dcrit (R, r), both consumed ->
+    dD/drows (R, d) and the ten weight and bias gradients (the critic's not yet negated)."""
+    rows, nav_hidden, transform, gate, highway, crit_hidden = activations
+    nav_w1, _, nav_w2, _, gate_w, _, crit_w1, _, crit_w2, _ = weights
+    grad_crit.neg_()  # dC = -d(g·g)
+    grad_nav, grad_nav_b2 = glue.normalize_backward(grad_nav, nav, nav_norm)  # (R, r), (r,)
+    grad_crit, grad_crit_b2 = glue.normalize_backward(grad_crit, crit, crit_norm)
+    # Critic.
+    grad_crit_w2 = grad_crit.t() @ crit_hidden
+    grad_crit_hidden, grad_crit_b1 = glue.leaky_relu_backward(grad_crit @ crit_w2, crit_hidden, 0.0)  # (R, hc)
+    grad_crit_w1 = grad_crit_hidden.t() @ highway
+    grad_rows, grad_gate_w, grad_gate_b = _highway_backward(
+        glue, grad_crit_hidden @ crit_w1, rows, gate_w, transform, gate
+    )  # (R, d)
+    # Navigator.
+    grad_nav_w2 = grad_nav.t() @ nav_hidden
+    grad_nav_hidden, grad_nav_b1 = glue.leaky_relu_backward(grad_nav @ nav_w2, nav_hidden, 0.0)  # (R, hn)
+    grad_nav_w1 = grad_nav_hidden.t() @ rows
+    grad_rows.addmm_(grad_nav_hidden, nav_w1)  # (R, d)
+    return (
+        grad_rows, grad_nav_w1, grad_nav_b1, grad_nav_w2, grad_nav_b2,
+        grad_gate_w, grad_gate_b, grad_crit_w1, grad_crit_b1, grad_crit_w2, grad_crit_b2,
+    )  # fmt: skip
+
+
 class _FusedConditionalTransport(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries, keys, q_valid, k_valid, rho, dtype, nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2):  # type: ignore[override]
-        batch, heads, n_queries, _ = queries.shape
-        ctx.meta = (n_queries, queries.dtype, keys.dtype, nav_w1.dtype)
-        rows = _concat_rows(queries, keys, dtype)  # (R, d), R = B·H·(Nq + Nk)
-        nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2 = (
-            t.to(dtype) for t in (nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2)
-        )
-
-        # Helpers. Navigator: Linear-ReLU-Linear-normalise. Critic: highway, Linear-ReLU-Linear-normalise.
-        glue = glue_for(rows.device)
-        nav_hidden = glue.linear_activation(rows, nav_w1, nav_b1, 0.0)  # (R, hn)
-        nav, nav_norm = glue.linear_normalize(nav_hidden, nav_w2, nav_b2)  # (R, r), (R,)
-        highway, transform, gate = glue.highway_forward(rows, gate_w, gate_b)  # (R, d) each
-        crit_hidden = glue.linear_activation(highway, crit_w1, crit_b1, 0.0)  # (R, hc)
-        crit, crit_norm = glue.linear_normalize(crit_hidden, crit_w2, crit_b2)  # (R, r), (R,)
+    def forward(ctx, queries, keys, q_valid, k_valid, rho, dtype, *weights):  # type: ignore[override]
+        # weights: nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2
+        batch, heads, n_queries, d = queries.shape
+        widths = (d, weights[0].shape[0], weights[6].shape[0], weights[2].shape[0])  # d, hn, hc, r
+        blocks = ct_helper_blocks(queries.device, dtype, widths) and queries.dtype in (torch.float32, torch.bfloat16)
+        ctx.meta = (n_queries, queries.dtype, keys.dtype, weights[0].dtype, blocks)
+        glue = glue_for(queries.device)
+        if blocks:  # every helper layer per block of rows in the CPU's cache (csrc/ct_helpers.cpp)
+            queries, keys = queries.contiguous(), keys.to(queries.dtype).contiguous()
+            nav, nav_norm, crit, crit_norm = torch.ops.vqa_align_glue.ct_helpers_forward(queries, keys, weights)
+            saved = (queries, keys, *weights)  # the backward pass recomputes the activations
+        else:
+            weights = tuple(t.to(dtype) for t in weights)
+            nav, nav_norm, crit, crit_norm, activations = _ct_helpers_forward(
+                _concat_rows(queries, keys, dtype), weights, glue  # (R, d), R = B·H·(Nq + Nk)
+            )
+            saved = (*activations, *weights)
 
         # Transport. S = f(q) f(k)ᵀ lies in [-1, 1], so E = exp(S) needs no max-subtraction; with
         # padded pairs zeroed, the forward plan is E over its row sums and the backward plan E over
         # its column sums. Cost C = 1 - g(q) g(k)ᵀ.
-        nav_q, nav_k = _split_rows(nav, batch, heads, n_queries)  # (B, H, Nq, r), (B, H, Nk, r)
-        crit_q, crit_k = _split_rows(crit, batch, heads, n_queries)
-        logits = torch.matmul(nav_q, nav_k.transpose(-1, -2))  # S (B, H, Nq, Nk)
-        cost_dots = torch.matmul(crit_q, crit_k.transpose(-1, -2))  # g(q)·g(k)
-        # E = exp(S) masked, C = 1 - g·g; sums in the accumulation dtype (fp32 at least).
-        e, cost, row_sum, col_sum, row_cost, col_cost = glue.transport_forward(logits, cost_dots, q_valid, k_valid)
+        if blocks:  # per (sample, head), S and C never leave the cache
+            row_sum, col_sum, row_cost, col_cost = torch.ops.vqa_align_glue.ct_transport_forward(
+                nav, crit, q_valid, k_valid, heads
+            )
+            e = cost = None
+        else:
+            nav_q, nav_k = _split_rows(nav, batch, heads, n_queries)  # (B, H, Nq, r), (B, H, Nk, r)
+            crit_q, crit_k = _split_rows(crit, batch, heads, n_queries)
+            logits = torch.matmul(nav_q, nav_k.transpose(-1, -2))  # S (B, H, Nq, Nk)
+            cost_dots = torch.matmul(crit_q, crit_k.transpose(-1, -2))  # g(q)·g(k)
+            # E = exp(S) masked, C = 1 - g·g; sums in the accumulation dtype (fp32 at least).
+            e, cost, row_sum, col_sum, row_cost, col_cost = glue.transport_forward(logits, cost_dots, q_valid, k_valid)
         acc = row_sum.dtype
         row_sum, col_sum = row_sum.clamp_min_(torch.finfo(acc).tiny), col_sum.clamp_min_(torch.finfo(acc).tiny)
         forward_cost = row_cost / row_sum  # (B, H, Nq): Σ_j π(k_j|q_i) c_ij; row_sum is 0 only at padded rows
@@ -154,22 +204,20 @@ class _FusedConditionalTransport(torch.autograd.Function):
         distance = (forward_cost * q_weight).sum(-1) + (backward_cost * k_weight).sum(-1)  # (B, H)
 
         ctx.save_for_backward(
-            rows, nav_hidden, nav, nav_norm, transform, gate, highway, crit_hidden, crit, crit_norm,
-            e, cost, row_sum, col_sum, forward_cost, backward_cost, q_weight, k_weight,
-            nav_w1, nav_w2, gate_w, crit_w1, crit_w2,
+            nav, nav_norm, crit, crit_norm, e, cost, row_sum, col_sum, forward_cost, backward_cost, q_weight,
+            k_weight, q_valid, k_valid, *saved,
         )  # fmt: skip
         return distance
 
     @staticmethod
     def backward(ctx, grad_distance):  # type: ignore[override]
         (
-            rows, nav_hidden, nav, nav_norm, transform, gate, highway, crit_hidden, crit, crit_norm,
-            e, cost, row_sum, col_sum, forward_cost, backward_cost, q_weight, k_weight,
-            nav_w1, nav_w2, gate_w, crit_w1, crit_w2,
+            nav, nav_norm, crit, crit_norm, e, cost, row_sum, col_sum, forward_cost, backward_cost, q_weight,
+            k_weight, q_valid, k_valid, *saved,
         ) = ctx.saved_tensors  # fmt: skip
-        glue = glue_for(rows.device)
-        n_queries, q_dtype, k_dtype, w_dtype = ctx.meta
-        batch, heads = e.shape[:2]
+        glue = glue_for(nav.device)
+        n_queries, q_dtype, k_dtype, w_dtype, blocks = ctx.meta
+        batch, heads = row_sum.shape[:2]
         grad_distance = grad_distance.to(row_sum.dtype)[..., None]  # (B, H, 1)
 
         # With α_i = g·w_i / rowsum_i and β_j = g·w_j / colsum_j (g = dLoss/dD):
@@ -177,36 +225,32 @@ class _FusedConditionalTransport(torch.autograd.Function):
         #   dD/dS_ij = E_ij (α_i (C_ij - fc_i) + β_j (C_ij - bc_j))  (backward of both softmaxes)
         alpha = grad_distance * q_weight / row_sum  # (B, H, Nq)
         beta = grad_distance * k_weight / col_sum  # (B, H, Nk)
-        plan, grad_logits = glue.transport_backward(e, cost, alpha, beta, alpha * forward_cost, beta * backward_cost)
-
-        grad_nav, grad_crit = torch.empty_like(nav), torch.empty_like(crit)  # (R, r) each, the layout of rows
-        for grad, factor, unit in ((grad_nav, grad_logits, nav), (grad_crit, plan, crit)):
-            unit_q, unit_k = _split_rows(unit, batch, heads, n_queries)
-            out_q, out_k = _split_rows(grad, batch, heads, n_queries)
-            torch.matmul(factor, unit_k, out=out_q)  # (B, H, Nq, r)
-            torch.matmul(factor.transpose(-1, -2), unit_q, out=out_k)  # (B, H, Nk, r)
-        grad_crit.neg_()  # dC = -d(g·g)
-        grad_nav, grad_nav_b2 = glue.normalize_backward(grad_nav, nav, nav_norm)  # (R, r), (r,)
-        grad_crit, grad_crit_b2 = glue.normalize_backward(grad_crit, crit, crit_norm)
-
-        # Critic (its parameter gradients are negated below: the critic ascends the cost).
-        grad_crit_w2 = grad_crit.t() @ crit_hidden
-        grad_crit_hidden, grad_crit_b1 = glue.leaky_relu_backward(grad_crit @ crit_w2, crit_hidden, 0.0)  # (R, hc)
-        grad_crit_w1 = grad_crit_hidden.t() @ highway
-        grad_rows, grad_gate_w, grad_gate_b = _highway_backward(
-            glue, grad_crit_hidden @ crit_w1, rows, gate_w, transform, gate
-        )  # (R, d)
-        # Navigator.
-        grad_nav_w2 = grad_nav.t() @ nav_hidden
-        grad_nav_hidden, grad_nav_b1 = glue.leaky_relu_backward(grad_nav @ nav_w2, nav_hidden, 0.0)  # (R, hn)
-        grad_nav_w1 = grad_nav_hidden.t() @ rows
-        grad_rows.addmm_(grad_nav_hidden, nav_w1)  # (R, d)
-
-        grad_q, grad_k = _split_rows(grad_rows, batch, heads, n_queries)
-        navigator = (grad_nav_w1, grad_nav_b1, grad_nav_w2, grad_nav_b2)
-        critic = (grad_gate_w, grad_gate_b, grad_crit_w1, grad_crit_b1, grad_crit_w2, grad_crit_b2)
-        weights = (*navigator, *(g.neg_() for g in critic))  # the critic ascends the cost
-        return (grad_q.to(q_dtype), grad_k.to(k_dtype), None, None, None, None, *(g.to(w_dtype) for g in weights))
+        if blocks:
+            grad_nav, grad_crit = torch.ops.vqa_align_glue.ct_transport_backward(
+                nav, crit, q_valid, k_valid, heads, alpha, beta, alpha * forward_cost, beta * backward_cost
+            )  # (R, r) each
+        else:
+            plan, grad_logits = glue.transport_backward(e, cost, alpha, beta, alpha * forward_cost, beta * backward_cost)
+            grad_nav, grad_crit = torch.empty_like(nav), torch.empty_like(crit)  # (R, r) each, the layout of rows
+            for grad, factor, unit in ((grad_nav, grad_logits, nav), (grad_crit, plan, crit)):
+                unit_q, unit_k = _split_rows(unit, batch, heads, n_queries)
+                out_q, out_k = _split_rows(grad, batch, heads, n_queries)
+                torch.matmul(factor, unit_k, out=out_q)  # (B, H, Nq, r)
+                torch.matmul(factor.transpose(-1, -2), unit_q, out=out_k)  # (B, H, Nk, r)
+        if blocks:
+            queries, keys, *weights = saved
+            grad_q, grad_k, *weight_grads = torch.ops.vqa_align_glue.ct_helpers_backward(
+                queries, keys, weights, grad_nav, grad_crit, -1.0, nav, nav_norm, crit, crit_norm
+            )  # -1: dC = -d(g·g)
+        else:
+            activations, weights = saved[:6], saved[6:]
+            grad_rows, *weight_grads = _ct_helpers_backward(
+                grad_nav, grad_crit, nav, nav_norm, crit, crit_norm, activations, weights, glue
+            )
+            grad_q, grad_k = _split_rows(grad_rows, batch, heads, n_queries)
+        navigator, critic = weight_grads[:4], weight_grads[4:]
+        weight_grads = (*navigator, *(g.neg_() for g in critic))  # the critic ascends the cost
+        return (grad_q.to(q_dtype), grad_k.to(k_dtype), None, None, None, None, *(g.to(w_dtype) for g in weight_grads))
 
 
 def fused_conditional_transport(

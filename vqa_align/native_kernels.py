@@ -41,7 +41,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "alignment_glue.cpp", CSRC / "dropout.cpp")  # one extension, op namespace vqa_align_glue
+SOURCES = (CSRC / "alignment_glue.cpp", CSRC / "ct_helpers.cpp", CSRC / "dropout.cpp")  # one extension, ops vqa_align_glue
 ENV_SWITCH = "VQA_ALIGN_NATIVE_KERNELS"
 NORM_EPS = 1e-12  # F.normalize's default: x / max(|x|, eps)
 # OpenMP: ATen's parallel_for is header-inlined. -fno-trapping-math lets GCC vectorise the floor in
@@ -304,6 +304,26 @@ def _import_cpp_extension():
 def native_enabled() -> bool:
     """Whether the C++ CPU kernels run: not turned off by the environment, and built."""
     return enabled_by_environment() and load_native()
+
+
+HELPER_BLOCKS_SWITCH = "VQA_ALIGN_HELPER_BLOCKS"
+
+
+def ct_helper_blocks(device: torch.device, dtype: torch.dtype, widths: tuple[int, int, int, int]) -> bool:
+    """Whether the CT helpers run as the block-fused C++ kernel (``csrc/ct_helpers.cpp``): CPU, bf16
+    helpers, kernels built and on, widths (d, navigator hidden, critic hidden, out) all multiples of
+    16, and a CPU with AVX-512-BF16 whose bf16 matmuls ATen can pack (AMX). ``VQA_ALIGN_HELPER_BLOCKS=0``
+    turns this kernel alone off (the layer-by-layer path with the other kernels then runs)."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not native_enabled():
+        return False
+    if os.environ.get(HELPER_BLOCKS_SWITCH, "1").strip().lower() in ("0", "false", "off"):
+        return False
+    return _ct_helpers_supported(*widths)
+
+
+@functools.cache
+def _ct_helpers_supported(d: int, nav_hidden: int, crit_hidden: int, out: int) -> bool:
+    return bool(torch.ops.vqa_align_glue.ct_helpers_supported(d, nav_hidden, crit_hidden, out))
 
 
 def glue_for(device: torch.device) -> SimpleNamespace:

@@ -1,0 +1,960 @@
+// The CT aligner's two helper networks, forward and backward, fused per block of rows (CPU, bf16
+// matmuls on AMX / AVX-512-BF16 through ATen's brgemm micro-kernels).
+//
+// Why: the navigator and the critic run on B·H·(Nq+Nk) rows (102,400 for one MCAN-small decoder
+// self-attention at batch 64) with widths of 32-128. As separate ATen ops (alignment_glue.cpp)
+// every layer is a pass over memory: a matmul writing a (rows, width) tensor, then a glue pass
+// reading it back, about 11 KB of traffic per row for forward and backward, and the 2-core CPU
+// waits on memory, not arithmetic. Here one block of kBlockRows rows goes through every layer while
+// it sits in the core's cache: what reaches memory is the input rows, the two unit-vector outputs
+// and their norms (forward), the incoming gradients and the row gradients (backward), about 1 KB
+// per row. The backward pass recomputes the block's forward activations instead of storing them.
+//
+// Math (the same as vqa_align/alignment_kernels.py's unfused path; rows x are queries then keys):
+//   navigator  f = normalize(W2 relu(W1 x + b1) + b2)
+//   critic     h = x + t ⊙ (relu(Wt x + bt) - x), t = σ(Wg x + bg)       (highway; gate_w = [Wt; Wg])
+//              g = normalize(V2 relu(V1 h + c1) + c2)
+// Matmul operands are bf16, accumulation and all elementwise work fp32; activations are rounded to
+// bf16 only where they feed a matmul. Weight and bias gradients are summed in fp32 per fixed group
+// of blocks, then the groups in order, so results do not depend on the thread count.
+//
+// Available when the CPU has AVX-512-BF16 and ATen can pack bf16 for brgemm (x86 with AMX or
+// AVX-512-BF16), and every width is a multiple of 16 (ct_helpers_supported); the Python side
+// uses the unfused path otherwise.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && \
+    defined(__AMX_BF16__) && defined(__linux__)
+#define VQA_ALIGN_CT_HELPERS 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlockRows = 128;   // rows per block: every per-block buffer stays in L2
+constexpr int64_t kMaxGroups = 64;    // weight-gradient accumulators (fixed: thread-count independent)
+constexpr float kNormEps = 1e-12f;    // F.normalize's eps
+
+constexpr int64_t kWidthMultiple = 32;  // the matmul's tile blocking (32 rows, columns and depth)
+
+bool widths_supported(int64_t d, int64_t hn, int64_t hc, int64_t r) {
+  for (int64_t w : {d, hn, hc, r})
+    if (w <= 0 || w % kWidthMultiple != 0) return false;
+  return true;
+}
+
+#ifdef VQA_ALIGN_CT_HELPERS
+
+using bf16 = at::BFloat16;
+
+// ---------------------------------------------------------------------------------------------
+// 16-lane helpers
+// ---------------------------------------------------------------------------------------------
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16* p, __m512 v) {  // round to nearest even
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+inline __m512 round_bf16(__m512 v) {  // v rounded to bf16, as float
+  const __m256i raw = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// exp: x = n ln2 + r, Cephes' degree-5 polynomial for exp(r) (as exp_acc in alignment_glue.cpp).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// 1 / x: the 14-bit estimate and one Newton step (~full fp32 precision; a divide costs ~16 cycles).
+inline __m512 reciprocal16(__m512 x) {
+  const __m512 y = _mm512_rcp14_ps(x);
+  return _mm512_mul_ps(y, _mm512_fnmadd_ps(x, y, _mm512_set1_ps(2.0f)));
+}
+
+// dst (rows, w) bf16 <- src (rows, w) of float or bf16 (rows beyond n_valid zeroed).
+template <typename T>
+void load_rows(bf16* dst, const T* src, int64_t n_valid, int64_t n_rows, int64_t w) {
+  for (int64_t i = 0; i < n_valid * w; i += 16) store16(dst + i, load16(src + i));
+  std::fill(dst + n_valid * w, dst + n_rows * w, bf16(0.0f));
+}
+
+// ---------------------------------------------------------------------------------------------
+// AMX matmul. One tile configuration for the whole kernel (8 tiles of 16 rows x 64 bytes), set once
+// per thread: a library GEMM call per layer and block (ATen's brgemm) reconfigures the tiles and
+// looks its kernel up on every call, which at these sizes (128 x 64 x 64) costs more than the
+// arithmetic.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kTile = 16;  // tile rows; a tile row is 64 bytes: 16 fp32 or 32 bf16
+
+bool amx_permitted() {  // Linux hands out the AMX tile state only on request, once per process
+  static const bool permitted = [] {
+    constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+    constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return permitted;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = kTile;
+  }
+  _tile_loadconfig(&config);
+}
+
+// B operand layout: a (k, n) bf16 matrix with its rows in pairs, (k/2, n, 2) ("VNNI"). k even, n a
+// multiple of 16.
+void pack_vnni(bf16* dst, const bf16* src, int64_t k, int64_t n) {
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t row = 0; row < k; row += 2) {
+    const bf16* even = src + row * n;
+    const bf16* odd = even + n;
+    for (int64_t c = 0; c < n; c += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + c)));
+      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd + c)));
+      _mm512_storeu_si512(out + (row / 2) * n + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// C (m, n) fp32 (row stride ldc) = A (m, k) bf16 (row stride lda) · B (k, n; pack_vnni), or += when
+// accumulate. m, n and k multiples of 32; the tiles must be configured (configure_tiles).
+void gemm(float* c, int64_t ldc, const bf16* a, int64_t lda, int64_t m, const bf16* b, int64_t k, int64_t n,
+          bool accumulate) {
+  const int64_t c_stride = ldc * 4, a_stride = lda * 2, b_stride = n * 4;  // bytes
+  for (int64_t m0 = 0; m0 < m; m0 += 2 * kTile)
+    for (int64_t n0 = 0; n0 < n; n0 += 2 * kTile) {
+      float* c00 = c + m0 * ldc + n0;
+      float* c10 = c00 + kTile * ldc;
+      if (accumulate) {
+        _tile_loadd(0, c00, c_stride);
+        _tile_loadd(1, c00 + kTile, c_stride);
+        _tile_loadd(2, c10, c_stride);
+        _tile_loadd(3, c10 + kTile, c_stride);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t k0 = 0; k0 < k; k0 += 2 * kTile) {
+        const bf16* a0 = a + m0 * lda + k0;
+        const bf16* b0 = b + (k0 / 2 * n + n0) * 2;
+        _tile_loadd(4, a0, a_stride);
+        _tile_loadd(5, a0 + kTile * lda, a_stride);
+        _tile_loadd(6, b0, b_stride);
+        _tile_loadd(7, b0 + 2 * kTile, b_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c00, c_stride);
+      _tile_stored(1, c00 + kTile, c_stride);
+      _tile_stored(2, c10, c_stride);
+      _tile_stored(3, c10 + kTile, c_stride);
+    }
+}
+
+// The 16 vectors of a 16x16 fp32 tile, transposed in registers: on return r[c] is column c.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+  }
+}
+
+// dst (w, rows) bf16 <- transpose of src (rows, w) (float or bf16); rows and w multiples of 16.
+template <typename T>
+void transpose_to_bf16(bf16* dst, const T* src, int64_t rows, int64_t w) {
+  __m512 tile[16];
+  for (int64_t i0 = 0; i0 < rows; i0 += 16)
+    for (int64_t c0 = 0; c0 < w; c0 += 16) {
+      for (int k = 0; k < 16; ++k) tile[k] = load16(src + (i0 + k) * w + c0);
+      transpose16(tile);
+      for (int k = 0; k < 16; ++k) store16(dst + (c0 + k) * rows + i0, tile[k]);
+    }
+}
+
+inline void to_bf16(bf16* dst, const float* src, int64_t n) {  // n a multiple of 16
+  for (int64_t i = 0; i < n; i += 16) store16(dst + i, load16(src + i));
+}
+
+// Column sums of src (rows, w) added into sums (w,).
+void add_column_sums(float* sums, const float* src, int64_t rows, int64_t w) {
+  for (int64_t c = 0; c < w; c += 16) {
+    __m512 acc = load16(sums + c);
+    for (int64_t i = 0; i < rows; ++i) acc = _mm512_add_ps(acc, load16(src + i * w + c));
+    store16(sums + c, acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights: bf16, packed once per call for the forward (x Wᵀ) and backward (g W) matmuls
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor pack_matrix(const at::Tensor& matrix) {  // (k, n), any float dtype -> packed bf16
+  const at::Tensor src = matrix.to(at::kBFloat16).contiguous();
+  at::Tensor out = at::empty_like(src);
+  pack_vnni(out.data_ptr<bf16>(), src.data_ptr<bf16>(), src.size(0), src.size(1));
+  return out;
+}
+
+struct Layer {  // y = x Wᵀ + b for W (out, in)
+  at::Tensor forward;   // Wᵀ (in, out), packed
+  at::Tensor backward;  // W (out, in), packed: dL/dx = dL/dy W
+  at::Tensor bias;  // (out,) fp32
+  int64_t in, out;
+};
+
+Layer make_layer(const at::Tensor& weight, const at::Tensor& bias, bool with_backward) {
+  TORCH_CHECK(weight.dim() == 2 && bias.dim() == 1 && bias.size(0) == weight.size(0),
+              "ct_helpers: a weight (out, in) and its bias (out,) expected, got ", weight.sizes(), " and ",
+              bias.sizes());
+  Layer layer;
+  layer.forward = pack_matrix(weight.t());
+  if (with_backward) layer.backward = pack_matrix(weight);
+  layer.bias = bias.to(at::kFloat).contiguous();
+  layer.out = weight.size(0);
+  layer.in = weight.size(1);
+  return layer;
+}
+
+struct Helpers {
+  Layer nav1, nav2, gate, crit1, crit2;  // gate: (2d, d), transform rows first
+  int64_t d, hn, hc, r;
+};
+
+Helpers make_helpers(const std::vector<at::Tensor>& w, bool with_backward) {
+  TORCH_CHECK(w.size() == 10, "ct_helpers: 10 weight tensors expected, got ", w.size());
+  Helpers h{make_layer(w[0], w[1], with_backward), make_layer(w[2], w[3], with_backward),
+            make_layer(w[4], w[5], with_backward), make_layer(w[6], w[7], with_backward),
+            make_layer(w[8], w[9], with_backward), 0, 0, 0, 0};
+  h.d = h.nav1.in;
+  h.hn = h.nav1.out;
+  h.hc = h.crit1.out;
+  h.r = h.nav2.out;
+  TORCH_CHECK(h.nav2.in == h.hn && h.gate.in == h.d && h.gate.out == 2 * h.d && h.crit1.in == h.d &&
+                  h.crit2.in == h.hc && h.crit2.out == h.r,
+              "ct_helpers: inconsistent helper shapes (navigator ", h.d, "->", h.hn, "->", h.r, ", gate ",
+              h.gate.in, "->", h.gate.out, ", critic ", h.crit1.in, "->", h.hc, "->", h.crit2.out, ")");
+  TORCH_CHECK(widths_supported(h.d, h.hn, h.hc, h.r), "ct_helpers: widths must be multiples of ", kWidthMultiple,
+              ", got d=", h.d,
+              " hidden=", h.hn, "/", h.hc, " out=", h.r);
+  return h;
+}
+
+// C (m, layer.out) fp32 = A (m, layer.in) bf16 · Wᵀ.
+inline void matmul_forward(float* c, const bf16* a, const Layer& layer, int64_t m) {
+  gemm(c, layer.out, a, layer.in, m, layer.forward.data_ptr<bf16>(), layer.in, layer.out, false);
+}
+// C (m, layer.in) fp32 = G (m, layer.out) bf16 · W, or += when accumulate.
+inline void matmul_backward(float* c, const bf16* g, const Layer& layer, int64_t m, bool accumulate) {
+  gemm(c, layer.in, g, layer.out, m, layer.backward.data_ptr<bf16>(), layer.out, layer.in, accumulate);
+}
+// dW (out, in) += Gᵀ X over the m rows of a block: gt (out, m) bf16, x_packed the packed (m, in) rows.
+inline void accumulate_weight_grad(float* dw, const bf16* gt, const bf16* x_packed, const Layer& layer, int64_t m) {
+  gemm(dw, layer.in, gt, m, layer.out, x_packed, m, layer.in, true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One block of rows
+// ---------------------------------------------------------------------------------------------
+
+// Per-thread buffers for one block of up to kBlockRows rows.
+struct Block {
+  int64_t m = 0;  // rows in the block, padded to a multiple of 16 (padding rows are zero inputs)
+  std::vector<bf16> x, nav_hidden, highway, crit_hidden;  // bf16 matmul inputs
+  std::vector<float> acc, transform, gate;                // fp32: matmul outputs, highway state
+  explicit Block(const Helpers& h)
+      : x(kBlockRows * h.d), nav_hidden(kBlockRows * h.hn), highway(kBlockRows * h.d),
+        crit_hidden(kBlockRows * h.hc), acc(kBlockRows * std::max({h.hn, h.hc, 2 * h.d})),
+        transform(kBlockRows * h.d), gate(kBlockRows * h.d) {}
+};
+
+// (rows, w) fp32 + bias -> relu -> bf16 dst.
+void bias_relu_to_bf16(bf16* dst, const float* src, const float* bias, int64_t rows, int64_t w) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < w; c += 16)
+      store16(dst + i * w + c, _mm512_max_ps(_mm512_add_ps(load16(src + i * w + c), load16(bias + c)), _mm512_setzero_ps()));
+}
+
+// (rows, w) fp32 + bias -> unit rows (bf16, first n_out rows written to out) and norms.
+void bias_normalize(bf16* out, float* norms, float* src, const float* bias, int64_t n_out, int64_t w) {
+  for (int64_t i = 0; i < n_out; ++i) {
+    float* row = src + i * w;
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t c = 0; c < w; c += 16) {
+      const __m512 v = _mm512_add_ps(load16(row + c), load16(bias + c));
+      store16(row + c, v);
+      squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    const float norm = std::max(std::sqrt(_mm512_reduce_add_ps(squares)), kNormEps);
+    const __m512 inverse = _mm512_set1_ps(1.0f / norm);
+    for (int64_t c = 0; c < w; c += 16) store16(out + i * w + c, _mm512_mul_ps(load16(row + c), inverse));
+    norms[i] = norm;
+  }
+}
+
+// The block's forward pass: every activation into the block's buffers and, unless they are null,
+// the two pre-normalisation outputs into `nav_pre` (m, r) and `crit_pre` (m, r) (the backward pass
+// reads the stored unit outputs instead).
+template <typename T>
+void block_forward(Block& b, const Helpers& h, const T* rows, int64_t n_valid, float* nav_pre, float* crit_pre) {
+  const int64_t m = b.m, d = h.d;
+  load_rows(b.x.data(), rows, n_valid, m, d);
+  // Navigator.
+  matmul_forward(b.acc.data(), b.x.data(), h.nav1, m);
+  bias_relu_to_bf16(b.nav_hidden.data(), b.acc.data(), h.nav1.bias.data_ptr<float>(), m, h.hn);
+  if (nav_pre != nullptr) matmul_forward(nav_pre, b.nav_hidden.data(), h.nav2, m);
+  // Critic: highway (transform and gate in one matmul), then Linear-ReLU-Linear.
+  matmul_forward(b.acc.data(), b.x.data(), h.gate, m);
+  const float* bias_t = h.gate.bias.data_ptr<float>();
+  const float* bias_g = bias_t + d;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t c = 0; c < d; c += 16) {
+      const float* a = b.acc.data() + i * 2 * d;
+      const __m512 tr = _mm512_add_ps(load16(a + c), load16(bias_t + c));
+      const __m512 pre = _mm512_add_ps(load16(a + d + c), load16(bias_g + c));
+      const __m512 t = reciprocal16(_mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), pre))));
+      const __m512 x = load16(b.x.data() + i * d + c);
+      store16(b.transform.data() + i * d + c, tr);
+      store16(b.gate.data() + i * d + c, t);
+      store16(b.highway.data() + i * d + c, _mm512_fmadd_ps(t, _mm512_sub_ps(_mm512_max_ps(tr, _mm512_setzero_ps()), x), x));
+    }
+  }
+  matmul_forward(b.acc.data(), b.highway.data(), h.crit1, m);
+  bias_relu_to_bf16(b.crit_hidden.data(), b.acc.data(), h.crit1.bias.data_ptr<float>(), m, h.hc);
+  if (crit_pre != nullptr) matmul_forward(crit_pre, b.crit_hidden.data(), h.crit2, m);
+}
+
+// Backward of normalize(y) with y = pre + bias: grad (rows, w) in, on return dL/dy; rows beyond
+// n_valid get 0. `unit` is the stored output, `norms` its norms.
+void normalize_backward(float* grad_out, const bf16* grad_in, float sign, const bf16* unit, const float* norms,
+                        int64_t n_valid, int64_t rows, int64_t w) {
+  const __m512 s = _mm512_set1_ps(sign);
+  for (int64_t i = 0; i < n_valid; ++i) {
+    __m512 along = _mm512_setzero_ps();
+    for (int64_t c = 0; c < w; c += 16)
+      along = _mm512_fmadd_ps(load16(unit + i * w + c), _mm512_mul_ps(s, load16(grad_in + i * w + c)), along);
+    const float dot = norms[i] <= kNormEps ? 0.0f : _mm512_reduce_add_ps(along);  // clamped norm: linear
+    const __m512 a = _mm512_set1_ps(dot), inverse = _mm512_set1_ps(1.0f / norms[i]);
+    for (int64_t c = 0; c < w; c += 16) {
+      const __m512 g = _mm512_mul_ps(s, load16(grad_in + i * w + c));
+      store16(grad_out + i * w + c, _mm512_mul_ps(_mm512_fnmadd_ps(load16(unit + i * w + c), a, g), inverse));
+    }
+  }
+  std::fill(grad_out + n_valid * w, grad_out + rows * w, 0.0f);
+}
+
+// Per-group sums of the weight and bias gradients (fp32), one flat buffer per group. The first
+// layers' weight gradients (navigator's first layer, highway gate) are summed transposed, (in, out):
+// their matmul reads the block's x transposed, which it shares.
+struct GradSlots {
+  int64_t offsets[11];
+  int64_t size;
+  explicit GradSlots(const Helpers& h) {
+    const int64_t sizes[10] = {h.hn * h.d, h.hn, h.r * h.hn, h.r, 2 * h.d * h.d, 2 * h.d, h.hc * h.d, h.hc,
+                               h.r * h.hc, h.r};
+    offsets[0] = 0;
+    for (int i = 0; i < 10; ++i) offsets[i + 1] = offsets[i] + sizes[i];
+    size = offsets[10];
+  }
+};
+constexpr bool kSlotTransposed[10] = {true, false, false, false, true, false, false, false, false, false};
+
+// Scratch of the backward pass beyond the forward's.
+struct BackwardScratch {
+  std::vector<float> grad_a, grad_b, grad_x;  // fp32 gradients of the block's activations (m, ·)
+  std::vector<bf16> grad_bf16, grad_t, x_t;   // a gradient as matmul input (m, ·) and transposed; xᵀ (d, m)
+  std::vector<bf16> packed;                   // a (m, ·) matrix packed as a weight gradient's B operand
+  explicit BackwardScratch(const Helpers& h) {
+    const int64_t widest = std::max({h.hn, h.hc, 2 * h.d, h.r});
+    grad_a.resize(kBlockRows * widest);
+    grad_b.resize(kBlockRows * widest);
+    grad_x.resize(kBlockRows * h.d);
+    grad_bf16.resize(kBlockRows * widest);
+    grad_t.resize(kBlockRows * widest);
+    x_t.resize(kBlockRows * h.d);
+    packed.resize(kBlockRows * widest);
+  }
+};
+
+// g <- g ⊙ [activated > 0] for (rows, w) (ReLU backward; `activated` is the ReLU's output).
+void relu_backward(float* __restrict__ g, const bf16* __restrict__ activated, int64_t rows, int64_t w) {
+  for (int64_t i = 0; i < rows * w; i += 16) {
+    const __mmask16 active = _mm512_cmp_ps_mask(load16(activated + i), _mm512_setzero_ps(), _CMP_GT_OQ);
+    store16(g + i, _mm512_maskz_mov_ps(active, load16(g + i)));
+  }
+}
+
+// One block's backward pass. The weight gradients contract over the block's rows; brgemm takes
+// that contraction as A (out, m) · B (m, in) with B packed by row pairs, so one of the two factors
+// is transposed: the narrower (gradients of the 32-wide outputs, the critic's hidden gradient) or
+// the shared one (x, for the navigator's first layer and the gate, whose gradients come out
+// transposed).
+template <typename T>
+void block_backward(Block& b, BackwardScratch& s, const Helpers& h, const T* rows, int64_t n_valid,
+                    const bf16* grad_nav, const bf16* grad_crit, float crit_sign, const bf16* nav, const float* nav_norm,
+                    const bf16* crit, const float* crit_norm, float* grads, const GradSlots& slots, T* grad_rows) {
+  const int64_t m = b.m, d = h.d;
+  block_forward(b, h, rows, n_valid, static_cast<float*>(nullptr), static_cast<float*>(nullptr));
+  transpose_to_bf16(s.x_t.data(), b.x.data(), m, d);
+  float* g_nav_w1_t = grads + slots.offsets[0];  // (d, hn)
+  float* g_nav_b1 = grads + slots.offsets[1];
+  float* g_nav_w2 = grads + slots.offsets[2];
+  float* g_nav_b2 = grads + slots.offsets[3];
+  float* g_gate_w_t = grads + slots.offsets[4];  // (d, 2d)
+  float* g_gate_b = grads + slots.offsets[5];
+  float* g_crit_w1 = grads + slots.offsets[6];
+  float* g_crit_b1 = grads + slots.offsets[7];
+  float* g_crit_w2 = grads + slots.offsets[8];
+  float* g_crit_b2 = grads + slots.offsets[9];
+  float* grad_a = s.grad_a.data();
+  float* grad_b = s.grad_b.data();
+  float* grad_x = s.grad_x.data();
+
+  // Navigator: normalisation, second linear layer, ReLU, first linear layer.
+  normalize_backward(grad_a, grad_nav, 1.0f, nav, nav_norm, n_valid, m, h.r);  // (m, r)
+  add_column_sums(g_nav_b2, grad_a, m, h.r);
+  transpose_to_bf16(s.grad_t.data(), grad_a, m, h.r);
+  pack_vnni(s.packed.data(), b.nav_hidden.data(), m, h.hn);
+  gemm(g_nav_w2, h.hn, s.grad_t.data(), m, h.r, s.packed.data(), m, h.hn, true);  // (r, hn)
+  to_bf16(s.grad_bf16.data(), grad_a, m * h.r);
+  matmul_backward(grad_b, s.grad_bf16.data(), h.nav2, m, false);  // (m, hn)
+  relu_backward(grad_b, b.nav_hidden.data(), m, h.hn);
+  add_column_sums(g_nav_b1, grad_b, m, h.hn);
+  to_bf16(s.grad_bf16.data(), grad_b, m * h.hn);
+  pack_vnni(s.packed.data(), s.grad_bf16.data(), m, h.hn);
+  gemm(g_nav_w1_t, h.hn, s.x_t.data(), m, d, s.packed.data(), m, h.hn, true);  // (d, hn)
+  matmul_backward(grad_x, s.grad_bf16.data(), h.nav1, m, false);  // dL/dx, navigator part (m, d)
+
+  // Critic: normalisation (the cost is 1 - g·g: crit_sign -1), Linear-ReLU-Linear.
+  normalize_backward(grad_a, grad_crit, crit_sign, crit, crit_norm, n_valid, m, h.r);
+  add_column_sums(g_crit_b2, grad_a, m, h.r);
+  transpose_to_bf16(s.grad_t.data(), grad_a, m, h.r);
+  pack_vnni(s.packed.data(), b.crit_hidden.data(), m, h.hc);
+  gemm(g_crit_w2, h.hc, s.grad_t.data(), m, h.r, s.packed.data(), m, h.hc, true);  // (r, hc)
+  to_bf16(s.grad_bf16.data(), grad_a, m * h.r);
+  matmul_backward(grad_b, s.grad_bf16.data(), h.crit2, m, false);  // (m, hc)
+  relu_backward(grad_b, b.crit_hidden.data(), m, h.hc);
+  add_column_sums(g_crit_b1, grad_b, m, h.hc);
+  transpose_to_bf16(s.grad_t.data(), grad_b, m, h.hc);
+  pack_vnni(s.packed.data(), b.highway.data(), m, d);
+  gemm(g_crit_w1, d, s.grad_t.data(), m, h.hc, s.packed.data(), m, d, true);  // (hc, d)
+  to_bf16(s.grad_bf16.data(), grad_b, m * h.hc);
+  matmul_backward(grad_a, s.grad_bf16.data(), h.crit1, m, false);  // dL/d highway (m, d)
+
+  // Highway: y = x + t (relu(tr) - x). dtr = g t [tr > 0], dpre = g (relu(tr) - x) t (1 - t),
+  // direct path dx += g (1 - t); [dtr | dpre] (m, 2d) feeds the gate matmul's gradients.
+  const float* __restrict__ gate = b.gate.data();
+  const float* __restrict__ transform = b.transform.data();
+  const bf16* __restrict__ x = b.x.data();
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < d; c += 16) {
+      const int64_t o = i * d + c;
+      const __m512 g = load16(grad_a + o), t = load16(gate + o), tr = load16(transform + o), xv = load16(x + o);
+      const __m512 one_minus_t = _mm512_sub_ps(_mm512_set1_ps(1.0f), t);
+      const __m512 relu_tr = _mm512_max_ps(tr, _mm512_setzero_ps());
+      const __mmask16 active = _mm512_cmp_ps_mask(tr, _mm512_setzero_ps(), _CMP_GT_OQ);
+      store16(grad_b + i * 2 * d + c, _mm512_maskz_mov_ps(active, _mm512_mul_ps(g, t)));
+      store16(grad_b + i * 2 * d + d + c,
+              _mm512_mul_ps(_mm512_mul_ps(g, _mm512_sub_ps(relu_tr, xv)), _mm512_mul_ps(t, one_minus_t)));
+      store16(grad_x + o, _mm512_fmadd_ps(g, one_minus_t, load16(grad_x + o)));
+    }
+  add_column_sums(g_gate_b, grad_b, m, 2 * d);
+  to_bf16(s.grad_bf16.data(), grad_b, m * 2 * d);
+  pack_vnni(s.packed.data(), s.grad_bf16.data(), m, 2 * d);
+  gemm(g_gate_w_t, 2 * d, s.x_t.data(), m, d, s.packed.data(), m, 2 * d, true);  // (d, 2d)
+  matmul_backward(grad_x, s.grad_bf16.data(), h.gate, m, true);
+
+  for (int64_t i = 0; i < n_valid * d; i += 16) store16(grad_rows + i, load16(grad_x + i));
+}
+
+// The two sides' rows as one sequence of blocks: side 0 (queries) then side 1 (keys).
+struct Sides {
+  int64_t rows[2], blocks[2];
+  Sides(int64_t query_rows, int64_t key_rows) {
+    rows[0] = query_rows;
+    rows[1] = key_rows;
+    for (int s = 0; s < 2; ++s) blocks[s] = (rows[s] + kBlockRows - 1) / kBlockRows;
+  }
+  int64_t total() const { return blocks[0] + blocks[1]; }
+  // block index -> (side, first row within the side, rows)
+  std::tuple<int, int64_t, int64_t> locate(int64_t block) const {
+    const int side = block < blocks[0] ? 0 : 1;
+    const int64_t first = (side == 0 ? block : block - blocks[0]) * kBlockRows;
+    return {side, first, std::min(kBlockRows, rows[side] - first)};
+  }
+};
+
+int64_t padded(int64_t n) { return (n + kWidthMultiple - 1) / kWidthMultiple * kWidthMultiple; }
+
+void check_side(const at::Tensor& t, const char* name, int64_t d) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.is_contiguous() && t.size(3) == d &&
+                  (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+              "ct_helpers: ", name, " must be a contiguous float32 or bfloat16 (B, H, N, ", d, ") CPU tensor, got ",
+              t.sizes(), " ", t.scalar_type());
+}
+
+#endif  // VQA_ALIGN_CT_HELPERS
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------------------------
+
+bool ct_helpers_supported(int64_t d, int64_t hn, int64_t hc, int64_t r) {
+#ifdef VQA_ALIGN_CT_HELPERS
+  return widths_supported(d, hn, hc, r) && amx_permitted();
+#else
+  (void)d, (void)hn, (void)hc, (void)r;
+  return false;
+#endif
+}
+
+#ifdef VQA_ALIGN_CT_HELPERS
+
+template <typename T>
+void forward_blocks(const Helpers& h, const Sides& sides, const T* const side_data[2], bf16* nav, float* nav_norm,
+                    bf16* crit, float* crit_norm) {
+  at::parallel_for(0, sides.total(), 1, [&](int64_t first, int64_t last) {
+    configure_tiles();
+    Block b(h);
+    std::vector<float> nav_pre(kBlockRows * h.r), crit_pre(kBlockRows * h.r);
+    for (int64_t block = first; block < last; ++block) {
+      const auto [side, row0, n] = sides.locate(block);
+      const int64_t out_row = (side == 0 ? 0 : sides.rows[0]) + row0;
+      b.m = padded(n);
+      block_forward(b, h, side_data[side] + row0 * h.d, n, nav_pre.data(), crit_pre.data());
+      bias_normalize(nav + out_row * h.r, nav_norm + out_row, nav_pre.data(), h.nav2.bias.data_ptr<float>(), n, h.r);
+      bias_normalize(crit + out_row * h.r, crit_norm + out_row, crit_pre.data(), h.crit2.bias.data_ptr<float>(), n,
+                     h.r);
+    }
+    _tile_release();
+  });
+}
+
+struct BackwardInputs {
+  const bf16 *grad_nav, *grad_crit, *nav, *crit;
+  const float *nav_norm, *crit_norm;
+  float crit_sign;
+};
+
+template <typename T>
+void backward_blocks(const Helpers& h, const Sides& sides, const T* const side_data[2], T* const side_grad[2],
+                     const BackwardInputs& in, const GradSlots& slots, int64_t groups, float* partial) {
+  at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
+    configure_tiles();
+    Block b(h);
+    BackwardScratch s(h);
+    for (int64_t group = first_group; group < last_group; ++group) {
+      const int64_t begin = group * sides.total() / groups, end = (group + 1) * sides.total() / groups;
+      for (int64_t block = begin; block < end; ++block) {
+        const auto [side, row0, n] = sides.locate(block);
+        const int64_t at_row = (side == 0 ? 0 : sides.rows[0]) + row0;
+        b.m = padded(n);
+        block_backward(b, s, h, side_data[side] + row0 * h.d, n, in.grad_nav + at_row * h.r,
+                       in.grad_crit + at_row * h.r, in.crit_sign, in.nav + at_row * h.r, in.nav_norm + at_row,
+                       in.crit + at_row * h.r, in.crit_norm + at_row, partial + group * slots.size, slots,
+                       side_grad[side] + row0 * h.d);
+      }
+    }
+    _tile_release();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transport, one (sample, head) at a time: S = f(q)·f(k) and g(q)·g(k) as (Nq, Nk) matrices that
+// stay in the cache (the layer-by-layer path writes E and C to memory and reads them back).
+// ---------------------------------------------------------------------------------------------
+
+// dst (w, rows) <- transpose of src (rows, w) for 32-bit elements; rows and w multiples of 16.
+void transpose_words(uint32_t* dst, const uint32_t* src, int64_t rows, int64_t w) {
+  __m512 tile[16];
+  for (int64_t i0 = 0; i0 < rows; i0 += 16)
+    for (int64_t c0 = 0; c0 < w; c0 += 16) {
+      for (int k = 0; k < 16; ++k) tile[k] = _mm512_castsi512_ps(_mm512_loadu_si512(src + (i0 + k) * w + c0));
+      transpose16(tile);
+      for (int k = 0; k < 16; ++k) _mm512_storeu_si512(dst + (c0 + k) * rows + i0, _mm512_castps_si512(tile[k]));
+    }
+}
+
+struct TransportShape {
+  int64_t batch, heads, nq, nk, r, nq_pad, nk_pad, query_rows;  // query_rows = B·H·Nq: first key row
+  TransportShape(int64_t b, int64_t h, int64_t q, int64_t k, int64_t width)
+      : batch(b), heads(h), nq(q), nk(k), r(width), nq_pad(padded(q)), nk_pad(padded(k)), query_rows(b * h * q) {}
+};
+
+// One (sample, head): the unit vectors of both helpers for its queries and keys, padded with zero
+// rows, and the transport matrices.
+struct TransportScratch {
+  std::vector<bf16> fq, gq, fk, gk;          // (n_pad, r) rows, zero-padded
+  std::vector<bf16> fk_t, gk_t;              // B operands f(k)ᵀ, g(k)ᵀ (r, nk_pad), VNNI
+  std::vector<float> s, c;                   // S = f(q) f(k)ᵀ, g(q) g(k)ᵀ (nq_pad, nk_pad)
+  std::vector<float> k_mask;                 // (nk_pad,) 1 on valid keys
+  std::vector<float> col_sum, col_cost;      // (nk_pad,)
+  std::vector<float> beta, b;                // (nk_pad,) backward coefficients
+  std::vector<bf16> ds, plan;                // dS and P (nq_pad, nk_pad), zero-padded
+  std::vector<bf16> packed;                  // VNNI of a B operand
+  std::vector<bf16> units_t;                 // f(q)ᵀ or g(q)ᵀ (r, nq_pad)
+  std::vector<float> out;                    // a product, (nq_pad, r) or (r, nk_pad)
+  std::vector<bf16> out_rows;                // a key-side product as rows (nk_pad, r)
+  explicit TransportScratch(const TransportShape& t) {
+    const int64_t n_max = std::max(t.nq_pad, t.nk_pad), matrix = t.nq_pad * t.nk_pad;
+    for (auto* v : {&fq, &gq}) v->assign(t.nq_pad * t.r, bf16(0.0f));
+    for (auto* v : {&fk, &gk}) v->assign(t.nk_pad * t.r, bf16(0.0f));
+    for (auto* v : {&fk_t, &gk_t}) v->resize(t.nk_pad * t.r);
+    for (auto* v : {&s, &c}) v->resize(matrix);
+    for (auto* v : {&k_mask, &col_sum, &col_cost, &beta, &b}) v->assign(t.nk_pad, 0.0f);
+    for (auto* v : {&ds, &plan}) v->assign(matrix, bf16(0.0f));
+    packed.resize(std::max(n_max * t.r, matrix));
+    units_t.resize(t.nq_pad * t.r);
+    out.resize(n_max * t.r);
+    out_rows.resize(t.nk_pad * t.r);
+  }
+};
+
+// Loads the (sample, head) m's unit vectors and key mask, and computes S and g(q)·g(k) into the scratch.
+void transport_matrices(TransportScratch& x, const TransportShape& t, int64_t m, const bf16* nav, const bf16* crit,
+                        const bool* k_valid) {
+  const int64_t q0 = m * t.nq, k0 = t.query_rows + m * t.nk, r = t.r;
+  std::copy(nav + q0 * r, nav + (q0 + t.nq) * r, x.fq.begin());
+  std::copy(crit + q0 * r, crit + (q0 + t.nq) * r, x.gq.begin());
+  std::copy(nav + k0 * r, nav + (k0 + t.nk) * r, x.fk.begin());
+  std::copy(crit + k0 * r, crit + (k0 + t.nk) * r, x.gk.begin());
+  // B = f(k)ᵀ in VNNI: its pairs of rows are pairs of columns of f(k), i.e. f(k)'s 32-bit words, transposed.
+  transpose_words(reinterpret_cast<uint32_t*>(x.fk_t.data()), reinterpret_cast<const uint32_t*>(x.fk.data()),
+                  t.nk_pad, r / 2);
+  transpose_words(reinterpret_cast<uint32_t*>(x.gk_t.data()), reinterpret_cast<const uint32_t*>(x.gk.data()),
+                  t.nk_pad, r / 2);
+  gemm(x.s.data(), t.nk_pad, x.fq.data(), r, t.nq_pad, x.fk_t.data(), r, t.nk_pad, false);
+  gemm(x.c.data(), t.nk_pad, x.gq.data(), r, t.nq_pad, x.gk_t.data(), r, t.nk_pad, false);
+  const bool* kv = k_valid + (m / t.heads) * t.nk;
+  for (int64_t j = 0; j < t.nk; ++j) x.k_mask[j] = kv[j] ? 1.0f : 0.0f;
+}
+
+// Columns [0, nk) in vectors of 16; the last vector's lanes beyond nk are masked by k_mask (zero).
+inline int64_t key_vectors(const TransportShape& t) { return (t.nk + 15) / 16; }
+
+void transport_forward_one(TransportScratch& x, const TransportShape& t, int64_t m, const bool* q_valid,
+                           float* row_sum, float* col_sum, float* row_cost, float* col_cost) {
+  const bool* qv = q_valid + (m / t.heads) * t.nq;
+  std::fill(x.col_sum.begin(), x.col_sum.end(), 0.0f);
+  std::fill(x.col_cost.begin(), x.col_cost.end(), 0.0f);
+  for (int64_t i = 0; i < t.nq; ++i) {
+    float rs = 0.0f, rc = 0.0f;
+    if (qv[i]) {
+      __m512 sum = _mm512_setzero_ps(), cost_sum = _mm512_setzero_ps();
+      for (int64_t v = 0; v < key_vectors(t); ++v) {
+        const int64_t o = i * t.nk_pad + 16 * v;
+        const __m512 e = _mm512_mul_ps(exp16(load16(x.s.data() + o)), load16(x.k_mask.data() + 16 * v));
+        const __m512 ec = _mm512_mul_ps(e, _mm512_sub_ps(_mm512_set1_ps(1.0f), load16(x.c.data() + o)));
+        sum = _mm512_add_ps(sum, e);
+        cost_sum = _mm512_add_ps(cost_sum, ec);
+        store16(x.col_sum.data() + 16 * v, _mm512_add_ps(load16(x.col_sum.data() + 16 * v), e));
+        store16(x.col_cost.data() + 16 * v, _mm512_add_ps(load16(x.col_cost.data() + 16 * v), ec));
+      }
+      rs = _mm512_reduce_add_ps(sum);
+      rc = _mm512_reduce_add_ps(cost_sum);
+    }
+    row_sum[m * t.nq + i] = rs;
+    row_cost[m * t.nq + i] = rc;
+  }
+  std::copy(x.col_sum.begin(), x.col_sum.begin() + t.nk, col_sum + m * t.nk);
+  std::copy(x.col_cost.begin(), x.col_cost.begin() + t.nk, col_cost + m * t.nk);
+}
+
+void transport_backward_one(TransportScratch& x, const TransportShape& t, int64_t m, const bool* q_valid,
+                            const float* alpha, const float* beta, const float* a, const float* b, bf16* grad_nav,
+                            bf16* grad_crit) {
+  const bool* qv = q_valid + (m / t.heads) * t.nq;
+  std::copy(beta + m * t.nk, beta + (m + 1) * t.nk, x.beta.begin());
+  std::copy(b + m * t.nk, b + (m + 1) * t.nk, x.b.begin());
+  // P = E (α_i + β_j) and dS = P C - E (a_i + b_j), with E = exp(S) on valid pairs and C = 1 - g·g,
+  // as bf16 matmul operands (rows beyond nq and columns beyond nk stay zero).
+  for (int64_t i = 0; i < t.nq; ++i) {
+    const bool row = qv[i];
+    const __m512 ai = _mm512_set1_ps(row ? alpha[m * t.nq + i] : 0.0f);
+    const __m512 ci = _mm512_set1_ps(row ? a[m * t.nq + i] : 0.0f);
+    for (int64_t v = 0; v < key_vectors(t); ++v) {
+      const int64_t o = i * t.nk_pad + 16 * v;
+      __m512 p = _mm512_setzero_ps(), g = _mm512_setzero_ps();
+      if (row) {
+        const __m512 e = _mm512_mul_ps(exp16(load16(x.s.data() + o)), load16(x.k_mask.data() + 16 * v));
+        const __m512 cost = _mm512_sub_ps(_mm512_set1_ps(1.0f), load16(x.c.data() + o));
+        p = _mm512_mul_ps(e, _mm512_add_ps(ai, load16(x.beta.data() + 16 * v)));
+        g = _mm512_fnmadd_ps(e, _mm512_add_ps(ci, load16(x.b.data() + 16 * v)), _mm512_mul_ps(p, cost));
+      }
+      store16(x.ds.data() + o, g);
+      store16(x.plan.data() + o, p);
+    }
+  }
+  const int64_t q0 = m * t.nq, k0 = t.query_rows + m * t.nk, r = t.r;
+  // Query side: dL/df(q) = dS f(k), dL/dg(q) = P g(k) (rows out directly).
+  for (const auto& [factor, units, out] : {std::tuple{&x.ds, &x.fk, grad_nav}, {&x.plan, &x.gk, grad_crit}}) {
+    pack_vnni(x.packed.data(), units->data(), t.nk_pad, r);
+    gemm(x.out.data(), r, factor->data(), t.nk_pad, t.nq_pad, x.packed.data(), t.nk_pad, r, false);
+    to_bf16(out + q0 * r, x.out.data(), t.nq * r);
+  }
+  // Key side: dL/df(k) = dSᵀ f(q), computed transposed, f(q)ᵀ dS (r, nk_pad), so that the (Nq, Nk)
+  // matrix is only packed, not transposed; the (r, nk_pad) result is transposed instead.
+  for (const auto& [factor, units, out] : {std::tuple{&x.ds, &x.fq, grad_nav}, {&x.plan, &x.gq, grad_crit}}) {
+    transpose_to_bf16(x.units_t.data(), units->data(), t.nq_pad, r);  // (r, nq_pad)
+    pack_vnni(x.packed.data(), factor->data(), t.nq_pad, t.nk_pad);
+    gemm(x.out.data(), t.nk_pad, x.units_t.data(), t.nq_pad, r, x.packed.data(), t.nq_pad, t.nk_pad, false);
+    transpose_to_bf16(x.out_rows.data(), x.out.data(), r, t.nk_pad);  // (nk_pad, r)
+    std::copy(x.out_rows.begin(), x.out_rows.begin() + t.nk * r, out + k0 * r);
+  }
+}
+
+TransportShape checked_transport_shape(const at::Tensor& nav, const at::Tensor& crit, const at::Tensor& q_valid,
+                                       const at::Tensor& k_valid, int64_t heads) {
+  TORCH_CHECK(amx_permitted(), "ct_transport: the kernel did not grant this process the AMX tile state");
+  TORCH_CHECK(q_valid.scalar_type() == at::kBool && q_valid.dim() == 2 && k_valid.scalar_type() == at::kBool &&
+                  k_valid.dim() == 2 && q_valid.size(0) == k_valid.size(0),
+              "ct_transport: q_valid / k_valid must be bool (B, Nq) / (B, Nk), got ", q_valid.sizes(), " ",
+              q_valid.scalar_type(), " / ", k_valid.sizes(), " ", k_valid.scalar_type());
+  const TransportShape t(q_valid.size(0), heads, q_valid.size(1), k_valid.size(1), nav.size(-1));
+  for (const auto& [u, name] : {std::pair{&nav, "nav"}, {&crit, "crit"}})
+    TORCH_CHECK(u->dim() == 2 && u->size(0) == t.batch * heads * (t.nq + t.nk) && u->size(1) == t.r &&
+                    u->is_contiguous() && u->scalar_type() == at::kBFloat16,
+                "ct_transport: ", name, " must be a contiguous bfloat16 (B·H·(Nq+Nk) = ",
+                t.batch * heads * (t.nq + t.nk), ", ", t.r, ") tensor, got ", u->sizes(), " ", u->scalar_type());
+  TORCH_CHECK(t.r % kWidthMultiple == 0, "ct_transport: the helper output width must be a multiple of ",
+              kWidthMultiple, ", got ", t.r);
+  return t;
+}
+
+#endif  // VQA_ALIGN_CT_HELPERS
+
+// Forward: rows = queries (B, H, Nq, d) then keys (B, H, Nk, d). Returns the navigator's and the
+// critic's unit outputs (R, r) bf16 and their norms (R,) fp32, R = B·H·(Nq + Nk).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_helpers_forward(
+    const at::Tensor& queries, const at::Tensor& keys, at::TensorList weights) {
+#ifdef VQA_ALIGN_CT_HELPERS
+  TORCH_CHECK(amx_permitted(), "ct_helpers: the kernel did not grant this process the AMX tile state");
+  const Helpers h = make_helpers(weights.vec(), false);
+  check_side(queries, "queries", h.d);
+  check_side(keys, "keys", h.d);
+  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), "ct_helpers: queries and keys differ in dtype");
+  const Sides sides(queries.numel() / h.d, keys.numel() / h.d);
+  const int64_t total_rows = sides.rows[0] + sides.rows[1];
+  const auto bf = queries.options().dtype(at::kBFloat16), fp = queries.options().dtype(at::kFloat);
+  at::Tensor nav = at::empty({total_rows, h.r}, bf), crit = at::empty({total_rows, h.r}, bf);
+  at::Tensor nav_norm = at::empty({total_rows}, fp), crit_norm = at::empty({total_rows}, fp);
+  bf16 *nav_p = nav.data_ptr<bf16>(), *crit_p = crit.data_ptr<bf16>();
+  float *nav_norm_p = nav_norm.data_ptr<float>(), *crit_norm_p = crit_norm.data_ptr<float>();
+  if (queries.scalar_type() == at::kFloat) {
+    const float* const data[2] = {queries.data_ptr<float>(), keys.data_ptr<float>()};
+    forward_blocks(h, sides, data, nav_p, nav_norm_p, crit_p, crit_norm_p);
+  } else {
+    const bf16* const data[2] = {queries.data_ptr<bf16>(), keys.data_ptr<bf16>()};
+    forward_blocks(h, sides, data, nav_p, nav_norm_p, crit_p, crit_norm_p);
+  }
+  return {nav, nav_norm, crit, crit_norm};
+#else
+  (void)queries, (void)keys, (void)weights;
+  TORCH_CHECK(false, "ct_helpers: not built for this CPU (needs AVX-512-BF16)");
+#endif
+}
+
+// Backward: from dL/d(navigator units) and dL/d(critic units) (R, r) bf16 (the latter times
+// crit_sign), the stored units and norms of the forward -> dL/dqueries, dL/dkeys (their dtype) and
+// the ten weight and bias gradients (fp32, in the order of `weights`).
+std::vector<at::Tensor> ct_helpers_backward(const at::Tensor& queries, const at::Tensor& keys, at::TensorList weights,
+                                            const at::Tensor& grad_nav, const at::Tensor& grad_crit, double crit_sign,
+                                            const at::Tensor& nav, const at::Tensor& nav_norm, const at::Tensor& crit,
+                                            const at::Tensor& crit_norm) {
+#ifdef VQA_ALIGN_CT_HELPERS
+  TORCH_CHECK(amx_permitted(), "ct_helpers: the kernel did not grant this process the AMX tile state");
+  const Helpers h = make_helpers(weights.vec(), true);
+  check_side(queries, "queries", h.d);
+  check_side(keys, "keys", h.d);
+  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), "ct_helpers: queries and keys differ in dtype");
+  const Sides sides(queries.numel() / h.d, keys.numel() / h.d);
+  const int64_t total_rows = sides.rows[0] + sides.rows[1];
+  for (const auto& [t, name] : {std::pair{&grad_nav, "grad_nav"}, {&grad_crit, "grad_crit"}, {&nav, "nav"}, {&crit, "crit"}})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == total_rows && t->size(1) == h.r && t->is_contiguous() &&
+                    t->scalar_type() == at::kBFloat16,
+                "ct_helpers: ", name, " must be a contiguous bfloat16 (", total_rows, ", ", h.r, ") tensor, got ",
+                t->sizes(), " ", t->scalar_type());
+  for (const auto& [t, name] : {std::pair{&nav_norm, "nav_norm"}, {&crit_norm, "crit_norm"}})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == total_rows && t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "ct_helpers: ", name, " must be a contiguous float32 (", total_rows, ",) tensor");
+  at::Tensor grad_q = at::empty_like(queries), grad_k = at::empty_like(keys);
+  const GradSlots slots(h);
+  const int64_t groups = std::min(kMaxGroups, std::max<int64_t>(1, sides.total()));
+  std::vector<float> partial(static_cast<size_t>(groups * slots.size), 0.0f);
+  const BackwardInputs in{grad_nav.data_ptr<bf16>(), grad_crit.data_ptr<bf16>(), nav.data_ptr<bf16>(),
+                          crit.data_ptr<bf16>(), nav_norm.data_ptr<float>(), crit_norm.data_ptr<float>(),
+                          static_cast<float>(crit_sign)};
+  if (queries.scalar_type() == at::kFloat) {
+    const float* const data[2] = {queries.data_ptr<float>(), keys.data_ptr<float>()};
+    float* const grads[2] = {grad_q.data_ptr<float>(), grad_k.data_ptr<float>()};
+    backward_blocks(h, sides, data, grads, in, slots, groups, partial.data());
+  } else {
+    const bf16* const data[2] = {queries.data_ptr<bf16>(), keys.data_ptr<bf16>()};
+    bf16* const grads[2] = {grad_q.data_ptr<bf16>(), grad_k.data_ptr<bf16>()};
+    backward_blocks(h, sides, data, grads, in, slots, groups, partial.data());
+  }
+  std::vector<at::Tensor> out{grad_q, grad_k};
+  const int64_t rows_of[10] = {h.hn, 0, h.r, 0, 2 * h.d, 0, h.hc, 0, h.r, 0};  // 0: a bias (a vector)
+  for (int i = 0; i < 10; ++i) {
+    const int64_t size = slots.offsets[i + 1] - slots.offsets[i];
+    at::Tensor g = at::zeros({size}, queries.options().dtype(at::kFloat));
+    float* dst = g.data_ptr<float>();
+    for (int64_t group = 0; group < groups; ++group) {  // in group order: thread-count independent
+      const float* src = partial.data() + group * slots.size + slots.offsets[i];
+      for (int64_t j = 0; j < size; ++j) dst[j] += src[j];
+    }
+    if (rows_of[i] == 0)
+      out.push_back(g);
+    else if (kSlotTransposed[i])
+      out.push_back(g.view({size / rows_of[i], rows_of[i]}).t().contiguous());
+    else
+      out.push_back(g.view({rows_of[i], size / rows_of[i]}));
+  }
+  return out;
+#else
+  (void)queries, (void)keys, (void)weights, (void)grad_nav, (void)grad_crit, (void)crit_sign, (void)nav,
+      (void)nav_norm, (void)crit, (void)crit_norm;
+  TORCH_CHECK(false, "ct_helpers: not built for this CPU (needs AVX-512-BF16)");
+#endif
+}
+
+
+// Transport forward from the helpers' unit outputs (R, r) bf16 (rows: queries then keys, as
+// ct_helpers_forward returns them) and the masks q_valid (B, Nq), k_valid (B, Nk): the row sums
+// (B, H, Nq) and column sums (B, H, Nk) of E = exp(S) on valid pairs and of E ⊙ C, C = 1 - g(q)·g(k),
+// fp32, as transport_forward_ of alignment_glue.cpp but without writing E and C.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_transport_forward(
+    const at::Tensor& nav, const at::Tensor& crit, const at::Tensor& q_valid, const at::Tensor& k_valid, int64_t heads) {
+#ifdef VQA_ALIGN_CT_HELPERS
+  const TransportShape t = checked_transport_shape(nav, crit, q_valid, k_valid, heads);
+  const auto fp = nav.options().dtype(at::kFloat);
+  at::Tensor row_sum = at::empty({t.batch, heads, t.nq}, fp), row_cost = at::empty({t.batch, heads, t.nq}, fp);
+  at::Tensor col_sum = at::empty({t.batch, heads, t.nk}, fp), col_cost = at::empty({t.batch, heads, t.nk}, fp);
+  const at::Tensor qv = q_valid.contiguous(), kv = k_valid.contiguous();
+  at::parallel_for(0, t.batch * heads, 1, [&](int64_t first, int64_t last) {
+    configure_tiles();
+    TransportScratch x(t);
+    for (int64_t m = first; m < last; ++m) {
+      transport_matrices(x, t, m, nav.data_ptr<bf16>(), crit.data_ptr<bf16>(), kv.data_ptr<bool>());
+      transport_forward_one(x, t, m, qv.data_ptr<bool>(), row_sum.data_ptr<float>(), col_sum.data_ptr<float>(),
+                            row_cost.data_ptr<float>(), col_cost.data_ptr<float>());
+    }
+    _tile_release();
+  });
+  return {row_sum, col_sum, row_cost, col_cost};
+#else
+  (void)nav, (void)crit, (void)q_valid, (void)k_valid, (void)heads;
+  TORCH_CHECK(false, "ct_transport: not built for this CPU (needs AMX and AVX-512-BF16)");
+#endif
+}
+
+// Transport backward: with α, a (B, H, Nq) and β, b (B, H, Nk) fp32, P = E ⊙ (α_i + β_j) and
+// dS = P ⊙ C - E ⊙ (a_i + b_j) (E and C recomputed) -> dL/df = (dS f(k); dSᵀ f(q)) and
+// dL/d(g·g) products (P g(k); Pᵀ g(q)), both (R, r) bf16 in the rows' layout.
+std::tuple<at::Tensor, at::Tensor> ct_transport_backward(const at::Tensor& nav, const at::Tensor& crit,
+                                                         const at::Tensor& q_valid, const at::Tensor& k_valid,
+                                                         int64_t heads, const at::Tensor& alpha, const at::Tensor& beta,
+                                                         const at::Tensor& a, const at::Tensor& b) {
+#ifdef VQA_ALIGN_CT_HELPERS
+  const TransportShape t = checked_transport_shape(nav, crit, q_valid, k_valid, heads);
+  for (const auto& [v, name, n] : {std::tuple{&alpha, "alpha", t.nq}, {&a, "a", t.nq}, {&beta, "beta", t.nk}, {&b, "b", t.nk}})
+    TORCH_CHECK(v->dim() == 3 && v->size(0) == t.batch && v->size(1) == heads && v->size(2) == n &&
+                    v->is_contiguous() && v->scalar_type() == at::kFloat,
+                "ct_transport: ", name, " must be a contiguous float32 (", t.batch, ", ", heads, ", ", n,
+                ") tensor, got ", v->sizes(), " ", v->scalar_type());
+  at::Tensor grad_nav = at::empty_like(nav), grad_crit = at::empty_like(crit);
+  const at::Tensor qv = q_valid.contiguous(), kv = k_valid.contiguous();
+  at::parallel_for(0, t.batch * heads, 1, [&](int64_t first, int64_t last) {
+    configure_tiles();
+    TransportScratch x(t);
+    for (int64_t m = first; m < last; ++m) {
+      transport_matrices(x, t, m, nav.data_ptr<bf16>(), crit.data_ptr<bf16>(), kv.data_ptr<bool>());
+      transport_backward_one(x, t, m, qv.data_ptr<bool>(), alpha.data_ptr<float>(), beta.data_ptr<float>(),
+                             a.data_ptr<float>(), b.data_ptr<float>(), grad_nav.data_ptr<bf16>(),
+                             grad_crit.data_ptr<bf16>());
+    }
+    _tile_release();
+  });
+  return {grad_nav, grad_crit};
+#else
+  (void)nav, (void)crit, (void)q_valid, (void)k_valid, (void)heads, (void)alpha, (void)beta, (void)a, (void)b;
+  TORCH_CHECK(false, "ct_transport: not built for this CPU (needs AMX and AVX-512-BF16)");
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vqa_align_glue, m) {
+  m.def("ct_helpers_supported(int d, int nav_hidden, int crit_hidden, int out) -> bool", &ct_helpers_supported);
+  m.def("ct_helpers_forward(Tensor queries, Tensor keys, Tensor[] weights) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ct_helpers_backward(Tensor queries, Tensor keys, Tensor[] weights, Tensor grad_nav, Tensor grad_crit, "
+      "float crit_sign, Tensor nav, Tensor nav_norm, Tensor crit, Tensor crit_norm) -> Tensor[]");
+  m.def("ct_transport_forward(Tensor nav, Tensor crit, Tensor q_valid, Tensor k_valid, int heads) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ct_transport_backward(Tensor nav, Tensor crit, Tensor q_valid, Tensor k_valid, int heads, Tensor alpha, "
+      "Tensor beta, Tensor a, Tensor b) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(vqa_align_glue, CPU, m) {
+  m.impl("ct_helpers_forward", &ct_helpers_forward);
+  m.impl("ct_helpers_backward", &ct_helpers_backward);
+  m.impl("ct_transport_forward", &ct_transport_forward);
+  m.impl("ct_transport_backward", &ct_transport_backward);
+}
