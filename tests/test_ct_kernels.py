@@ -177,6 +177,27 @@ def test_aligner_with_the_kernels_matches_the_exact_distance_and_the_layer_path(
         assert F.cosine_similarity(a.double().flatten(), c.double().flatten(), dim=0) > 0.99
 
 
+def test_transposed_views_are_read_in_place_and_get_gradients_in_their_layout():
+    """The attention hands the aligner q and k as (B, N, H, d) -> (B, H, N, d) transposed views."""
+    gen = torch.Generator().manual_seed(4)
+    d, hn, hc, r = WIDTHS
+    aligner = HeadAligner(d, AlignmentConfig(method="ct", helper_hidden=hn, helper_out=r, helper_precision="bf16"))
+    q_valid, k_valid = random_masks(3, 40, 9, gen)
+    q_flat = torch.randn(3, 40, 2 * d, generator=gen, requires_grad=True)
+    k_flat = torch.randn(3, 9, 2 * d, generator=gen, requires_grad=True)
+    views = [t.view(3, -1, 2, d).transpose(1, 2) for t in (q_flat, k_flat)]  # (B, H, N, d), not contiguous
+    copies = [v.detach().contiguous().requires_grad_() for v in views]
+    grads: dict[int, torch.Tensor] = {}
+    for index, v in enumerate(views):
+        v.register_hook(lambda g, index=index: grads.__setitem__(index, g))  # as the aligner returns it
+    aligner(*views, q_valid, k_valid).sum().backward()
+    aligner(*copies, q_valid, k_valid).sum().backward()
+    for view, grad, copy in zip(views, (grads[0], grads[1]), copies, strict=True):
+        assert not view.is_contiguous()
+        assert grad.stride() == view.stride()  # no re-layout of the gradient
+        assert torch.equal(grad, copy.grad)
+
+
 def test_results_do_not_depend_on_the_thread_count():
     gen = torch.Generator().manual_seed(5)
     d = WIDTHS[0]

@@ -54,6 +54,16 @@ def _split_rows(rows: Tensor, batch: int, heads: int, n_queries: int) -> tuple[T
     return rows[:n_query_rows].view(batch, heads, n_queries, width), rows[n_query_rows:].view(batch, heads, -1, width)
 
 
+def _row_layout(x: Tensor) -> Tensor:
+    """x (B, H, N, d) as the CPU kernels read it: rows of unit stride at 64-byte aligned addresses. The
+    attention's q and k (transposed views of (B, N, H·d) projections) qualify as they are, so they are
+    neither copied nor are their gradients laid out differently from them."""
+    strides = x.stride()
+    dense = all(s > 0 for s in strides) and 1 + sum((n - 1) * s for n, s in zip(x.shape, strides)) == x.numel()
+    aligned = x.data_ptr() % 64 == 0 and all(s * x.element_size() % 64 == 0 for s in strides[:3])
+    return x if dense and aligned and strides[-1] == 1 else x.contiguous()
+
+
 def _highway_backward(
     glue: SimpleNamespace, grad_out: Tensor, rows: Tensor, gate_w: Tensor, transform: Tensor, gate: Tensor,
     input_sign: float = 1.0,
@@ -171,7 +181,7 @@ class _FusedConditionalTransport(torch.autograd.Function):
         ctx.meta = (n_queries, queries.dtype, keys.dtype, weights[0].dtype, blocks)
         glue = glue_for(queries.device)
         if blocks:  # every helper layer per block of rows in the CPU's cache (csrc/ct_helpers.cpp)
-            queries, keys = queries.contiguous(), keys.to(queries.dtype).contiguous()
+            queries, keys = _row_layout(queries), _row_layout(keys.to(queries.dtype))
             nav, nav_norm, crit, crit_norm = torch.ops.vqa_align_glue.ct_helpers_forward(queries, keys, weights)
             saved = (queries, keys, *weights)  # the backward pass recomputes the activations
         else:

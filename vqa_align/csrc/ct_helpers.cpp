@@ -70,9 +70,11 @@ inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(bf16* p, __m512 v) {  // round to nearest even
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
-inline __m512 round_bf16(__m512 v) {  // v rounded to bf16, as float
-  const __m256i raw = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+// Non-temporal stores (no read-for-ownership of the destination line); p 64- (float) or 32-byte
+// (bf16) aligned. Each writing thread fences (_mm_sfence) before its part of the parallel loop ends.
+inline void stream16(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+inline void stream16(bf16* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
 
 // exp: x = n ln2 + r, Cephes' degree-5 polynomial for exp(r) (as exp_acc in alignment_glue.cpp).
@@ -98,10 +100,30 @@ inline __m512 reciprocal16(__m512 x) {
   return _mm512_mul_ps(y, _mm512_fnmadd_ps(x, y, _mm512_set1_ps(2.0f)));
 }
 
-// dst (rows, w) bf16 <- src (rows, w) of float or bf16 (rows beyond n_valid zeroed).
+// The rows of a (B, H, N, w) tensor whose last dimension has unit stride, in (b, h, i) order: the
+// attention's q and k are transposed views of (B, N, H·w) projections, read and written in place.
 template <typename T>
-void load_rows(bf16* dst, const T* src, int64_t n_valid, int64_t n_rows, int64_t w) {
-  for (int64_t i = 0; i < n_valid * w; i += 16) store16(dst + i, load16(src + i));
+struct StridedRows {
+  T* base;
+  int64_t heads, n, stride_b, stride_h, stride_n;
+  T* row(int64_t index) const {
+    const int64_t i = index % n, bh = index / n;
+    return base + (bh / heads) * stride_b + (bh % heads) * stride_h + i * stride_n;
+  }
+};
+
+template <typename T>
+StridedRows<T> strided_rows(const at::Tensor& t) {
+  return {reinterpret_cast<T*>(t.data_ptr()), t.size(1), t.size(2), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// dst (n_rows, w) bf16 <- rows [row0, row0 + n_valid) of src (float or bf16); rows beyond n_valid zeroed.
+template <typename T>
+void load_rows(bf16* dst, const StridedRows<const T>& src, int64_t row0, int64_t n_valid, int64_t n_rows, int64_t w) {
+  for (int64_t i = 0; i < n_valid; ++i) {
+    const T* row = src.row(row0 + i);
+    for (int64_t c = 0; c < w; c += 16) store16(dst + i * w + c, load16(row + c));
+  }
   std::fill(dst + n_valid * w, dst + n_rows * w, bf16(0.0f));
 }
 
@@ -232,15 +254,6 @@ inline void to_bf16(bf16* dst, const float* src, int64_t n) {  // n a multiple o
   for (int64_t i = 0; i < n; i += 16) store16(dst + i, load16(src + i));
 }
 
-// Column sums of src (rows, w) added into sums (w,).
-void add_column_sums(float* sums, const float* src, int64_t rows, int64_t w) {
-  for (int64_t c = 0; c < w; c += 16) {
-    __m512 acc = load16(sums + c);
-    for (int64_t i = 0; i < rows; ++i) acc = _mm512_add_ps(acc, load16(src + i * w + c));
-    store16(sums + c, acc);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Weights: bf16, packed once per call for the forward (x Wᵀ) and backward (g W) matmuls
 // ---------------------------------------------------------------------------------------------
@@ -314,15 +327,38 @@ inline void accumulate_weight_grad(float* dw, const bf16* gt, const bf16* x_pack
 // ---------------------------------------------------------------------------------------------
 
 // Per-thread buffers for one block of up to kBlockRows rows.
+// Per-thread buffers for one block of up to kBlockRows rows: x, the navigator's hidden layer (CT),
+// the highway and the hidden layer after it (the CT critic's or the GAN discriminator's).
 struct Block {
-  int64_t m = 0;  // rows in the block, padded to a multiple of 16 (padding rows are zero inputs)
-  std::vector<bf16> x, nav_hidden, highway, crit_hidden;  // bf16 matmul inputs
-  std::vector<float> acc, transform, gate;                // fp32: matmul outputs, highway state
-  explicit Block(const Helpers& h)
-      : x(kBlockRows * h.d), nav_hidden(kBlockRows * h.hn), highway(kBlockRows * h.d),
-        crit_hidden(kBlockRows * h.hc), acc(kBlockRows * std::max({h.hn, h.hc, 2 * h.d})),
-        transform(kBlockRows * h.d), gate(kBlockRows * h.d) {}
+  int64_t m = 0;  // rows in the block, padded to a multiple of 32 (padding rows are zero inputs)
+  std::vector<bf16> x, nav_hidden, highway, hidden;  // bf16 matmul inputs
+  std::vector<float> acc, transform, gate;           // fp32: matmul outputs, highway state
+  Block(int64_t d, int64_t nav_width, int64_t hidden_width)
+      : x(kBlockRows * d), nav_hidden(kBlockRows * nav_width), highway(kBlockRows * d),
+        hidden(kBlockRows * hidden_width), acc(kBlockRows * std::max({nav_width, hidden_width, 2 * d})),
+        transform(kBlockRows * d), gate(kBlockRows * d) {}
 };
+
+// The highway of the CT critic and of the GAN discriminator on a block: transform and gate in one
+// matmul, y = x + t ⊙ (relu(transform) - x) with t = σ(gate pre-activation); keeps transform and t.
+void highway_forward(Block& b, const Layer& gate_layer, int64_t d) {
+  const int64_t m = b.m;
+  matmul_forward(b.acc.data(), b.x.data(), gate_layer, m);
+  const float* bias_t = gate_layer.bias.data_ptr<float>();
+  const float* bias_g = bias_t + d;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t c = 0; c < d; c += 16) {
+      const float* a = b.acc.data() + i * 2 * d;
+      const __m512 tr = _mm512_add_ps(load16(a + c), load16(bias_t + c));
+      const __m512 pre = _mm512_add_ps(load16(a + d + c), load16(bias_g + c));
+      const __m512 t = reciprocal16(_mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), pre))));
+      const __m512 x = load16(b.x.data() + i * d + c);
+      store16(b.transform.data() + i * d + c, tr);
+      store16(b.gate.data() + i * d + c, t);
+      store16(b.highway.data() + i * d + c, _mm512_fmadd_ps(t, _mm512_sub_ps(_mm512_max_ps(tr, _mm512_setzero_ps()), x), x));
+    }
+  }
+}
 
 // (rows, w) fp32 + bias -> relu -> bf16 dst.
 void bias_relu_to_bf16(bf16* dst, const float* src, const float* bias, int64_t rows, int64_t w) {
@@ -352,32 +388,19 @@ void bias_normalize(bf16* out, float* norms, float* src, const float* bias, int6
 // the two pre-normalisation outputs into `nav_pre` (m, r) and `crit_pre` (m, r) (the backward pass
 // reads the stored unit outputs instead).
 template <typename T>
-void block_forward(Block& b, const Helpers& h, const T* rows, int64_t n_valid, float* nav_pre, float* crit_pre) {
+void block_forward(Block& b, const Helpers& h, const StridedRows<const T>& rows, int64_t row0, int64_t n_valid,
+                   float* nav_pre, float* crit_pre) {
   const int64_t m = b.m, d = h.d;
-  load_rows(b.x.data(), rows, n_valid, m, d);
+  load_rows(b.x.data(), rows, row0, n_valid, m, d);
   // Navigator.
   matmul_forward(b.acc.data(), b.x.data(), h.nav1, m);
   bias_relu_to_bf16(b.nav_hidden.data(), b.acc.data(), h.nav1.bias.data_ptr<float>(), m, h.hn);
   if (nav_pre != nullptr) matmul_forward(nav_pre, b.nav_hidden.data(), h.nav2, m);
-  // Critic: highway (transform and gate in one matmul), then Linear-ReLU-Linear.
-  matmul_forward(b.acc.data(), b.x.data(), h.gate, m);
-  const float* bias_t = h.gate.bias.data_ptr<float>();
-  const float* bias_g = bias_t + d;
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t c = 0; c < d; c += 16) {
-      const float* a = b.acc.data() + i * 2 * d;
-      const __m512 tr = _mm512_add_ps(load16(a + c), load16(bias_t + c));
-      const __m512 pre = _mm512_add_ps(load16(a + d + c), load16(bias_g + c));
-      const __m512 t = reciprocal16(_mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), pre))));
-      const __m512 x = load16(b.x.data() + i * d + c);
-      store16(b.transform.data() + i * d + c, tr);
-      store16(b.gate.data() + i * d + c, t);
-      store16(b.highway.data() + i * d + c, _mm512_fmadd_ps(t, _mm512_sub_ps(_mm512_max_ps(tr, _mm512_setzero_ps()), x), x));
-    }
-  }
+  // Critic: highway, then Linear-ReLU-Linear.
+  highway_forward(b, h.gate, d);
   matmul_forward(b.acc.data(), b.highway.data(), h.crit1, m);
-  bias_relu_to_bf16(b.crit_hidden.data(), b.acc.data(), h.crit1.bias.data_ptr<float>(), m, h.hc);
-  if (crit_pre != nullptr) matmul_forward(crit_pre, b.crit_hidden.data(), h.crit2, m);
+  bias_relu_to_bf16(b.hidden.data(), b.acc.data(), h.crit1.bias.data_ptr<float>(), m, h.hc);
+  if (crit_pre != nullptr) matmul_forward(crit_pre, b.hidden.data(), h.crit2, m);
 }
 
 // Backward of normalize(y) with y = pre + bias: grad (rows, w) in, on return dL/dy; rows beyond
@@ -403,40 +426,135 @@ void normalize_backward(float* grad_out, const bf16* grad_in, float sign, const 
 // layers' weight gradients (navigator's first layer, highway gate) are summed transposed, (in, out):
 // their matmul reads the block's x transposed, which it shares.
 struct GradSlots {
-  int64_t offsets[11];
-  int64_t size;
-  explicit GradSlots(const Helpers& h) {
-    const int64_t sizes[10] = {h.hn * h.d, h.hn, h.r * h.hn, h.r, 2 * h.d * h.d, 2 * h.d, h.hc * h.d, h.hc,
-                               h.r * h.hc, h.r};
-    offsets[0] = 0;
-    for (int i = 0; i < 10; ++i) offsets[i + 1] = offsets[i] + sizes[i];
-    size = offsets[10];
+  struct Slot {
+    int64_t rows, cols;  // a weight (rows, cols) as returned, or a bias (rows, 0)
+    bool transposed;     // summed as (cols, rows)
+  };
+  std::vector<Slot> slots;
+  std::vector<int64_t> offsets;
+  int64_t size = 0;
+  explicit GradSlots(std::vector<Slot> list) : slots(std::move(list)) {
+    for (const Slot& slot : slots) {
+      offsets.push_back(size);
+      size += slot.rows * std::max<int64_t>(slot.cols, 1);
+    }
+    offsets.push_back(size);
+  }
+  float* at(float* group, size_t i) const { return group + offsets[i]; }
+
+  // The groups' sums, added in group order (thread-count independent), as tensors.
+  std::vector<at::Tensor> reduce(const std::vector<float>& partial, int64_t groups, const at::TensorOptions& options) const {
+    std::vector<at::Tensor> out;
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const int64_t n = offsets[i + 1] - offsets[i];
+      at::Tensor g = at::zeros({n}, options.dtype(at::kFloat));
+      float* dst = g.data_ptr<float>();
+      for (int64_t group = 0; group < groups; ++group) {
+        const float* src = partial.data() + group * size + offsets[i];
+        for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+      }
+      const Slot& slot = slots[i];
+      if (slot.cols == 0)
+        out.push_back(g);
+      else if (slot.transposed)
+        out.push_back(g.view({slot.cols, slot.rows}).t().contiguous());
+      else
+        out.push_back(g.view({slot.rows, slot.cols}));
+    }
+    return out;
   }
 };
-constexpr bool kSlotTransposed[10] = {true, false, false, false, true, false, false, false, false, false};
+
+GradSlots ct_slots(const Helpers& h) {  // the order of ct_helpers' weights
+  return GradSlots({{h.hn, h.d, true}, {h.hn, 0, false}, {h.r, h.hn, false}, {h.r, 0, false},
+                    {2 * h.d, h.d, true}, {2 * h.d, 0, false}, {h.hc, h.d, false}, {h.hc, 0, false},
+                    {h.r, h.hc, false}, {h.r, 0, false}});
+}
 
 // Scratch of the backward pass beyond the forward's.
 struct BackwardScratch {
   std::vector<float> grad_a, grad_b, grad_x;  // fp32 gradients of the block's activations (m, ·)
   std::vector<bf16> grad_bf16, grad_t, x_t;   // a gradient as matmul input (m, ·) and transposed; xᵀ (d, m)
   std::vector<bf16> packed;                   // a (m, ·) matrix packed as a weight gradient's B operand
-  explicit BackwardScratch(const Helpers& h) {
-    const int64_t widest = std::max({h.hn, h.hc, 2 * h.d, h.r});
-    grad_a.resize(kBlockRows * widest);
-    grad_b.resize(kBlockRows * widest);
-    grad_x.resize(kBlockRows * h.d);
-    grad_bf16.resize(kBlockRows * widest);
-    grad_t.resize(kBlockRows * widest);
-    x_t.resize(kBlockRows * h.d);
-    packed.resize(kBlockRows * widest);
-  }
+  BackwardScratch(int64_t d, int64_t widest)
+      : grad_a(kBlockRows * widest), grad_b(kBlockRows * widest), grad_x(kBlockRows * d),
+        grad_bf16(kBlockRows * widest), grad_t(kBlockRows * widest), x_t(kBlockRows * d),
+        packed(kBlockRows * widest) {}
 };
 
-// g <- g ⊙ [activated > 0] for (rows, w) (ReLU backward; `activated` is the ReLU's output).
-void relu_backward(float* __restrict__ g, const bf16* __restrict__ activated, int64_t rows, int64_t w) {
-  for (int64_t i = 0; i < rows * w; i += 16) {
-    const __mmask16 active = _mm512_cmp_ps_mask(load16(activated + i), _mm512_setzero_ps(), _CMP_GT_OQ);
-    store16(g + i, _mm512_maskz_mov_ps(active, load16(g + i)));
+// One pass over a block's fp32 gradient g (rows, w), rows even: optionally the ReLU backward first
+// (g <- g ⊙ [relu_out > 0], written back), then its column sums added into `sums` (a bias gradient)
+// and its bf16 forms as matmul operands: row-major (`rows_out`) and packed by row pairs as a B
+// operand (`vnni_out`), each when not null.
+void gradient_pass(float* __restrict__ g, int64_t rows, int64_t w, const bf16* __restrict__ relu_out,
+                   float* __restrict__ sums, bf16* __restrict__ rows_out, bf16* __restrict__ vnni_out) {
+  auto* vnni = reinterpret_cast<uint32_t*>(vnni_out);
+  for (int64_t c = 0; c < w; c += 16) {
+    __m512 sum = load16(sums + c);
+    for (int64_t i = 0; i < rows; i += 2) {
+      const int64_t o = i * w + c;
+      __m512 even = load16(g + o), odd = load16(g + o + w);
+      if (relu_out != nullptr) {
+        even = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load16(relu_out + o), _mm512_setzero_ps(), _CMP_GT_OQ), even);
+        odd = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load16(relu_out + o + w), _mm512_setzero_ps(), _CMP_GT_OQ), odd);
+        store16(g + o, even);
+        store16(g + o + w, odd);
+      }
+      sum = _mm512_add_ps(sum, _mm512_add_ps(even, odd));
+      const __m256i even_bf16 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(even));
+      const __m256i odd_bf16 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(odd));
+      if (rows_out != nullptr) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows_out + o), even_bf16);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows_out + o + w), odd_bf16);
+      }
+      if (vnni != nullptr) {
+        const __m512i pairs = _mm512_or_si512(_mm512_cvtepu16_epi32(even_bf16),
+                                              _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd_bf16), 16));
+        _mm512_storeu_si512(vnni + (i / 2) * w + c, pairs);
+      }
+    }
+    store16(sums + c, sum);
+  }
+}
+
+// Backward of highway_forward from dL/dy (m, d) fp32: adds dL/dx into s.grad_x and the gate's weight
+// (transposed, (d, 2d)) and bias gradients into their sums; s.x_t must hold xᵀ.
+// y = x + t (relu(tr) - x): dtr = g t [tr > 0], dpre = g (relu(tr) - x) t (1 - t), direct path
+// dx += g (1 - t); [dtr | dpre] (m, 2d) feeds the gate matmul's gradients.
+void highway_backward(Block& b, BackwardScratch& s, const Layer& gate_layer, int64_t d, const float* grad_y,
+                      float* grad_w_t, float* grad_bias) {
+  const int64_t m = b.m;
+  float* __restrict__ grad_pre = s.grad_b.data();  // (m, 2d)
+  float* __restrict__ grad_x = s.grad_x.data();
+  const float* __restrict__ gate = b.gate.data();
+  const float* __restrict__ transform = b.transform.data();
+  const bf16* __restrict__ x = b.x.data();
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < d; c += 16) {
+      const int64_t o = i * d + c;
+      const __m512 g = load16(grad_y + o), t = load16(gate + o), tr = load16(transform + o), xv = load16(x + o);
+      const __m512 one_minus_t = _mm512_sub_ps(_mm512_set1_ps(1.0f), t);
+      const __m512 relu_tr = _mm512_max_ps(tr, _mm512_setzero_ps());
+      const __mmask16 active = _mm512_cmp_ps_mask(tr, _mm512_setzero_ps(), _CMP_GT_OQ);
+      store16(grad_pre + i * 2 * d + c, _mm512_maskz_mov_ps(active, _mm512_mul_ps(g, t)));
+      store16(grad_pre + i * 2 * d + d + c,
+              _mm512_mul_ps(_mm512_mul_ps(g, _mm512_sub_ps(relu_tr, xv)), _mm512_mul_ps(t, one_minus_t)));
+      store16(grad_x + o, _mm512_fmadd_ps(g, one_minus_t, load16(grad_x + o)));
+    }
+  gradient_pass(grad_pre, m, 2 * d, nullptr, grad_bias, s.grad_bf16.data(), s.packed.data());
+  gemm(grad_w_t, 2 * d, s.x_t.data(), m, d, s.packed.data(), m, 2 * d, true);  // (d, 2d)
+  matmul_backward(grad_x, s.grad_bf16.data(), gate_layer, m, true);
+}
+
+// Writes a block's row gradients s.grad_x times `sign` (the GAN's gradient reversal: -1). They go
+// to memory and are not read again here: non-temporal stores.
+template <typename T>
+void store_row_gradients(const BackwardScratch& s, const StridedRows<T>& grad_rows, int64_t row0, int64_t n_valid,
+                         int64_t d, float sign) {
+  const __m512 scale = _mm512_set1_ps(sign);
+  for (int64_t i = 0; i < n_valid; ++i) {
+    T* out = grad_rows.row(row0 + i);
+    for (int64_t c = 0; c < d; c += 16) stream16(out + c, _mm512_mul_ps(scale, load16(s.grad_x.data() + i * d + c)));
   }
 }
 
@@ -446,81 +564,55 @@ void relu_backward(float* __restrict__ g, const bf16* __restrict__ activated, in
 // the shared one (x, for the navigator's first layer and the gate, whose gradients come out
 // transposed).
 template <typename T>
-void block_backward(Block& b, BackwardScratch& s, const Helpers& h, const T* rows, int64_t n_valid,
+void block_backward(Block& b, BackwardScratch& s, const Helpers& h, const StridedRows<const T>& rows, int64_t row0,
+                    int64_t n_valid,
                     const bf16* grad_nav, const bf16* grad_crit, float crit_sign, const bf16* nav, const float* nav_norm,
-                    const bf16* crit, const float* crit_norm, float* grads, const GradSlots& slots, T* grad_rows) {
+                    const bf16* crit, const float* crit_norm, float* grads, const GradSlots& slots,
+                    const StridedRows<T>& grad_rows) {
   const int64_t m = b.m, d = h.d;
-  block_forward(b, h, rows, n_valid, static_cast<float*>(nullptr), static_cast<float*>(nullptr));
+  block_forward(b, h, rows, row0, n_valid, static_cast<float*>(nullptr), static_cast<float*>(nullptr));
   transpose_to_bf16(s.x_t.data(), b.x.data(), m, d);
-  float* g_nav_w1_t = grads + slots.offsets[0];  // (d, hn)
-  float* g_nav_b1 = grads + slots.offsets[1];
-  float* g_nav_w2 = grads + slots.offsets[2];
-  float* g_nav_b2 = grads + slots.offsets[3];
-  float* g_gate_w_t = grads + slots.offsets[4];  // (d, 2d)
-  float* g_gate_b = grads + slots.offsets[5];
-  float* g_crit_w1 = grads + slots.offsets[6];
-  float* g_crit_b1 = grads + slots.offsets[7];
-  float* g_crit_w2 = grads + slots.offsets[8];
-  float* g_crit_b2 = grads + slots.offsets[9];
+  float* g_nav_w1_t = slots.at(grads, 0);  // (d, hn)
+  float* g_nav_b1 = slots.at(grads, 1);
+  float* g_nav_w2 = slots.at(grads, 2);
+  float* g_nav_b2 = slots.at(grads, 3);
+  float* g_gate_w_t = slots.at(grads, 4);  // (d, 2d)
+  float* g_gate_b = slots.at(grads, 5);
+  float* g_crit_w1 = slots.at(grads, 6);
+  float* g_crit_b1 = slots.at(grads, 7);
+  float* g_crit_w2 = slots.at(grads, 8);
+  float* g_crit_b2 = slots.at(grads, 9);
   float* grad_a = s.grad_a.data();
   float* grad_b = s.grad_b.data();
   float* grad_x = s.grad_x.data();
 
   // Navigator: normalisation, second linear layer, ReLU, first linear layer.
   normalize_backward(grad_a, grad_nav, 1.0f, nav, nav_norm, n_valid, m, h.r);  // (m, r)
-  add_column_sums(g_nav_b2, grad_a, m, h.r);
+  gradient_pass(grad_a, m, h.r, nullptr, g_nav_b2, s.grad_bf16.data(), nullptr);
   transpose_to_bf16(s.grad_t.data(), grad_a, m, h.r);
   pack_vnni(s.packed.data(), b.nav_hidden.data(), m, h.hn);
   gemm(g_nav_w2, h.hn, s.grad_t.data(), m, h.r, s.packed.data(), m, h.hn, true);  // (r, hn)
-  to_bf16(s.grad_bf16.data(), grad_a, m * h.r);
   matmul_backward(grad_b, s.grad_bf16.data(), h.nav2, m, false);  // (m, hn)
-  relu_backward(grad_b, b.nav_hidden.data(), m, h.hn);
-  add_column_sums(g_nav_b1, grad_b, m, h.hn);
-  to_bf16(s.grad_bf16.data(), grad_b, m * h.hn);
-  pack_vnni(s.packed.data(), s.grad_bf16.data(), m, h.hn);
+  gradient_pass(grad_b, m, h.hn, b.nav_hidden.data(), g_nav_b1, s.grad_bf16.data(), s.packed.data());
   gemm(g_nav_w1_t, h.hn, s.x_t.data(), m, d, s.packed.data(), m, h.hn, true);  // (d, hn)
   matmul_backward(grad_x, s.grad_bf16.data(), h.nav1, m, false);  // dL/dx, navigator part (m, d)
 
   // Critic: normalisation (the cost is 1 - g·g: crit_sign -1), Linear-ReLU-Linear.
   normalize_backward(grad_a, grad_crit, crit_sign, crit, crit_norm, n_valid, m, h.r);
-  add_column_sums(g_crit_b2, grad_a, m, h.r);
+  gradient_pass(grad_a, m, h.r, nullptr, g_crit_b2, s.grad_bf16.data(), nullptr);
   transpose_to_bf16(s.grad_t.data(), grad_a, m, h.r);
-  pack_vnni(s.packed.data(), b.crit_hidden.data(), m, h.hc);
+  pack_vnni(s.packed.data(), b.hidden.data(), m, h.hc);
   gemm(g_crit_w2, h.hc, s.grad_t.data(), m, h.r, s.packed.data(), m, h.hc, true);  // (r, hc)
-  to_bf16(s.grad_bf16.data(), grad_a, m * h.r);
   matmul_backward(grad_b, s.grad_bf16.data(), h.crit2, m, false);  // (m, hc)
-  relu_backward(grad_b, b.crit_hidden.data(), m, h.hc);
-  add_column_sums(g_crit_b1, grad_b, m, h.hc);
+  gradient_pass(grad_b, m, h.hc, b.hidden.data(), g_crit_b1, s.grad_bf16.data(), nullptr);
   transpose_to_bf16(s.grad_t.data(), grad_b, m, h.hc);
   pack_vnni(s.packed.data(), b.highway.data(), m, d);
   gemm(g_crit_w1, d, s.grad_t.data(), m, h.hc, s.packed.data(), m, d, true);  // (hc, d)
-  to_bf16(s.grad_bf16.data(), grad_b, m * h.hc);
   matmul_backward(grad_a, s.grad_bf16.data(), h.crit1, m, false);  // dL/d highway (m, d)
 
-  // Highway: y = x + t (relu(tr) - x). dtr = g t [tr > 0], dpre = g (relu(tr) - x) t (1 - t),
-  // direct path dx += g (1 - t); [dtr | dpre] (m, 2d) feeds the gate matmul's gradients.
-  const float* __restrict__ gate = b.gate.data();
-  const float* __restrict__ transform = b.transform.data();
-  const bf16* __restrict__ x = b.x.data();
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t c = 0; c < d; c += 16) {
-      const int64_t o = i * d + c;
-      const __m512 g = load16(grad_a + o), t = load16(gate + o), tr = load16(transform + o), xv = load16(x + o);
-      const __m512 one_minus_t = _mm512_sub_ps(_mm512_set1_ps(1.0f), t);
-      const __m512 relu_tr = _mm512_max_ps(tr, _mm512_setzero_ps());
-      const __mmask16 active = _mm512_cmp_ps_mask(tr, _mm512_setzero_ps(), _CMP_GT_OQ);
-      store16(grad_b + i * 2 * d + c, _mm512_maskz_mov_ps(active, _mm512_mul_ps(g, t)));
-      store16(grad_b + i * 2 * d + d + c,
-              _mm512_mul_ps(_mm512_mul_ps(g, _mm512_sub_ps(relu_tr, xv)), _mm512_mul_ps(t, one_minus_t)));
-      store16(grad_x + o, _mm512_fmadd_ps(g, one_minus_t, load16(grad_x + o)));
-    }
-  add_column_sums(g_gate_b, grad_b, m, 2 * d);
-  to_bf16(s.grad_bf16.data(), grad_b, m * 2 * d);
-  pack_vnni(s.packed.data(), s.grad_bf16.data(), m, 2 * d);
-  gemm(g_gate_w_t, 2 * d, s.x_t.data(), m, d, s.packed.data(), m, 2 * d, true);  // (d, 2d)
-  matmul_backward(grad_x, s.grad_bf16.data(), h.gate, m, true);
+  highway_backward(b, s, h.gate, d, grad_a, g_gate_w_t, g_gate_b);
 
-  for (int64_t i = 0; i < n_valid * d; i += 16) store16(grad_rows + i, load16(grad_x + i));
+  store_row_gradients(s, grad_rows, row0, n_valid, d, 1.0f);
 }
 
 // The two sides' rows as one sequence of blocks: side 0 (queries) then side 1 (keys).
@@ -543,10 +635,16 @@ struct Sides {
 int64_t padded(int64_t n) { return (n + kWidthMultiple - 1) / kWidthMultiple * kWidthMultiple; }
 
 void check_side(const at::Tensor& t, const char* name, int64_t d) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.is_contiguous() && t.size(3) == d &&
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.size(3) == d && t.stride(3) == 1 &&
                   (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
-              "ct_helpers: ", name, " must be a contiguous float32 or bfloat16 (B, H, N, ", d, ") CPU tensor, got ",
-              t.sizes(), " ", t.scalar_type());
+              "ct_helpers: ", name, " must be a float32 or bfloat16 (B, H, N, ", d,
+              ") CPU tensor with unit stride in its last dimension, got ", t.sizes(), " strides ", t.strides(), " ",
+              t.scalar_type());
+  // Stream stores of the row gradients need 64-byte aligned rows.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 64 == 0 &&
+                  (t.stride(0) * t.element_size()) % 64 == 0 && (t.stride(1) * t.element_size()) % 64 == 0 &&
+                  (t.stride(2) * t.element_size()) % 64 == 0,
+              "ct_helpers: ", name, " rows must be 64-byte aligned");
 }
 
 #endif  // VQA_ALIGN_CT_HELPERS
@@ -567,17 +665,17 @@ bool ct_helpers_supported(int64_t d, int64_t hn, int64_t hc, int64_t r) {
 #ifdef VQA_ALIGN_CT_HELPERS
 
 template <typename T>
-void forward_blocks(const Helpers& h, const Sides& sides, const T* const side_data[2], bf16* nav, float* nav_norm,
-                    bf16* crit, float* crit_norm) {
+void forward_blocks(const Helpers& h, const Sides& sides, const StridedRows<const T> side_data[2], bf16* nav,
+                    float* nav_norm, bf16* crit, float* crit_norm) {
   at::parallel_for(0, sides.total(), 1, [&](int64_t first, int64_t last) {
     configure_tiles();
-    Block b(h);
+    Block b(h.d, h.hn, h.hc);
     std::vector<float> nav_pre(kBlockRows * h.r), crit_pre(kBlockRows * h.r);
     for (int64_t block = first; block < last; ++block) {
       const auto [side, row0, n] = sides.locate(block);
       const int64_t out_row = (side == 0 ? 0 : sides.rows[0]) + row0;
       b.m = padded(n);
-      block_forward(b, h, side_data[side] + row0 * h.d, n, nav_pre.data(), crit_pre.data());
+      block_forward(b, h, side_data[side], row0, n, nav_pre.data(), crit_pre.data());
       bias_normalize(nav + out_row * h.r, nav_norm + out_row, nav_pre.data(), h.nav2.bias.data_ptr<float>(), n, h.r);
       bias_normalize(crit + out_row * h.r, crit_norm + out_row, crit_pre.data(), h.crit2.bias.data_ptr<float>(), n,
                      h.r);
@@ -593,24 +691,25 @@ struct BackwardInputs {
 };
 
 template <typename T>
-void backward_blocks(const Helpers& h, const Sides& sides, const T* const side_data[2], T* const side_grad[2],
+void backward_blocks(const Helpers& h, const Sides& sides, const StridedRows<const T> side_data[2],
+                     const StridedRows<T> side_grad[2],
                      const BackwardInputs& in, const GradSlots& slots, int64_t groups, float* partial) {
   at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
     configure_tiles();
-    Block b(h);
-    BackwardScratch s(h);
+    Block b(h.d, h.hn, h.hc);
+    BackwardScratch s(h.d, std::max({h.hn, h.hc, 2 * h.d, h.r}));
     for (int64_t group = first_group; group < last_group; ++group) {
       const int64_t begin = group * sides.total() / groups, end = (group + 1) * sides.total() / groups;
       for (int64_t block = begin; block < end; ++block) {
         const auto [side, row0, n] = sides.locate(block);
         const int64_t at_row = (side == 0 ? 0 : sides.rows[0]) + row0;
         b.m = padded(n);
-        block_backward(b, s, h, side_data[side] + row0 * h.d, n, in.grad_nav + at_row * h.r,
-                       in.grad_crit + at_row * h.r, in.crit_sign, in.nav + at_row * h.r, in.nav_norm + at_row,
-                       in.crit + at_row * h.r, in.crit_norm + at_row, partial + group * slots.size, slots,
-                       side_grad[side] + row0 * h.d);
+        block_backward(b, s, h, side_data[side], row0, n, in.grad_nav + at_row * h.r, in.grad_crit + at_row * h.r,
+                       in.crit_sign, in.nav + at_row * h.r, in.nav_norm + at_row, in.crit + at_row * h.r,
+                       in.crit_norm + at_row, partial + group * slots.size, slots, side_grad[side]);
       }
     }
+    _mm_sfence();
     _tile_release();
   });
 }
@@ -797,10 +896,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_helpers_forward(
   bf16 *nav_p = nav.data_ptr<bf16>(), *crit_p = crit.data_ptr<bf16>();
   float *nav_norm_p = nav_norm.data_ptr<float>(), *crit_norm_p = crit_norm.data_ptr<float>();
   if (queries.scalar_type() == at::kFloat) {
-    const float* const data[2] = {queries.data_ptr<float>(), keys.data_ptr<float>()};
+    const StridedRows<const float> data[2] = {strided_rows<const float>(queries), strided_rows<const float>(keys)};
     forward_blocks(h, sides, data, nav_p, nav_norm_p, crit_p, crit_norm_p);
   } else {
-    const bf16* const data[2] = {queries.data_ptr<bf16>(), keys.data_ptr<bf16>()};
+    const StridedRows<const bf16> data[2] = {strided_rows<const bf16>(queries), strided_rows<const bf16>(keys)};
     forward_blocks(h, sides, data, nav_p, nav_norm_p, crit_p, crit_norm_p);
   }
   return {nav, nav_norm, crit, crit_norm};
@@ -833,39 +932,27 @@ std::vector<at::Tensor> ct_helpers_backward(const at::Tensor& queries, const at:
   for (const auto& [t, name] : {std::pair{&nav_norm, "nav_norm"}, {&crit_norm, "crit_norm"}})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == total_rows && t->is_contiguous() && t->scalar_type() == at::kFloat,
                 "ct_helpers: ", name, " must be a contiguous float32 (", total_rows, ",) tensor");
+  // The gradients in the inputs' layouts (empty_like keeps the strides of a dense tensor).
   at::Tensor grad_q = at::empty_like(queries), grad_k = at::empty_like(keys);
-  const GradSlots slots(h);
+  TORCH_CHECK(grad_q.strides() == queries.strides() && grad_k.strides() == keys.strides(),
+              "ct_helpers: queries and keys must be dense (non-overlapping) tensors");
+  const GradSlots slots = ct_slots(h);
   const int64_t groups = std::min(kMaxGroups, std::max<int64_t>(1, sides.total()));
   std::vector<float> partial(static_cast<size_t>(groups * slots.size), 0.0f);
   const BackwardInputs in{grad_nav.data_ptr<bf16>(), grad_crit.data_ptr<bf16>(), nav.data_ptr<bf16>(),
                           crit.data_ptr<bf16>(), nav_norm.data_ptr<float>(), crit_norm.data_ptr<float>(),
                           static_cast<float>(crit_sign)};
   if (queries.scalar_type() == at::kFloat) {
-    const float* const data[2] = {queries.data_ptr<float>(), keys.data_ptr<float>()};
-    float* const grads[2] = {grad_q.data_ptr<float>(), grad_k.data_ptr<float>()};
+    const StridedRows<const float> data[2] = {strided_rows<const float>(queries), strided_rows<const float>(keys)};
+    const StridedRows<float> grads[2] = {strided_rows<float>(grad_q), strided_rows<float>(grad_k)};
     backward_blocks(h, sides, data, grads, in, slots, groups, partial.data());
   } else {
-    const bf16* const data[2] = {queries.data_ptr<bf16>(), keys.data_ptr<bf16>()};
-    bf16* const grads[2] = {grad_q.data_ptr<bf16>(), grad_k.data_ptr<bf16>()};
+    const StridedRows<const bf16> data[2] = {strided_rows<const bf16>(queries), strided_rows<const bf16>(keys)};
+    const StridedRows<bf16> grads[2] = {strided_rows<bf16>(grad_q), strided_rows<bf16>(grad_k)};
     backward_blocks(h, sides, data, grads, in, slots, groups, partial.data());
   }
   std::vector<at::Tensor> out{grad_q, grad_k};
-  const int64_t rows_of[10] = {h.hn, 0, h.r, 0, 2 * h.d, 0, h.hc, 0, h.r, 0};  // 0: a bias (a vector)
-  for (int i = 0; i < 10; ++i) {
-    const int64_t size = slots.offsets[i + 1] - slots.offsets[i];
-    at::Tensor g = at::zeros({size}, queries.options().dtype(at::kFloat));
-    float* dst = g.data_ptr<float>();
-    for (int64_t group = 0; group < groups; ++group) {  // in group order: thread-count independent
-      const float* src = partial.data() + group * slots.size + slots.offsets[i];
-      for (int64_t j = 0; j < size; ++j) dst[j] += src[j];
-    }
-    if (rows_of[i] == 0)
-      out.push_back(g);
-    else if (kSlotTransposed[i])
-      out.push_back(g.view({size / rows_of[i], rows_of[i]}).t().contiguous());
-    else
-      out.push_back(g.view({rows_of[i], size / rows_of[i]}));
-  }
+  for (at::Tensor& g : slots.reduce(partial, groups, queries.options())) out.push_back(std::move(g));
   return out;
 #else
   (void)queries, (void)keys, (void)weights, (void)grad_nav, (void)grad_crit, (void)crit_sign, (void)nav,
