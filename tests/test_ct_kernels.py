@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_masks, require_native_kernels
-from test_fused_paths import plain_ct
+from test_fused_paths import plain_ct, plain_gan
 
 from vqa_align import native_kernels as nk
 from vqa_align.alignment import HeadAligner
@@ -32,7 +32,7 @@ WIDTHS = (64, 64, 96, 32)  # d, navigator hidden, critic hidden, out: multiples 
 @pytest.fixture(autouse=True)
 def _kernels():
     require_native_kernels()
-    if not nk.ct_helper_blocks(torch.device("cpu"), torch.bfloat16, WIDTHS):
+    if not nk.helper_blocks(torch.device("cpu"), torch.bfloat16, WIDTHS):
         pytest.skip("the cache-blocked CT kernels need AMX and AVX-512-BF16")
 
 
@@ -198,11 +198,93 @@ def test_transposed_views_are_read_in_place_and_get_gradients_in_their_layout():
         assert torch.equal(grad, copy.grad)
 
 
+GAN_WIDTHS = (64, 96)  # d, discriminator hidden
+
+
+def _discriminator_weights(gen: torch.Generator) -> list[torch.Tensor]:
+    d, hidden = GAN_WIDTHS
+    out = []
+    for n_out, n_in in ((2 * d, d), (hidden, d), (1, hidden)):
+        weight = torch.randn(n_out, n_in, generator=gen) / n_in**0.5
+        out += [weight.to(torch.bfloat16).float(), 0.1 * torch.randn(n_out, generator=gen)]
+    return out
+
+
+def _discriminator_reference(rows: torch.Tensor, w: list[torch.Tensor], slope: float) -> torch.Tensor:
+    """Logits of (R, d) rows with the kernel's bf16 rounding points (x, the highway output)."""
+    d = rows.shape[-1]
+    x = _round(rows)
+    transform = F.linear(x, w[0][:d], w[1][:d])
+    gate = torch.sigmoid(F.linear(x, w[0][d:], w[1][d:]))
+    highway = _round(x + gate * (F.relu(transform) - x))
+    hidden = F.leaky_relu(F.linear(highway, w[2], w[3]), slope)
+    return F.linear(hidden, w[4], w[5]).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_discriminator_matches_a_reference_with_the_same_rounding(dtype):
+    gen = torch.Generator().manual_seed(1)
+    d, slope = GAN_WIDTHS[0], 0.2
+    queries = torch.randn(3, 2, 37, d, generator=gen).to(dtype)
+    keys = torch.randn(3, 2, 21, d, generator=gen).to(dtype)
+    w = _discriminator_weights(gen)
+    logits = torch.ops.vqa_align_glue.gan_discriminator_forward(queries, keys, w, slope)
+    rows = torch.cat([queries.reshape(-1, d), keys.reshape(-1, d)]).double().requires_grad_()
+    w64 = [t.double().requires_grad_() for t in w]
+    ref = _discriminator_reference(rows, w64, slope)
+    assert logits.dtype == torch.float32 and logits.shape == ref.shape
+    assert (logits.double() - ref).abs().max() <= 1e-3 * max(1.0, ref.abs().max().item())
+
+    grad_logits = torch.randn(ref.shape, generator=gen)
+    (-(ref * grad_logits.double()).sum()).backward()  # input_sign -1 below reverses the row gradients
+    grad_q, grad_k, *grad_w = torch.ops.vqa_align_glue.gan_discriminator_backward(
+        queries, keys, w, slope, grad_logits, -1.0
+    )
+    n_q = queries.numel() // d
+    assert grad_q.dtype == dtype and grad_q.shape == queries.shape and grad_k.shape == keys.shape
+    assert _rel(grad_q.reshape(-1, d), rows.grad[:n_q]) < 0.01
+    assert _rel(grad_k.reshape(-1, d), rows.grad[n_q:]) < 0.01
+    for got, param in zip(grad_w, w64, strict=True):  # not reversed: the discriminator descends its loss
+        assert got.shape == param.shape and got.dtype == torch.float32
+        assert _rel(got, -param.grad) < 0.01
+
+
+def test_gan_aligner_with_the_kernels_matches_the_exact_loss_and_the_layer_path(monkeypatch):
+    gen = torch.Generator().manual_seed(6)
+    torch.manual_seed(6)
+    d, hidden = GAN_WIDTHS
+    config = AlignmentConfig(method="gan", helper_hidden=hidden, helper_precision="bf16")
+    aligner = HeadAligner(d, config)
+    q_valid, k_valid = random_masks(4, 37, 21, gen)
+    q = torch.randn(4, 3, 37, d, generator=gen, requires_grad=True)
+    k = torch.randn(4, 3, 21, d, generator=gen, requires_grad=True)
+    upstream = torch.randn(4, 3, generator=gen)
+
+    got, got_grads = _aligner_grads(aligner, q, k, q_valid, k_valid, upstream)
+    monkeypatch.setenv(nk.HELPER_BLOCKS_SWITCH, "0")
+    layers, layer_grads = _aligner_grads(aligner, q, k, q_valid, k_valid, upstream)
+    monkeypatch.delenv(nk.HELPER_BLOCKS_SWITCH)
+    exact = HeadAligner(d, config).double()
+    exact.load_state_dict(aligner.state_dict())
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    ref = plain_gan(exact, q64, k64, q_valid, k_valid)
+    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), [q64, k64, *exact.parameters()])
+
+    assert (got.double() - ref).abs().max() <= 0.01 * ref.abs().max()
+    assert (got - layers).abs().max() <= 0.01 * layers.abs().max()
+    # The kernel keeps the logit gradients and the hidden activations in fp32 where the layer path
+    # rounds them to bf16, so it is the closer of the two to the exact gradients (the layer path's
+    # bias gradients can fall to a cosine of ~0.92 here): compare with the exact ones only.
+    for a, b, c in zip(got_grads, ref_grads, layer_grads, strict=True):
+        assert a.shape == b.shape == c.shape and a.dtype == c.dtype
+        assert F.cosine_similarity(a.double().flatten(), b.flatten(), dim=0) > 0.999
+
+
 def test_results_do_not_depend_on_the_thread_count():
     gen = torch.Generator().manual_seed(5)
     d = WIDTHS[0]
     queries, keys = torch.randn(4, 4, 50, d, generator=gen), torch.randn(4, 4, 30, d, generator=gen)
-    w = _weights(gen)
+    w, w_gan = _weights(gen), _discriminator_weights(gen)
     q_valid, k_valid = random_masks(4, 50, 30, gen)
     threads = torch.get_num_threads()
     results = []
@@ -218,16 +300,19 @@ def test_results_do_not_depend_on_the_thread_count():
             grads = torch.ops.vqa_align_glue.ct_helpers_backward(
                 queries, keys, w, *transport_grads, -1.0, nav, nav_norm, crit, crit_norm
             )
+            logits = torch.ops.vqa_align_glue.gan_discriminator_forward(queries, keys, w_gan, 0.2)
+            gan_grads = torch.ops.vqa_align_glue.gan_discriminator_backward(queries, keys, w_gan, 0.2, logits, -1.0)
         finally:
             torch.set_num_threads(threads)
-        results.append((nav, crit, *sums, *transport_grads, *grads))
+        results.append((nav, crit, *sums, *transport_grads, *grads, logits, *gan_grads))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
 
 
 def test_unsupported_widths_fall_back_and_bad_arguments_are_named():
-    assert not nk.ct_helper_blocks(torch.device("cpu"), torch.bfloat16, (64, 64, 64, 16))  # 16: not a multiple of 32
-    assert not nk.ct_helper_blocks(torch.device("cpu"), torch.float32, WIDTHS)  # fp32 helpers: the layer path
+    assert not nk.helper_blocks(torch.device("cpu"), torch.bfloat16, (64, 64, 64, 16))  # 16: not a multiple of 32
+    assert not nk.helper_blocks(torch.device("cpu"), torch.float32, WIDTHS)  # fp32 helpers: the layer path
+    assert not nk.helper_blocks(torch.device("cpu"), torch.bfloat16, (64, 48))
     gen = torch.Generator().manual_seed(0)
     w = _weights(gen)
     queries = torch.randn(2, 2, 5, WIDTHS[0], generator=gen)
@@ -241,3 +326,8 @@ def test_unsupported_widths_fall_back_and_bad_arguments_are_named():
         torch.ops.vqa_align_glue.ct_transport_forward(nav, nav[:-1], valid, valid, 2)
     with pytest.raises(RuntimeError, match="q_valid"):
         torch.ops.vqa_align_glue.ct_transport_forward(nav, nav, valid.float(), valid, 2)
+    w_gan = _discriminator_weights(gen)
+    with pytest.raises(RuntimeError, match="inconsistent shapes"):
+        torch.ops.vqa_align_glue.gan_discriminator_forward(queries, queries, [*w_gan[:4], w_gan[2], w_gan[5]], 0.2)
+    with pytest.raises(RuntimeError, match="grad_logits"):
+        torch.ops.vqa_align_glue.gan_discriminator_backward(queries, queries, w_gan, 0.2, torch.zeros(3), -1.0)

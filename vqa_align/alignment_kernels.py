@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqa_align.native_kernels import accumulation_dtype, cpu_flags, ct_helper_blocks, glue_for
+from vqa_align.native_kernels import accumulation_dtype, cpu_flags, helper_blocks, glue_for
 
 
 def _concat_rows(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
@@ -55,13 +55,12 @@ def _split_rows(rows: Tensor, batch: int, heads: int, n_queries: int) -> tuple[T
 
 
 def _row_layout(x: Tensor) -> Tensor:
-    """x (B, H, N, d) as the CPU kernels read it: rows of unit stride at 64-byte aligned addresses. The
+    """x (B, H, N, d) as the CPU kernels read it: a dense tensor whose rows have unit stride. The
     attention's q and k (transposed views of (B, N, H·d) projections) qualify as they are, so they are
     neither copied nor are their gradients laid out differently from them."""
     strides = x.stride()
     dense = all(s > 0 for s in strides) and 1 + sum((n - 1) * s for n, s in zip(x.shape, strides)) == x.numel()
-    aligned = x.data_ptr() % 64 == 0 and all(s * x.element_size() % 64 == 0 for s in strides[:3])
-    return x if dense and aligned and strides[-1] == 1 else x.contiguous()
+    return x if dense and strides[-1] == 1 else x.contiguous()
 
 
 def _highway_backward(
@@ -177,7 +176,7 @@ class _FusedConditionalTransport(torch.autograd.Function):
         # weights: nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2
         batch, heads, n_queries, d = queries.shape
         widths = (d, weights[0].shape[0], weights[6].shape[0], weights[2].shape[0])  # d, hn, hc, r
-        blocks = ct_helper_blocks(queries.device, dtype, widths) and queries.dtype in (torch.float32, torch.bfloat16)
+        blocks = helper_blocks(queries.device, dtype, widths) and queries.dtype in (torch.float32, torch.bfloat16)
         ctx.meta = (n_queries, queries.dtype, keys.dtype, weights[0].dtype, blocks)
         glue = glue_for(queries.device)
         if blocks:  # every helper layer per block of rows in the CPU's cache (csrc/ct_helpers.cpp)
@@ -297,48 +296,63 @@ def fused_conditional_transport(
 
 class _FusedAdversarial(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries, keys, q_valid, k_valid, slope, dtype, gate_w, gate_b, w1, b1, w2, b2):  # type: ignore[override]
-        batch, heads, n_queries, _ = queries.shape
-        ctx.meta = (n_queries, slope, queries.dtype, keys.dtype, gate_w.dtype)
-        rows = _concat_rows(queries, keys, dtype)  # (R, d), R = B·H·(Nq + Nk)
-        gate_w, gate_b, w1, b1, w2, b2 = (t.to(dtype) for t in (gate_w, gate_b, w1, b1, w2, b2))
-
-        # Discriminator: highway, Linear-LeakyReLU-Linear -> one logit per row.
-        glue = glue_for(rows.device)
-        highway, transform, gate = glue.highway_forward(rows, gate_w, gate_b)  # (R, d) each
-        hidden = glue.linear_activation(highway, w1, b1, slope)  # (R, h); its sign is the pre-activation's
-        logits = torch.addmm(b2, hidden, w2.t()).to(accumulation_dtype(dtype))  # (R, 1)
-        logits_q, logits_k = (t.squeeze(-1) for t in _split_rows(logits, batch, heads, n_queries))  # (B, H, N)
+    def forward(ctx, queries, keys, q_valid, k_valid, slope, dtype, *weights):  # type: ignore[override]
+        # weights: gate_w, gate_b, w1, b1, w2, b2 (highway; Linear-LeakyReLU; Linear to one logit)
+        batch, heads, n_queries, d = queries.shape
+        widths = (d, weights[2].shape[0])  # d, hidden
+        blocks = helper_blocks(queries.device, dtype, widths) and queries.dtype in (torch.float32, torch.bfloat16)
+        ctx.meta = (n_queries, slope, queries.dtype, keys.dtype, weights[0].dtype, blocks)
+        glue = glue_for(queries.device)
+        if blocks:  # every layer per block of rows in the CPU's cache (csrc/ct_helpers.cpp)
+            queries, keys = _row_layout(queries), _row_layout(keys.to(queries.dtype))
+            logits = torch.ops.vqa_align_glue.gan_discriminator_forward(queries, keys, weights, slope)  # (R,)
+            saved = (queries, keys, *weights)  # the backward pass recomputes the activations
+        else:
+            rows = _concat_rows(queries, keys, dtype)  # (R, d), R = B·H·(Nq + Nk)
+            gate_w, gate_b, w1, b1, w2, b2 = (t.to(dtype) for t in weights)
+            highway, transform, gate = glue.highway_forward(rows, gate_w, gate_b)  # (R, d) each
+            hidden = glue.linear_activation(highway, w1, b1, slope)  # (R, h); its sign is the pre-activation's
+            logits = torch.addmm(b2, hidden, w2.t()).to(accumulation_dtype(dtype)).squeeze(-1)  # (R,)
+            saved = (rows, transform, gate, highway, hidden, gate_w, w1, w2)
+        logits_q, logits_k = (t.squeeze(-1) for t in _split_rows(logits[:, None], batch, heads, n_queries))  # (B, H, N)
 
         # BCE(D(k), 1) + BCE(D(q), 0) = softplus(-D(k)) + softplus(D(q)), as masked means.
         q_weight, k_weight = _direction_weights(q_valid, k_valid, 1.0, 1.0, logits.dtype)  # 1/n, 1/m
         loss = (F.softplus(logits_q) * q_weight).sum(-1) + (F.softplus(-logits_k) * k_weight).sum(-1)  # (B, H)
-        ctx.save_for_backward(rows, transform, gate, highway, hidden, logits, q_weight, k_weight, gate_w, w1, w2)
+        ctx.save_for_backward(logits, q_weight, k_weight, *saved)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
-        rows, transform, gate, highway, hidden, logits, q_weight, k_weight, gate_w, w1, w2 = ctx.saved_tensors
-        glue = glue_for(rows.device)
-        n_queries, slope, q_dtype, k_dtype, param_dtype = ctx.meta
+        logits, q_weight, k_weight, *saved = ctx.saved_tensors
+        n_queries, slope, q_dtype, k_dtype, param_dtype, blocks = ctx.meta
         batch, heads = grad_loss.shape
         # d softplus(x)/dx = σ(x); d softplus(-x)/dx = σ(x) - 1.
         upstream = grad_loss.to(logits.dtype)[..., None]  # (B, H, 1)
-        probs_q, probs_k = _split_rows(torch.sigmoid(logits), batch, heads, n_queries)  # (B, H, N, 1)
+        probs_q, probs_k = _split_rows(torch.sigmoid(logits)[:, None], batch, heads, n_queries)  # (B, H, N, 1)
         grad_logits = torch.cat([
             (probs_q.squeeze(-1) * q_weight * upstream).flatten(), ((probs_k.squeeze(-1) - 1.0) * k_weight * upstream).flatten()
-        ]).to(rows.dtype)[:, None]  # (R, 1)
+        ])  # (R,)
 
-        grad_w2, grad_b2 = grad_logits.t() @ hidden, grad_logits.sum(0)
-        grad_hidden_pre, grad_b1 = glue.leaky_relu_backward(grad_logits * w2, hidden, slope)  # (R, h)
-        grad_w1 = grad_hidden_pre.t() @ highway
-        # The projections ascend the discriminator loss: a gradient reversal on q and k (sign -1).
-        grad_rows, grad_gate_w, grad_gate_b = _highway_backward(
-            glue, grad_hidden_pre @ w1, rows, gate_w, transform, gate, input_sign=-1.0
-        )  # (R, d)
-        grad_q, grad_k = _split_rows(grad_rows, batch, heads, n_queries)
-        weights = (grad_gate_w, grad_gate_b, grad_w1, grad_b1, grad_w2, grad_b2)
-        return (grad_q.to(q_dtype), grad_k.to(k_dtype), None, None, None, None, *(g.to(param_dtype) for g in weights))
+        if blocks:
+            queries, keys, *weights = saved
+            # The projections ascend the discriminator loss: a gradient reversal on q and k (sign -1).
+            grad_q, grad_k, *weight_grads = torch.ops.vqa_align_glue.gan_discriminator_backward(
+                queries, keys, weights, slope, grad_logits, -1.0
+            )
+        else:
+            rows, transform, gate, highway, hidden, gate_w, w1, w2 = saved
+            glue = glue_for(rows.device)
+            grad_logits = grad_logits.to(rows.dtype)[:, None]  # (R, 1)
+            grad_w2, grad_b2 = grad_logits.t() @ hidden, grad_logits.sum(0)
+            grad_hidden_pre, grad_b1 = glue.leaky_relu_backward(grad_logits * w2, hidden, slope)  # (R, h)
+            grad_w1 = grad_hidden_pre.t() @ highway
+            grad_rows, grad_gate_w, grad_gate_b = _highway_backward(
+                glue, grad_hidden_pre @ w1, rows, gate_w, transform, gate, input_sign=-1.0
+            )  # (R, d)
+            grad_q, grad_k = _split_rows(grad_rows, batch, heads, n_queries)
+            weight_grads = (grad_gate_w, grad_gate_b, grad_w1, grad_b1, grad_w2, grad_b2)
+        return (grad_q.to(q_dtype), grad_k.to(k_dtype), None, None, None, None, *(g.to(param_dtype) for g in weight_grads))
 
 
 def fused_adversarial_loss(

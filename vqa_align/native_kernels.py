@@ -309,21 +309,21 @@ def native_enabled() -> bool:
 HELPER_BLOCKS_SWITCH = "VQA_ALIGN_HELPER_BLOCKS"
 
 
-def ct_helper_blocks(device: torch.device, dtype: torch.dtype, widths: tuple[int, int, int, int]) -> bool:
-    """Whether the CT helpers run as the block-fused C++ kernel (``csrc/ct_helpers.cpp``): CPU, bf16
-    helpers, kernels built and on, widths (d, navigator hidden, critic hidden, out) all multiples of
-    16, and a CPU with AVX-512-BF16 whose bf16 matmuls ATen can pack (AMX). ``VQA_ALIGN_HELPER_BLOCKS=0``
-    turns this kernel alone off (the layer-by-layer path with the other kernels then runs)."""
+def helper_blocks(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
+    """Whether the CT and GAN aligners run as the cache-blocked C++ kernels (``csrc/ct_helpers.cpp``):
+    CPU, bf16 helpers, kernels built and on, every helper width (head dim, hidden and output widths)
+    a multiple of 32, and a CPU with AMX and AVX-512-BF16. ``VQA_ALIGN_HELPER_BLOCKS=0`` turns these
+    kernels alone off (the layer-by-layer path with the glue kernels then runs)."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not native_enabled():
         return False
     if os.environ.get(HELPER_BLOCKS_SWITCH, "1").strip().lower() in ("0", "false", "off"):
         return False
-    return _ct_helpers_supported(*widths)
+    return _helper_blocks_supported(tuple(widths))
 
 
 @functools.cache
-def _ct_helpers_supported(d: int, nav_hidden: int, crit_hidden: int, out: int) -> bool:
-    return bool(torch.ops.vqa_align_glue.ct_helpers_supported(d, nav_hidden, crit_hidden, out))
+def _helper_blocks_supported(widths: tuple[int, ...]) -> bool:
+    return bool(torch.ops.vqa_align_glue.helper_blocks_supported(list(widths)))
 
 
 def glue_for(device: torch.device) -> SimpleNamespace:

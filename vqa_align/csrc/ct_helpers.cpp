@@ -41,7 +41,7 @@
 
 namespace {
 
-constexpr int64_t kBlockRows = 128;   // rows per block: every per-block buffer stays in L2
+constexpr int64_t kBlockRows = 64;   // rows per block (measured: 64 beats 32 and 128); its buffers stay in L2
 constexpr int64_t kMaxGroups = 64;    // weight-gradient accumulators (fixed: thread-count independent)
 constexpr float kNormEps = 1e-12f;    // F.normalize's eps
 
@@ -69,12 +69,6 @@ inline __m512 load16(const bf16* p) {
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(bf16* p, __m512 v) {  // round to nearest even
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-}
-// Non-temporal stores (no read-for-ownership of the destination line); p 64- (float) or 32-byte
-// (bf16) aligned. Each writing thread fences (_mm_sfence) before its part of the parallel loop ends.
-inline void stream16(float* p, __m512 v) { _mm512_stream_ps(p, v); }
-inline void stream16(bf16* p, __m512 v) {
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
 
 // exp: x = n ln2 + r, Cephes' degree-5 polynomial for exp(r) (as exp_acc in alignment_glue.cpp).
@@ -546,15 +540,14 @@ void highway_backward(Block& b, BackwardScratch& s, const Layer& gate_layer, int
   matmul_backward(grad_x, s.grad_bf16.data(), gate_layer, m, true);
 }
 
-// Writes a block's row gradients s.grad_x times `sign` (the GAN's gradient reversal: -1). They go
-// to memory and are not read again here: non-temporal stores.
+// Writes a block's row gradients s.grad_x times `sign` (the GAN's gradient reversal: -1).
 template <typename T>
 void store_row_gradients(const BackwardScratch& s, const StridedRows<T>& grad_rows, int64_t row0, int64_t n_valid,
                          int64_t d, float sign) {
   const __m512 scale = _mm512_set1_ps(sign);
   for (int64_t i = 0; i < n_valid; ++i) {
     T* out = grad_rows.row(row0 + i);
-    for (int64_t c = 0; c < d; c += 16) stream16(out + c, _mm512_mul_ps(scale, load16(s.grad_x.data() + i * d + c)));
+    for (int64_t c = 0; c < d; c += 16) store16(out + c, _mm512_mul_ps(scale, load16(s.grad_x.data() + i * d + c)));
   }
 }
 
@@ -640,11 +633,103 @@ void check_side(const at::Tensor& t, const char* name, int64_t d) {
               "ct_helpers: ", name, " must be a float32 or bfloat16 (B, H, N, ", d,
               ") CPU tensor with unit stride in its last dimension, got ", t.sizes(), " strides ", t.strides(), " ",
               t.scalar_type());
-  // Stream stores of the row gradients need 64-byte aligned rows.
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 64 == 0 &&
-                  (t.stride(0) * t.element_size()) % 64 == 0 && (t.stride(1) * t.element_size()) % 64 == 0 &&
-                  (t.stride(2) * t.element_size()) % 64 == 0,
-              "ct_helpers: ", name, " rows must be 64-byte aligned");
+}
+
+// ---------------------------------------------------------------------------------------------
+// GAN discriminator: highway, Linear-LeakyReLU, Linear to one logit, per block of rows
+// ---------------------------------------------------------------------------------------------
+
+struct Discriminator {
+  Layer gate, hidden;    // highway gate (2d, d), transform rows first; hidden layer (h, d)
+  at::Tensor out_weight;  // (h,) fp32
+  float out_bias, slope;
+  int64_t d, h;
+};
+
+Discriminator make_discriminator(const std::vector<at::Tensor>& w, double slope, bool with_backward) {
+  TORCH_CHECK(w.size() == 6, "gan_discriminator: 6 weight tensors expected, got ", w.size());
+  Discriminator D{make_layer(w[0], w[1], with_backward), make_layer(w[2], w[3], with_backward),
+                  w[4].to(at::kFloat).contiguous().view({-1}), 0.0f, static_cast<float>(slope), 0, 0};
+  D.d = D.gate.in;
+  D.h = D.hidden.out;
+  TORCH_CHECK(D.gate.out == 2 * D.d && D.hidden.in == D.d && w[4].numel() == D.h && w[5].numel() == 1,
+              "gan_discriminator: inconsistent shapes (gate ", D.gate.in, "->", D.gate.out, ", hidden ", D.hidden.in,
+              "->", D.h, ", output ", w[4].sizes(), " + ", w[5].sizes(), ")");
+  TORCH_CHECK(D.d % kWidthMultiple == 0 && D.h % kWidthMultiple == 0,
+              "gan_discriminator: widths must be multiples of ", kWidthMultiple, ", got d=", D.d, " hidden=", D.h);
+  D.out_bias = w[5].to(at::kFloat).item<float>();
+  return D;
+}
+
+// A block's forward pass; leaves the hidden layer's activations fp32 in b.acc (m, h) and bf16 in
+// b.hidden, and writes the first n_valid logits.
+template <typename T>
+void gan_block_forward(Block& b, const Discriminator& D, const StridedRows<const T>& rows, int64_t row0,
+                       int64_t n_valid, float* logits) {
+  const int64_t m = b.m, h = D.h;
+  load_rows(b.x.data(), rows, row0, n_valid, m, D.d);
+  highway_forward(b, D.gate, D.d);
+  matmul_forward(b.acc.data(), b.highway.data(), D.hidden, m);
+  const float* bias = D.hidden.bias.data_ptr<float>();
+  const float* out_w = D.out_weight.data_ptr<float>();
+  const __m512 slope = _mm512_set1_ps(D.slope);
+  for (int64_t i = 0; i < m; ++i) {
+    __m512 dot = _mm512_setzero_ps();
+    for (int64_t c = 0; c < h; c += 16) {
+      float* a = b.acc.data() + i * h + c;
+      const __m512 pre = _mm512_add_ps(load16(a), load16(bias + c));
+      const __mmask16 negative = _mm512_cmp_ps_mask(pre, _mm512_setzero_ps(), _CMP_LE_OQ);
+      const __m512 act = _mm512_mask_mul_ps(pre, negative, pre, slope);  // leaky ReLU
+      store16(a, act);
+      store16(b.hidden.data() + i * h + c, act);
+      dot = _mm512_fmadd_ps(act, load16(out_w + c), dot);
+    }
+    if (i < n_valid) logits[i] = _mm512_reduce_add_ps(dot) + D.out_bias;
+  }
+}
+
+GradSlots gan_slots(const Discriminator& D) {  // the order of the discriminator's weights
+  return GradSlots({{2 * D.d, D.d, true}, {2 * D.d, 0, false}, {D.h, D.d, false}, {D.h, 0, false},
+                    {1, D.h, false}, {1, 0, false}});
+}
+
+template <typename T>
+void gan_block_backward(Block& b, BackwardScratch& s, const Discriminator& D, const StridedRows<const T>& rows,
+                        int64_t row0, int64_t n_valid, const float* grad_logits, float* grads,
+                        const GradSlots& slots, const StridedRows<T>& grad_rows, float input_sign) {
+  const int64_t m = b.m, d = D.d, h = D.h;
+  std::vector<float>& logits = s.grad_x;  // scratch for the recomputed logits (overwritten below)
+  gan_block_forward(b, D, rows, row0, n_valid, logits.data());
+  transpose_to_bf16(s.x_t.data(), b.x.data(), m, d);
+  float *g_gate_w_t = slots.at(grads, 0), *g_gate_b = slots.at(grads, 1), *g_w1 = slots.at(grads, 2),
+        *g_b1 = slots.at(grads, 3), *g_w2 = slots.at(grads, 4), *g_b2 = slots.at(grads, 5);
+
+  // Output layer: dW2 += Σ g_i a_i, db2 += Σ g_i; dL/d(hidden pre-activation) = g_i w2 ⊙ leaky'(a).
+  float* grad_pre = s.grad_b.data();  // (m, h)
+  const float* out_w = D.out_weight.data_ptr<float>();
+  const __m512 slope = _mm512_set1_ps(D.slope);
+  float bias_sum = 0.0f;
+  for (int64_t i = 0; i < m; ++i) {
+    const float gi = i < n_valid ? grad_logits[i] : 0.0f;
+    bias_sum += gi;
+    const __m512 g = _mm512_set1_ps(gi);
+    for (int64_t c = 0; c < h; c += 16) {
+      const __m512 act = load16(b.acc.data() + i * h + c);
+      store16(g_w2 + c, _mm512_fmadd_ps(g, act, load16(g_w2 + c)));
+      const __mmask16 negative = _mm512_cmp_ps_mask(act, _mm512_setzero_ps(), _CMP_LE_OQ);
+      const __m512 grad = _mm512_mul_ps(g, load16(out_w + c));
+      store16(grad_pre + i * h + c, _mm512_mask_mul_ps(grad, negative, grad, slope));
+    }
+  }
+  *g_b2 += bias_sum;
+  gradient_pass(grad_pre, m, h, nullptr, g_b1, s.grad_bf16.data(), nullptr);
+  transpose_to_bf16(s.grad_t.data(), grad_pre, m, h);
+  pack_vnni(s.packed.data(), b.highway.data(), m, d);
+  gemm(g_w1, d, s.grad_t.data(), m, h, s.packed.data(), m, d, true);  // (h, d)
+  matmul_backward(s.grad_a.data(), s.grad_bf16.data(), D.hidden, m, false);  // dL/d highway (m, d)
+  std::fill(s.grad_x.begin(), s.grad_x.begin() + m * d, 0.0f);
+  highway_backward(b, s, D.gate, d, s.grad_a.data(), g_gate_w_t, g_gate_b);
+  store_row_gradients(s, grad_rows, row0, n_valid, d, input_sign);
 }
 
 #endif  // VQA_ALIGN_CT_HELPERS
@@ -653,11 +738,14 @@ void check_side(const at::Tensor& t, const char* name, int64_t d) {
 // Ops
 // ---------------------------------------------------------------------------------------------
 
-bool ct_helpers_supported(int64_t d, int64_t hn, int64_t hc, int64_t r) {
+// Whether the kernels run here, for helper networks of these widths (all multiples of 32).
+bool helper_blocks_supported(c10::List<int64_t> widths) {
 #ifdef VQA_ALIGN_CT_HELPERS
-  return widths_supported(d, hn, hc, r) && amx_permitted();
+  for (const int64_t w : widths)
+    if (w <= 0 || w % kWidthMultiple != 0) return false;
+  return amx_permitted();
 #else
-  (void)d, (void)hn, (void)hc, (void)r;
+  (void)widths;
   return false;
 #endif
 }
@@ -709,7 +797,6 @@ void backward_blocks(const Helpers& h, const Sides& sides, const StridedRows<con
                        in.crit_norm + at_row, partial + group * slots.size, slots, side_grad[side]);
       }
     }
-    _mm_sfence();
     _tile_release();
   });
 }
@@ -1025,14 +1112,109 @@ std::tuple<at::Tensor, at::Tensor> ct_transport_backward(const at::Tensor& nav, 
 #endif
 }
 
+// GAN discriminator forward: rows = queries (B, H, Nq, d) then keys (B, H, Nk, d); weights = gate
+// (2d, d) and bias, hidden (h, d) and bias, output (1, h) and bias. Returns the logits (R,) fp32.
+at::Tensor gan_discriminator_forward(const at::Tensor& queries, const at::Tensor& keys, at::TensorList weights,
+                                     double slope) {
+#ifdef VQA_ALIGN_CT_HELPERS
+  TORCH_CHECK(amx_permitted(), "gan_discriminator: the kernel did not grant this process the AMX tile state");
+  const Discriminator D = make_discriminator(weights.vec(), slope, false);
+  check_side(queries, "queries", D.d);
+  check_side(keys, "keys", D.d);
+  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), "gan_discriminator: queries and keys differ in dtype");
+  const Sides sides(queries.numel() / D.d, keys.numel() / D.d);
+  at::Tensor logits = at::empty({sides.rows[0] + sides.rows[1]}, queries.options().dtype(at::kFloat));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const StridedRows<const T> data[2] = {strided_rows<const T>(queries), strided_rows<const T>(keys)};
+    at::parallel_for(0, sides.total(), 1, [&](int64_t first, int64_t last) {
+      configure_tiles();
+      Block b(D.d, 0, D.h);
+      for (int64_t block = first; block < last; ++block) {
+        const auto [side, row0, n] = sides.locate(block);
+        b.m = padded(n);
+        gan_block_forward(b, D, data[side], row0, n, logits.data_ptr<float>() + (side == 0 ? 0 : sides.rows[0]) + row0);
+      }
+      _tile_release();
+    });
+  };
+  if (queries.scalar_type() == at::kFloat) run(float{});
+  else run(bf16{});
+  return logits;
+#else
+  (void)queries, (void)keys, (void)weights, (void)slope;
+  TORCH_CHECK(false, "gan_discriminator: not built for this CPU (needs AMX and AVX-512-BF16)");
+#endif
+}
+
+// GAN discriminator backward from dL/dlogits (R,) fp32 -> [dL/dqueries, dL/dkeys] times input_sign
+// (-1: the gradient reversal) and the six weight and bias gradients (fp32, in the order of `weights`).
+std::vector<at::Tensor> gan_discriminator_backward(const at::Tensor& queries, const at::Tensor& keys,
+                                                   at::TensorList weights, double slope,
+                                                   const at::Tensor& grad_logits, double input_sign) {
+#ifdef VQA_ALIGN_CT_HELPERS
+  TORCH_CHECK(amx_permitted(), "gan_discriminator: the kernel did not grant this process the AMX tile state");
+  const Discriminator D = make_discriminator(weights.vec(), slope, true);
+  check_side(queries, "queries", D.d);
+  check_side(keys, "keys", D.d);
+  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), "gan_discriminator: queries and keys differ in dtype");
+  const Sides sides(queries.numel() / D.d, keys.numel() / D.d);
+  const int64_t total_rows = sides.rows[0] + sides.rows[1];
+  TORCH_CHECK(grad_logits.dim() == 1 && grad_logits.size(0) == total_rows && grad_logits.is_contiguous() &&
+                  grad_logits.scalar_type() == at::kFloat,
+              "gan_discriminator: grad_logits must be a contiguous float32 (", total_rows, ",) tensor, got ",
+              grad_logits.sizes(), " ", grad_logits.scalar_type());
+  at::Tensor grad_q = at::empty_like(queries), grad_k = at::empty_like(keys);
+  TORCH_CHECK(grad_q.strides() == queries.strides() && grad_k.strides() == keys.strides(),
+              "gan_discriminator: queries and keys must be dense (non-overlapping) tensors");
+  const GradSlots slots = gan_slots(D);
+  const int64_t groups = std::min(kMaxGroups, std::max<int64_t>(1, sides.total()));
+  std::vector<float> partial(static_cast<size_t>(groups * slots.size), 0.0f);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const StridedRows<const T> data[2] = {strided_rows<const T>(queries), strided_rows<const T>(keys)};
+    const StridedRows<T> grads[2] = {strided_rows<T>(grad_q), strided_rows<T>(grad_k)};
+    at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
+      configure_tiles();
+      Block b(D.d, 0, D.h);
+      BackwardScratch s(D.d, std::max(D.h, 2 * D.d));
+      for (int64_t group = first_group; group < last_group; ++group) {
+        const int64_t begin = group * sides.total() / groups, end = (group + 1) * sides.total() / groups;
+        for (int64_t block = begin; block < end; ++block) {
+          const auto [side, row0, n] = sides.locate(block);
+          b.m = padded(n);
+          gan_block_backward(b, s, D, data[side], row0, n,
+                             grad_logits.data_ptr<float>() + (side == 0 ? 0 : sides.rows[0]) + row0,
+                             partial.data() + group * slots.size, slots, grads[side], static_cast<float>(input_sign));
+        }
+      }
+      _tile_release();
+    });
+  };
+  if (queries.scalar_type() == at::kFloat) run(float{});
+  else run(bf16{});
+  std::vector<at::Tensor> out{grad_q, grad_k};
+  for (at::Tensor& g : slots.reduce(partial, groups, queries.options())) out.push_back(std::move(g));
+  out[6] = out[6].view({1, D.h});  // the output layer's weight (1, h)
+  return out;
+#else
+  (void)queries, (void)keys, (void)weights, (void)slope, (void)grad_logits, (void)input_sign;
+  TORCH_CHECK(false, "gan_discriminator: not built for this CPU (needs AMX and AVX-512-BF16)");
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vqa_align_glue, m) {
-  m.def("ct_helpers_supported(int d, int nav_hidden, int crit_hidden, int out) -> bool", &ct_helpers_supported);
+  m.def("helper_blocks_supported(int[] widths) -> bool", &helper_blocks_supported);
   m.def("ct_helpers_forward(Tensor queries, Tensor keys, Tensor[] weights) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "ct_helpers_backward(Tensor queries, Tensor keys, Tensor[] weights, Tensor grad_nav, Tensor grad_crit, "
       "float crit_sign, Tensor nav, Tensor nav_norm, Tensor crit, Tensor crit_norm) -> Tensor[]");
+  m.def("gan_discriminator_forward(Tensor queries, Tensor keys, Tensor[] weights, float slope) -> Tensor");
+  m.def(
+      "gan_discriminator_backward(Tensor queries, Tensor keys, Tensor[] weights, float slope, Tensor grad_logits, "
+      "float input_sign) -> Tensor[]");
   m.def("ct_transport_forward(Tensor nav, Tensor crit, Tensor q_valid, Tensor k_valid, int heads) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "ct_transport_backward(Tensor nav, Tensor crit, Tensor q_valid, Tensor k_valid, int heads, Tensor alpha, "
@@ -1043,5 +1225,7 @@ TORCH_LIBRARY_IMPL(vqa_align_glue, CPU, m) {
   m.impl("ct_helpers_forward", &ct_helpers_forward);
   m.impl("ct_helpers_backward", &ct_helpers_backward);
   m.impl("ct_transport_forward", &ct_transport_forward);
+  m.impl("gan_discriminator_forward", &gan_discriminator_forward);
+  m.impl("gan_discriminator_backward", &gan_discriminator_backward);
   m.impl("ct_transport_backward", &ct_transport_backward);
 }
