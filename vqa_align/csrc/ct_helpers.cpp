@@ -154,6 +154,11 @@ void configure_tiles() {
   _tile_loadconfig(&config);
 }
 
+// 16 bf16 of an even row and 16 of the odd row after it -> their 16 (even, odd) pairs as 32-bit words.
+inline __m512i interleave(__m256i even, __m256i odd) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(even), _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd), 16));
+}
+
 // B operand layout: a (k, n) bf16 matrix with its rows in pairs, (k/2, n, 2) ("VNNI"). k even, n a
 // multiple of 16.
 void pack_vnni(bf16* dst, const bf16* src, int64_t k, int64_t n) {
@@ -162,9 +167,9 @@ void pack_vnni(bf16* dst, const bf16* src, int64_t k, int64_t n) {
     const bf16* even = src + row * n;
     const bf16* odd = even + n;
     for (int64_t c = 0; c < n; c += 16) {
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + c)));
-      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd + c)));
-      _mm512_storeu_si512(out + (row / 2) * n + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      _mm512_storeu_si512(out + (row / 2) * n + c,
+                          interleave(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + c)),
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd + c))));
     }
   }
 }
@@ -397,10 +402,11 @@ void block_forward(Block& b, const Helpers& h, const StridedRows<const T>& rows,
   if (crit_pre != nullptr) matmul_forward(crit_pre, b.hidden.data(), h.crit2, m);
 }
 
-// Backward of normalize(y) with y = pre + bias: grad (rows, w) in, on return dL/dy; rows beyond
-// n_valid get 0. `unit` is the stored output, `norms` its norms.
+// Backward of normalize(y) with y = pre + bias: dL/dy (rows, w) from dL/d(unit) times sign, fp32
+// into grad_out and bf16 into rows_bf16, its column sums added into sums (the bias gradient); rows
+// beyond n_valid get 0. `unit` is the stored output, `norms` its norms.
 void normalize_backward(float* grad_out, const bf16* grad_in, float sign, const bf16* unit, const float* norms,
-                        int64_t n_valid, int64_t rows, int64_t w) {
+                        int64_t n_valid, int64_t rows, int64_t w, float* sums, bf16* rows_bf16) {
   const __m512 s = _mm512_set1_ps(sign);
   for (int64_t i = 0; i < n_valid; ++i) {
     __m512 along = _mm512_setzero_ps();
@@ -410,12 +416,15 @@ void normalize_backward(float* grad_out, const bf16* grad_in, float sign, const 
     const __m512 a = _mm512_set1_ps(dot), inverse = _mm512_set1_ps(1.0f / norms[i]);
     for (int64_t c = 0; c < w; c += 16) {
       const __m512 g = _mm512_mul_ps(s, load16(grad_in + i * w + c));
-      store16(grad_out + i * w + c, _mm512_mul_ps(_mm512_fnmadd_ps(load16(unit + i * w + c), a, g), inverse));
+      const __m512 out = _mm512_mul_ps(_mm512_fnmadd_ps(load16(unit + i * w + c), a, g), inverse);
+      store16(grad_out + i * w + c, out);
+      store16(rows_bf16 + i * w + c, out);
+      store16(sums + c, _mm512_add_ps(load16(sums + c), out));
     }
   }
   std::fill(grad_out + n_valid * w, grad_out + rows * w, 0.0f);
+  std::fill(rows_bf16 + n_valid * w, rows_bf16 + rows * w, bf16(0.0f));
 }
-
 // Per-group sums of the weight and bias gradients (fp32), one flat buffer per group. The first
 // layers' weight gradients (navigator's first layer, highway gate) are summed transposed, (in, out):
 // their matmul reads the block's x transposed, which it shares.
@@ -502,9 +511,7 @@ void gradient_pass(float* __restrict__ g, int64_t rows, int64_t w, const bf16* _
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows_out + o + w), odd_bf16);
       }
       if (vnni != nullptr) {
-        const __m512i pairs = _mm512_or_si512(_mm512_cvtepu16_epi32(even_bf16),
-                                              _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd_bf16), 16));
-        _mm512_storeu_si512(vnni + (i / 2) * w + c, pairs);
+        _mm512_storeu_si512(vnni + (i / 2) * w + c, interleave(even_bf16, odd_bf16));
       }
     }
     store16(sums + c, sum);
@@ -517,27 +524,41 @@ void gradient_pass(float* __restrict__ g, int64_t rows, int64_t w, const bf16* _
 // dx += g (1 - t); [dtr | dpre] (m, 2d) feeds the gate matmul's gradients.
 void highway_backward(Block& b, BackwardScratch& s, const Layer& gate_layer, int64_t d, const float* grad_y,
                       float* grad_w_t, float* grad_bias) {
-  const int64_t m = b.m;
-  float* __restrict__ grad_pre = s.grad_b.data();  // (m, 2d)
+  const int64_t m = b.m, w = 2 * d;
+  bf16* __restrict__ rows_out = s.grad_bf16.data();  // [dtr | dpre] (m, 2d), the dx matmul's A operand
+  auto* __restrict__ pairs = reinterpret_cast<uint32_t*>(s.packed.data());  // the same, packed by row pairs
   float* __restrict__ grad_x = s.grad_x.data();
   const float* __restrict__ gate = b.gate.data();
   const float* __restrict__ transform = b.transform.data();
   const bf16* __restrict__ x = b.x.data();
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t c = 0; c < d; c += 16) {
-      const int64_t o = i * d + c;
-      const __m512 g = load16(grad_y + o), t = load16(gate + o), tr = load16(transform + o), xv = load16(x + o);
-      const __m512 one_minus_t = _mm512_sub_ps(_mm512_set1_ps(1.0f), t);
-      const __m512 relu_tr = _mm512_max_ps(tr, _mm512_setzero_ps());
-      const __mmask16 active = _mm512_cmp_ps_mask(tr, _mm512_setzero_ps(), _CMP_GT_OQ);
-      store16(grad_pre + i * 2 * d + c, _mm512_maskz_mov_ps(active, _mm512_mul_ps(g, t)));
-      store16(grad_pre + i * 2 * d + d + c,
-              _mm512_mul_ps(_mm512_mul_ps(g, _mm512_sub_ps(relu_tr, xv)), _mm512_mul_ps(t, one_minus_t)));
-      store16(grad_x + o, _mm512_fmadd_ps(g, one_minus_t, load16(grad_x + o)));
+  for (int64_t c = 0; c < d; c += 16) {
+    __m512 sum_tr = load16(grad_bias + c), sum_pre = load16(grad_bias + d + c);
+    for (int64_t i = 0; i < m; i += 2) {
+      __m256i tr_bf16[2], pre_bf16[2];
+      for (int64_t r = 0; r < 2; ++r) {
+        const int64_t o = (i + r) * d + c;
+        const __m512 g = load16(grad_y + o), t = load16(gate + o), tr = load16(transform + o), xv = load16(x + o);
+        const __m512 one_minus_t = _mm512_sub_ps(_mm512_set1_ps(1.0f), t);
+        const __m512 relu_tr = _mm512_max_ps(tr, _mm512_setzero_ps());
+        const __mmask16 active = _mm512_cmp_ps_mask(tr, _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __m512 d_tr = _mm512_maskz_mov_ps(active, _mm512_mul_ps(g, t));
+        const __m512 d_pre = _mm512_mul_ps(_mm512_mul_ps(g, _mm512_sub_ps(relu_tr, xv)), _mm512_mul_ps(t, one_minus_t));
+        store16(grad_x + o, _mm512_fmadd_ps(g, one_minus_t, load16(grad_x + o)));
+        sum_tr = _mm512_add_ps(sum_tr, d_tr);
+        sum_pre = _mm512_add_ps(sum_pre, d_pre);
+        tr_bf16[r] = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(d_tr));
+        pre_bf16[r] = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(d_pre));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows_out + (i + r) * w + c), tr_bf16[r]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows_out + (i + r) * w + d + c), pre_bf16[r]);
+      }
+      _mm512_storeu_si512(pairs + (i / 2) * w + c, interleave(tr_bf16[0], tr_bf16[1]));
+      _mm512_storeu_si512(pairs + (i / 2) * w + d + c, interleave(pre_bf16[0], pre_bf16[1]));
     }
-  gradient_pass(grad_pre, m, 2 * d, nullptr, grad_bias, s.grad_bf16.data(), s.packed.data());
-  gemm(grad_w_t, 2 * d, s.x_t.data(), m, d, s.packed.data(), m, 2 * d, true);  // (d, 2d)
-  matmul_backward(grad_x, s.grad_bf16.data(), gate_layer, m, true);
+    store16(grad_bias + c, sum_tr);
+    store16(grad_bias + d + c, sum_pre);
+  }
+  gemm(grad_w_t, w, s.x_t.data(), m, d, s.packed.data(), m, w, true);  // (d, 2d)
+  matmul_backward(grad_x, rows_out, gate_layer, m, true);
 }
 
 // Writes a block's row gradients s.grad_x times `sign` (the GAN's gradient reversal: -1).
@@ -580,8 +601,7 @@ void block_backward(Block& b, BackwardScratch& s, const Helpers& h, const Stride
   float* grad_x = s.grad_x.data();
 
   // Navigator: normalisation, second linear layer, ReLU, first linear layer.
-  normalize_backward(grad_a, grad_nav, 1.0f, nav, nav_norm, n_valid, m, h.r);  // (m, r)
-  gradient_pass(grad_a, m, h.r, nullptr, g_nav_b2, s.grad_bf16.data(), nullptr);
+  normalize_backward(grad_a, grad_nav, 1.0f, nav, nav_norm, n_valid, m, h.r, g_nav_b2, s.grad_bf16.data());
   transpose_to_bf16(s.grad_t.data(), grad_a, m, h.r);
   pack_vnni(s.packed.data(), b.nav_hidden.data(), m, h.hn);
   gemm(g_nav_w2, h.hn, s.grad_t.data(), m, h.r, s.packed.data(), m, h.hn, true);  // (r, hn)
@@ -591,8 +611,7 @@ void block_backward(Block& b, BackwardScratch& s, const Helpers& h, const Stride
   matmul_backward(grad_x, s.grad_bf16.data(), h.nav1, m, false);  // dL/dx, navigator part (m, d)
 
   // Critic: normalisation (the cost is 1 - g·g: crit_sign -1), Linear-ReLU-Linear.
-  normalize_backward(grad_a, grad_crit, crit_sign, crit, crit_norm, n_valid, m, h.r);
-  gradient_pass(grad_a, m, h.r, nullptr, g_crit_b2, s.grad_bf16.data(), nullptr);
+  normalize_backward(grad_a, grad_crit, crit_sign, crit, crit_norm, n_valid, m, h.r, g_crit_b2, s.grad_bf16.data());
   transpose_to_bf16(s.grad_t.data(), grad_a, m, h.r);
   pack_vnni(s.packed.data(), b.hidden.data(), m, h.hc);
   gemm(g_crit_w2, h.hc, s.grad_t.data(), m, h.r, s.packed.data(), m, h.hc, true);  // (r, hc)
