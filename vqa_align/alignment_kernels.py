@@ -179,7 +179,7 @@ class _FusedConditionalTransport(torch.autograd.Function):
         blocks = helper_blocks(queries.device, dtype, widths) and queries.dtype in (torch.float32, torch.bfloat16)
         ctx.meta = (n_queries, queries.dtype, keys.dtype, weights[0].dtype, blocks)
         glue = glue_for(queries.device)
-        if blocks:  # every helper layer per block of rows in the CPU's cache (csrc/ct_helpers.cpp)
+        if blocks:  # every helper layer per block of rows in the CPU's cache (csrc/aligner_blocks.cpp)
             queries, keys = _row_layout(queries), _row_layout(keys.to(queries.dtype))
             nav, nav_norm, crit, crit_norm = torch.ops.vqa_align_glue.ct_helpers_forward(queries, keys, weights)
             saved = (queries, keys, *weights)  # the backward pass recomputes the activations
@@ -303,7 +303,7 @@ class _FusedAdversarial(torch.autograd.Function):
         blocks = helper_blocks(queries.device, dtype, widths) and queries.dtype in (torch.float32, torch.bfloat16)
         ctx.meta = (n_queries, slope, queries.dtype, keys.dtype, weights[0].dtype, blocks)
         glue = glue_for(queries.device)
-        if blocks:  # every layer per block of rows in the CPU's cache (csrc/ct_helpers.cpp)
+        if blocks:  # every layer per block of rows in the CPU's cache (csrc/aligner_blocks.cpp)
             queries, keys = _row_layout(queries), _row_layout(keys.to(queries.dtype))
             logits = torch.ops.vqa_align_glue.gan_discriminator_forward(queries, keys, weights, slope)  # (R,)
             saved = (queries, keys, *weights)  # the backward pass recomputes the activations

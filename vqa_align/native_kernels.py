@@ -41,7 +41,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "alignment_glue.cpp", CSRC / "ct_helpers.cpp", CSRC / "dropout.cpp")  # one extension, ops vqa_align_glue
+SOURCES = (CSRC / "alignment_glue.cpp", CSRC / "aligner_blocks.cpp", CSRC / "dropout.cpp")  # one extension, ops vqa_align_glue
 ENV_SWITCH = "VQA_ALIGN_NATIVE_KERNELS"
 NORM_EPS = 1e-12  # F.normalize's default: x / max(|x|, eps)
 # OpenMP: ATen's parallel_for is header-inlined. -fno-trapping-math lets GCC vectorise the floor in
@@ -310,7 +310,7 @@ HELPER_BLOCKS_SWITCH = "VQA_ALIGN_HELPER_BLOCKS"
 
 
 def helper_blocks(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
-    """Whether the CT and GAN aligners run as the cache-blocked C++ kernels (``csrc/ct_helpers.cpp``):
+    """Whether the CT and GAN aligners run as the cache-blocked C++ kernels (``csrc/aligner_blocks.cpp``):
     CPU, bf16 helpers, kernels built and on, every helper width (head dim, hidden and output widths)
     a multiple of 32, and a CPU with AMX and AVX-512-BF16. ``VQA_ALIGN_HELPER_BLOCKS=0`` turns these
     kernels alone off (the layer-by-layer path with the glue kernels then runs)."""

@@ -1,5 +1,5 @@
-"""The cache-blocked CT kernels (csrc/ct_helpers.cpp: AMX matmuls, one block of rows or one
-(sample, head) at a time) against exact references.
+"""The cache-blocked CT and GAN kernels (csrc/aligner_blocks.cpp: AMX matmuls, one block of rows or
+one (sample, head) at a time) against exact references.
 
 - Helpers: forward units and every backward gradient against fp64 autograd of the same networks in
   which the kernel's bf16 rounding points (the matmul inputs x, weights, hidden activations, the
@@ -7,8 +7,11 @@
   rounding of its gradients (< 1 %); a wrong term or a wrong transpose gives errors of order 1.
 - Transport: the row and column sums of E and E ⊙ C, and the four plan/gradient products, against
   explicit (Nq, Nk) matrices, with padded queries and keys, Nq ≠ Nk, and Nk below one vector.
-- The whole CT aligner with the kernels against the plain helper calls and explicit matrices in
-  fp64, and against the layer-by-layer bf16 path.
+- GAN discriminator: logits and every gradient against the same kind of rounding-aware reference,
+  with the gradient reversal on the rows.
+- The whole CT and GAN aligners with the kernels against the plain helper calls (and, for CT,
+  explicit matrices) in fp64, and against the layer-by-layer bf16 path; q and k as the attention's
+  transposed views, read in place, with gradients in their layout.
 - Thread-count independence, and errors that name the bad argument.
 
 Skipped where the kernels do not run (no AMX / AVX-512-BF16, or no compiler).

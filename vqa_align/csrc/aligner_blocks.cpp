@@ -1,26 +1,33 @@
-// The CT aligner's two helper networks, forward and backward, fused per block of rows (CPU, bf16
-// matmuls on AMX / AVX-512-BF16 through ATen's brgemm micro-kernels).
+// The CT and GAN aligners on the CPU, cache-blocked: every helper layer of a block of rows (and, for
+// CT, the transport of one (sample, head)) runs while its data sits in the core's cache, with the
+// matmuls on AMX tiles (bf16 operands, fp32 accumulation).
 //
-// Why: the navigator and the critic run on B·H·(Nq+Nk) rows (102,400 for one MCAN-small decoder
-// self-attention at batch 64) with widths of 32-128. As separate ATen ops (alignment_glue.cpp)
-// every layer is a pass over memory: a matmul writing a (rows, width) tensor, then a glue pass
-// reading it back, about 11 KB of traffic per row for forward and backward, and the 2-core CPU
-// waits on memory, not arithmetic. Here one block of kBlockRows rows goes through every layer while
-// it sits in the core's cache: what reaches memory is the input rows, the two unit-vector outputs
-// and their norms (forward), the incoming gradients and the row gradients (backward), about 1 KB
-// per row. The backward pass recomputes the block's forward activations instead of storing them.
+// Why: the helper networks run on B·H·(Nq+Nk) rows (102,400 for one MCAN-small decoder
+// self-attention at batch 64) with widths of 32-128. As separate ATen ops (alignment_glue.cpp) every
+// layer is a pass over memory, a matmul writing a (rows, width) tensor and a glue pass reading it
+// back, about 11 KB of traffic per row for forward and backward. Here a block of kBlockRows rows goes
+// through every layer in cache: what reaches memory is the input rows, the helpers' outputs, the
+// incoming gradients and the row gradients, about 1 KB per row. The backward passes recompute the
+// block's activations instead of storing them. Library GEMM calls at these sizes (64 x 64 x 64)
+// cost more in dispatch and tile configuration than in arithmetic, so the matmul is a small AMX
+// kernel with one tile configuration per thread (`gemm`).
 //
-// Math (the same as vqa_align/alignment_kernels.py's unfused path; rows x are queries then keys):
-//   navigator  f = normalize(W2 relu(W1 x + b1) + b2)
-//   critic     h = x + t ⊙ (relu(Wt x + bt) - x), t = σ(Wg x + bg)       (highway; gate_w = [Wt; Wg])
-//              g = normalize(V2 relu(V1 h + c1) + c2)
+// Math (as vqa_align/alignment_kernels.py's layer-by-layer path; rows x are queries, then keys):
+//   CT navigator        f = normalize(W2 relu(W1 x + b1) + b2)
+//   highway (CT critic, GAN discriminator)
+//                       h = x + t ⊙ (relu(Wt x + bt) - x), t = σ(Wg x + bg)   (gate_w = [Wt; Wg])
+//   CT critic           g = normalize(V2 relu(V1 h + c1) + c2)
+//   CT transport        per (sample, head): S = f(q) f(k)ᵀ, C = 1 - g(q) g(k)ᵀ, E = exp(S) on valid
+//                       pairs; forward: row/column sums of E and E ⊙ C; backward: dS f, dSᵀ f, P g, Pᵀ g
+//   GAN discriminator   logit = w2 · leaky_relu(V h + c) + b2
 // Matmul operands are bf16, accumulation and all elementwise work fp32; activations are rounded to
 // bf16 only where they feed a matmul. Weight and bias gradients are summed in fp32 per fixed group
 // of blocks, then the groups in order, so results do not depend on the thread count.
 //
-// Available when the CPU has AVX-512-BF16 and ATen can pack bf16 for brgemm (x86 with AMX or
-// AVX-512-BF16), and every width is a multiple of 16 (ct_helpers_supported); the Python side
-// uses the unfused path otherwise.
+// Built when the compiler targets AVX-512-BF16 and AMX (-march=native on such a CPU) on Linux, and
+// used when the kernel grants the process the AMX tile state and every helper width is a multiple
+// of 32 (helper_blocks_supported); elsewhere the ops raise and the Python side runs the
+// layer-by-layer path. Tests: tests/test_aligner_blocks.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,7 +40,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && \
     defined(__AMX_BF16__) && defined(__linux__)
-#define VQA_ALIGN_CT_HELPERS 1
+#define VQA_ALIGN_ALIGNER_BLOCKS 1
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -53,7 +60,7 @@ bool widths_supported(int64_t d, int64_t hn, int64_t hc, int64_t r) {
   return true;
 }
 
-#ifdef VQA_ALIGN_CT_HELPERS
+#ifdef VQA_ALIGN_ALIGNER_BLOCKS
 
 using bf16 = at::BFloat16;
 
@@ -273,7 +280,7 @@ struct Layer {  // y = x Wᵀ + b for W (out, in)
 
 Layer make_layer(const at::Tensor& weight, const at::Tensor& bias, bool with_backward) {
   TORCH_CHECK(weight.dim() == 2 && bias.dim() == 1 && bias.size(0) == weight.size(0),
-              "ct_helpers: a weight (out, in) and its bias (out,) expected, got ", weight.sizes(), " and ",
+              "aligner_blocks: a weight (out, in) and its bias (out,) expected, got ", weight.sizes(), " and ",
               bias.sizes());
   Layer layer;
   layer.forward = pack_matrix(weight.t());
@@ -649,7 +656,7 @@ int64_t padded(int64_t n) { return (n + kWidthMultiple - 1) / kWidthMultiple * k
 void check_side(const at::Tensor& t, const char* name, int64_t d) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.size(3) == d && t.stride(3) == 1 &&
                   (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
-              "ct_helpers: ", name, " must be a float32 or bfloat16 (B, H, N, ", d,
+              "aligner_blocks: ", name, " must be a float32 or bfloat16 (B, H, N, ", d,
               ") CPU tensor with unit stride in its last dimension, got ", t.sizes(), " strides ", t.strides(), " ",
               t.scalar_type());
 }
@@ -751,7 +758,7 @@ void gan_block_backward(Block& b, BackwardScratch& s, const Discriminator& D, co
   store_row_gradients(s, grad_rows, row0, n_valid, d, input_sign);
 }
 
-#endif  // VQA_ALIGN_CT_HELPERS
+#endif  // VQA_ALIGN_ALIGNER_BLOCKS
 
 // ---------------------------------------------------------------------------------------------
 // Ops
@@ -759,7 +766,7 @@ void gan_block_backward(Block& b, BackwardScratch& s, const Discriminator& D, co
 
 // Whether the kernels run here, for helper networks of these widths (all multiples of 32).
 bool helper_blocks_supported(c10::List<int64_t> widths) {
-#ifdef VQA_ALIGN_CT_HELPERS
+#ifdef VQA_ALIGN_ALIGNER_BLOCKS
   for (const int64_t w : widths)
     if (w <= 0 || w % kWidthMultiple != 0) return false;
   return amx_permitted();
@@ -769,7 +776,7 @@ bool helper_blocks_supported(c10::List<int64_t> widths) {
 #endif
 }
 
-#ifdef VQA_ALIGN_CT_HELPERS
+#ifdef VQA_ALIGN_ALIGNER_BLOCKS
 
 template <typename T>
 void forward_blocks(const Helpers& h, const Sides& sides, const StridedRows<const T> side_data[2], bf16* nav,
@@ -982,13 +989,13 @@ TransportShape checked_transport_shape(const at::Tensor& nav, const at::Tensor& 
   return t;
 }
 
-#endif  // VQA_ALIGN_CT_HELPERS
+#endif  // VQA_ALIGN_ALIGNER_BLOCKS
 
 // Forward: rows = queries (B, H, Nq, d) then keys (B, H, Nk, d). Returns the navigator's and the
 // critic's unit outputs (R, r) bf16 and their norms (R,) fp32, R = B·H·(Nq + Nk).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_helpers_forward(
     const at::Tensor& queries, const at::Tensor& keys, at::TensorList weights) {
-#ifdef VQA_ALIGN_CT_HELPERS
+#ifdef VQA_ALIGN_ALIGNER_BLOCKS
   TORCH_CHECK(amx_permitted(), "ct_helpers: the kernel did not grant this process the AMX tile state");
   const Helpers h = make_helpers(weights.vec(), false);
   check_side(queries, "queries", h.d);
@@ -1011,7 +1018,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_helpers_forward(
   return {nav, nav_norm, crit, crit_norm};
 #else
   (void)queries, (void)keys, (void)weights;
-  TORCH_CHECK(false, "ct_helpers: not built for this CPU (needs AVX-512-BF16)");
+  TORCH_CHECK(false, "ct_helpers: not built for this CPU (needs AMX and AVX-512-BF16)");
 #endif
 }
 
@@ -1022,7 +1029,7 @@ std::vector<at::Tensor> ct_helpers_backward(const at::Tensor& queries, const at:
                                             const at::Tensor& grad_nav, const at::Tensor& grad_crit, double crit_sign,
                                             const at::Tensor& nav, const at::Tensor& nav_norm, const at::Tensor& crit,
                                             const at::Tensor& crit_norm) {
-#ifdef VQA_ALIGN_CT_HELPERS
+#ifdef VQA_ALIGN_ALIGNER_BLOCKS
   TORCH_CHECK(amx_permitted(), "ct_helpers: the kernel did not grant this process the AMX tile state");
   const Helpers h = make_helpers(weights.vec(), true);
   check_side(queries, "queries", h.d);
@@ -1063,7 +1070,7 @@ std::vector<at::Tensor> ct_helpers_backward(const at::Tensor& queries, const at:
 #else
   (void)queries, (void)keys, (void)weights, (void)grad_nav, (void)grad_crit, (void)crit_sign, (void)nav,
       (void)nav_norm, (void)crit, (void)crit_norm;
-  TORCH_CHECK(false, "ct_helpers: not built for this CPU (needs AVX-512-BF16)");
+  TORCH_CHECK(false, "ct_helpers: not built for this CPU (needs AMX and AVX-512-BF16)");
 #endif
 }
 
@@ -1074,7 +1081,7 @@ std::vector<at::Tensor> ct_helpers_backward(const at::Tensor& queries, const at:
 // fp32, as transport_forward_ of alignment_glue.cpp but without writing E and C.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_transport_forward(
     const at::Tensor& nav, const at::Tensor& crit, const at::Tensor& q_valid, const at::Tensor& k_valid, int64_t heads) {
-#ifdef VQA_ALIGN_CT_HELPERS
+#ifdef VQA_ALIGN_ALIGNER_BLOCKS
   const TransportShape t = checked_transport_shape(nav, crit, q_valid, k_valid, heads);
   const auto fp = nav.options().dtype(at::kFloat);
   at::Tensor row_sum = at::empty({t.batch, heads, t.nq}, fp), row_cost = at::empty({t.batch, heads, t.nq}, fp);
@@ -1104,7 +1111,7 @@ std::tuple<at::Tensor, at::Tensor> ct_transport_backward(const at::Tensor& nav, 
                                                          const at::Tensor& q_valid, const at::Tensor& k_valid,
                                                          int64_t heads, const at::Tensor& alpha, const at::Tensor& beta,
                                                          const at::Tensor& a, const at::Tensor& b) {
-#ifdef VQA_ALIGN_CT_HELPERS
+#ifdef VQA_ALIGN_ALIGNER_BLOCKS
   const TransportShape t = checked_transport_shape(nav, crit, q_valid, k_valid, heads);
   for (const auto& [v, name, n] : {std::tuple{&alpha, "alpha", t.nq}, {&a, "a", t.nq}, {&beta, "beta", t.nk}, {&b, "b", t.nk}})
     TORCH_CHECK(v->dim() == 3 && v->size(0) == t.batch && v->size(1) == heads && v->size(2) == n &&
@@ -1135,7 +1142,7 @@ std::tuple<at::Tensor, at::Tensor> ct_transport_backward(const at::Tensor& nav, 
 // (2d, d) and bias, hidden (h, d) and bias, output (1, h) and bias. Returns the logits (R,) fp32.
 at::Tensor gan_discriminator_forward(const at::Tensor& queries, const at::Tensor& keys, at::TensorList weights,
                                      double slope) {
-#ifdef VQA_ALIGN_CT_HELPERS
+#ifdef VQA_ALIGN_ALIGNER_BLOCKS
   TORCH_CHECK(amx_permitted(), "gan_discriminator: the kernel did not grant this process the AMX tile state");
   const Discriminator D = make_discriminator(weights.vec(), slope, false);
   check_side(queries, "queries", D.d);
@@ -1171,7 +1178,7 @@ at::Tensor gan_discriminator_forward(const at::Tensor& queries, const at::Tensor
 std::vector<at::Tensor> gan_discriminator_backward(const at::Tensor& queries, const at::Tensor& keys,
                                                    at::TensorList weights, double slope,
                                                    const at::Tensor& grad_logits, double input_sign) {
-#ifdef VQA_ALIGN_CT_HELPERS
+#ifdef VQA_ALIGN_ALIGNER_BLOCKS
   TORCH_CHECK(amx_permitted(), "gan_discriminator: the kernel did not grant this process the AMX tile state");
   const Discriminator D = make_discriminator(weights.vec(), slope, true);
   check_side(queries, "queries", D.d);
