@@ -12,6 +12,10 @@ over those rows and by autograd's bookkeeping, not by arithmetic. The fused vers
 - do the elementwise work between the matmuls through :mod:`vqa_align.native_kernels`: one-pass
   C++ kernels on the CPU (bias adds and activations, the highway mix, the normalisation, the
   transport matrices, with the bias-gradient sums folded in), PyTorch ops elsewhere;
+- on CPUs with AMX and bf16 helpers whose widths are multiples of 32, replace all of the above by
+  cache-blocked kernels (``csrc/aligner_blocks.cpp``): every helper layer per block of rows, CT's
+  transport per (sample, head), the backward recomputing the forward activations; q and k are read
+  in their strided (attention) layout and get their gradients in it;
 - for CT, never form softmaxes: the navigator outputs are unit vectors, so the logits lie in
   [-1, 1] and E = exp(S) is safe without max-subtraction; both transport plans are E divided by its
   row or column sums, and the backward pass needs only E, the cost matrix and four vectors;

@@ -1,5 +1,6 @@
 """The project's C++ CPU kernels: their loader, and the elementwise glue of the fused aligners
 (one-pass C++ kernels on the CPU, PyTorch versions elsewhere). The same extension also holds the
+cache-blocked CT and GAN aligners (``csrc/aligner_blocks.cpp``, see :func:`helper_blocks`) and the
 counter-based dropout of :mod:`vqa_align.dropout` (``csrc/dropout.cpp``).
 
 Between the helper networks' matmuls, the fused CT and GAN aligners
@@ -8,7 +9,9 @@ activations, the highway layer's mix, the L2 normalisation of the helper outputs
 passes and the bias-gradient column sums; and, for CT, on the (B, H, Nq, Nk) transport matrices.
 PyTorch does each of these as several passes, each with a freshly allocated output; on a 2-core
 CPU those passes cost more than the matmuls. ``csrc/alignment_glue.cpp`` does each step in one
-pass, in place where it can, with the bias adds and column sums folded in.
+pass, in place where it can, with the bias adds and column sums folded in. On CPUs with AMX,
+``csrc/aligner_blocks.cpp`` goes further: it runs every layer of a block of rows (and CT's
+transport of one sample and head) in the cache, so the intermediates never reach memory.
 
 The kernels are compiled on first use with :func:`torch.utils.cpp_extension.load` (10–30 s once,
 then cached in ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) for the host CPU
