@@ -1,13 +1,19 @@
-"""One fused aligner alone on the CPU: forward + backward at MCAN-small shapes, C++ glue vs PyTorch glue.
+"""One fused aligner alone on the CPU: forward + backward at MCAN-small shapes, three implementations.
 
     .venv/bin/python benchmarks/aligner.py --methods ct,gan --batch-size 64 --repeats 7 --json
 
 Shapes per module kind (MCAN-small: 8 heads of 64, 14 question tokens, 100 regions):
 ``sa_image`` (100 queries, 100 keys), ``sga_guided`` (100 region queries, 14 token keys),
-``sa_question`` (14, 14). The glue variants (``VQA_ALIGN_NATIVE_KERNELS`` on / off, see
-vqa_align/native_kernels.py) are timed interleaved, one call each per round; the median over rounds
-is reported. ``per_step_s`` is what one MCAN-small training step spends in them: six layers of each
-kind. The trainer's allocator setting (vqa_align/host_memory.py) is applied, as in training.
+``sa_question`` (14, 14). Implementations (see vqa_align/native_kernels.py), timed interleaved, one
+call each per round, the median over rounds reported:
+
+- ``native``: the cache-blocked AMX kernels (csrc/aligner_blocks.cpp) where the CPU has them;
+- ``layers``: layer by layer, the matmuls in ATen and the one-pass C++ glue between them
+  (``VQA_ALIGN_HELPER_BLOCKS=0``);
+- ``torch``: layer by layer with PyTorch ops only (``VQA_ALIGN_NATIVE_KERNELS=0``).
+
+``per_step_s`` is what one MCAN-small training step spends in them: six layers of each kind. The
+trainer's allocator setting (vqa_align/host_memory.py) is applied, as in training.
 """
 
 from __future__ import annotations
