@@ -149,28 +149,35 @@ def _aligner_grads(aligner, q, k, q_valid, k_valid, upstream):
     return distance, torch.autograd.grad((distance * upstream).sum(), params)
 
 
-def test_aligner_with_the_kernels_matches_the_exact_distance_and_the_layer_path(monkeypatch):
-    gen = torch.Generator().manual_seed(3)
-    torch.manual_seed(3)
-    d, hn, hc, r = WIDTHS
-    config = AlignmentConfig(method="ct", helper_hidden=hn, helper_out=r, helper_precision="bf16")
+def _aligner_against_references(monkeypatch, config: AlignmentConfig, d: int, seed: int):
+    """The aligner with the kernels, with the layer-by-layer path (same bf16 helpers) and the plain
+    fp64 reference -> (distance, grads) of each, for q, k and every helper parameter."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     aligner = HeadAligner(d, config)
     q_valid, k_valid = random_masks(4, 37, 21, gen)
     q = torch.randn(4, 3, 37, d, generator=gen, requires_grad=True)
     k = torch.randn(4, 3, 21, d, generator=gen, requires_grad=True)
     upstream = torch.randn(4, 3, generator=gen)
 
-    got, got_grads = _aligner_grads(aligner, q, k, q_valid, k_valid, upstream)
+    got = _aligner_grads(aligner, q, k, q_valid, k_valid, upstream)
     monkeypatch.setenv(nk.HELPER_BLOCKS_SWITCH, "0")
-    layers, layer_grads = _aligner_grads(aligner, q, k, q_valid, k_valid, upstream)
+    layers = _aligner_grads(aligner, q, k, q_valid, k_valid, upstream)
     monkeypatch.delenv(nk.HELPER_BLOCKS_SWITCH)
 
     exact = HeadAligner(d, config).double()
     exact.load_state_dict(aligner.state_dict())
     q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
-    ref = plain_ct(exact, q64, k64, q_valid, k_valid)
+    plain = plain_ct if config.method == "ct" else plain_gan
+    ref = plain(exact, q64, k64, q_valid, k_valid)
     ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), [q64, k64, *exact.parameters()])
+    return got, layers, (ref, ref_grads)
 
+
+def test_aligner_with_the_kernels_matches_the_exact_distance_and_the_layer_path(monkeypatch):
+    d, hn, hc, r = WIDTHS
+    config = AlignmentConfig(method="ct", helper_hidden=hn, helper_out=r, helper_precision="bf16")
+    (got, got_grads), (layers, layer_grads), (ref, ref_grads) = _aligner_against_references(monkeypatch, config, d, 3)
     assert got.dtype == torch.float32
     assert (got.double() - ref).abs().max() <= 0.02 * ref.abs().max()
     assert (got - layers).abs().max() <= 0.02 * layers.abs().max()
@@ -253,26 +260,9 @@ def test_discriminator_matches_a_reference_with_the_same_rounding(dtype):
 
 
 def test_gan_aligner_with_the_kernels_matches_the_exact_loss_and_the_layer_path(monkeypatch):
-    gen = torch.Generator().manual_seed(6)
-    torch.manual_seed(6)
     d, hidden = GAN_WIDTHS
     config = AlignmentConfig(method="gan", helper_hidden=hidden, helper_precision="bf16")
-    aligner = HeadAligner(d, config)
-    q_valid, k_valid = random_masks(4, 37, 21, gen)
-    q = torch.randn(4, 3, 37, d, generator=gen, requires_grad=True)
-    k = torch.randn(4, 3, 21, d, generator=gen, requires_grad=True)
-    upstream = torch.randn(4, 3, generator=gen)
-
-    got, got_grads = _aligner_grads(aligner, q, k, q_valid, k_valid, upstream)
-    monkeypatch.setenv(nk.HELPER_BLOCKS_SWITCH, "0")
-    layers, layer_grads = _aligner_grads(aligner, q, k, q_valid, k_valid, upstream)
-    monkeypatch.delenv(nk.HELPER_BLOCKS_SWITCH)
-    exact = HeadAligner(d, config).double()
-    exact.load_state_dict(aligner.state_dict())
-    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
-    ref = plain_gan(exact, q64, k64, q_valid, k_valid)
-    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), [q64, k64, *exact.parameters()])
-
+    (got, got_grads), (layers, layer_grads), (ref, ref_grads) = _aligner_against_references(monkeypatch, config, d, 6)
     assert (got.double() - ref).abs().max() <= 0.01 * ref.abs().max()
     assert (got - layers).abs().max() <= 0.01 * layers.abs().max()
     # The kernel keeps the logit gradients and the hidden activations in fp32 where the layer path

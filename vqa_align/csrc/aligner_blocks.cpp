@@ -802,6 +802,32 @@ void gan_block_backward(Block& b, BackwardScratch& s, const Discriminator& D, co
   store_row_gradients(s, grad_rows, row0, n_valid, d, input_sign);
 }
 
+// The checks every op makes of its rows, and the rows' block layout.
+Sides checked_sides(const char* op, const at::Tensor& queries, const at::Tensor& keys, int64_t d) {
+  TORCH_CHECK(amx_permitted(), op, ": the kernel did not grant this process the AMX tile state");
+  check_side(queries, "queries", d);
+  check_side(keys, "keys", d);
+  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), op, ": queries and keys differ in dtype");
+  return Sides(queries.numel() / d, keys.numel() / d);
+}
+
+// Row-gradient tensors in the layouts of queries and keys (empty_like keeps a dense tensor's strides).
+std::pair<at::Tensor, at::Tensor> row_gradients(const char* op, const at::Tensor& queries, const at::Tensor& keys) {
+  at::Tensor grad_q = at::empty_like(queries), grad_k = at::empty_like(keys);
+  TORCH_CHECK(grad_q.strides() == queries.strides() && grad_k.strides() == keys.strides(), op,
+              ": queries and keys must be dense (non-overlapping) tensors");
+  return {grad_q, grad_k};
+}
+
+// Calls fn(T{}) with T the rows' element type (float or bf16; check_side allows no other).
+template <typename Fn>
+void dispatch_rows(const at::Tensor& rows, Fn&& fn) {
+  if (rows.scalar_type() == at::kFloat)
+    fn(float{});
+  else
+    fn(bf16{});
+}
+
 #endif  // VQA_ALIGN_ALIGNER_BLOCKS
 
 // ---------------------------------------------------------------------------------------------
@@ -1015,6 +1041,22 @@ void transport_backward_one(TransportScratch& x, const TransportShape& t, int64_
   }
 }
 
+// Runs fn(scratch, m) for every (sample, head) m in parallel, with S and g(q)·g(k) of m in the scratch.
+template <typename Fn>
+void for_each_sample_head(const TransportShape& t, const at::Tensor& nav, const at::Tensor& crit,
+                          const at::Tensor& k_valid, Fn&& fn) {
+  const at::Tensor kv = k_valid.contiguous();
+  at::parallel_for(0, t.batch * t.heads, 1, [&](int64_t first, int64_t last) {
+    configure_tiles();
+    TransportScratch x(t);
+    for (int64_t m = first; m < last; ++m) {
+      transport_matrices(x, t, m, nav.data_ptr<bf16>(), crit.data_ptr<bf16>(), kv.data_ptr<bool>());
+      fn(x, m);
+    }
+    _tile_release();
+  });
+}
+
 TransportShape checked_transport_shape(const at::Tensor& nav, const at::Tensor& crit, const at::Tensor& q_valid,
                                        const at::Tensor& k_valid, int64_t heads) {
   TORCH_CHECK(amx_permitted(), "ct_transport: the kernel did not grant this process the AMX tile state");
@@ -1040,25 +1082,19 @@ TransportShape checked_transport_shape(const at::Tensor& nav, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_helpers_forward(
     const at::Tensor& queries, const at::Tensor& keys, at::TensorList weights) {
 #ifdef VQA_ALIGN_ALIGNER_BLOCKS
-  TORCH_CHECK(amx_permitted(), "ct_helpers: the kernel did not grant this process the AMX tile state");
   const Helpers h = make_helpers(weights.vec(), false);
-  check_side(queries, "queries", h.d);
-  check_side(keys, "keys", h.d);
-  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), "ct_helpers: queries and keys differ in dtype");
-  const Sides sides(queries.numel() / h.d, keys.numel() / h.d);
+  const Sides sides = checked_sides("ct_helpers", queries, keys, h.d);
   const int64_t total_rows = sides.rows[0] + sides.rows[1];
   const auto bf = queries.options().dtype(at::kBFloat16), fp = queries.options().dtype(at::kFloat);
   at::Tensor nav = at::empty({total_rows, h.r}, bf), crit = at::empty({total_rows, h.r}, bf);
   at::Tensor nav_norm = at::empty({total_rows}, fp), crit_norm = at::empty({total_rows}, fp);
   bf16 *nav_p = nav.data_ptr<bf16>(), *crit_p = crit.data_ptr<bf16>();
   float *nav_norm_p = nav_norm.data_ptr<float>(), *crit_norm_p = crit_norm.data_ptr<float>();
-  if (queries.scalar_type() == at::kFloat) {
-    const StridedRows<const float> data[2] = {strided_rows<const float>(queries), strided_rows<const float>(keys)};
+  dispatch_rows(queries, [&](auto tag) {
+    using T = decltype(tag);
+    const StridedRows<const T> data[2] = {strided_rows<const T>(queries), strided_rows<const T>(keys)};
     forward_blocks(h, sides, data, nav_p, nav_norm_p, crit_p, crit_norm_p);
-  } else {
-    const StridedRows<const bf16> data[2] = {strided_rows<const bf16>(queries), strided_rows<const bf16>(keys)};
-    forward_blocks(h, sides, data, nav_p, nav_norm_p, crit_p, crit_norm_p);
-  }
+  });
   return {nav, nav_norm, crit, crit_norm};
 #else
   (void)queries, (void)keys, (void)weights;
@@ -1074,12 +1110,8 @@ std::vector<at::Tensor> ct_helpers_backward(const at::Tensor& queries, const at:
                                             const at::Tensor& nav, const at::Tensor& nav_norm, const at::Tensor& crit,
                                             const at::Tensor& crit_norm) {
 #ifdef VQA_ALIGN_ALIGNER_BLOCKS
-  TORCH_CHECK(amx_permitted(), "ct_helpers: the kernel did not grant this process the AMX tile state");
   const Helpers h = make_helpers(weights.vec(), true);
-  check_side(queries, "queries", h.d);
-  check_side(keys, "keys", h.d);
-  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), "ct_helpers: queries and keys differ in dtype");
-  const Sides sides(queries.numel() / h.d, keys.numel() / h.d);
+  const Sides sides = checked_sides("ct_helpers", queries, keys, h.d);
   const int64_t total_rows = sides.rows[0] + sides.rows[1];
   for (const auto& [t, name] : {std::pair{&grad_nav, "grad_nav"}, {&grad_crit, "grad_crit"}, {&nav, "nav"}, {&crit, "crit"}})
     TORCH_CHECK(t->dim() == 2 && t->size(0) == total_rows && t->size(1) == h.r && t->is_contiguous() &&
@@ -1089,25 +1121,19 @@ std::vector<at::Tensor> ct_helpers_backward(const at::Tensor& queries, const at:
   for (const auto& [t, name] : {std::pair{&nav_norm, "nav_norm"}, {&crit_norm, "crit_norm"}})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == total_rows && t->is_contiguous() && t->scalar_type() == at::kFloat,
                 "ct_helpers: ", name, " must be a contiguous float32 (", total_rows, ",) tensor");
-  // The gradients in the inputs' layouts (empty_like keeps the strides of a dense tensor).
-  at::Tensor grad_q = at::empty_like(queries), grad_k = at::empty_like(keys);
-  TORCH_CHECK(grad_q.strides() == queries.strides() && grad_k.strides() == keys.strides(),
-              "ct_helpers: queries and keys must be dense (non-overlapping) tensors");
+  const auto [grad_q, grad_k] = row_gradients("ct_helpers", queries, keys);
   const GradSlots slots = ct_slots(h);
   const int64_t groups = std::min(kMaxGroups, std::max<int64_t>(1, sides.total()));
   std::vector<float> partial(static_cast<size_t>(groups * slots.size), 0.0f);
   const BackwardInputs in{grad_nav.data_ptr<bf16>(), grad_crit.data_ptr<bf16>(), nav.data_ptr<bf16>(),
                           crit.data_ptr<bf16>(), nav_norm.data_ptr<float>(), crit_norm.data_ptr<float>(),
                           static_cast<float>(crit_sign)};
-  if (queries.scalar_type() == at::kFloat) {
-    const StridedRows<const float> data[2] = {strided_rows<const float>(queries), strided_rows<const float>(keys)};
-    const StridedRows<float> grads[2] = {strided_rows<float>(grad_q), strided_rows<float>(grad_k)};
+  dispatch_rows(queries, [&](auto tag) {
+    using T = decltype(tag);
+    const StridedRows<const T> data[2] = {strided_rows<const T>(queries), strided_rows<const T>(keys)};
+    const StridedRows<T> grads[2] = {strided_rows<T>(grad_q), strided_rows<T>(grad_k)};
     backward_blocks(h, sides, data, grads, in, slots, groups, partial.data());
-  } else {
-    const StridedRows<const bf16> data[2] = {strided_rows<const bf16>(queries), strided_rows<const bf16>(keys)};
-    const StridedRows<bf16> grads[2] = {strided_rows<bf16>(grad_q), strided_rows<bf16>(grad_k)};
-    backward_blocks(h, sides, data, grads, in, slots, groups, partial.data());
-  }
+  });
   std::vector<at::Tensor> out{grad_q, grad_k};
   for (at::Tensor& g : slots.reduce(partial, groups, queries.options())) out.push_back(std::move(g));
   return out;
@@ -1130,16 +1156,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_transport_forward(
   const auto fp = nav.options().dtype(at::kFloat);
   at::Tensor row_sum = at::empty({t.batch, heads, t.nq}, fp), row_cost = at::empty({t.batch, heads, t.nq}, fp);
   at::Tensor col_sum = at::empty({t.batch, heads, t.nk}, fp), col_cost = at::empty({t.batch, heads, t.nk}, fp);
-  const at::Tensor qv = q_valid.contiguous(), kv = k_valid.contiguous();
-  at::parallel_for(0, t.batch * heads, 1, [&](int64_t first, int64_t last) {
-    configure_tiles();
-    TransportScratch x(t);
-    for (int64_t m = first; m < last; ++m) {
-      transport_matrices(x, t, m, nav.data_ptr<bf16>(), crit.data_ptr<bf16>(), kv.data_ptr<bool>());
-      transport_forward_one(x, t, m, qv.data_ptr<bool>(), row_sum.data_ptr<float>(), col_sum.data_ptr<float>(),
-                            row_cost.data_ptr<float>(), col_cost.data_ptr<float>());
-    }
-    _tile_release();
+  const at::Tensor qv = q_valid.contiguous();
+  for_each_sample_head(t, nav, crit, k_valid, [&](TransportScratch& x, int64_t m) {
+    transport_forward_one(x, t, m, qv.data_ptr<bool>(), row_sum.data_ptr<float>(), col_sum.data_ptr<float>(),
+                          row_cost.data_ptr<float>(), col_cost.data_ptr<float>());
   });
   return {row_sum, col_sum, row_cost, col_cost};
 #else
@@ -1163,17 +1183,11 @@ std::tuple<at::Tensor, at::Tensor> ct_transport_backward(const at::Tensor& nav, 
                 "ct_transport: ", name, " must be a contiguous float32 (", t.batch, ", ", heads, ", ", n,
                 ") tensor, got ", v->sizes(), " ", v->scalar_type());
   at::Tensor grad_nav = at::empty_like(nav), grad_crit = at::empty_like(crit);
-  const at::Tensor qv = q_valid.contiguous(), kv = k_valid.contiguous();
-  at::parallel_for(0, t.batch * heads, 1, [&](int64_t first, int64_t last) {
-    configure_tiles();
-    TransportScratch x(t);
-    for (int64_t m = first; m < last; ++m) {
-      transport_matrices(x, t, m, nav.data_ptr<bf16>(), crit.data_ptr<bf16>(), kv.data_ptr<bool>());
-      transport_backward_one(x, t, m, qv.data_ptr<bool>(), alpha.data_ptr<float>(), beta.data_ptr<float>(),
-                             a.data_ptr<float>(), b.data_ptr<float>(), grad_nav.data_ptr<bf16>(),
-                             grad_crit.data_ptr<bf16>());
-    }
-    _tile_release();
+  const at::Tensor qv = q_valid.contiguous();
+  for_each_sample_head(t, nav, crit, k_valid, [&](TransportScratch& x, int64_t m) {
+    transport_backward_one(x, t, m, qv.data_ptr<bool>(), alpha.data_ptr<float>(), beta.data_ptr<float>(),
+                           a.data_ptr<float>(), b.data_ptr<float>(), grad_nav.data_ptr<bf16>(),
+                           grad_crit.data_ptr<bf16>());
   });
   return {grad_nav, grad_crit};
 #else
@@ -1187,14 +1201,10 @@ std::tuple<at::Tensor, at::Tensor> ct_transport_backward(const at::Tensor& nav, 
 at::Tensor gan_discriminator_forward(const at::Tensor& queries, const at::Tensor& keys, at::TensorList weights,
                                      double slope) {
 #ifdef VQA_ALIGN_ALIGNER_BLOCKS
-  TORCH_CHECK(amx_permitted(), "gan_discriminator: the kernel did not grant this process the AMX tile state");
   const Discriminator D = make_discriminator(weights.vec(), slope, false);
-  check_side(queries, "queries", D.d);
-  check_side(keys, "keys", D.d);
-  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), "gan_discriminator: queries and keys differ in dtype");
-  const Sides sides(queries.numel() / D.d, keys.numel() / D.d);
+  const Sides sides = checked_sides("gan_discriminator", queries, keys, D.d);
   at::Tensor logits = at::empty({sides.rows[0] + sides.rows[1]}, queries.options().dtype(at::kFloat));
-  auto run = [&](auto tag) {
+  dispatch_rows(queries, [&](auto tag) {
     using T = decltype(tag);
     const StridedRows<const T> data[2] = {strided_rows<const T>(queries), strided_rows<const T>(keys)};
     at::parallel_for(0, sides.total(), 1, [&](int64_t first, int64_t last) {
@@ -1207,9 +1217,7 @@ at::Tensor gan_discriminator_forward(const at::Tensor& queries, const at::Tensor
       }
       _tile_release();
     });
-  };
-  if (queries.scalar_type() == at::kFloat) run(float{});
-  else run(bf16{});
+  });
   return logits;
 #else
   (void)queries, (void)keys, (void)weights, (void)slope;
@@ -1223,24 +1231,18 @@ std::vector<at::Tensor> gan_discriminator_backward(const at::Tensor& queries, co
                                                    at::TensorList weights, double slope,
                                                    const at::Tensor& grad_logits, double input_sign) {
 #ifdef VQA_ALIGN_ALIGNER_BLOCKS
-  TORCH_CHECK(amx_permitted(), "gan_discriminator: the kernel did not grant this process the AMX tile state");
   const Discriminator D = make_discriminator(weights.vec(), slope, true);
-  check_side(queries, "queries", D.d);
-  check_side(keys, "keys", D.d);
-  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), "gan_discriminator: queries and keys differ in dtype");
-  const Sides sides(queries.numel() / D.d, keys.numel() / D.d);
+  const Sides sides = checked_sides("gan_discriminator", queries, keys, D.d);
   const int64_t total_rows = sides.rows[0] + sides.rows[1];
   TORCH_CHECK(grad_logits.dim() == 1 && grad_logits.size(0) == total_rows && grad_logits.is_contiguous() &&
                   grad_logits.scalar_type() == at::kFloat,
               "gan_discriminator: grad_logits must be a contiguous float32 (", total_rows, ",) tensor, got ",
               grad_logits.sizes(), " ", grad_logits.scalar_type());
-  at::Tensor grad_q = at::empty_like(queries), grad_k = at::empty_like(keys);
-  TORCH_CHECK(grad_q.strides() == queries.strides() && grad_k.strides() == keys.strides(),
-              "gan_discriminator: queries and keys must be dense (non-overlapping) tensors");
+  const auto [grad_q, grad_k] = row_gradients("gan_discriminator", queries, keys);
   const GradSlots slots = gan_slots(D);
   const int64_t groups = std::min(kMaxGroups, std::max<int64_t>(1, sides.total()));
   std::vector<float> partial(static_cast<size_t>(groups * slots.size), 0.0f);
-  auto run = [&](auto tag) {
+  dispatch_rows(queries, [&](auto tag) {
     using T = decltype(tag);
     const StridedRows<const T> data[2] = {strided_rows<const T>(queries), strided_rows<const T>(keys)};
     const StridedRows<T> grads[2] = {strided_rows<T>(grad_q), strided_rows<T>(grad_k)};
@@ -1260,9 +1262,7 @@ std::vector<at::Tensor> gan_discriminator_backward(const at::Tensor& queries, co
       }
       _tile_release();
     });
-  };
-  if (queries.scalar_type() == at::kFloat) run(float{});
-  else run(bf16{});
+  });
   std::vector<at::Tensor> out{grad_q, grad_k};
   for (at::Tensor& g : slots.reduce(partial, groups, queries.options())) out.push_back(std::move(g));
   out[6] = out[6].view({1, D.h});  // the output layer's weight (1, h)
