@@ -175,8 +175,8 @@ def _aligner_against_references(monkeypatch, config: AlignmentConfig, d: int, se
 
 
 def test_aligner_with_the_kernels_matches_the_exact_distance_and_the_layer_path(monkeypatch):
-    d, hn, hc, r = WIDTHS
-    config = AlignmentConfig(method="ct", helper_hidden=hn, helper_out=r, helper_precision="bf16")
+    d, hidden, _, r = WIDTHS  # HeadAligner gives the navigator and the critic one hidden width
+    config = AlignmentConfig(method="ct", helper_hidden=hidden, helper_out=r, helper_precision="bf16")
     (got, got_grads), (layers, layer_grads), (ref, ref_grads) = _aligner_against_references(monkeypatch, config, d, 3)
     assert got.dtype == torch.float32
     assert (got.double() - ref).abs().max() <= 0.02 * ref.abs().max()
@@ -190,8 +190,8 @@ def test_aligner_with_the_kernels_matches_the_exact_distance_and_the_layer_path(
 def test_transposed_views_are_read_in_place_and_get_gradients_in_their_layout():
     """The attention hands the aligner q and k as (B, N, H, d) -> (B, H, N, d) transposed views."""
     gen = torch.Generator().manual_seed(4)
-    d, hn, hc, r = WIDTHS
-    aligner = HeadAligner(d, AlignmentConfig(method="ct", helper_hidden=hn, helper_out=r, helper_precision="bf16"))
+    d, hidden, _, r = WIDTHS
+    aligner = HeadAligner(d, AlignmentConfig(method="ct", helper_hidden=hidden, helper_out=r, helper_precision="bf16"))
     q_valid, k_valid = random_masks(3, 40, 9, gen)
     q_flat = torch.randn(3, 40, 2 * d, generator=gen, requires_grad=True)
     k_flat = torch.randn(3, 9, 2 * d, generator=gen, requires_grad=True)

@@ -39,7 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqa_align.native_kernels import accumulation_dtype, cpu_flags, helper_blocks, glue_for
+from vqa_align.native_kernels import (
+    accumulation_dtype,
+    cpu_flags,
+    glue_for,
+    helper_blocks,
+)
 
 
 def _concat_rows(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
