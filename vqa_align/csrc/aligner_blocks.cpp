@@ -376,7 +376,6 @@ inline void accumulate_weight_grad(float* dw, const bf16* gt, const bf16* x_pack
 // One block of rows
 // ---------------------------------------------------------------------------------------------
 
-// Per-thread buffers for one block of up to kBlockRows rows.
 // Per-thread buffers for one block of up to kBlockRows rows: x, the navigator's hidden layer (CT),
 // the highway and the hidden layer after it (the CT critic's or the GAN discriminator's).
 struct Block {
@@ -623,7 +622,7 @@ void store_row_gradients(const BackwardScratch& s, const StridedRows<T>& grad_ro
   }
 }
 
-// One block's backward pass. The weight gradients contract over the block's rows; brgemm takes
+// One block's backward pass. The weight gradients contract over the block's rows; the matmul takes
 // that contraction as A (out, m) · B (m, in) with B packed by row pairs, so one of the two factors
 // is transposed: the narrower (gradients of the 32-wide outputs, the critic's hidden gradient) or
 // the shared one (x, for the navigator's first layer and the gate, whose gradients come out
