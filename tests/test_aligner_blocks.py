@@ -44,15 +44,20 @@ def _round(t: torch.Tensor) -> torch.Tensor:
     return t + (t.to(torch.bfloat16).to(t.dtype) - t).detach()
 
 
+def _highway_reference(x: torch.Tensor, gate_w: torch.Tensor, gate_b: torch.Tensor) -> torch.Tensor:
+    """The highway (gate_w = [W_transform; W_gate]) on rounded rows x, its output rounded to bf16."""
+    d = x.shape[-1]
+    transform = F.linear(x, gate_w[:d], gate_b[:d])
+    gate = torch.sigmoid(F.linear(x, gate_w[d:], gate_b[d:]))
+    return _round(x + gate * (F.relu(transform) - x))
+
+
 def _helpers_reference(rows: torch.Tensor, w: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Navigator and critic units of (R, d) rows, with the kernel's bf16 rounding points."""
-    d = rows.shape[-1]
     x = _round(rows)
     nav_hidden = _round(F.relu(F.linear(x, w[0], w[1])))
     nav = F.normalize(F.linear(nav_hidden, w[2], w[3]), dim=-1)
-    transform = F.linear(x, w[4][:d], w[5][:d])
-    gate = torch.sigmoid(F.linear(x, w[4][d:], w[5][d:]))
-    highway = _round(x + gate * (F.relu(transform) - x))
+    highway = _highway_reference(x, w[4], w[5])
     crit_hidden = _round(F.relu(F.linear(highway, w[6], w[7])))
     crit = F.normalize(F.linear(crit_hidden, w[8], w[9]), dim=-1)
     return nav, crit
@@ -222,11 +227,8 @@ def _discriminator_weights(gen: torch.Generator) -> list[torch.Tensor]:
 
 def _discriminator_reference(rows: torch.Tensor, w: list[torch.Tensor], slope: float) -> torch.Tensor:
     """Logits of (R, d) rows with the kernel's bf16 rounding points (x, the highway output)."""
-    d = rows.shape[-1]
     x = _round(rows)
-    transform = F.linear(x, w[0][:d], w[1][:d])
-    gate = torch.sigmoid(F.linear(x, w[0][d:], w[1][d:]))
-    highway = _round(x + gate * (F.relu(transform) - x))
+    highway = _highway_reference(x, w[0], w[1])
     hidden = F.leaky_relu(F.linear(highway, w[2], w[3]), slope)
     return F.linear(hidden, w[4], w[5]).squeeze(-1)
 

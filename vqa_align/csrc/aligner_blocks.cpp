@@ -54,8 +54,9 @@ constexpr float kNormEps = 1e-12f;    // F.normalize's eps
 
 constexpr int64_t kWidthMultiple = 32;  // the matmul's tile blocking (32 rows, columns and depth)
 
-bool widths_supported(int64_t d, int64_t hn, int64_t hc, int64_t r) {
-  for (int64_t w : {d, hn, hc, r})
+// Every helper width (head dim, hidden and output widths) a positive multiple of kWidthMultiple.
+bool widths_supported(c10::ArrayRef<int64_t> widths) {
+  for (const int64_t w : widths)
     if (w <= 0 || w % kWidthMultiple != 0) return false;
   return true;
 }
@@ -353,7 +354,7 @@ Helpers make_helpers(const std::vector<at::Tensor>& w, bool with_backward) {
                   h.crit2.in == h.hc && h.crit2.out == h.r,
               "ct_helpers: inconsistent helper shapes (navigator ", h.d, "->", h.hn, "->", h.r, ", gate ",
               h.gate.in, "->", h.gate.out, ", critic ", h.crit1.in, "->", h.hc, "->", h.crit2.out, ")");
-  TORCH_CHECK(widths_supported(h.d, h.hn, h.hc, h.r), "ct_helpers: widths must be multiples of ", kWidthMultiple,
+  TORCH_CHECK(widths_supported({h.d, h.hn, h.hc, h.r}), "ct_helpers: widths must be multiples of ", kWidthMultiple,
               ", got d=", h.d,
               " hidden=", h.hn, "/", h.hc, " out=", h.r);
   return h;
@@ -724,7 +725,7 @@ Discriminator make_discriminator(const std::vector<at::Tensor>& w, double slope,
   TORCH_CHECK(D.gate.out == 2 * D.d && D.hidden.in == D.d && w[4].numel() == D.h && w[5].numel() == 1,
               "gan_discriminator: inconsistent shapes (gate ", D.gate.in, "->", D.gate.out, ", hidden ", D.hidden.in,
               "->", D.h, ", output ", w[4].sizes(), " + ", w[5].sizes(), ")");
-  TORCH_CHECK(D.d % kWidthMultiple == 0 && D.h % kWidthMultiple == 0,
+  TORCH_CHECK(widths_supported({D.d, D.h}),
               "gan_discriminator: widths must be multiples of ", kWidthMultiple, ", got d=", D.d, " hidden=", D.h);
   D.out_bias = w[5].to(at::kFloat).item<float>();
   return D;
@@ -836,9 +837,7 @@ void dispatch_rows(const at::Tensor& rows, Fn&& fn) {
 // Whether the kernels run here, for helper networks of these widths (all multiples of 32).
 bool helper_blocks_supported(c10::List<int64_t> widths) {
 #ifdef VQA_ALIGN_ALIGNER_BLOCKS
-  for (const int64_t w : widths)
-    if (w <= 0 || w % kWidthMultiple != 0) return false;
-  return amx_permitted();
+  return widths_supported(widths.vec()) && amx_permitted();
 #else
   (void)widths;
   return false;
@@ -1069,7 +1068,7 @@ TransportShape checked_transport_shape(const at::Tensor& nav, const at::Tensor& 
                     u->is_contiguous() && u->scalar_type() == at::kBFloat16,
                 "ct_transport: ", name, " must be a contiguous bfloat16 (B·H·(Nq+Nk) = ",
                 t.batch * heads * (t.nq + t.nk), ", ", t.r, ") tensor, got ", u->sizes(), " ", u->scalar_type());
-  TORCH_CHECK(t.r % kWidthMultiple == 0, "ct_transport: the helper output width must be a multiple of ",
+  TORCH_CHECK(widths_supported({t.r}), "ct_transport: the helper output width must be a multiple of ",
               kWidthMultiple, ", got ", t.r);
   return t;
 }
