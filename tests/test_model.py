@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import random_batch, tiny_model_config
 from vqa_align.config import load_config
-from vqa_align.model import MCAN, MultiHeadAttention
+from vqa_align.model import MCAN, MultiHeadAttention, TokenPacking
 
 
 def _copy_to_torch_mha(ours: MultiHeadAttention, dim: int, heads: int) -> nn.MultiheadAttention:
@@ -78,6 +78,39 @@ def test_removing_padding_gives_the_same_result(method):
         )
         alone = model(**single, compute_alignment=True)
         assert torch.allclose(alone.logits, full.logits[i : i + 1], atol=1e-5)
+
+
+def test_token_packing_round_trip():
+    valid = torch.tensor([[True, True, False], [True, False, False], [True, True, True]])
+    x = torch.randn(3, 3, 5)
+    packing = TokenPacking.from_mask(valid)
+    packed = packing.pack(x)
+    assert packed.shape == (6, 5)
+    assert torch.equal(packed, x[valid])
+    unpacked = packing.unpack(packed)
+    assert torch.equal(unpacked[valid], x[valid])
+    assert unpacked[~valid].abs().sum() == 0
+
+
+@pytest.mark.parametrize("method", ["none", "ct", "gan"])
+def test_packed_question_encoder_equals_padded(method):
+    """Running the encoder's per-token ops on real tokens only changes no output and no gradient."""
+    batch = random_batch(batch=5, max_tokens=7, max_regions=6, seed=3)
+    assert not bool((batch["question_lengths"] == 7).all())  # something to pack
+    results = {}
+    for mode in ("always", "never"):
+        torch.manual_seed(0)
+        model = MCAN(tiny_model_config(method, pack_questions=mode)).train()  # dropout 0
+        assert (model._question_packing(torch.ones(2, 3, dtype=torch.bool)) is None)  # nothing to skip
+        out = model(**batch)
+        (out.logits.square().mean() + out.alignment_loss).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        results[mode] = (out.logits.detach(), out.alignment_loss.detach(), grads)
+    (logits_a, align_a, grads_a), (logits_b, align_b, grads_b) = results["always"], results["never"]
+    assert torch.allclose(logits_a, logits_b, atol=1e-5)
+    assert torch.allclose(align_a, align_b, atol=1e-6)
+    for name, grad in grads_a.items():
+        assert torch.allclose(grad, grads_b[name], atol=1e-5, rtol=1e-4), name
 
 
 @pytest.mark.parametrize("method", ["ct", "gan", "ot", "none"])

@@ -38,6 +38,33 @@ def valid_mask(lengths: Tensor, max_len: int) -> Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
+@dataclass(frozen=True)
+class TokenPacking:
+    """The real positions of a padded (B, N) batch, so that per-token ops skip the padding.
+
+    ``rows`` (R,) holds the flat indices b·N + n of the real positions, in order. ``pack`` gathers
+    them from a (B, N, ...) tensor into (R, ...); ``unpack`` scatters (R, ...) back to (B, N, ...)
+    with zeros at the padded positions. Both are differentiable.
+    """
+
+    rows: Tensor  # (R,) int64
+    batch: int
+    length: int
+
+    @classmethod
+    def from_mask(cls, valid: Tensor) -> TokenPacking:
+        """(B, N) bool -> the packing of its True positions (reads the mask on the host)."""
+        batch, length = valid.shape
+        return cls(valid.flatten().nonzero().squeeze(1), batch, length)
+
+    def pack(self, x: Tensor) -> Tensor:
+        return x.flatten(0, 1).index_select(0, self.rows)  # (B, N, ...) -> (R, ...)
+
+    def unpack(self, x: Tensor) -> Tensor:
+        padded = x.new_zeros((self.batch * self.length, *x.shape[1:]))
+        return padded.index_copy(0, self.rows, x).view(self.batch, self.length, *x.shape[1:])  # (B, N, ...)
+
+
 # ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------
@@ -71,10 +98,19 @@ class MultiHeadAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
 
-    def project(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries from x, keys and values from y -> three (B, H, N, d) tensors."""
+    def project(self, x: Tensor, y: Tensor, packing: TokenPacking | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries from x, keys and values from y -> three (B, H, N, d) tensors.
+
+        With ``packing`` (self-attention only), x is the packed real tokens (R, D); the projection
+        runs on them and the result is scattered back to (B, N, 3·D), zeros at padded tokens.
+        """
         if x is y:
-            q, k, v = self.in_proj(x).chunk(3, dim=-1)
+            qkv = self.in_proj(x)
+            if packing is not None:
+                qkv = packing.unpack(qkv)  # (R, 3D) -> (B, N, 3D)
+            q, k, v = qkv.chunk(3, dim=-1)
+        elif packing is not None:
+            raise ValueError("MultiHeadAttention: packed inputs are supported for self-attention only")
         else:
             dim = x.shape[-1]
             q = F.linear(x, self.in_proj.weight[:dim], self.in_proj.bias[:dim])
@@ -89,8 +125,9 @@ class MultiHeadAttention(nn.Module):
         y_valid: Tensor,
         compute_alignment: bool = False,
         need_details: bool = False,
+        packing: TokenPacking | None = None,
     ) -> tuple[Tensor, Tensor | None, AttentionDetails | None]:
-        q, k, v = self.project(x, y)  # (B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, d)
+        q, k, v = self.project(x, y, packing)  # (B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, d)
         key_mask = y_valid[:, None, None, :]  # (B, 1, 1, Nk)
         dropout_p = self.dropout if self.training else 0.0
         details = None
@@ -102,7 +139,10 @@ class MultiHeadAttention(nn.Module):
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
         batch, _, length, _ = context.shape
-        output = self.out_proj(context.transpose(1, 2).reshape(batch, length, -1))
+        context = context.transpose(1, 2).reshape(batch, length, -1)  # (B, Nq, D)
+        if packing is not None:
+            context = packing.pack(context)  # (R, D): the output projection skips padded queries
+        output = self.out_proj(context)
         alignment = None
         if compute_alignment and self.aligner is not None:
             alignment = self.aligner(q, k, x_valid, y_valid)  # (B, H)
@@ -134,9 +174,19 @@ class SelfAttentionUnit(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.hidden_size)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, x_valid: Tensor, compute_alignment: bool, need_details: bool) -> LayerOutput:
+    def forward(
+        self,
+        x: Tensor,
+        x_valid: Tensor,
+        compute_alignment: bool,
+        need_details: bool,
+        packing: TokenPacking | None = None,
+    ) -> LayerOutput:
+        """x: (B, N, D), or the packed real tokens (R, D) when ``packing`` is given (output alike)."""
         out = LayerOutput(x)
-        attended, align, details = self.self_attention(x, x, x_valid, x_valid, compute_alignment, need_details)
+        attended, align, details = self.self_attention(
+            x, x, x_valid, x_valid, compute_alignment, need_details, packing
+        )
         x = self.norm1(x + self.drop(attended))
         x = self.norm2(x + self.drop(self.ffn(x)))
         out.hidden = x
@@ -374,11 +424,16 @@ class MCAN(nn.Module):
 
         alignment_terms: list[Tensor] = [] if encoder_alignment is None else encoder_alignment.terms()
         details: dict[str, AttentionDetails] = {}
+        packing = self._question_packing(q_valid)
+        if packing is not None:
+            y = packing.pack(y)  # (R, D): the SA layers' per-token ops run on real tokens only
         for index, layer in enumerate(self.encoder):
-            out = layer(y, q_valid, compute_alignment, need_details)
+            out = layer(y, q_valid, compute_alignment, need_details, packing)
             y = out.hidden
             alignment_terms += out.alignment
             details.update({f"encoder.{index}.{k}": v for k, v in out.details.items()})
+        if packing is not None:
+            y = packing.unpack(y)  # (B, T, D), zeros at padded tokens
         for index, layer in enumerate(self.decoder):
             out = layer(x, y, v_valid, q_valid, compute_alignment, need_details)
             x = out.hidden
@@ -403,6 +458,15 @@ class MCAN(nn.Module):
             image_glimpse=v_glimpse[..., 0] if need_details else None,
             details=details,
         )
+
+    def _question_packing(self, q_valid: Tensor) -> TokenPacking | None:
+        """Packing of the real question tokens, or None where the padded form is used."""
+        mode = self.config.pack_questions
+        if mode == "never" or (mode == "auto" and q_valid.is_cuda):
+            return None
+        if bool(q_valid.all()):  # nothing to skip
+            return None
+        return TokenPacking.from_mask(q_valid)
 
     def attention_modules(self) -> dict[str, MultiHeadAttention]:
         """Name -> attention module, names as in ``ModelOutput.details``."""
