@@ -7,7 +7,9 @@ Shapes per module kind (MCAN-small: 8 heads of 64, 14 question tokens, 100 regio
 ``sa_question`` (14, 14). Implementations (see vqa_align/native_kernels.py), timed interleaved, one
 call each per round, the median over rounds reported:
 
-- ``native``: the cache-blocked AMX kernels (csrc/aligner_blocks.cpp) where the CPU has them;
+- ``native``: the cache-blocked AMX kernels (csrc/aligner_blocks.cpp) where the CPU has them; for
+  CT forward and backward at once, one sample at a time (``ct_train``);
+- ``two_pass`` (CT): the same kernels, forward then backward (``VQA_ALIGN_CT_ONE_PASS=0``);
 - ``layers``: layer by layer, the matmuls in ATen and the one-pass C++ glue between them
   (``VQA_ALIGN_HELPER_BLOCKS=0``);
 - ``torch``: layer by layer with PyTorch ops only (``VQA_ALIGN_NATIVE_KERNELS=0``).
@@ -43,7 +45,8 @@ SHAPES = {"sa_image": (REGIONS, REGIONS), "sga_guided": (REGIONS, TOKENS), "sa_q
 
 def time_call(aligner: HeadAligner, queries: torch.Tensor, keys: torch.Tensor, valid_q, valid_k, glue: str) -> float:
     os.environ[native_kernels.ENV_SWITCH] = "0" if glue == "torch" else "1"
-    os.environ[native_kernels.HELPER_BLOCKS_SWITCH] = "1" if glue == "native" else "0"
+    os.environ[native_kernels.HELPER_BLOCKS_SWITCH] = "1" if glue in ("native", "two_pass") else "0"
+    os.environ[native_kernels.CT_ONE_PASS_SWITCH] = "0" if glue == "two_pass" else "1"
     start = time.perf_counter()
     aligner(queries, keys, valid_q, valid_k).sum().backward()
     return time.perf_counter() - start
@@ -63,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()
-    glues = ["native", "layers", "torch"] if native_kernels.load_native() else ["torch"]
     results = []
     for method in args.methods.split(","):
+        glues = ["native", "layers", "torch"] if native_kernels.load_native() else ["torch"]
+        if method == "ct" and native_kernels.load_native():
+            glues.insert(1, "two_pass")
         aligner = HeadAligner(HEAD_DIM, AlignmentConfig(method=method, helper_precision=args.precision))
         for kind, (n_q, n_k) in SHAPES.items():
             gen = torch.Generator().manual_seed(0)
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"method": method, "module": kind, "glue": glue, "median_ms": 1e3 * median})
     os.environ.pop(native_kernels.ENV_SWITCH, None)
     os.environ.pop(native_kernels.HELPER_BLOCKS_SWITCH, None)
+    os.environ.pop(native_kernels.CT_ONE_PASS_SWITCH, None)
     totals = {}
     for row in results:
         key = (row["method"], row["glue"])
@@ -102,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{'method':6s} {'module':12s} " + " ".join(f"{g + ' ms':>10s}" for g in glues))
         for method in args.methods.split(","):
+            glues = list(dict.fromkeys(r["glue"] for r in results if r["method"] == method))
+            print(f"{'method':6s} {'module':12s} " + " ".join(f"{g + ' ms':>10s}" for g in glues))
             for kind in SHAPES:
                 cells = [next(r["median_ms"] for r in results if (r["method"], r["module"], r["glue"]) == (method, kind, g)) for g in glues]
                 print(f"{method:6s} {kind:12s} " + " ".join(f"{c:10.1f}" for c in cells))

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from vqa_align.native_kernels import (
     accumulation_dtype,
     cpu_flags,
+    ct_one_pass_enabled,
     glue_for,
     helper_blocks,
 )
@@ -181,13 +182,18 @@ def _ct_helpers_backward(
 
 class _FusedConditionalTransport(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries, keys, q_valid, k_valid, rho, dtype, *weights):  # type: ignore[override]
+    def forward(ctx, queries, keys, q_valid, k_valid, rho, dtype, one_pass, *weights):  # type: ignore[override]
         # weights: nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2
         batch, heads, n_queries, d = queries.shape
         widths = (d, weights[0].shape[0], weights[6].shape[0], weights[2].shape[0])  # d, hn, hc, r
         blocks = helper_blocks(queries.device, dtype, widths) and queries.dtype in (torch.float32, torch.bfloat16)
-        ctx.meta = (n_queries, queries.dtype, keys.dtype, weights[0].dtype, blocks)
+        ctx.meta = (n_queries, queries.dtype, keys.dtype, weights[0].dtype, blocks, one_pass and blocks, rho, dtype)
         glue = glue_for(queries.device)
+        if one_pass and blocks:  # training: forward and backward at once, per sample (csrc/aligner_blocks.cpp)
+            queries, keys = _row_layout(queries), _row_layout(keys.to(queries.dtype))
+            distance, *gradients = torch.ops.vqa_align_glue.ct_train(queries, keys, weights, q_valid, k_valid, rho)
+            ctx.save_for_backward(*gradients, queries, keys, q_valid, k_valid, *weights)
+            return distance
         if blocks:  # every helper layer per block of rows in the CPU's cache (csrc/aligner_blocks.cpp)
             queries, keys = _row_layout(queries), _row_layout(keys.to(queries.dtype))
             nav, nav_norm, crit, crit_norm = torch.ops.vqa_align_glue.ct_helpers_forward(queries, keys, weights)
@@ -229,12 +235,14 @@ class _FusedConditionalTransport(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_distance):  # type: ignore[override]
+        if ctx.meta[5]:
+            return _FusedConditionalTransport._one_pass_backward(ctx, grad_distance)
         (
             nav, nav_norm, crit, crit_norm, e, cost, row_sum, col_sum, forward_cost, backward_cost, q_weight,
             k_weight, q_valid, k_valid, *saved,
         ) = ctx.saved_tensors  # fmt: skip
         glue = glue_for(nav.device)
-        n_queries, q_dtype, k_dtype, w_dtype, blocks = ctx.meta
+        n_queries, q_dtype, k_dtype, w_dtype, blocks = ctx.meta[:5]
         batch, heads = row_sum.shape[:2]
         grad_distance = grad_distance.to(row_sum.dtype)[..., None]  # (B, H, 1)
 
@@ -266,9 +274,44 @@ class _FusedConditionalTransport(torch.autograd.Function):
                 grad_nav, grad_crit, nav, nav_norm, crit, crit_norm, activations, weights, glue
             )
             grad_q, grad_k = _split_rows(grad_rows, batch, heads, n_queries)
+        return _FusedConditionalTransport._gradients(ctx, grad_q, grad_k, weight_grads)
+
+    @staticmethod
+    def _gradients(ctx, grad_q, grad_k, weight_grads):
+        q_dtype, k_dtype, w_dtype = ctx.meta[1:4]
         navigator, critic = weight_grads[:4], weight_grads[4:]
-        weight_grads = (*navigator, *(g.neg_() for g in critic))  # the critic ascends the cost
-        return (grad_q.to(q_dtype), grad_k.to(k_dtype), None, None, None, None, *(g.to(w_dtype) for g in weight_grads))
+        weight_grads = (*navigator, *(g.neg() for g in critic))  # the critic ascends the cost
+        return (
+            grad_q.to(q_dtype), grad_k.to(k_dtype), None, None, None, None, None, *(g.to(w_dtype) for g in weight_grads)
+        )
+
+    @staticmethod
+    def _one_pass_backward(ctx, grad_distance):
+        """ct_train computed every gradient for dLoss/dD = 1. The row gradients belong to one
+        (sample, head) each and scale by its dLoss/dD; the weight gradients are sums over (sample,
+        head), so they scale only when dLoss/dD is the same for all (in training: the loss takes
+        their mean). Any other upstream gradient recomputes with the two-pass kernels."""
+        grad_q, grad_k, *weight_grads = ctx.saved_tensors[:12]
+        queries, keys, q_valid, k_valid, *weights = ctx.saved_tensors[12:]
+        grad_distance = grad_distance.float()  # (B, H)
+        first = grad_distance.flatten()[0]
+        if bool((grad_distance == first).all()):
+            # A 0-dim fp32 factor keeps each gradient's dtype.
+            return _FusedConditionalTransport._gradients(
+                ctx, grad_q * first, grad_k * first, [g * first for g in weight_grads]
+            )
+        rho, dtype = ctx.meta[6:8]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in (queries, keys, *weights)]
+            distance = _FusedConditionalTransport.apply(
+                inputs[0], inputs[1], q_valid, k_valid, rho, dtype, False, *inputs[2:]
+            )
+            gradients = torch.autograd.grad(distance, inputs, grad_distance)
+        q_dtype, k_dtype, w_dtype = ctx.meta[1:4]
+        return (
+            gradients[0].to(q_dtype), gradients[1].to(k_dtype), None, None, None, None, None,
+            *(g.to(w_dtype) for g in gradients[2:]),
+        )  # fmt: skip
 
 
 def fused_conditional_transport(
@@ -290,9 +333,14 @@ def fused_conditional_transport(
     nav_first, nav_second = navigator[0], navigator[2]
     highway, (crit_first, _, crit_second) = critic[0], critic[1]
     dtype = compute_dtype(precision, queries)
+    weights = (nav_first.weight, highway.gates.weight, crit_first.weight)
+    # Training (gradients wanted): the kernels may run forward and backward at once (ct_train).
+    one_pass = (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (queries, keys, *weights)) and ct_one_pass_enabled()
+    )
     with torch.autocast(queries.device.type, enabled=False):
         return _FusedConditionalTransport.apply(
-            queries, keys, q_valid, k_valid, rho, dtype, nav_first.weight, nav_first.bias, nav_second.weight,
+            queries, keys, q_valid, k_valid, rho, dtype, one_pass, nav_first.weight, nav_first.bias, nav_second.weight,
             nav_second.bias, highway.gates.weight, highway.gates.bias, crit_first.weight, crit_first.bias,
             crit_second.weight, crit_second.bias,
         )  # fmt: skip

@@ -628,14 +628,13 @@ void store_row_gradients(const BackwardScratch& s, const StridedRows<T>& grad_ro
 // is transposed: the narrower (gradients of the 32-wide outputs, the critic's hidden gradient) or
 // the shared one (x, for the navigator's first layer and the gate, whose gradients come out
 // transposed).
-template <typename T>
-void block_backward(Block& b, BackwardScratch& s, const Helpers& h, const StridedRows<const T>& rows, int64_t row0,
-                    int64_t n_valid,
-                    const bf16* grad_nav, const bf16* grad_crit, float crit_sign, const bf16* nav, const float* nav_norm,
-                    const bf16* crit, const float* crit_norm, float* grads, const GradSlots& slots,
-                    const StridedRows<T>& grad_rows) {
+// This part starts from the block's activations (b, as block_forward leaves them) and leaves dL/dx
+// in s.grad_x.
+void block_backward_from_activations(Block& b, BackwardScratch& s, const Helpers& h, int64_t n_valid,
+                                     const bf16* grad_nav, const bf16* grad_crit, float crit_sign, const bf16* nav,
+                                     const float* nav_norm, const bf16* crit, const float* crit_norm, float* grads,
+                                     const GradSlots& slots) {
   const int64_t m = b.m, d = h.d;
-  block_forward(b, h, rows, row0, n_valid, static_cast<float*>(nullptr), static_cast<float*>(nullptr));
   transpose_to_bf16(s.x_t.data(), b.x.data(), m, d);
   float* g_nav_w1_t = slots.at(grads, 0);  // (d, hn)
   float* g_nav_b1 = slots.at(grads, 1);
@@ -674,8 +673,18 @@ void block_backward(Block& b, BackwardScratch& s, const Helpers& h, const Stride
   matmul_backward(grad_a, s.grad_bf16.data(), h.crit1, m, false);  // dL/d highway (m, d)
 
   highway_backward(b, s, h.gate, d, grad_a, g_gate_w_t, g_gate_b);
+}
 
-  store_row_gradients(s, grad_rows, row0, n_valid, d, 1.0f);
+template <typename T>
+void block_backward(Block& b, BackwardScratch& s, const Helpers& h, const StridedRows<const T>& rows, int64_t row0,
+                    int64_t n_valid,
+                    const bf16* grad_nav, const bf16* grad_crit, float crit_sign, const bf16* nav, const float* nav_norm,
+                    const bf16* crit, const float* crit_norm, float* grads, const GradSlots& slots,
+                    const StridedRows<T>& grad_rows) {
+  block_forward(b, h, rows, row0, n_valid, static_cast<float*>(nullptr), static_cast<float*>(nullptr));
+  block_backward_from_activations(b, s, h, n_valid, grad_nav, grad_crit, crit_sign, nav, nav_norm, crit, crit_norm,
+                                  grads, slots);
+  store_row_gradients(s, grad_rows, row0, n_valid, h.d, 1.0f);
 }
 
 // The two sides' rows as one sequence of blocks: side 0 (queries) then side 1 (keys).
@@ -946,14 +955,15 @@ struct TransportScratch {
   }
 };
 
-// Loads the (sample, head) m's unit vectors and key mask, and computes S and g(q)·g(k) into the scratch.
-void transport_matrices(TransportScratch& x, const TransportShape& t, int64_t m, const bf16* nav, const bf16* crit,
-                        const bool* k_valid) {
-  const int64_t q0 = m * t.nq, k0 = t.query_rows + m * t.nk, r = t.r;
-  std::copy(nav + q0 * r, nav + (q0 + t.nq) * r, x.fq.begin());
-  std::copy(crit + q0 * r, crit + (q0 + t.nq) * r, x.gq.begin());
-  std::copy(nav + k0 * r, nav + (k0 + t.nk) * r, x.fk.begin());
-  std::copy(crit + k0 * r, crit + (k0 + t.nk) * r, x.gk.begin());
+// Loads one (sample, head)'s unit vectors (fq, gq: its nq query rows; fk, gk: its nk key rows) and
+// its sample's key mask kv (nk,), and computes S and g(q)·g(k) into the scratch.
+void transport_matrices(TransportScratch& x, const TransportShape& t, const bf16* fq, const bf16* gq, const bf16* fk,
+                        const bf16* gk, const bool* kv) {
+  const int64_t r = t.r;
+  std::copy(fq, fq + t.nq * r, x.fq.begin());
+  std::copy(gq, gq + t.nq * r, x.gq.begin());
+  std::copy(fk, fk + t.nk * r, x.fk.begin());
+  std::copy(gk, gk + t.nk * r, x.gk.begin());
   // B = f(k)ᵀ in VNNI: its pairs of rows are pairs of columns of f(k), i.e. f(k)'s 32-bit words, transposed.
   transpose_words(reinterpret_cast<uint32_t*>(x.fk_t.data()), reinterpret_cast<const uint32_t*>(x.fk.data()),
                   t.nk_pad, r / 2);
@@ -961,16 +971,15 @@ void transport_matrices(TransportScratch& x, const TransportShape& t, int64_t m,
                   t.nk_pad, r / 2);
   gemm(x.s.data(), t.nk_pad, x.fq.data(), r, t.nq_pad, x.fk_t.data(), r, t.nk_pad, false);
   gemm(x.c.data(), t.nk_pad, x.gq.data(), r, t.nq_pad, x.gk_t.data(), r, t.nk_pad, false);
-  const bool* kv = k_valid + (m / t.heads) * t.nk;
   for (int64_t j = 0; j < t.nk; ++j) x.k_mask[j] = kv[j] ? 1.0f : 0.0f;
 }
 
 // Columns [0, nk) in vectors of 16; the last vector's lanes beyond nk are masked by k_mask (zero).
 inline int64_t key_vectors(const TransportShape& t) { return (t.nk + 15) / 16; }
 
-void transport_forward_one(TransportScratch& x, const TransportShape& t, int64_t m, const bool* q_valid,
-                           float* row_sum, float* col_sum, float* row_cost, float* col_cost) {
-  const bool* qv = q_valid + (m / t.heads) * t.nq;
+// One (sample, head)'s sums (row_sum, row_cost (nq,); col_sum, col_cost (nk,)); qv: its sample's query mask.
+void transport_forward_one(TransportScratch& x, const TransportShape& t, const bool* qv, float* row_sum,
+                           float* col_sum, float* row_cost, float* col_cost) {
   std::fill(x.col_sum.begin(), x.col_sum.end(), 0.0f);
   std::fill(x.col_cost.begin(), x.col_cost.end(), 0.0f);
   for (int64_t i = 0; i < t.nq; ++i) {
@@ -989,25 +998,26 @@ void transport_forward_one(TransportScratch& x, const TransportShape& t, int64_t
       rs = _mm512_reduce_add_ps(sum);
       rc = _mm512_reduce_add_ps(cost_sum);
     }
-    row_sum[m * t.nq + i] = rs;
-    row_cost[m * t.nq + i] = rc;
+    row_sum[i] = rs;
+    row_cost[i] = rc;
   }
-  std::copy(x.col_sum.begin(), x.col_sum.begin() + t.nk, col_sum + m * t.nk);
-  std::copy(x.col_cost.begin(), x.col_cost.begin() + t.nk, col_cost + m * t.nk);
+  std::copy(x.col_sum.begin(), x.col_sum.begin() + t.nk, col_sum);
+  std::copy(x.col_cost.begin(), x.col_cost.begin() + t.nk, col_cost);
 }
 
-void transport_backward_one(TransportScratch& x, const TransportShape& t, int64_t m, const bool* q_valid,
-                            const float* alpha, const float* beta, const float* a, const float* b, bf16* grad_nav,
-                            bf16* grad_crit) {
-  const bool* qv = q_valid + (m / t.heads) * t.nq;
-  std::copy(beta + m * t.nk, beta + (m + 1) * t.nk, x.beta.begin());
-  std::copy(b + m * t.nk, b + (m + 1) * t.nk, x.b.begin());
+// One (sample, head)'s backward from its coefficients α, a (nq,) and β, b (nk,): dL/df and dL/d(g·g)
+// products into the query rows (nav_q, crit_q: (nq, r)) and key rows (nav_k, crit_k: (nk, r)).
+void transport_backward_one(TransportScratch& x, const TransportShape& t, const bool* qv, const float* alpha,
+                            const float* beta, const float* a, const float* b, bf16* nav_q, bf16* crit_q, bf16* nav_k,
+                            bf16* crit_k) {
+  std::copy(beta, beta + t.nk, x.beta.begin());
+  std::copy(b, b + t.nk, x.b.begin());
   // P = E (α_i + β_j) and dS = P C - E (a_i + b_j), with E = exp(S) on valid pairs and C = 1 - g·g,
   // as bf16 matmul operands (rows beyond nq and columns beyond nk stay zero).
   for (int64_t i = 0; i < t.nq; ++i) {
     const bool row = qv[i];
-    const __m512 ai = _mm512_set1_ps(row ? alpha[m * t.nq + i] : 0.0f);
-    const __m512 ci = _mm512_set1_ps(row ? a[m * t.nq + i] : 0.0f);
+    const __m512 ai = _mm512_set1_ps(row ? alpha[i] : 0.0f);
+    const __m512 ci = _mm512_set1_ps(row ? a[i] : 0.0f);
     for (int64_t v = 0; v < key_vectors(t); ++v) {
       const int64_t o = i * t.nk_pad + 16 * v;
       __m512 p = _mm512_setzero_ps(), g = _mm512_setzero_ps();
@@ -1021,21 +1031,21 @@ void transport_backward_one(TransportScratch& x, const TransportShape& t, int64_
       store16(x.plan.data() + o, p);
     }
   }
-  const int64_t q0 = m * t.nq, k0 = t.query_rows + m * t.nk, r = t.r;
+  const int64_t r = t.r;
   // Query side: dL/df(q) = dS f(k), dL/dg(q) = P g(k) (rows out directly).
-  for (const auto& [factor, units, out] : {std::tuple{&x.ds, &x.fk, grad_nav}, {&x.plan, &x.gk, grad_crit}}) {
+  for (const auto& [factor, units, out] : {std::tuple{&x.ds, &x.fk, nav_q}, {&x.plan, &x.gk, crit_q}}) {
     pack_vnni(x.packed.data(), units->data(), t.nk_pad, r);
     gemm(x.out.data(), r, factor->data(), t.nk_pad, t.nq_pad, x.packed.data(), t.nk_pad, r, false);
-    to_bf16(out + q0 * r, x.out.data(), t.nq * r);
+    to_bf16(out, x.out.data(), t.nq * r);
   }
   // Key side: dL/df(k) = dSᵀ f(q), computed transposed, f(q)ᵀ dS (r, nk_pad), so that the (Nq, Nk)
   // matrix is only packed, not transposed; the (r, nk_pad) result is transposed instead.
-  for (const auto& [factor, units, out] : {std::tuple{&x.ds, &x.fq, grad_nav}, {&x.plan, &x.gq, grad_crit}}) {
+  for (const auto& [factor, units, out] : {std::tuple{&x.ds, &x.fq, nav_k}, {&x.plan, &x.gq, crit_k}}) {
     transpose_to_bf16(x.units_t.data(), units->data(), t.nq_pad, r);  // (r, nq_pad)
     pack_vnni(x.packed.data(), factor->data(), t.nq_pad, t.nk_pad);
     gemm(x.out.data(), t.nk_pad, x.units_t.data(), t.nq_pad, r, x.packed.data(), t.nq_pad, t.nk_pad, false);
     transpose_to_bf16(x.out_rows.data(), x.out.data(), r, t.nk_pad);  // (nk_pad, r)
-    std::copy(x.out_rows.begin(), x.out_rows.begin() + t.nk * r, out + k0 * r);
+    std::copy(x.out_rows.begin(), x.out_rows.begin() + t.nk * r, out);
   }
 }
 
@@ -1047,8 +1057,10 @@ void for_each_sample_head(const TransportShape& t, const at::Tensor& nav, const 
   at::parallel_for(0, t.batch * t.heads, 1, [&](int64_t first, int64_t last) {
     configure_tiles();
     TransportScratch x(t);
+    const bf16 *f = nav.data_ptr<bf16>(), *g = crit.data_ptr<bf16>();
     for (int64_t m = first; m < last; ++m) {
-      transport_matrices(x, t, m, nav.data_ptr<bf16>(), crit.data_ptr<bf16>(), kv.data_ptr<bool>());
+      const int64_t q0 = m * t.nq * t.r, k0 = (t.query_rows + m * t.nk) * t.r;
+      transport_matrices(x, t, f + q0, g + q0, f + k0, g + k0, kv.data_ptr<bool>() + (m / t.heads) * t.nk);
       fn(x, m);
     }
     _tile_release();
@@ -1071,6 +1083,121 @@ TransportShape checked_transport_shape(const at::Tensor& nav, const at::Tensor& 
   TORCH_CHECK(widths_supported({t.r}), "ct_transport: the helper output width must be a multiple of ",
               kWidthMultiple, ", got ", t.r);
   return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training: the whole CT, forward and backward, one sample at a time
+// ---------------------------------------------------------------------------------------------
+//
+// In training dLoss/dD is the same for every (sample, head) of a module (the loss takes their mean),
+// so the gradients can be computed with dLoss/dD = 1 during the forward pass and only scaled
+// afterwards. Done one sample at a time, all of its heads, every helper activation of the sample's
+// H·(Nq + Nk) rows stays in the core's L2 (about 1.6 MB for 100 regions and 8 heads): the backward
+// pass needs no recomputation of the helpers, S and C are formed once, and the unit vectors and their
+// gradients never reach memory. A sample's rows are consecutive in (b, h, i) order, so its blocks
+// pad only the sample's last block (in place of every (sample, head)'s).
+
+// One side (queries or keys) of a sample: its rows, their blocks and their helper outputs.
+struct SampleSide {
+  int64_t row0 = 0, rows = 0;  // global first row (b·H·N) and row count (H·N)
+  std::vector<Block> blocks;
+};
+
+struct SampleScratch {
+  SampleSide side[2];
+  std::vector<bf16> nav, crit, grad_nav, grad_crit;  // (rows_q + rows_k, r): queries' rows, then keys'
+  std::vector<float> nav_norm, crit_norm, nav_pre, crit_pre;
+  std::vector<float> row_sum, row_cost, alpha, a, col_sum, col_cost, beta, b;  // one (sample, head)
+  SampleScratch(const Helpers& h, const TransportShape& t) {
+    const int64_t n[2] = {t.heads * t.nq, t.heads * t.nk};
+    for (int s = 0; s < 2; ++s) {
+      side[s].rows = n[s];
+      const int64_t blocks = (n[s] + kBlockRows - 1) / kBlockRows;
+      side[s].blocks.reserve(blocks);
+      for (int64_t i = 0; i < blocks; ++i) side[s].blocks.emplace_back(h.d, h.hn, h.hc);
+    }
+    const int64_t rows = n[0] + n[1];
+    for (auto* v : {&nav, &crit, &grad_nav, &grad_crit}) v->resize(rows * h.r);
+    for (auto* v : {&nav_norm, &crit_norm}) v->resize(rows);
+    for (auto* v : {&nav_pre, &crit_pre}) v->resize(kBlockRows * h.r);
+    for (auto* v : {&row_sum, &row_cost, &alpha, &a}) v->resize(t.nq);
+    for (auto* v : {&col_sum, &col_cost, &beta, &b}) v->resize(t.nk);
+  }
+};
+
+// One (sample, head)'s CT from its sums, and the backward coefficients for dLoss/dD = 1:
+// α_i = w_i / rowsum_i, a_i = α_i fc_i (fc_i = rowcost_i / rowsum_i), likewise β, b for the keys;
+// w = ρ/n on the n valid queries, (1-ρ)/m on the m valid keys (as _direction_weights).
+float ct_coefficients(SampleScratch& z, const TransportShape& t, const bool* qv, const bool* kv, float rho) {
+  constexpr float kTiny = 1.17549435e-38f;  // torch.finfo(float32).tiny, the Python path's clamp
+  int64_t n = 0, m = 0;
+  for (int64_t i = 0; i < t.nq; ++i) n += qv[i];
+  for (int64_t j = 0; j < t.nk; ++j) m += kv[j];
+  const float q_weight = rho / static_cast<float>(std::max<int64_t>(n, 1));
+  const float k_weight = (1.0f - rho) / static_cast<float>(std::max<int64_t>(m, 1));
+  float forward = 0.0f, backward = 0.0f;
+  for (int64_t i = 0; i < t.nq; ++i) {
+    const float sum = std::max(z.row_sum[i], kTiny), cost = z.row_cost[i] / sum, w = qv[i] ? q_weight : 0.0f;
+    forward += cost * w;
+    z.alpha[i] = w / sum;
+    z.a[i] = z.alpha[i] * cost;
+  }
+  for (int64_t j = 0; j < t.nk; ++j) {
+    const float sum = std::max(z.col_sum[j], kTiny), cost = z.col_cost[j] / sum, w = kv[j] ? k_weight : 0.0f;
+    backward += cost * w;
+    z.beta[j] = w / sum;
+    z.b[j] = z.beta[j] * cost;
+  }
+  return forward + backward;
+}
+
+// Sample `sample`: its CT per head into distance (H,), dD/dqueries and dD/dkeys into its rows of
+// grad_rows, the helpers' weight and bias gradients added into `grads`.
+template <typename T>
+void ct_train_sample(SampleScratch& z, TransportScratch& x, BackwardScratch& s, const Helpers& h,
+                     const TransportShape& t, int64_t sample, const StridedRows<const T> data[2],
+                     const StridedRows<T> grad_rows[2], const bool* q_valid, const bool* k_valid, float rho,
+                     float* distance, float* grads, const GradSlots& slots) {
+  const int64_t r = h.r, key_row0 = z.side[0].rows;  // the keys' first row within the sample
+  const bool *qv = q_valid + sample * t.nq, *kv = k_valid + sample * t.nk;
+  // Helpers forward; every block's activations stay in z.
+  for (int sd = 0; sd < 2; ++sd) {
+    SampleSide& side = z.side[sd];
+    side.row0 = sample * side.rows;
+    for (size_t i = 0; i < side.blocks.size(); ++i) {
+      Block& b = side.blocks[i];
+      const int64_t first = static_cast<int64_t>(i) * kBlockRows, n = std::min(kBlockRows, side.rows - first);
+      const int64_t out = (sd == 0 ? 0 : key_row0) + first;
+      b.m = padded(n);
+      block_forward(b, h, data[sd], side.row0 + first, n, z.nav_pre.data(), z.crit_pre.data());
+      bias_normalize(z.nav.data() + out * r, z.nav_norm.data() + out, z.nav_pre.data(), h.nav2.bias.data_ptr<float>(),
+                     n, r);
+      bias_normalize(z.crit.data() + out * r, z.crit_norm.data() + out, z.crit_pre.data(),
+                     h.crit2.bias.data_ptr<float>(), n, r);
+    }
+  }
+  // Transport per head, forward and backward.
+  for (int64_t head = 0; head < t.heads; ++head) {
+    const int64_t q = head * t.nq * r, k = (key_row0 + head * t.nk) * r;
+    transport_matrices(x, t, z.nav.data() + q, z.crit.data() + q, z.nav.data() + k, z.crit.data() + k, kv);
+    transport_forward_one(x, t, qv, z.row_sum.data(), z.col_sum.data(), z.row_cost.data(), z.col_cost.data());
+    distance[head] = ct_coefficients(z, t, qv, kv, rho);
+    transport_backward_one(x, t, qv, z.alpha.data(), z.beta.data(), z.a.data(), z.b.data(), z.grad_nav.data() + q,
+                           z.grad_crit.data() + q, z.grad_nav.data() + k, z.grad_crit.data() + k);
+  }
+  // Helpers backward from the stored activations (-1: the cost is 1 - g·g).
+  for (int sd = 0; sd < 2; ++sd) {
+    SampleSide& side = z.side[sd];
+    for (size_t i = 0; i < side.blocks.size(); ++i) {
+      const int64_t first = static_cast<int64_t>(i) * kBlockRows, n = std::min(kBlockRows, side.rows - first);
+      const int64_t at = (sd == 0 ? 0 : key_row0) + first;
+      block_backward_from_activations(side.blocks[i], s, h, n, z.grad_nav.data() + at * r,
+                                      z.grad_crit.data() + at * r, -1.0f, z.nav.data() + at * r,
+                                      z.nav_norm.data() + at, z.crit.data() + at * r, z.crit_norm.data() + at, grads,
+                                      slots);
+      store_row_gradients(s, grad_rows[sd], side.row0 + first, n, h.d, 1.0f);
+    }
+  }
 }
 
 #endif  // VQA_ALIGN_ALIGNER_BLOCKS
@@ -1156,8 +1283,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_transport_forward(
   at::Tensor col_sum = at::empty({t.batch, heads, t.nk}, fp), col_cost = at::empty({t.batch, heads, t.nk}, fp);
   const at::Tensor qv = q_valid.contiguous();
   for_each_sample_head(t, nav, crit, k_valid, [&](TransportScratch& x, int64_t m) {
-    transport_forward_one(x, t, m, qv.data_ptr<bool>(), row_sum.data_ptr<float>(), col_sum.data_ptr<float>(),
-                          row_cost.data_ptr<float>(), col_cost.data_ptr<float>());
+    const int64_t q0 = m * t.nq, k0 = m * t.nk;
+    transport_forward_one(x, t, qv.data_ptr<bool>() + (m / heads) * t.nq, row_sum.data_ptr<float>() + q0,
+                          col_sum.data_ptr<float>() + k0, row_cost.data_ptr<float>() + q0,
+                          col_cost.data_ptr<float>() + k0);
   });
   return {row_sum, col_sum, row_cost, col_cost};
 #else
@@ -1183,14 +1312,67 @@ std::tuple<at::Tensor, at::Tensor> ct_transport_backward(const at::Tensor& nav, 
   at::Tensor grad_nav = at::empty_like(nav), grad_crit = at::empty_like(crit);
   const at::Tensor qv = q_valid.contiguous();
   for_each_sample_head(t, nav, crit, k_valid, [&](TransportScratch& x, int64_t m) {
-    transport_backward_one(x, t, m, qv.data_ptr<bool>(), alpha.data_ptr<float>(), beta.data_ptr<float>(),
-                           a.data_ptr<float>(), b.data_ptr<float>(), grad_nav.data_ptr<bf16>(),
-                           grad_crit.data_ptr<bf16>());
+    const int64_t q0 = m * t.nq, k0 = m * t.nk, r = t.r, key_row0 = t.query_rows + k0;
+    bf16 *nav_grad = grad_nav.data_ptr<bf16>(), *crit_grad = grad_crit.data_ptr<bf16>();
+    transport_backward_one(x, t, qv.data_ptr<bool>() + (m / heads) * t.nq, alpha.data_ptr<float>() + q0,
+                           beta.data_ptr<float>() + k0, a.data_ptr<float>() + q0, b.data_ptr<float>() + k0,
+                           nav_grad + q0 * r, crit_grad + q0 * r, nav_grad + key_row0 * r, crit_grad + key_row0 * r);
   });
   return {grad_nav, grad_crit};
 #else
   (void)nav, (void)crit, (void)q_valid, (void)k_valid, (void)heads, (void)alpha, (void)beta, (void)a, (void)b;
   TORCH_CHECK(false, "ct_transport: not built for this CPU (needs AMX and AVX-512-BF16)");
+#endif
+}
+
+// Training step of CT for dLoss/dD = 1, one sample at a time (see ct_train_sample): queries
+// (B, H, Nq, d), keys (B, H, Nk, d), the helpers' ten weights (as ct_helpers_forward), masks q_valid
+// (B, Nq), k_valid (B, Nk), ρ -> [D (B, H) fp32, dD/dqueries, dD/dkeys (their dtype and layout), the
+// ten weight and bias gradients (fp32; the critic's not negated)].
+std::vector<at::Tensor> ct_train(const at::Tensor& queries, const at::Tensor& keys, at::TensorList weights,
+                                 const at::Tensor& q_valid, const at::Tensor& k_valid, double rho) {
+#ifdef VQA_ALIGN_ALIGNER_BLOCKS
+  const Helpers h = make_helpers(weights.vec(), true);
+  checked_sides("ct_train", queries, keys, h.d);
+  const int64_t batch = queries.size(0), heads = queries.size(1);
+  TORCH_CHECK(keys.size(0) == batch && keys.size(1) == heads, "ct_train: queries ", queries.sizes(), " and keys ",
+              keys.sizes(), " differ in batch or heads");
+  TORCH_CHECK(q_valid.scalar_type() == at::kBool && k_valid.scalar_type() == at::kBool &&
+                  q_valid.sizes() == at::IntArrayRef({batch, queries.size(2)}) &&
+                  k_valid.sizes() == at::IntArrayRef({batch, keys.size(2)}),
+              "ct_train: q_valid / k_valid must be bool (B, Nq) = (", batch, ", ", queries.size(2), ") / (B, Nk) = (",
+              batch, ", ", keys.size(2), "), got ", q_valid.sizes(), " ", q_valid.scalar_type(), " / ",
+              k_valid.sizes(), " ", k_valid.scalar_type());
+  const TransportShape t(batch, heads, queries.size(2), keys.size(2), h.r);
+  const at::Tensor qv = q_valid.contiguous(), kv = k_valid.contiguous();
+  at::Tensor distance = at::empty({batch, heads}, queries.options().dtype(at::kFloat));
+  const auto [grad_q, grad_k] = row_gradients("ct_train", queries, keys);
+  const GradSlots slots = ct_slots(h);
+  const int64_t groups = std::min(kMaxGroups, std::max<int64_t>(1, batch));
+  std::vector<float> partial(static_cast<size_t>(groups * slots.size), 0.0f);
+  dispatch_rows(queries, [&](auto tag) {
+    using T = decltype(tag);
+    const StridedRows<const T> data[2] = {strided_rows<const T>(queries), strided_rows<const T>(keys)};
+    const StridedRows<T> grads[2] = {strided_rows<T>(grad_q), strided_rows<T>(grad_k)};
+    at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
+      configure_tiles();
+      SampleScratch z(h, t);
+      TransportScratch x(t);
+      BackwardScratch s(h.d, std::max({h.hn, h.hc, 2 * h.d, h.r}));
+      for (int64_t group = first_group; group < last_group; ++group)
+        for (int64_t b = group * batch / groups; b < (group + 1) * batch / groups; ++b)
+          ct_train_sample(z, x, s, h, t, b, data, grads, qv.data_ptr<bool>(), kv.data_ptr<bool>(),
+                          static_cast<float>(rho), distance.data_ptr<float>() + b * heads,
+                          partial.data() + group * slots.size, slots);
+      _tile_release();
+    });
+  });
+  std::vector<at::Tensor> out{distance, grad_q, grad_k};
+  for (at::Tensor& g : slots.reduce(partial, groups, queries.options())) out.push_back(std::move(g));
+  return out;
+#else
+  (void)queries, (void)keys, (void)weights, (void)q_valid, (void)k_valid, (void)rho;
+  TORCH_CHECK(false, "ct_train: not built for this CPU (needs AMX and AVX-512-BF16)");
 #endif
 }
 
@@ -1283,6 +1465,9 @@ TORCH_LIBRARY_FRAGMENT(vqa_align_glue, m) {
   m.def(
       "gan_discriminator_backward(Tensor queries, Tensor keys, Tensor[] weights, float slope, Tensor grad_logits, "
       "float input_sign) -> Tensor[]");
+  m.def(
+      "ct_train(Tensor queries, Tensor keys, Tensor[] weights, Tensor q_valid, Tensor k_valid, float rho) -> "
+      "Tensor[]");
   m.def("ct_transport_forward(Tensor nav, Tensor crit, Tensor q_valid, Tensor k_valid, int heads) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "ct_transport_backward(Tensor nav, Tensor crit, Tensor q_valid, Tensor k_valid, int heads, Tensor alpha, "
@@ -1296,4 +1481,5 @@ TORCH_LIBRARY_IMPL(vqa_align_glue, CPU, m) {
   m.impl("gan_discriminator_forward", &gan_discriminator_forward);
   m.impl("gan_discriminator_backward", &gan_discriminator_backward);
   m.impl("ct_transport_backward", &ct_transport_backward);
+  m.impl("ct_train", &ct_train);
 }
