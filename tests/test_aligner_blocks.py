@@ -192,15 +192,20 @@ def test_aligner_with_the_kernels_matches_the_exact_distance_and_the_layer_path(
         assert F.cosine_similarity(a.double().flatten(), c.double().flatten(), dim=0) > 0.99
 
 
-def test_transposed_views_are_read_in_place_and_get_gradients_in_their_layout():
-    """The attention hands the aligner q and k as (B, N, H, d) -> (B, H, N, d) transposed views."""
+@pytest.mark.parametrize("method", ["ct", "gan"])
+@pytest.mark.parametrize("fused_projection", [False, True])
+def test_transposed_views_are_read_in_place_and_get_gradients_in_their_layout(method, fused_projection):
+    """The attention hands the aligner q and k as (B, N, H, d) -> (B, H, N, d) transposed views, of
+    their own projections or (self-attention) of column chunks of the fused QKV projection."""
     gen = torch.Generator().manual_seed(4)
     d, hidden, _, r = WIDTHS
-    aligner = HeadAligner(d, AlignmentConfig(method="ct", helper_hidden=hidden, helper_out=r, helper_precision="bf16"))
+    config = AlignmentConfig(method=method, helper_hidden=hidden, helper_out=r, helper_precision="bf16")
+    aligner = HeadAligner(d, config)
     q_valid, k_valid = random_masks(3, 40, 9, gen)
-    q_flat = torch.randn(3, 40, 2 * d, generator=gen, requires_grad=True)
-    k_flat = torch.randn(3, 9, 2 * d, generator=gen, requires_grad=True)
-    views = [t.view(3, -1, 2, d).transpose(1, 2) for t in (q_flat, k_flat)]  # (B, H, N, d), not contiguous
+    width = 3 * 2 * d if fused_projection else 2 * d
+    q_flat = torch.randn(3, 40, width, generator=gen, requires_grad=True)
+    k_flat = torch.randn(3, 9, width, generator=gen, requires_grad=True)
+    views = [t[..., : 2 * d].view(3, -1, 2, d).transpose(1, 2) for t in (q_flat, k_flat)]  # (B, H, N, d)
     copies = [v.detach().contiguous().requires_grad_() for v in views]
     grads: dict[int, torch.Tensor] = {}
     for index, v in enumerate(views):
@@ -209,7 +214,9 @@ def test_transposed_views_are_read_in_place_and_get_gradients_in_their_layout():
     aligner(*copies, q_valid, k_valid).sum().backward()
     for view, grad, copy in zip(views, (grads[0], grads[1]), copies, strict=True):
         assert not view.is_contiguous()
-        assert grad.stride() == view.stride()  # no re-layout of the gradient
+        assert not grad.is_contiguous() and grad.transpose(1, 2).is_contiguous()  # (B, N, H, d) in memory
+        if not fused_projection:
+            assert grad.stride() == view.stride()  # no re-layout of the gradient
         assert torch.equal(grad, copy.grad)
 
 

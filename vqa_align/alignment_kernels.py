@@ -65,12 +65,11 @@ def _split_rows(rows: Tensor, batch: int, heads: int, n_queries: int) -> tuple[T
 
 
 def _row_layout(x: Tensor) -> Tensor:
-    """x (B, H, N, d) as the CPU kernels read it: a dense tensor whose rows have unit stride. The
-    attention's q and k (transposed views of (B, N, H·d) projections) qualify as they are, so they are
-    neither copied nor are their gradients laid out differently from them."""
-    strides = x.stride()
-    dense = all(s > 0 for s in strides) and 1 + sum((n - 1) * s for n, s in zip(x.shape, strides)) == x.numel()
-    return x if dense and strides[-1] == 1 else x.contiguous()
+    """x (B, H, N, d) as the CPU kernels read it: rows of unit stride, any strides between them. The
+    attention's q and k (transposed views of (B, N, H·d) projections, or column chunks of the fused
+    QKV projection) qualify as they are and are not copied; their gradients come back dense in the
+    same (B, N, H, d) memory order."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _highway_backward(

@@ -820,12 +820,17 @@ Sides checked_sides(const char* op, const at::Tensor& queries, const at::Tensor&
   return Sides(queries.numel() / d, keys.numel() / d);
 }
 
-// Row-gradient tensors in the layouts of queries and keys (empty_like keeps a dense tensor's strides).
-std::pair<at::Tensor, at::Tensor> row_gradients(const char* op, const at::Tensor& queries, const at::Tensor& keys) {
-  at::Tensor grad_q = at::empty_like(queries), grad_k = at::empty_like(keys);
-  TORCH_CHECK(grad_q.strides() == queries.strides() && grad_k.strides() == keys.strides(), op,
-              ": queries and keys must be dense (non-overlapping) tensors");
-  return {grad_q, grad_k};
+// A dense gradient for rows t (B, H, N, d) with t's order of dimensions in memory: the attention's
+// q and k are (B, N, H·d) projections (or column chunks of a fused one) seen as (B, H, N, d), and
+// their gradients, laid out (B, N, H, d), are read by autograd's view and chunk backward in order.
+at::Tensor gradient_like(const at::Tensor& t) {
+  if (t.stride(1) < t.stride(2))
+    return at::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options()).transpose(1, 2);
+  return at::empty(t.sizes(), t.options());
+}
+
+std::pair<at::Tensor, at::Tensor> row_gradients(const at::Tensor& queries, const at::Tensor& keys) {
+  return {gradient_like(queries), gradient_like(keys)};
 }
 
 // Calls fn(T{}) with T the rows' element type (float or bf16; check_side allows no other).
@@ -1246,7 +1251,7 @@ std::vector<at::Tensor> ct_helpers_backward(const at::Tensor& queries, const at:
   for (const auto& [t, name] : {std::pair{&nav_norm, "nav_norm"}, {&crit_norm, "crit_norm"}})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == total_rows && t->is_contiguous() && t->scalar_type() == at::kFloat,
                 "ct_helpers: ", name, " must be a contiguous float32 (", total_rows, ",) tensor");
-  const auto [grad_q, grad_k] = row_gradients("ct_helpers", queries, keys);
+  const auto [grad_q, grad_k] = row_gradients(queries, keys);
   const GradSlots slots = ct_slots(h);
   const int64_t groups = std::min(kMaxGroups, std::max<int64_t>(1, sides.total()));
   std::vector<float> partial(static_cast<size_t>(groups * slots.size), 0.0f);
@@ -1346,7 +1351,7 @@ std::vector<at::Tensor> ct_train(const at::Tensor& queries, const at::Tensor& ke
   const TransportShape t(batch, heads, queries.size(2), keys.size(2), h.r);
   const at::Tensor qv = q_valid.contiguous(), kv = k_valid.contiguous();
   at::Tensor distance = at::empty({batch, heads}, queries.options().dtype(at::kFloat));
-  const auto [grad_q, grad_k] = row_gradients("ct_train", queries, keys);
+  const auto [grad_q, grad_k] = row_gradients(queries, keys);
   const GradSlots slots = ct_slots(h);
   const int64_t groups = std::min(kMaxGroups, std::max<int64_t>(1, batch));
   std::vector<float> partial(static_cast<size_t>(groups * slots.size), 0.0f);
@@ -1418,7 +1423,7 @@ std::vector<at::Tensor> gan_discriminator_backward(const at::Tensor& queries, co
                   grad_logits.scalar_type() == at::kFloat,
               "gan_discriminator: grad_logits must be a contiguous float32 (", total_rows, ",) tensor, got ",
               grad_logits.sizes(), " ", grad_logits.scalar_type());
-  const auto [grad_q, grad_k] = row_gradients("gan_discriminator", queries, keys);
+  const auto [grad_q, grad_k] = row_gradients(queries, keys);
   const GradSlots slots = gan_slots(D);
   const int64_t groups = std::min(kMaxGroups, std::max<int64_t>(1, sides.total()));
   std::vector<float> partial(static_cast<size_t>(groups * slots.size), 0.0f);
