@@ -256,7 +256,7 @@ def test_one_pass_training_matches_the_two_pass_kernels(dtype, heads, nq, nk):
     keys = torch.randn(5, heads, nk, d, generator=gen).to(dtype)
     q_valid, k_valid = random_masks(5, nq, nk, gen)
     w = _weights(gen)
-    got = torch.ops.vqa_align_glue.ct_train(queries, keys, w, q_valid, k_valid, 0.5)
+    got = torch.ops.vqa_align_glue.ct_train(queries, keys, w, q_valid, k_valid, 0.5, 1.0)
     want = _two_pass_ct(queries, keys, w, q_valid, k_valid, 0.5)
     assert len(got) == len(want) == 13
     assert got[0].shape == (5, heads) and got[1].dtype == dtype and got[1].stride() == queries.stride()
@@ -271,7 +271,7 @@ def test_one_pass_training_matches_the_two_pass_kernels(dtype, heads, nq, nk):
 def test_training_aligner_scales_one_pass_gradients_and_recomputes_for_uneven_upstream():
     """In training (gradients wanted) the aligner runs ct_train; the upstream gradient scales its
     results when it is the same for every (sample, head), else the two-pass kernels recompute."""
-    from vqa_align.alignment_kernels import _FusedConditionalTransport, fused_conditional_transport
+    from vqa_align.alignment_kernels import ExpectedGradient, _FusedConditionalTransport, fused_conditional_transport
 
     gen = torch.Generator().manual_seed(7)
     d, hidden, _, r = WIDTHS
@@ -285,19 +285,25 @@ def test_training_aligner_scales_one_pass_gradients_and_recomputes_for_uneven_up
     weights = [navigator[0].weight, navigator[0].bias, navigator[2].weight, navigator[2].bias,
                critic[0].gates.weight, critic[0].gates.bias, critic[1][0].weight, critic[1][0].bias,
                critic[1][2].weight, critic[1][2].bias]  # fmt: skip
-    # A power of two: scaling commutes with the kernels' bf16 rounding of intermediate gradients
-    # (which the two-pass path applies after scaling), so both paths agree to fp32 summation order.
-    for upstream in (torch.full((3, 4), 0.25), torch.rand(3, 4, generator=gen)):
-        results = []
-        for one_pass in (True, False):
-            distance = _FusedConditionalTransport.apply(
-                q, k, q_valid, k_valid, 0.5, torch.bfloat16, one_pass, *weights
-            )
-            results.append((distance, torch.autograd.grad((distance * upstream).sum(), params)))
-        (d1, g1), (d2, g2) = results
+    expected = ExpectedGradient()  # 1.0: the first step computes for the wrong gradient
+
+    def run(upstream, one_pass):
+        distance = _FusedConditionalTransport.apply(
+            q, k, q_valid, k_valid, 0.5, torch.bfloat16, expected if one_pass else None, *weights
+        )
+        return distance, torch.autograd.grad((distance * upstream).sum(), params)
+
+    uniform = torch.full((3, 4), 0.37)
+    # Step 1: computed for 1.0, received 0.37: rescaled (bf16 intermediates rounded at another
+    # scale than the two-pass path's: agreement to bf16 precision), and the guess updated.
+    # Step 2: computed for 0.37 and returned as is: the two-pass path's arithmetic, to fp32 order.
+    # A non-uniform gradient: recomputed by the two-pass path.
+    for upstream, tolerance in ((uniform, 1e-2), (uniform, 1e-5), (torch.rand(3, 4, generator=gen), 1e-5)):
+        (d1, g1), (d2, g2) = run(upstream, True), run(upstream, False)
         assert torch.allclose(d1, d2, rtol=1e-5, atol=1e-7)
         for a, b in zip(g1, g2, strict=True):
-            assert _rel(a, b) < 1e-5
+            assert _rel(a, b) < tolerance, _rel(a, b)
+        assert expected.value == pytest.approx(0.37)
     # The aligner takes the one-pass path when gradients are wanted, and not under no_grad.
     for grad_enabled, expected in ((True, True), (False, False)):
         with torch.set_grad_enabled(grad_enabled), torch.profiler.profile() as prof:
@@ -389,7 +395,7 @@ def test_results_do_not_depend_on_the_thread_count():
             )
             logits = torch.ops.vqa_align_glue.gan_discriminator_forward(queries, keys, w_gan, 0.2)
             gan_grads = torch.ops.vqa_align_glue.gan_discriminator_backward(queries, keys, w_gan, 0.2, logits, -1.0)
-            one_pass = torch.ops.vqa_align_glue.ct_train(queries, keys, w, q_valid, k_valid, 0.5)
+            one_pass = torch.ops.vqa_align_glue.ct_train(queries, keys, w, q_valid, k_valid, 0.5, 0.25)
         finally:
             torch.set_num_threads(threads)
         results.append((nav, crit, *sums, *transport_grads, *grads, logits, *gan_grads, *one_pass))
@@ -415,7 +421,7 @@ def test_unsupported_widths_fall_back_and_bad_arguments_are_named():
     with pytest.raises(RuntimeError, match="q_valid"):
         torch.ops.vqa_align_glue.ct_transport_forward(nav, nav, valid.float(), valid, 2)
     with pytest.raises(RuntimeError, match="k_valid"):
-        torch.ops.vqa_align_glue.ct_train(queries, queries, w, valid, valid[:, :4], 0.5)
+        torch.ops.vqa_align_glue.ct_train(queries, queries, w, valid, valid[:, :4], 0.5, 1.0)
     w_gan = _discriminator_weights(gen)
     with pytest.raises(RuntimeError, match="inconsistent shapes"):
         torch.ops.vqa_align_glue.gan_discriminator_forward(queries, queries, [*w_gan[:4], w_gan[2], w_gan[5]], 0.2)

@@ -1130,10 +1130,11 @@ struct SampleScratch {
   }
 };
 
-// One (sample, head)'s CT from its sums, and the backward coefficients for dLoss/dD = 1:
-// α_i = w_i / rowsum_i, a_i = α_i fc_i (fc_i = rowcost_i / rowsum_i), likewise β, b for the keys;
+// One (sample, head)'s CT from its sums, and the backward coefficients for dLoss/dD = g:
+// α_i = g w_i / rowsum_i, a_i = α_i fc_i (fc_i = rowcost_i / rowsum_i), likewise β, b for the keys;
 // w = ρ/n on the n valid queries, (1-ρ)/m on the m valid keys (as _direction_weights).
-float ct_coefficients(SampleScratch& z, const TransportShape& t, const bool* qv, const bool* kv, float rho) {
+float ct_coefficients(SampleScratch& z, const TransportShape& t, const bool* qv, const bool* kv, float rho,
+                      float g) {
   constexpr float kTiny = 1.17549435e-38f;  // torch.finfo(float32).tiny, the Python path's clamp
   int64_t n = 0, m = 0;
   for (int64_t i = 0; i < t.nq; ++i) n += qv[i];
@@ -1144,13 +1145,13 @@ float ct_coefficients(SampleScratch& z, const TransportShape& t, const bool* qv,
   for (int64_t i = 0; i < t.nq; ++i) {
     const float sum = std::max(z.row_sum[i], kTiny), cost = z.row_cost[i] / sum, w = qv[i] ? q_weight : 0.0f;
     forward += cost * w;
-    z.alpha[i] = w / sum;
+    z.alpha[i] = g * w / sum;
     z.a[i] = z.alpha[i] * cost;
   }
   for (int64_t j = 0; j < t.nk; ++j) {
     const float sum = std::max(z.col_sum[j], kTiny), cost = z.col_cost[j] / sum, w = kv[j] ? k_weight : 0.0f;
     backward += cost * w;
-    z.beta[j] = w / sum;
+    z.beta[j] = g * w / sum;
     z.b[j] = z.beta[j] * cost;
   }
   return forward + backward;
@@ -1162,7 +1163,7 @@ template <typename T>
 void ct_train_sample(SampleScratch& z, TransportScratch& x, BackwardScratch& s, const Helpers& h,
                      const TransportShape& t, int64_t sample, const StridedRows<const T> data[2],
                      const StridedRows<T> grad_rows[2], const bool* q_valid, const bool* k_valid, float rho,
-                     float* distance, float* grads, const GradSlots& slots) {
+                     float grad_scale, float* distance, float* grads, const GradSlots& slots) {
   const int64_t r = h.r, key_row0 = z.side[0].rows;  // the keys' first row within the sample
   const bool *qv = q_valid + sample * t.nq, *kv = k_valid + sample * t.nk;
   // Helpers forward; every block's activations stay in z.
@@ -1186,7 +1187,7 @@ void ct_train_sample(SampleScratch& z, TransportScratch& x, BackwardScratch& s, 
     const int64_t q = head * t.nq * r, k = (key_row0 + head * t.nk) * r;
     transport_matrices(x, t, z.nav.data() + q, z.crit.data() + q, z.nav.data() + k, z.crit.data() + k, kv);
     transport_forward_one(x, t, qv, z.row_sum.data(), z.col_sum.data(), z.row_cost.data(), z.col_cost.data());
-    distance[head] = ct_coefficients(z, t, qv, kv, rho);
+    distance[head] = ct_coefficients(z, t, qv, kv, rho, grad_scale);
     transport_backward_one(x, t, qv, z.alpha.data(), z.beta.data(), z.a.data(), z.b.data(), z.grad_nav.data() + q,
                            z.grad_crit.data() + q, z.grad_nav.data() + k, z.grad_crit.data() + k);
   }
@@ -1330,12 +1331,13 @@ std::tuple<at::Tensor, at::Tensor> ct_transport_backward(const at::Tensor& nav, 
 #endif
 }
 
-// Training step of CT for dLoss/dD = 1, one sample at a time (see ct_train_sample): queries
-// (B, H, Nq, d), keys (B, H, Nk, d), the helpers' ten weights (as ct_helpers_forward), masks q_valid
-// (B, Nq), k_valid (B, Nk), ρ -> [D (B, H) fp32, dD/dqueries, dD/dkeys (their dtype and layout), the
-// ten weight and bias gradients (fp32; the critic's not negated)].
+// Training step of CT, one sample at a time (see ct_train_sample): queries (B, H, Nq, d), keys
+// (B, H, Nk, d), the helpers' ten weights (as ct_helpers_forward), masks q_valid (B, Nq), k_valid
+// (B, Nk), ρ, and g = dLoss/dD expected for every (sample, head) -> [D (B, H) fp32, g dD/dqueries,
+// g dD/dkeys (their dtype and layout), the ten weight and bias gradients times g (fp32; the critic's
+// not negated)].
 std::vector<at::Tensor> ct_train(const at::Tensor& queries, const at::Tensor& keys, at::TensorList weights,
-                                 const at::Tensor& q_valid, const at::Tensor& k_valid, double rho) {
+                                 const at::Tensor& q_valid, const at::Tensor& k_valid, double rho, double grad_scale) {
 #ifdef VQA_ALIGN_ALIGNER_BLOCKS
   const Helpers h = make_helpers(weights.vec(), true);
   checked_sides("ct_train", queries, keys, h.d);
@@ -1367,7 +1369,7 @@ std::vector<at::Tensor> ct_train(const at::Tensor& queries, const at::Tensor& ke
       for (int64_t group = first_group; group < last_group; ++group)
         for (int64_t b = group * batch / groups; b < (group + 1) * batch / groups; ++b)
           ct_train_sample(z, x, s, h, t, b, data, grads, qv.data_ptr<bool>(), kv.data_ptr<bool>(),
-                          static_cast<float>(rho), distance.data_ptr<float>() + b * heads,
+                          static_cast<float>(rho), static_cast<float>(grad_scale), distance.data_ptr<float>() + b * heads,
                           partial.data() + group * slots.size, slots);
       _tile_release();
     });
@@ -1376,7 +1378,7 @@ std::vector<at::Tensor> ct_train(const at::Tensor& queries, const at::Tensor& ke
   for (at::Tensor& g : slots.reduce(partial, groups, queries.options())) out.push_back(std::move(g));
   return out;
 #else
-  (void)queries, (void)keys, (void)weights, (void)q_valid, (void)k_valid, (void)rho;
+  (void)queries, (void)keys, (void)weights, (void)q_valid, (void)k_valid, (void)rho, (void)grad_scale;
   TORCH_CHECK(false, "ct_train: not built for this CPU (needs AMX and AVX-512-BF16)");
 #endif
 }
@@ -1471,8 +1473,8 @@ TORCH_LIBRARY_FRAGMENT(vqa_align_glue, m) {
       "gan_discriminator_backward(Tensor queries, Tensor keys, Tensor[] weights, float slope, Tensor grad_logits, "
       "float input_sign) -> Tensor[]");
   m.def(
-      "ct_train(Tensor queries, Tensor keys, Tensor[] weights, Tensor q_valid, Tensor k_valid, float rho) -> "
-      "Tensor[]");
+      "ct_train(Tensor queries, Tensor keys, Tensor[] weights, Tensor q_valid, Tensor k_valid, float rho, "
+      "float grad_scale) -> Tensor[]");
   m.def("ct_transport_forward(Tensor nav, Tensor crit, Tensor q_valid, Tensor k_valid, int heads) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "ct_transport_backward(Tensor nav, Tensor crit, Tensor q_valid, Tensor k_valid, int heads, Tensor alpha, "
