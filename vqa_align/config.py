@@ -84,9 +84,10 @@ class ModelConfig:
     feature_dim: int = 2048  # D of the region features (2048 for bottom-up-attention)
     use_box_embedding: bool = True
     question_encoder: Literal["lstm", "minilm"] = "lstm"
-    # The question encoder's SA layers run their per-token ops (projections, FFN, LayerNorm) on the
-    # real tokens only. "auto": on the CPU; on CUDA the padded form is kept (packing has
-    # data-dependent shapes, which CUDA graphs cannot capture and which sync the host).
+    # Per-token ops on the question (the encoder's projections, FFN and LayerNorm, the decoder's
+    # key/value projections) run on the real tokens only. "auto": on the CPU; on CUDA the padded
+    # form is kept (packing has data-dependent shapes, which CUDA graphs cannot capture and which
+    # sync the host).
     pack_questions: Literal["auto", "always", "never"] = "auto"
     word_embed_dim: int = 300
     glove_path: str | None = None  # optional GloVe-format text file for embedding initialisation

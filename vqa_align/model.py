@@ -101,20 +101,21 @@ class MultiHeadAttention(nn.Module):
     def project(self, x: Tensor, y: Tensor, packing: TokenPacking | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Queries from x, keys and values from y -> three (B, H, N, d) tensors.
 
-        With ``packing`` (self-attention only), x is the packed real tokens (R, D); the projection
-        runs on them and the result is scattered back to (B, N, 3·D), zeros at padded tokens.
+        With ``packing``, y (and x, in self-attention) is the packed real tokens (R, D): the
+        projection runs on them and is scattered back to (B, N, ·), zeros at padded tokens.
         """
         if x is y:
             qkv = self.in_proj(x)
             if packing is not None:
                 qkv = packing.unpack(qkv)  # (R, 3D) -> (B, N, 3D)
             q, k, v = qkv.chunk(3, dim=-1)
-        elif packing is not None:
-            raise ValueError("MultiHeadAttention: packed inputs are supported for self-attention only")
         else:
             dim = x.shape[-1]
             q = F.linear(x, self.in_proj.weight[:dim], self.in_proj.bias[:dim])
-            k, v = F.linear(y, self.in_proj.weight[dim:], self.in_proj.bias[dim:]).chunk(2, dim=-1)
+            kv = F.linear(y, self.in_proj.weight[dim:], self.in_proj.bias[dim:])
+            if packing is not None:
+                kv = packing.unpack(kv)  # (R, 2D) -> (B, Nk, 2D)
+            k, v = kv.chunk(2, dim=-1)
         return self._split_heads(q), self._split_heads(k), self._split_heads(v)
 
     def forward(
@@ -140,7 +141,7 @@ class MultiHeadAttention(nn.Module):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
         batch, _, length, _ = context.shape
         context = context.transpose(1, 2).reshape(batch, length, -1)  # (B, Nq, D)
-        if packing is not None:
+        if packing is not None and x is y:
             context = packing.pack(context)  # (R, D): the output projection skips padded queries
         output = self.out_proj(context)
         alignment = None
@@ -211,13 +212,21 @@ class GuidedAttentionUnit(nn.Module):
         self.drop = Dropout(cfg.dropout)
 
     def forward(
-        self, x: Tensor, y: Tensor, x_valid: Tensor, y_valid: Tensor, compute_alignment: bool, need_details: bool
+        self,
+        x: Tensor,
+        y: Tensor,
+        x_valid: Tensor,
+        y_valid: Tensor,
+        compute_alignment: bool,
+        need_details: bool,
+        y_packing: TokenPacking | None = None,
     ) -> LayerOutput:
+        """x: (B, N, D); y: (B, T, D), or its packed real tokens (R, D) when ``y_packing`` is given."""
         out = LayerOutput(x)
         attended, self_align, self_details = self.self_attention(x, x, x_valid, x_valid, compute_alignment, need_details)
         x = self.norm1(x + self.drop(attended))
         attended, guided_align, guided_details = self.guided_attention(
-            x, y, x_valid, y_valid, compute_alignment, need_details
+            x, y, x_valid, y_valid, compute_alignment, need_details, y_packing
         )
         x = self.norm2(x + self.drop(attended))
         out.alignment += [a for a in (self_align, guided_align) if a is not None]
@@ -432,10 +441,11 @@ class MCAN(nn.Module):
             y = out.hidden
             alignment_terms += out.alignment
             details.update({f"encoder.{index}.{k}": v for k, v in out.details.items()})
+        y_keys = y  # what the decoder's guided attention projects: packed (R, D) or (B, T, D)
         if packing is not None:
             y = packing.unpack(y)  # (B, T, D), zeros at padded tokens
         for index, layer in enumerate(self.decoder):
-            out = layer(x, y, v_valid, q_valid, compute_alignment, need_details)
+            out = layer(x, y_keys, v_valid, q_valid, compute_alignment, need_details, packing)
             x = out.hidden
             alignment_terms += out.alignment
             details.update({f"decoder.{index}.{k}": v for k, v in out.details.items()})
