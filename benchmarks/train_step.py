@@ -8,12 +8,18 @@ round (A B C A B C …), so that load from other processes hits every variant al
 over rounds is reported. ``--regions adaptive`` uses region counts like the adaptive bottom-up
 features with batches bucketed by region count (see benchmarks/common.py); every variant sees the
 same batch sequence, and samples/s is total samples / total time over the timed rounds.
+
+``--isolate`` gives each variant its own worker process (same interleaving: one step per variant
+per round, one process running at a time). Models trained in one process share its heap, and the
+allocation pattern of one disturbs the other's reuse of freed memory (page faults in some steps);
+a user trains one model per process, which this measures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -36,9 +42,56 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
+    p.add_argument("--isolate", action="store_true", help="one worker process per variant (see above)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.add_argument("--out", default=None, help="also write the JSON here")
     return p.parse_args(argv)
+
+
+class _Variant:
+    """One (method, precision) trainer and the layout's batches; ``step(i)`` -> (seconds, CPU
+    seconds, loss) of a training step on batch i."""
+
+    def __init__(self, args, method: str, precision: str, layout: str, batches: list[dict] | None = None):
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        cfg = common.model_config(args.config, method, args.overrides)
+        self.trainer = common.Trainer.build(cfg, "cpu", precision)
+        self.batches = batches or common.make_batches(layout, args.batch_size, args.warmup + args.steps, cfg.feature_dim)
+
+    def step(self, index: int) -> tuple[float, float, float]:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = self.trainer.step(self.batches[index])
+        return time.perf_counter() - start, time.process_time() - cpu_start, float(loss)
+
+
+def _variant_worker(connection, args, method: str, precision: str, layout: str) -> None:
+    variant = _Variant(args, method, precision, layout)
+    connection.send("ready")
+    while (index := connection.recv()) is not None:
+        connection.send(variant.step(index))
+    connection.send(common.peak_rss_mib())
+
+
+class _IsolatedVariant:
+    """A _Variant in its own process; steps run one at a time, on request."""
+
+    def __init__(self, context, args, method: str, precision: str, layout: str):
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_variant_worker, args=(child, args, method, precision, layout))
+        self.process.start()
+        if self.connection.recv() != "ready":
+            raise RuntimeError(f"worker for {method}/{precision} failed to start")
+
+    def step(self, index: int) -> tuple[float, float, float]:
+        self.connection.send(index)
+        return self.connection.recv()
+
+    def close(self) -> float:
+        self.connection.send(None)
+        peak = self.connection.recv()
+        self.process.join()
+        return peak
 
 
 def main(argv=None) -> dict:
@@ -48,28 +101,32 @@ def main(argv=None) -> dict:
     methods = [m.strip() for m in args.alignment.split(",") if m.strip()]
     layouts = [r.strip() for r in args.regions.split(",") if r.strip()]
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
-    results = []
+    context = multiprocessing.get_context("spawn")  # no fork of a process with OpenMP threads
+    results, worker_peaks = [], []
     for layout in layouts:
+        feature_dim = common.model_config(args.config, methods[0], args.overrides).feature_dim
+        batches = common.make_batches(layout, args.batch_size, args.warmup + args.steps, feature_dim)
         variants = {}
         for method in methods:
-            cfg = common.model_config(args.config, method, args.overrides)
             for precision in precisions:
-                variants[(method, precision)] = common.Trainer.build(cfg, "cpu", precision)
-        feature_dim = next(iter(variants.values())).model.config.feature_dim
-        batches = common.make_batches(layout, args.batch_size, args.warmup + args.steps, feature_dim)
+                key = (method, precision)
+                variants[key] = (  # a worker process makes the same (seeded) batches itself
+                    _IsolatedVariant(context, args, method, precision, layout)
+                    if args.isolate
+                    else _Variant(args, method, precision, layout, batches)
+                )
         times = {key: [] for key in variants}
         cpu_times = {key: [] for key in variants}
         losses = {key: [] for key in variants}
-        for i, batch in enumerate(batches):
-            for key, trainer in variants.items():
-                start, cpu_start = time.perf_counter(), time.process_time()
-                loss = trainer.step(batch)
-                elapsed = time.perf_counter() - start
-                cpu_elapsed = time.process_time() - cpu_start
+        for i in range(len(batches)):
+            for key, variant in variants.items():
+                elapsed, cpu_elapsed, loss = variant.step(i)
                 if i >= args.warmup:
                     times[key].append(elapsed)
                     cpu_times[key].append(cpu_elapsed)
-                    losses[key].append(float(loss))
+                    losses[key].append(loss)
+        if args.isolate:
+            worker_peaks += [variant.close() for variant in variants.values()]
         timed = batches[args.warmup :]
         samples = sum(len(b["region_counts"]) for b in timed)
         stats = common.batch_stats(timed)
@@ -106,7 +163,9 @@ def main(argv=None) -> dict:
         "config": args.config,
         "overrides": args.overrides,
         "machine": common.machine_info(),
-        "peak_rss_mib": common.peak_rss_mib(),
+        "isolated_processes": args.isolate,
+        # With --isolate: the largest worker's (one model); else this process's (all models).
+        "peak_rss_mib": max(worker_peaks) if worker_peaks else common.peak_rss_mib(),
         "results": results,
     }
     text = json.dumps(report, indent=2)

@@ -271,7 +271,11 @@ def test_one_pass_training_matches_the_two_pass_kernels(dtype, heads, nq, nk):
 def test_training_aligner_scales_one_pass_gradients_and_recomputes_for_uneven_upstream():
     """In training (gradients wanted) the aligner runs ct_train; the upstream gradient scales its
     results when it is the same for every (sample, head), else the two-pass kernels recompute."""
-    from vqa_align.alignment_kernels import ExpectedGradient, _FusedConditionalTransport, fused_conditional_transport
+    from vqa_align.alignment_kernels import (
+        ExpectedGradient,
+        _FusedConditionalTransport,
+        fused_conditional_transport,
+    )
 
     gen = torch.Generator().manual_seed(7)
     d, hidden, _, r = WIDTHS

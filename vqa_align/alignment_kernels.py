@@ -259,7 +259,7 @@ class _FusedConditionalTransport(torch.autograd.Function):
             k_weight, q_valid, k_valid, *saved,
         ) = ctx.saved_tensors  # fmt: skip
         glue = glue_for(nav.device)
-        n_queries, q_dtype, k_dtype, w_dtype, blocks = ctx.meta[:5]
+        n_queries, blocks = ctx.meta[0], ctx.meta[4]
         batch, heads = row_sum.shape[:2]
         grad_distance = grad_distance.to(row_sum.dtype)[..., None]  # (B, H, 1)
 
