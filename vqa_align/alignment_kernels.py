@@ -294,10 +294,11 @@ class _FusedConditionalTransport(torch.autograd.Function):
         return _FusedConditionalTransport._gradients(ctx, grad_q, grad_k, weight_grads)
 
     @staticmethod
-    def _gradients(ctx, grad_q, grad_k, weight_grads):
+    def _gradients(ctx, grad_q, grad_k, weight_grads, reverse_critic=True):
+        """backward's return value; the critic ascends the cost (its gradients negated)."""
         q_dtype, k_dtype, w_dtype = ctx.meta[1:4]
-        navigator, critic = weight_grads[:4], weight_grads[4:]
-        weight_grads = (*navigator, *(g.neg() for g in critic))  # the critic ascends the cost
+        if reverse_critic:
+            weight_grads = (*weight_grads[:4], *(g.neg() for g in weight_grads[4:]))
         return (
             grad_q.to(q_dtype), grad_k.to(k_dtype), None, None, None, None, None, *(g.to(w_dtype) for g in weight_grads)
         )
@@ -307,13 +308,13 @@ class _FusedConditionalTransport(torch.autograd.Function):
         """ct_train computed every gradient for dLoss/dD = ctx.computed_for, the same for every
         (sample, head). When that is the gradient received, they are returned as they are. The row
         gradients belong to one (sample, head) each, the weight gradients are sums over all; so
-        another uniform gradient rescales them, and a non-uniform one recomputes with the two-pass
-        kernels."""
+        another uniform gradient rescales them, and a non-uniform one (or a guess of 0) recomputes
+        with the two-pass kernels (whose backward reverses the critic's gradients itself)."""
         grad_q, grad_k, *weight_grads = ctx.saved_tensors[:12]
         queries, keys, q_valid, k_valid, *weights = ctx.saved_tensors[12:]
         grad_distance = grad_distance.float()  # (B, H)
         first = grad_distance.flatten()[0]
-        if bool((grad_distance == first).all()):
+        if ctx.computed_for != 0.0 and bool((grad_distance == first).all()):
             received = first.item()
             if received != ctx.computed_for:
                 if received != 0.0:
@@ -327,12 +328,8 @@ class _FusedConditionalTransport(torch.autograd.Function):
             distance = _FusedConditionalTransport.apply(
                 inputs[0], inputs[1], q_valid, k_valid, rho, dtype, None, *inputs[2:]
             )
-            gradients = torch.autograd.grad(distance, inputs, grad_distance)
-        q_dtype, k_dtype, w_dtype = ctx.meta[1:4]
-        return (
-            gradients[0].to(q_dtype), gradients[1].to(k_dtype), None, None, None, None, None,
-            *(g.to(w_dtype) for g in gradients[2:]),
-        )  # fmt: skip
+            grad_q, grad_k, *weight_grads = torch.autograd.grad(distance, inputs, grad_distance)
+        return _FusedConditionalTransport._gradients(ctx, grad_q, grad_k, weight_grads, reverse_critic=False)
 
 
 def fused_conditional_transport(
@@ -356,10 +353,12 @@ def fused_conditional_transport(
     nav_first, nav_second = navigator[0], navigator[2]
     highway, (crit_first, _, crit_second) = critic[0], critic[1]
     dtype = compute_dtype(precision, queries)
-    weights = (nav_first.weight, highway.gates.weight, crit_first.weight)
-    # Training (gradients wanted): the kernels may run forward and backward at once (ct_train).
+    # Training (gradients wanted) on the CPU: the kernels may run forward and backward at once (ct_train).
     one_pass = (
-        torch.is_grad_enabled() and any(t.requires_grad for t in (queries, keys, *weights)) and ct_one_pass_enabled()
+        queries.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (queries, keys, *navigator.parameters(), *critic.parameters()))
+        and ct_one_pass_enabled()
     )
     expected = (expected or ExpectedGradient()) if one_pass else None
     with torch.autocast(queries.device.type, enabled=False):

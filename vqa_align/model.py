@@ -81,6 +81,8 @@ class MultiHeadAttention(nn.Module):
     details or None)``. Alignment is computed when the module has an aligner and
     ``compute_alignment`` is true; details (projected q/k and attention weights) when
     ``need_details``. Without details the fused ``scaled_dot_product_attention`` kernel is used.
+    With a :class:`TokenPacking` the projections skip padded tokens: y (and x, in self-attention)
+    come packed as (R, D), and a self-attention's output is packed too.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float, aligner: HeadAligner | None = None):

@@ -1094,9 +1094,10 @@ TransportShape checked_transport_shape(const at::Tensor& nav, const at::Tensor& 
 // Training: the whole CT, forward and backward, one sample at a time
 // ---------------------------------------------------------------------------------------------
 //
-// In training dLoss/dD is the same for every (sample, head) of a module (the loss takes their mean),
-// so the gradients can be computed with dLoss/dD = 1 during the forward pass and only scaled
-// afterwards. Done one sample at a time, all of its heads, every helper activation of the sample's
+// In training dLoss/dD is the same for every (sample, head) of a module (the loss takes their mean)
+// and from step to step, so the gradients can be computed during the forward pass for the value the
+// caller expects (alignment_kernels.ExpectedGradient checks it in the backward pass and rescales or
+// recomputes when it differs). Done one sample at a time, all of its heads, every helper activation of the sample's
 // H·(Nq + Nk) rows stays in the core's L2 (about 1.6 MB for 100 regions and 8 heads): the backward
 // pass needs no recomputation of the helpers, S and C are formed once, and the unit vectors and their
 // gradients never reach memory. A sample's rows are consecutive in (b, h, i) order, so its blocks
