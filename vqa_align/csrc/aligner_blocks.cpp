@@ -382,23 +382,34 @@ inline void accumulate_weight_grad(float* dw, const bf16* gt, const bf16* x_pack
 struct Block {
   int64_t m = 0;  // rows in the block, padded to a multiple of 32 (padding rows are zero inputs)
   std::vector<bf16> x, nav_hidden, highway, hidden;  // bf16 matmul inputs
-  std::vector<float> acc, transform, gate;           // fp32: matmul outputs, highway state
-  Block(int64_t d, int64_t nav_width, int64_t hidden_width)
+  std::vector<float> transform, gate;                // fp32 highway state
+  std::vector<float> own_acc;                        // matmul outputs, unless shared
+  float* acc;  // (kBlockRows, acc_width(...)) fp32 matmul outputs of the forward pass
+  static int64_t acc_width(int64_t d, int64_t nav_width, int64_t hidden_width) {
+    return std::max({nav_width, hidden_width, 2 * d});
+  }
+  // shared_acc: a buffer of kBlockRows · acc_width floats that blocks whose matmul outputs are dead
+  // after their forward pass share (ct_train keeps many blocks; one buffer keeps them in cache).
+  Block(int64_t d, int64_t nav_width, int64_t hidden_width, float* shared_acc = nullptr)
       : x(kBlockRows * d), nav_hidden(kBlockRows * nav_width), highway(kBlockRows * d),
-        hidden(kBlockRows * hidden_width), acc(kBlockRows * std::max({nav_width, hidden_width, 2 * d})),
-        transform(kBlockRows * d), gate(kBlockRows * d) {}
+        hidden(kBlockRows * hidden_width), transform(kBlockRows * d), gate(kBlockRows * d),
+        own_acc(shared_acc != nullptr ? 0 : kBlockRows * acc_width(d, nav_width, hidden_width)),
+        acc(shared_acc != nullptr ? shared_acc : own_acc.data()) {}
+  Block(const Block&) = delete;
+  Block& operator=(const Block&) = delete;
+  Block(Block&&) = default;  // moves own_acc's buffer, so acc stays valid
 };
 
 // The highway of the CT critic and of the GAN discriminator on a block: transform and gate in one
 // matmul, y = x + t ⊙ (relu(transform) - x) with t = σ(gate pre-activation); keeps transform and t.
 void highway_forward(Block& b, const Layer& gate_layer, int64_t d) {
   const int64_t m = b.m;
-  matmul_forward(b.acc.data(), b.x.data(), gate_layer, m);
+  matmul_forward(b.acc, b.x.data(), gate_layer, m);
   const float* bias_t = gate_layer.bias.data_ptr<float>();
   const float* bias_g = bias_t + d;
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t c = 0; c < d; c += 16) {
-      const float* a = b.acc.data() + i * 2 * d;
+      const float* a = b.acc + i * 2 * d;
       const __m512 tr = _mm512_add_ps(load16(a + c), load16(bias_t + c));
       const __m512 pre = _mm512_add_ps(load16(a + d + c), load16(bias_g + c));
       const __m512 t = reciprocal16(_mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), pre))));
@@ -443,13 +454,13 @@ void block_forward(Block& b, const Helpers& h, const StridedRows<const T>& rows,
   const int64_t m = b.m, d = h.d;
   load_rows(b.x.data(), rows, row0, n_valid, m, d);
   // Navigator.
-  matmul_forward(b.acc.data(), b.x.data(), h.nav1, m);
-  bias_relu_to_bf16(b.nav_hidden.data(), b.acc.data(), h.nav1.bias.data_ptr<float>(), m, h.hn);
+  matmul_forward(b.acc, b.x.data(), h.nav1, m);
+  bias_relu_to_bf16(b.nav_hidden.data(), b.acc, h.nav1.bias.data_ptr<float>(), m, h.hn);
   if (nav_pre != nullptr) matmul_forward(nav_pre, b.nav_hidden.data(), h.nav2, m);
   // Critic: highway, then Linear-ReLU-Linear.
   highway_forward(b, h.gate, d);
-  matmul_forward(b.acc.data(), b.highway.data(), h.crit1, m);
-  bias_relu_to_bf16(b.hidden.data(), b.acc.data(), h.crit1.bias.data_ptr<float>(), m, h.hc);
+  matmul_forward(b.acc, b.highway.data(), h.crit1, m);
+  bias_relu_to_bf16(b.hidden.data(), b.acc, h.crit1.bias.data_ptr<float>(), m, h.hc);
   if (crit_pre != nullptr) matmul_forward(crit_pre, b.hidden.data(), h.crit2, m);
 }
 
@@ -748,14 +759,14 @@ void gan_block_forward(Block& b, const Discriminator& D, const StridedRows<const
   const int64_t m = b.m, h = D.h;
   load_rows(b.x.data(), rows, row0, n_valid, m, D.d);
   highway_forward(b, D.gate, D.d);
-  matmul_forward(b.acc.data(), b.highway.data(), D.hidden, m);
+  matmul_forward(b.acc, b.highway.data(), D.hidden, m);
   const float* bias = D.hidden.bias.data_ptr<float>();
   const float* out_w = D.out_weight.data_ptr<float>();
   const __m512 slope = _mm512_set1_ps(D.slope);
   for (int64_t i = 0; i < m; ++i) {
     __m512 dot = _mm512_setzero_ps();
     for (int64_t c = 0; c < h; c += 16) {
-      float* a = b.acc.data() + i * h + c;
+      float* a = b.acc + i * h + c;
       const __m512 pre = _mm512_add_ps(load16(a), load16(bias + c));
       const __mmask16 negative = _mm512_cmp_ps_mask(pre, _mm512_setzero_ps(), _CMP_LE_OQ);
       const __m512 act = _mm512_mask_mul_ps(pre, negative, pre, slope);  // leaky ReLU
@@ -793,7 +804,7 @@ void gan_block_backward(Block& b, BackwardScratch& s, const Discriminator& D, co
     bias_sum += gi;
     const __m512 g = _mm512_set1_ps(gi);
     for (int64_t c = 0; c < h; c += 16) {
-      const __m512 act = load16(b.acc.data() + i * h + c);
+      const __m512 act = load16(b.acc + i * h + c);
       store16(g_w2 + c, _mm512_fmadd_ps(g, act, load16(g_w2 + c)));
       const __mmask16 negative = _mm512_cmp_ps_mask(act, _mm512_setzero_ps(), _CMP_LE_OQ);
       const __m512 grad = _mm512_mul_ps(g, load16(out_w + c));
@@ -1110,17 +1121,19 @@ struct SampleSide {
 };
 
 struct SampleScratch {
+  std::vector<float> acc;  // the blocks' shared matmul outputs
   SampleSide side[2];
   std::vector<bf16> nav, crit, grad_nav, grad_crit;  // (rows_q + rows_k, r): queries' rows, then keys'
   std::vector<float> nav_norm, crit_norm, nav_pre, crit_pre;
   std::vector<float> row_sum, row_cost, alpha, a, col_sum, col_cost, beta, b;  // one (sample, head)
-  SampleScratch(const Helpers& h, const TransportShape& t) {
+  SampleScratch(const Helpers& h, const TransportShape& t)
+      : acc(kBlockRows * Block::acc_width(h.d, h.hn, h.hc)) {
     const int64_t n[2] = {t.heads * t.nq, t.heads * t.nk};
     for (int s = 0; s < 2; ++s) {
       side[s].rows = n[s];
       const int64_t blocks = (n[s] + kBlockRows - 1) / kBlockRows;
       side[s].blocks.reserve(blocks);
-      for (int64_t i = 0; i < blocks; ++i) side[s].blocks.emplace_back(h.d, h.hn, h.hc);
+      for (int64_t i = 0; i < blocks; ++i) side[s].blocks.emplace_back(h.d, h.hn, h.hc, acc.data());
     }
     const int64_t rows = n[0] + n[1];
     for (auto* v : {&nav, &crit, &grad_nav, &grad_crit}) v->resize(rows * h.r);
