@@ -993,9 +993,10 @@ void transport_matrices(TransportScratch& x, const TransportShape& t, const bf16
 // Columns [0, nk) in vectors of 16; the last vector's lanes beyond nk are masked by k_mask (zero).
 inline int64_t key_vectors(const TransportShape& t) { return (t.nk + 15) / 16; }
 
-// One (sample, head)'s sums (row_sum, row_cost (nq,); col_sum, col_cost (nk,)); qv: its sample's query mask.
+// One (sample, head)'s sums (row_sum, row_cost (nq,); col_sum, col_cost (nk,)); qv: its sample's query
+// mask. With keep_e, E replaces S in x.s on the valid rows (for transport_backward_one's e_stored).
 void transport_forward_one(TransportScratch& x, const TransportShape& t, const bool* qv, float* row_sum,
-                           float* col_sum, float* row_cost, float* col_cost) {
+                           float* col_sum, float* row_cost, float* col_cost, bool keep_e = false) {
   std::fill(x.col_sum.begin(), x.col_sum.end(), 0.0f);
   std::fill(x.col_cost.begin(), x.col_cost.end(), 0.0f);
   for (int64_t i = 0; i < t.nq; ++i) {
@@ -1005,6 +1006,7 @@ void transport_forward_one(TransportScratch& x, const TransportShape& t, const b
       for (int64_t v = 0; v < key_vectors(t); ++v) {
         const int64_t o = i * t.nk_pad + 16 * v;
         const __m512 e = _mm512_mul_ps(exp16(load16(x.s.data() + o)), load16(x.k_mask.data() + 16 * v));
+        if (keep_e) store16(x.s.data() + o, e);
         const __m512 ec = _mm512_mul_ps(e, _mm512_sub_ps(_mm512_set1_ps(1.0f), load16(x.c.data() + o)));
         sum = _mm512_add_ps(sum, e);
         cost_sum = _mm512_add_ps(cost_sum, ec);
@@ -1023,9 +1025,10 @@ void transport_forward_one(TransportScratch& x, const TransportShape& t, const b
 
 // One (sample, head)'s backward from its coefficients α, a (nq,) and β, b (nk,): dL/df and dL/d(g·g)
 // products into the query rows (nav_q, crit_q: (nq, r)) and key rows (nav_k, crit_k: (nk, r)).
+// e_stored: x.s holds E on the valid rows (transport_forward_one's keep_e), else S.
 void transport_backward_one(TransportScratch& x, const TransportShape& t, const bool* qv, const float* alpha,
                             const float* beta, const float* a, const float* b, bf16* nav_q, bf16* crit_q, bf16* nav_k,
-                            bf16* crit_k) {
+                            bf16* crit_k, bool e_stored = false) {
   std::copy(beta, beta + t.nk, x.beta.begin());
   std::copy(b, b + t.nk, x.b.begin());
   // P = E (α_i + β_j) and dS = P C - E (a_i + b_j), with E = exp(S) on valid pairs and C = 1 - g·g,
@@ -1038,7 +1041,8 @@ void transport_backward_one(TransportScratch& x, const TransportShape& t, const 
       const int64_t o = i * t.nk_pad + 16 * v;
       __m512 p = _mm512_setzero_ps(), g = _mm512_setzero_ps();
       if (row) {
-        const __m512 e = _mm512_mul_ps(exp16(load16(x.s.data() + o)), load16(x.k_mask.data() + 16 * v));
+        const __m512 e = e_stored ? load16(x.s.data() + o)
+                                  : _mm512_mul_ps(exp16(load16(x.s.data() + o)), load16(x.k_mask.data() + 16 * v));
         const __m512 cost = _mm512_sub_ps(_mm512_set1_ps(1.0f), load16(x.c.data() + o));
         p = _mm512_mul_ps(e, _mm512_add_ps(ai, load16(x.beta.data() + 16 * v)));
         g = _mm512_fnmadd_ps(e, _mm512_add_ps(ci, load16(x.b.data() + 16 * v)), _mm512_mul_ps(p, cost));
@@ -1200,10 +1204,10 @@ void ct_train_sample(SampleScratch& z, TransportScratch& x, BackwardScratch& s, 
   for (int64_t head = 0; head < t.heads; ++head) {
     const int64_t q = head * t.nq * r, k = (key_row0 + head * t.nk) * r;
     transport_matrices(x, t, z.nav.data() + q, z.crit.data() + q, z.nav.data() + k, z.crit.data() + k, kv);
-    transport_forward_one(x, t, qv, z.row_sum.data(), z.col_sum.data(), z.row_cost.data(), z.col_cost.data());
+    transport_forward_one(x, t, qv, z.row_sum.data(), z.col_sum.data(), z.row_cost.data(), z.col_cost.data(), true);
     distance[head] = ct_coefficients(z, t, qv, kv, rho, grad_scale);
     transport_backward_one(x, t, qv, z.alpha.data(), z.beta.data(), z.a.data(), z.b.data(), z.grad_nav.data() + q,
-                           z.grad_crit.data() + q, z.grad_nav.data() + k, z.grad_crit.data() + k);
+                           z.grad_crit.data() + q, z.grad_nav.data() + k, z.grad_crit.data() + k, true);
   }
   // Helpers backward from the stored activations (-1: the cost is 1 - g·g).
   for (int sd = 0; sd < 2; ++sd) {
