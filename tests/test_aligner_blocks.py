@@ -154,16 +154,18 @@ def _aligner_grads(aligner, q, k, q_valid, k_valid, upstream):
     return distance, torch.autograd.grad((distance * upstream).sum(), params)
 
 
-def _aligner_against_references(monkeypatch, config: AlignmentConfig, d: int, seed: int):
+def _aligner_against_references(monkeypatch, config: AlignmentConfig, d: int, seed: int, uniform: bool = False):
     """The aligner with the kernels, with the layer-by-layer path (same bf16 helpers) and the plain
-    fp64 reference -> (distance, grads) of each, for q, k and every helper parameter."""
+    fp64 reference -> (distance, grads) of each, for q, k and every helper parameter. ``uniform``:
+    dLoss/dD the same for every (sample, head), as in training (CT: the one-pass kernel's own
+    gradients; a random one makes it recompute with the two-pass kernels)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     aligner = HeadAligner(d, config)
     q_valid, k_valid = random_masks(4, 37, 21, gen)
     q = torch.randn(4, 3, 37, d, generator=gen, requires_grad=True)
     k = torch.randn(4, 3, 21, d, generator=gen, requires_grad=True)
-    upstream = torch.randn(4, 3, generator=gen)
+    upstream = torch.full((4, 3), 0.3) if uniform else torch.randn(4, 3, generator=gen)
 
     got = _aligner_grads(aligner, q, k, q_valid, k_valid, upstream)
     monkeypatch.setenv(nk.HELPER_BLOCKS_SWITCH, "0")
@@ -179,10 +181,13 @@ def _aligner_against_references(monkeypatch, config: AlignmentConfig, d: int, se
     return got, layers, (ref, ref_grads)
 
 
-def test_aligner_with_the_kernels_matches_the_exact_distance_and_the_layer_path(monkeypatch):
+@pytest.mark.parametrize("uniform", [False, True])
+def test_aligner_with_the_kernels_matches_the_exact_distance_and_the_layer_path(monkeypatch, uniform):
     d, hidden, _, r = WIDTHS  # HeadAligner gives the navigator and the critic one hidden width
     config = AlignmentConfig(method="ct", helper_hidden=hidden, helper_out=r, helper_precision="bf16")
-    (got, got_grads), (layers, layer_grads), (ref, ref_grads) = _aligner_against_references(monkeypatch, config, d, 3)
+    (got, got_grads), (layers, layer_grads), (ref, ref_grads) = _aligner_against_references(
+        monkeypatch, config, d, 3, uniform
+    )
     assert got.dtype == torch.float32
     assert (got.double() - ref).abs().max() <= 0.02 * ref.abs().max()
     assert (got - layers).abs().max() <= 0.02 * layers.abs().max()
