@@ -853,6 +853,49 @@ void dispatch_rows(const at::Tensor& rows, Fn&& fn) {
     fn(bf16{});
 }
 
+// Calls fn(data, grads): the rows of queries and keys (data[0], data[1]) and of their gradients,
+// typed by the rows' element type.
+template <typename Fn>
+void dispatch_sides(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& grad_q,
+                    const at::Tensor& grad_k, Fn&& fn) {
+  dispatch_rows(queries, [&](auto tag) {
+    using T = decltype(tag);
+    const StridedRows<const T> data[2] = {strided_rows<const T>(queries), strided_rows<const T>(keys)};
+    const StridedRows<T> grads[2] = {strided_rows<T>(grad_q), strided_rows<T>(grad_k)};
+    fn(data, grads);
+  });
+}
+
+// Runs fn(scratch, i) for i in [0, n) in parallel. Each thread configures its AMX tiles and builds
+// its scratch = make_scratch() once, for all the items it runs.
+template <typename Make, typename Fn>
+void parallel_with_tiles(int64_t n, Make&& make_scratch, Fn&& fn) {
+  at::parallel_for(0, n, 1, [&](int64_t first, int64_t last) {
+    configure_tiles();
+    auto scratch = make_scratch();
+    for (int64_t i = first; i < last; ++i) fn(scratch, i);
+    _tile_release();
+  });
+}
+
+// Weight and bias gradients summed per fixed group of work units (blocks or samples): each group is
+// summed by one thread in unit order, then the groups in order, so the result does not depend on
+// the thread count.
+struct GroupSums {
+  const GradSlots& slots;
+  int64_t units, groups;
+  std::vector<float> partial;  // (groups, slots.size)
+  GroupSums(const GradSlots& slot_list, int64_t unit_count)
+      : slots(slot_list), units(unit_count), groups(std::min(kMaxGroups, std::max<int64_t>(1, unit_count))),
+        partial(static_cast<size_t>(groups * slot_list.size), 0.0f) {}
+  float* of(int64_t group) { return partial.data() + group * slots.size; }
+  int64_t first_unit(int64_t group) const { return group * units / groups; }  // group's units: [first, first of next)
+  // Appends the summed gradients, as tensors in the slots' order, to out.
+  void append_to(std::vector<at::Tensor>& out, const at::TensorOptions& options) const {
+    for (at::Tensor& g : slots.reduce(partial, groups, options)) out.push_back(std::move(g));
+  }
+};
+
 #endif  // VQA_ALIGN_ALIGNER_BLOCKS
 
 // ---------------------------------------------------------------------------------------------
@@ -874,21 +917,23 @@ bool helper_blocks_supported(c10::List<int64_t> widths) {
 template <typename T>
 void forward_blocks(const Helpers& h, const Sides& sides, const StridedRows<const T> side_data[2], bf16* nav,
                     float* nav_norm, bf16* crit, float* crit_norm) {
-  at::parallel_for(0, sides.total(), 1, [&](int64_t first, int64_t last) {
-    configure_tiles();
-    Block b(h.d, h.hn, h.hc);
-    std::vector<float> nav_pre(kBlockRows * h.r), crit_pre(kBlockRows * h.r);
-    for (int64_t block = first; block < last; ++block) {
-      const auto [side, row0, n] = sides.locate(block);
-      const int64_t out_row = (side == 0 ? 0 : sides.rows[0]) + row0;
-      b.m = padded(n);
-      block_forward(b, h, side_data[side], row0, n, nav_pre.data(), crit_pre.data());
-      bias_normalize(nav + out_row * h.r, nav_norm + out_row, nav_pre.data(), h.nav2.bias.data_ptr<float>(), n, h.r);
-      bias_normalize(crit + out_row * h.r, crit_norm + out_row, crit_pre.data(), h.crit2.bias.data_ptr<float>(), n,
-                     h.r);
-    }
-    _tile_release();
-  });
+  struct Scratch {
+    Block b;
+    std::vector<float> nav_pre, crit_pre;  // (kBlockRows, r) pre-normalisation outputs
+  };
+  parallel_with_tiles(
+      sides.total(),
+      [&] { return Scratch{Block(h.d, h.hn, h.hc), std::vector<float>(kBlockRows * h.r), std::vector<float>(kBlockRows * h.r)}; },
+      [&](Scratch& x, int64_t block) {
+        const auto [side, row0, n] = sides.locate(block);
+        const int64_t out_row = (side == 0 ? 0 : sides.rows[0]) + row0;
+        x.b.m = padded(n);
+        block_forward(x.b, h, side_data[side], row0, n, x.nav_pre.data(), x.crit_pre.data());
+        bias_normalize(nav + out_row * h.r, nav_norm + out_row, x.nav_pre.data(), h.nav2.bias.data_ptr<float>(), n,
+                       h.r);
+        bias_normalize(crit + out_row * h.r, crit_norm + out_row, x.crit_pre.data(), h.crit2.bias.data_ptr<float>(),
+                       n, h.r);
+      });
 }
 
 struct BackwardInputs {
@@ -897,27 +942,28 @@ struct BackwardInputs {
   float crit_sign;
 };
 
+// The block backward scratch of one thread.
+struct BlockBackwardScratch {
+  Block b;
+  BackwardScratch s;
+};
+
 template <typename T>
 void backward_blocks(const Helpers& h, const Sides& sides, const StridedRows<const T> side_data[2],
-                     const StridedRows<T> side_grad[2],
-                     const BackwardInputs& in, const GradSlots& slots, int64_t groups, float* partial) {
-  at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
-    configure_tiles();
-    Block b(h.d, h.hn, h.hc);
-    BackwardScratch s(h.d, std::max({h.hn, h.hc, 2 * h.d, h.r}));
-    for (int64_t group = first_group; group < last_group; ++group) {
-      const int64_t begin = group * sides.total() / groups, end = (group + 1) * sides.total() / groups;
-      for (int64_t block = begin; block < end; ++block) {
-        const auto [side, row0, n] = sides.locate(block);
-        const int64_t at_row = (side == 0 ? 0 : sides.rows[0]) + row0;
-        b.m = padded(n);
-        block_backward(b, s, h, side_data[side], row0, n, in.grad_nav + at_row * h.r, in.grad_crit + at_row * h.r,
-                       in.crit_sign, in.nav + at_row * h.r, in.nav_norm + at_row, in.crit + at_row * h.r,
-                       in.crit_norm + at_row, partial + group * slots.size, slots, side_grad[side]);
-      }
-    }
-    _tile_release();
-  });
+                     const StridedRows<T> side_grad[2], const BackwardInputs& in, GroupSums& sums) {
+  parallel_with_tiles(
+      sums.groups,
+      [&] { return BlockBackwardScratch{Block(h.d, h.hn, h.hc), BackwardScratch(h.d, std::max({h.hn, h.hc, 2 * h.d, h.r}))}; },
+      [&](BlockBackwardScratch& x, int64_t group) {
+        for (int64_t block = sums.first_unit(group); block < sums.first_unit(group + 1); ++block) {
+          const auto [side, row0, n] = sides.locate(block);
+          const int64_t at_row = (side == 0 ? 0 : sides.rows[0]) + row0;
+          x.b.m = padded(n);
+          block_backward(x.b, x.s, h, side_data[side], row0, n, in.grad_nav + at_row * h.r,
+                         in.grad_crit + at_row * h.r, in.crit_sign, in.nav + at_row * h.r, in.nav_norm + at_row,
+                         in.crit + at_row * h.r, in.crit_norm + at_row, sums.of(group), sums.slots, side_grad[side]);
+        }
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1074,17 +1120,14 @@ template <typename Fn>
 void for_each_sample_head(const TransportShape& t, const at::Tensor& nav, const at::Tensor& crit,
                           const at::Tensor& k_valid, Fn&& fn) {
   const at::Tensor kv = k_valid.contiguous();
-  at::parallel_for(0, t.batch * t.heads, 1, [&](int64_t first, int64_t last) {
-    configure_tiles();
-    TransportScratch x(t);
-    const bf16 *f = nav.data_ptr<bf16>(), *g = crit.data_ptr<bf16>();
-    for (int64_t m = first; m < last; ++m) {
-      const int64_t q0 = m * t.nq * t.r, k0 = (t.query_rows + m * t.nk) * t.r;
-      transport_matrices(x, t, f + q0, g + q0, f + k0, g + k0, kv.data_ptr<bool>() + (m / t.heads) * t.nk);
-      fn(x, m);
-    }
-    _tile_release();
-  });
+  const bf16 *f = nav.data_ptr<bf16>(), *g = crit.data_ptr<bf16>();
+  parallel_with_tiles(
+      t.batch * t.heads, [&] { return TransportScratch(t); },
+      [&](TransportScratch& x, int64_t m) {
+        const int64_t q0 = m * t.nq * t.r, k0 = (t.query_rows + m * t.nk) * t.r;
+        transport_matrices(x, t, f + q0, g + q0, f + k0, g + k0, kv.data_ptr<bool>() + (m / t.heads) * t.nk);
+        fn(x, m);
+      });
 }
 
 TransportShape checked_transport_shape(const at::Tensor& nav, const at::Tensor& crit, const at::Tensor& q_valid,
@@ -1272,19 +1315,14 @@ std::vector<at::Tensor> ct_helpers_backward(const at::Tensor& queries, const at:
                 "ct_helpers: ", name, " must be a contiguous float32 (", total_rows, ",) tensor");
   const auto [grad_q, grad_k] = row_gradients(queries, keys);
   const GradSlots slots = ct_slots(h);
-  const int64_t groups = std::min(kMaxGroups, std::max<int64_t>(1, sides.total()));
-  std::vector<float> partial(static_cast<size_t>(groups * slots.size), 0.0f);
+  GroupSums sums(slots, sides.total());
   const BackwardInputs in{grad_nav.data_ptr<bf16>(), grad_crit.data_ptr<bf16>(), nav.data_ptr<bf16>(),
                           crit.data_ptr<bf16>(), nav_norm.data_ptr<float>(), crit_norm.data_ptr<float>(),
                           static_cast<float>(crit_sign)};
-  dispatch_rows(queries, [&](auto tag) {
-    using T = decltype(tag);
-    const StridedRows<const T> data[2] = {strided_rows<const T>(queries), strided_rows<const T>(keys)};
-    const StridedRows<T> grads[2] = {strided_rows<T>(grad_q), strided_rows<T>(grad_k)};
-    backward_blocks(h, sides, data, grads, in, slots, groups, partial.data());
-  });
+  dispatch_sides(queries, keys, grad_q, grad_k,
+                 [&](const auto* data, const auto* grads) { backward_blocks(h, sides, data, grads, in, sums); });
   std::vector<at::Tensor> out{grad_q, grad_k};
-  for (at::Tensor& g : slots.reduce(partial, groups, queries.options())) out.push_back(std::move(g));
+  sums.append_to(out, queries.options());
   return out;
 #else
   (void)queries, (void)keys, (void)weights, (void)grad_nav, (void)grad_crit, (void)crit_sign, (void)nav,
@@ -1373,27 +1411,25 @@ std::vector<at::Tensor> ct_train(const at::Tensor& queries, const at::Tensor& ke
   at::Tensor distance = at::empty({batch, heads}, queries.options().dtype(at::kFloat));
   const auto [grad_q, grad_k] = row_gradients(queries, keys);
   const GradSlots slots = ct_slots(h);
-  const int64_t groups = std::min(kMaxGroups, std::max<int64_t>(1, batch));
-  std::vector<float> partial(static_cast<size_t>(groups * slots.size), 0.0f);
-  dispatch_rows(queries, [&](auto tag) {
-    using T = decltype(tag);
-    const StridedRows<const T> data[2] = {strided_rows<const T>(queries), strided_rows<const T>(keys)};
-    const StridedRows<T> grads[2] = {strided_rows<T>(grad_q), strided_rows<T>(grad_k)};
-    at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
-      configure_tiles();
-      SampleScratch z(h, t);
-      TransportScratch x(t);
-      BackwardScratch s(h.d, std::max({h.hn, h.hc, 2 * h.d, h.r}));
-      for (int64_t group = first_group; group < last_group; ++group)
-        for (int64_t b = group * batch / groups; b < (group + 1) * batch / groups; ++b)
-          ct_train_sample(z, x, s, h, t, b, data, grads, qv.data_ptr<bool>(), kv.data_ptr<bool>(),
-                          static_cast<float>(rho), static_cast<float>(grad_scale), distance.data_ptr<float>() + b * heads,
-                          partial.data() + group * slots.size, slots);
-      _tile_release();
-    });
+  GroupSums sums(slots, batch);
+  struct Scratch {
+    SampleScratch z;
+    TransportScratch x;
+    BackwardScratch s;
+  };
+  dispatch_sides(queries, keys, grad_q, grad_k, [&](const auto* data, const auto* grads) {
+    parallel_with_tiles(
+        sums.groups,
+        [&] { return Scratch{SampleScratch(h, t), TransportScratch(t), BackwardScratch(h.d, std::max({h.hn, h.hc, 2 * h.d, h.r}))}; },
+        [&](Scratch& w, int64_t group) {
+          for (int64_t b = sums.first_unit(group); b < sums.first_unit(group + 1); ++b)
+            ct_train_sample(w.z, w.x, w.s, h, t, b, data, grads, qv.data_ptr<bool>(), kv.data_ptr<bool>(),
+                            static_cast<float>(rho), static_cast<float>(grad_scale),
+                            distance.data_ptr<float>() + b * heads, sums.of(group), slots);
+        });
   });
   std::vector<at::Tensor> out{distance, grad_q, grad_k};
-  for (at::Tensor& g : slots.reduce(partial, groups, queries.options())) out.push_back(std::move(g));
+  sums.append_to(out, queries.options());
   return out;
 #else
   (void)queries, (void)keys, (void)weights, (void)q_valid, (void)k_valid, (void)rho, (void)grad_scale;
@@ -1412,16 +1448,14 @@ at::Tensor gan_discriminator_forward(const at::Tensor& queries, const at::Tensor
   dispatch_rows(queries, [&](auto tag) {
     using T = decltype(tag);
     const StridedRows<const T> data[2] = {strided_rows<const T>(queries), strided_rows<const T>(keys)};
-    at::parallel_for(0, sides.total(), 1, [&](int64_t first, int64_t last) {
-      configure_tiles();
-      Block b(D.d, 0, D.h);
-      for (int64_t block = first; block < last; ++block) {
-        const auto [side, row0, n] = sides.locate(block);
-        b.m = padded(n);
-        gan_block_forward(b, D, data[side], row0, n, logits.data_ptr<float>() + (side == 0 ? 0 : sides.rows[0]) + row0);
-      }
-      _tile_release();
-    });
+    parallel_with_tiles(
+        sides.total(), [&] { return Block(D.d, 0, D.h); },
+        [&](Block& b, int64_t block) {
+          const auto [side, row0, n] = sides.locate(block);
+          b.m = padded(n);
+          gan_block_forward(b, D, data[side], row0, n,
+                            logits.data_ptr<float>() + (side == 0 ? 0 : sides.rows[0]) + row0);
+        });
   });
   return logits;
 #else
@@ -1445,31 +1479,23 @@ std::vector<at::Tensor> gan_discriminator_backward(const at::Tensor& queries, co
               grad_logits.sizes(), " ", grad_logits.scalar_type());
   const auto [grad_q, grad_k] = row_gradients(queries, keys);
   const GradSlots slots = gan_slots(D);
-  const int64_t groups = std::min(kMaxGroups, std::max<int64_t>(1, sides.total()));
-  std::vector<float> partial(static_cast<size_t>(groups * slots.size), 0.0f);
-  dispatch_rows(queries, [&](auto tag) {
-    using T = decltype(tag);
-    const StridedRows<const T> data[2] = {strided_rows<const T>(queries), strided_rows<const T>(keys)};
-    const StridedRows<T> grads[2] = {strided_rows<T>(grad_q), strided_rows<T>(grad_k)};
-    at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
-      configure_tiles();
-      Block b(D.d, 0, D.h);
-      BackwardScratch s(D.d, std::max(D.h, 2 * D.d));
-      for (int64_t group = first_group; group < last_group; ++group) {
-        const int64_t begin = group * sides.total() / groups, end = (group + 1) * sides.total() / groups;
-        for (int64_t block = begin; block < end; ++block) {
-          const auto [side, row0, n] = sides.locate(block);
-          b.m = padded(n);
-          gan_block_backward(b, s, D, data[side], row0, n,
-                             grad_logits.data_ptr<float>() + (side == 0 ? 0 : sides.rows[0]) + row0,
-                             partial.data() + group * slots.size, slots, grads[side], static_cast<float>(input_sign));
-        }
-      }
-      _tile_release();
-    });
+  GroupSums sums(slots, sides.total());
+  dispatch_sides(queries, keys, grad_q, grad_k, [&](const auto* data, const auto* grads) {
+    parallel_with_tiles(
+        sums.groups,
+        [&] { return BlockBackwardScratch{Block(D.d, 0, D.h), BackwardScratch(D.d, std::max(D.h, 2 * D.d))}; },
+        [&](BlockBackwardScratch& x, int64_t group) {
+          for (int64_t block = sums.first_unit(group); block < sums.first_unit(group + 1); ++block) {
+            const auto [side, row0, n] = sides.locate(block);
+            x.b.m = padded(n);
+            gan_block_backward(x.b, x.s, D, data[side], row0, n,
+                               grad_logits.data_ptr<float>() + (side == 0 ? 0 : sides.rows[0]) + row0,
+                               sums.of(group), slots, grads[side], static_cast<float>(input_sign));
+          }
+        });
   });
   std::vector<at::Tensor> out{grad_q, grad_k};
-  for (at::Tensor& g : slots.reduce(partial, groups, queries.options())) out.push_back(std::move(g));
+  sums.append_to(out, queries.options());
   out[6] = out[6].view({1, D.h});  // the output layer's weight (1, h)
   return out;
 #else
