@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +193,19 @@ class ExpectedGradient:
         self.value = value
 
 
+class _CTMeta(NamedTuple):
+    """What _FusedConditionalTransport's backward needs besides tensors."""
+
+    n_queries: int
+    q_dtype: torch.dtype
+    k_dtype: torch.dtype
+    w_dtype: torch.dtype
+    blocks: bool  # the cache-blocked CPU kernels run
+    one_pass: bool  # ct_train ran: the gradients are saved, computed for ctx.computed_for
+    rho: float
+    dtype: torch.dtype  # the helpers' compute dtype
+
+
 class _FusedConditionalTransport(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, keys, q_valid, k_valid, rho, dtype, expected, *weights):  # type: ignore[override]
@@ -201,7 +215,7 @@ class _FusedConditionalTransport(torch.autograd.Function):
         widths = (d, weights[0].shape[0], weights[6].shape[0], weights[2].shape[0])  # d, hn, hc, r
         blocks = helper_blocks(queries.device, dtype, widths) and queries.dtype in (torch.float32, torch.bfloat16)
         one_pass = expected is not None and blocks
-        ctx.meta = (n_queries, queries.dtype, keys.dtype, weights[0].dtype, blocks, one_pass, rho, dtype)
+        ctx.meta = _CTMeta(n_queries, queries.dtype, keys.dtype, weights[0].dtype, blocks, one_pass, rho, dtype)
         glue = glue_for(queries.device)
         if one_pass:  # training: forward and backward at once, per sample (csrc/aligner_blocks.cpp)
             queries, keys = _row_layout(queries), _row_layout(keys.to(queries.dtype))
@@ -252,14 +266,14 @@ class _FusedConditionalTransport(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_distance):  # type: ignore[override]
-        if ctx.meta[5]:
+        if ctx.meta.one_pass:
             return _FusedConditionalTransport._one_pass_backward(ctx, grad_distance)
         (
             nav, nav_norm, crit, crit_norm, e, cost, row_sum, col_sum, forward_cost, backward_cost, q_weight,
             k_weight, q_valid, k_valid, *saved,
         ) = ctx.saved_tensors  # fmt: skip
         glue = glue_for(nav.device)
-        n_queries, blocks = ctx.meta[0], ctx.meta[4]
+        n_queries, blocks = ctx.meta.n_queries, ctx.meta.blocks
         batch, heads = row_sum.shape[:2]
         grad_distance = grad_distance.to(row_sum.dtype)[..., None]  # (B, H, 1)
 
@@ -296,12 +310,13 @@ class _FusedConditionalTransport(torch.autograd.Function):
     @staticmethod
     def _gradients(ctx, grad_q, grad_k, weight_grads, reverse_critic=True):
         """backward's return value; the critic ascends the cost (its gradients negated)."""
-        q_dtype, k_dtype, w_dtype = ctx.meta[1:4]
+        meta = ctx.meta
         if reverse_critic:
             weight_grads = (*weight_grads[:4], *(g.neg() for g in weight_grads[4:]))
         return (
-            grad_q.to(q_dtype), grad_k.to(k_dtype), None, None, None, None, None, *(g.to(w_dtype) for g in weight_grads)
-        )
+            grad_q.to(meta.q_dtype), grad_k.to(meta.k_dtype), None, None, None, None, None,
+            *(g.to(meta.w_dtype) for g in weight_grads),
+        )  # fmt: skip
 
     @staticmethod
     def _one_pass_backward(ctx, grad_distance):
@@ -322,7 +337,7 @@ class _FusedConditionalTransport(torch.autograd.Function):
                 factor = first / ctx.computed_for  # 0-dim fp32: keeps each gradient's dtype
                 grad_q, grad_k, weight_grads = grad_q * factor, grad_k * factor, [g * factor for g in weight_grads]
             return _FusedConditionalTransport._gradients(ctx, grad_q, grad_k, weight_grads)
-        rho, dtype = ctx.meta[6:8]
+        rho, dtype = ctx.meta.rho, ctx.meta.dtype
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_() for t in (queries, keys, *weights)]
             distance = _FusedConditionalTransport.apply(
