@@ -14,12 +14,17 @@ from vqa_align.store import DataFormatError
 from vqa_align.vqa_eval import (
     CONTRACTIONS,
     PUNCTUATION,
+    answer_record_accuracy,
     evaluate,
+    naive_sum,
     normalize_answer,
+    process_digit_article,
     process_punctuation,
     question_accuracy,
+    round_half_away,
     run_score,
 )
+from vqa_metric_variants import make_variant_files
 
 # --- normalisation, one rule per case -----------------------------------------------------------
 
@@ -128,17 +133,148 @@ def test_leave_one_out_matches_reference_for_all_counts_and_orders() -> None:
             )
 
 
-def test_gt_normalised_only_when_humans_disagree() -> None:
-    # Humans disagree -> GT punctuation processing: "dog." -> "dog" matches the prediction.
-    assert question_accuracy("dog", ["dog."] * 9 + ["cat"]) == pytest.approx(1.0)
-    # Humans agree -> GT compared raw: "dog." never equals the normalised prediction "dog".
-    assert question_accuracy("dog", ["dog."] * 10) == 0.0
-    # Only punctuation is applied to GT answers, never digits/articles/lower-casing.
-    assert question_accuracy("two", ["two"] * 5 + ["2"] * 5) == pytest.approx(1.0)  # pred -> "2"
-    assert question_accuracy("two", ["two"] * 9 + ["x"]) == 0.0
-    assert question_accuracy("the dog", ["the dog"] * 9 + ["x"]) == 0.0
-    assert question_accuracy("Yes", ["yes"] * 10) == 1.0  # the prediction is lower-cased
-    assert question_accuracy("yes", ["Yes"] * 10) == 0.0  # the GT is not
+# Where the current official code (GT-Vision-Lab/VQA a013f00, "Fixed processing answers bug") and
+# the pre-fix code differ. Each number is worked out by hand in the comment: with 10 human answers,
+# m matching ones give 0, 0.3, 0.6, 0.9, 1.0 for m = 0, 1, 2, 3, >= 4 (test_leave_one_out_accuracy).
+# "pre-fix" is what the old vqa_eval (and vqaEval.py a4f1afd) gave, for contrast.
+CURRENT_VS_PRE_FIX = [
+    # humans all "Two": identical -> nothing is processed; "two" != "Two" -> m = 0 -> 0.0.
+    # (pre-fix: prediction -> "2", GT raw "Two" -> 0.0 too)
+    ("two", ["Two"] * 10, 0.0),
+    # humans all "two": identical -> raw; "two" == "two", m = 10 -> 1.0.
+    # (pre-fix: prediction -> "2" != "two" -> 0.0)
+    ("two", ["two"] * 10, 1.0),
+    # humans disagree "two" x 5 / "2" x 5: all normalised -> ten "2"; prediction "two" -> "2";
+    # m = 10 -> 1.0. (pre-fix: GT only punctuation-processed -> five "2" match, 1.0 as well)
+    ("two", ["two"] * 5 + ["2"] * 5, 1.0),
+    # humans "two" x 2 / "2" x 1 / "x" x 7: normalised -> three "2"; m = 3 -> 0.9.
+    # (pre-fix: only the one "2" matches -> 0.3)
+    ("two", ["two"] * 2 + ["2"] + ["x"] * 7, 0.9),
+    # humans all "Yes", prediction "yes": identical -> raw; "yes" != "Yes" -> 0.0.
+    ("yes", ["Yes"] * 10, 0.0),
+    # humans all "yes", prediction "Yes": raw; "Yes" != "yes" -> 0.0. (pre-fix: prediction
+    # lower-cased -> 1.0)
+    ("Yes", ["yes"] * 10, 0.0),
+    # humans "Yes" x 3 / "yes" x 7, prediction "yes": disagree -> all lower-cased -> m = 10 -> 1.0.
+    # (pre-fix: GT not lower-cased -> m = 7 -> 1.0 too)
+    ("yes", ["Yes"] * 3 + ["yes"] * 7, 1.0),
+    # humans "Yes" x 8 / "no" x 2, prediction "YES": disagree -> "yes" x 8; "YES" -> "yes";
+    # m = 8 -> 1.0. (pre-fix: "Yes" never lower-cased -> m = 0 -> 0.0)
+    ("YES", ["Yes"] * 8 + ["no"] * 2, 1.0),
+    # humans all "dog.": raw; "dog" != "dog." -> 0.0.
+    ("dog", ["dog."] * 10, 0.0),
+    # humans all "the dog", prediction "the dog": raw equal -> 1.0. (pre-fix: prediction -> "dog"
+    # -> 0.0)
+    ("the dog", ["the dog"] * 10, 1.0),
+    # humans "the dog" x 2 / "Dog." x 1 / "cat" x 7, prediction "a dog": disagree -> three "dog";
+    # "a dog" -> "dog"; m = 3 -> 0.9. (pre-fix: GT "the dog", "Dog" never equal "dog" -> 0.0)
+    ("a dog", ["the dog"] * 2 + ["Dog."] + ["cat"] * 7, 0.9),
+    # humans all " yes\n" (whitespace): stripped -> identical "yes"; prediction "yes\t" -> "yes";
+    # m = 10 -> 1.0. (pre-fix: GT never stripped -> 0.0)
+    ("yes\t", [" yes\n"] * 10, 1.0),
+    # humans "ten" x 1 / "10" x 1 / "x" x 8, prediction "10": disagree -> two "10"; m = 2 -> 0.6.
+    ("10", ["ten", "10"] + ["x"] * 8, 0.6),
+    # humans "dont" x 4 / "don't" x 6, prediction "don't": disagree -> "dont" -> "don't" ->
+    # m = 10 -> 1.0. (pre-fix: "dont" not expanded in GT -> m = 6 -> 1.0 too)
+    ("don't", ["dont"] * 4 + ["don't"] * 6, 1.0),
+    # humans all "dont", prediction "don't": raw, no contraction expansion -> 0.0.
+    ("don't", ["dont"] * 10, 0.0),
+]
+
+
+@pytest.mark.parametrize("prediction, humans, expected", CURRENT_VS_PRE_FIX)
+def test_current_official_rules(prediction: str, humans: list[str], expected: float) -> None:
+    assert question_accuracy(prediction, humans) == pytest.approx(expected, abs=1e-12)
+    assert question_accuracy(prediction, humans) == pytest.approx(reference_official(prediction, humans))
+
+
+def reference_official(pred: str, answers: list[str]) -> float:
+    """Slow and obvious statement of the current official rules (distinct answer records)."""
+    pred = pred.replace("\n", " ").replace("\t", " ").strip()
+    answers = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+    if len(set(answers)) > 1:
+        answers = [process_digit_article(process_punctuation(a)) for a in answers]
+        pred = process_digit_article(process_punctuation(pred))
+    return reference_accuracy(pred, answers)
+
+
+def test_matches_reference_on_generated_variants() -> None:
+    _, annotations, results = make_variant_files(600, seed=1)
+    by_id = {r["question_id"]: r["answer"] for r in results}
+    for ann in annotations["annotations"]:
+        humans = [a["answer"] for a in ann["answers"]]
+        pred = by_id[ann["question_id"]]
+        assert question_accuracy(pred, humans) == pytest.approx(reference_official(pred, humans), abs=1e-12)
+
+
+def test_repeated_answer_records_leave_together() -> None:
+    # The official leave-one-out drops every record equal (as a dict) to the left-out one.
+    bare = [{"answer": "yes"}] * 10
+    # All 10 records are equal: each subset is empty -> m = 0 everywhere -> 0.0.
+    assert answer_record_accuracy("yes", bare) == 0.0
+    # 9 bare "yes" + 1 bare "no": leaving a "yes" out drops all 9 -> 0 matches; leaving "no" out
+    # keeps 9 -> min(1, 9/3) = 1. Mean (9 * 0 + 1) / 10 = 0.1.
+    assert answer_record_accuracy("yes", [{"answer": "yes"}] * 9 + [{"answer": "no"}]) == pytest.approx(0.1)
+    # Records that become equal only after processing: "Yes" and "yes" both -> "yes" (humans
+    # disagree). 5 + 5 bare records -> all 10 equal -> 0.0.
+    assert answer_record_accuracy("yes", [{"answer": "Yes"}] * 5 + [{"answer": "yes"}] * 5) == 0.0
+    # Repeated answer_id 1, 2, 3, 1, 2, 3, ... (same confidence): leaving record i out drops the
+    # 3 or 4 records with its id. ids 1 (4 records) and 2, 3 (3 each); all "yes": leaving id 1 out
+    # keeps 6 -> 1.0; leaving id 2 or 3 out keeps 7 -> 1.0. -> 1.0.
+    ids = [{"answer": "yes", "answer_id": 1 + i % 3} for i in range(10)]
+    assert answer_record_accuracy("yes", ids) == 1.0
+    # Distinct answer_ids: the fast path, the same as question_accuracy.
+    distinct = [{"answer": a, "answer_id": i} for i, a in enumerate(["yes"] * 3 + ["no"] * 7)]
+    assert answer_record_accuracy("yes", distinct) == question_accuracy("yes", ["yes"] * 3 + ["no"] * 7) == \
+        pytest.approx(0.9)
+    with pytest.raises(ValueError):
+        answer_record_accuracy("yes", [])
+
+
+def test_slow_record_path_equals_fast_path_for_distinct_records() -> None:
+    _, annotations, results = make_variant_files(300, seed=2)
+    by_id = {r["question_id"]: r["answer"] for r in results}
+    for ann in annotations["annotations"]:
+        records = [dict(a, answer_id=f"id{i}") for i, a in enumerate(ann["answers"])]
+        pred = by_id[ann["question_id"]]
+        # an unhashable answer_id forces the slow path; distinct values keep the records distinct
+        slow = answer_record_accuracy(pred, [dict(r, answer_id=[r["answer_id"]]) for r in records])
+        assert slow == answer_record_accuracy(pred, records)
+
+
+def test_digits_in_regexes_are_ascii_only() -> None:
+    # Python 2's byte-string patterns: \d is [0-9]. Arabic-Indic "3,4" is no digit-comma-digit, so
+    # ',' touching no space becomes a space: "\u0663 \u0664" (Python 3's Unicode \d would delete it).
+    assert process_punctuation("\u0663,\u0664") == "\u0663 \u0664"
+    assert process_punctuation("3,4") == "34"
+    # A period before a non-ASCII digit is stripped.
+    assert process_punctuation("\u0663.\u0665") == "\u0663\u0665"
+
+
+def test_rounding_is_python2_round() -> None:
+    # 100 * 1/32 = 3.125 exactly: Python 2 (the official code) rounds ties away from zero -> 3.13.
+    assert round_half_away(3.125, 2) == 3.13 and round(3.125, 2) == 3.12
+    # 2.675 is stored as 2.67499999... -> 2.67 under both.
+    assert round_half_away(2.675, 2) == 2.67
+    assert round_half_away(-0.125, 2) == -0.13 and round_half_away(0.5, 0) == 1.0
+
+
+def test_naive_sum_adds_left_to_right() -> None:
+    values = [1e16, 1.0, -1e16]
+    # Left to right: 1e16 + 1 rounds back to 1e16, then - 1e16 -> 0.0 (a compensated sum gives 1.0).
+    assert naive_sum(values) == 0.0
+    assert naive_sum([0.1] * 10) == 0.9999999999999999
+
+
+def test_evaluate_generated_variants_and_tie_rounding() -> None:
+    questions, annotations, results = make_variant_files(200, seed=3)
+    with pytest.warns(UserWarning, match="without distinct answer_id"):
+        out = evaluate(questions, annotations, results)
+    # The 32 "tie" questions: one right (1.0), 31 wrong -> 100 / 32 = 3.125 -> 3.13 (Python 2).
+    assert out["perQuestionType"]["tie"] == 3.13
+    accs = [answer_record_accuracy(r["answer"], a["answers"])
+            for r, a in zip(results, annotations["annotations"])]
+    assert out["overall"] == round_half_away(100 * naive_sum(accs) / len(accs), 2)
 
 
 def test_question_accuracy_needs_answers() -> None:

@@ -1,25 +1,36 @@
 r"""The official VQA accuracy, reimplemented as pure functions.
 
-This follows GT-Vision-Lab's ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` (current master,
-the Python 3 version with ``evaluate(quesIds=None)``) fact for fact:
+Implemented version: GT-Vision-Lab/VQA, ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` at the
+repository's latest commit a013f0043c1e ("Fixed processing answers bug", 2021-03-11). Older
+revisions (a4f1afd and before, 2017) and most vendored copies use the *pre-fix* rules (prediction
+always normalised, human answers only punctuation-processed) and give different numbers. Per
+question, the current code does:
 
-* prediction: ``\n``/``\t`` -> space, ``strip``, then punctuation processing, then
-  digit/article/contraction processing -- **always**;
-* ground-truth answers: compared raw, except that when the 10 human answers of a question
-  disagree (``len(set(answers)) > 1``) each of them gets the punctuation processing -- and only
-  that (the official code never lower-cases, strips or maps digits/articles of the GT answers);
-* per question: the mean over the 10 leave-one-out subsets of ``min(1, #matches / 3)``, with exact
-  string equality;
-* ``overall``, ``perAnswerType`` and ``perQuestionType``: ``round(100 * mean, 2)``.
+1. on the prediction and on every human answer: ``\n``/``\t`` -> space, then ``strip``;
+2. only if the human answers are not all identical (``len(set(answers)) > 1``): punctuation
+   processing, then digit/article/contraction processing, on every human answer *and* on the
+   prediction;
+3. otherwise the stripped strings are compared as they are (no lower-casing, nothing else);
+4. accuracy: the mean over the leave-one-out subsets of ``min(1, #matches / 3)``, exact equality;
+5. ``overall``, ``perAnswerType`` and ``perQuestionType``: ``round(100 * mean, 2)``.
 
-Quirks of the official code are reproduced on purpose (and pinned by tests): a digit-comma-digit
-anywhere in the text makes *every* punctuation character vanish instead of becoming a space; the
-period regex is the official (buggy but harmless) ``(?!<=\d)(\.)(?!\d)``; its ``sub`` is passed
-``re.UNICODE`` as the *count* argument, so at most 32 periods are removed; the capitalised
-contraction keys ("Im", "Ive", ...) can never match because the text is lower-cased first.
+The official code runs only under Python 2 (``print`` statements); where Python 2 and 3 differ
+we follow what it does there, and tests pin each case: ``round`` ties go away from zero (Python 2),
+not to even (Python 3's ``round(3.125, 2) == 3.12``, the official code gives 3.13); ``\d`` in its
+regexes (byte-string patterns, no ``re.UNICODE`` flag) matches ASCII digits only; sums add left to
+right. Its quirks are kept too: a digit-comma-digit anywhere in the text makes *every* punctuation
+mark vanish instead of becoming a space; the period regex is the verbatim
+``(?!<=\d)(\.)(?!\d)``, and its ``sub`` gets ``re.UNICODE`` as the *count* argument, so at most
+32 periods go; the capitalised contraction keys ("Im", "Ive", ...) never match because the text is
+lower-cased first; a leave-one-out subset drops every answer *record* equal to the left-out one
+(records normally differ by ``answer_id``; see :func:`answer_record_accuracy`).
 
-``normalize_answer`` is the full prediction-side processing; the data layer uses it to build the
-answer vocabulary.
+Checked against the official file (Python 2.7.18, run locally, not committed) on 4,000 generated
+questions full of case, article, number-word, punctuation, whitespace and non-ASCII variants:
+identical per-question accuracies and aggregates (docs/vqa_metric.md).
+
+``normalize_answer`` is the full processing of step 2 (after step 1); the data layer also uses it,
+as MCAN does, to build the answer vocabulary and the soft training targets.
 """
 
 from __future__ import annotations
@@ -27,7 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +99,9 @@ PUNCTUATION: tuple[str, ...] = (
 )
 # Verbatim official patterns. ``(?!<=\d)`` is a look-*ahead* (a typo for a look-behind in the
 # original) that is always true before a '.', so the effect is: drop '.' unless a digit follows.
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+# The official patterns are Python 2 byte strings without re.UNICODE, so \d is [0-9] only.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII)
+_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)", re.ASCII)
 # The official code calls ``periodStrip.sub("", text, re.UNICODE)``: the flag lands in ``count``.
 _PERIOD_STRIP_COUNT = int(re.UNICODE)  # == 32
 
@@ -128,10 +143,11 @@ def process_digit_article(text: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """The full processing the official code applies to a predicted answer.
+    """Whitespace clean-up, then the official punctuation and digit/article processing.
 
-    whitespace clean-up -> :func:`process_punctuation` -> :func:`process_digit_article`.
-    E.g. ``"The Dog."`` -> ``"dog"``, ``"ten"`` -> ``"10"``, ``"dont"`` -> ``"don't"``.
+    This is what the official code does to the prediction and to every human answer of a question
+    whose humans disagree. E.g. ``"The Dog."`` -> ``"dog"``, ``"ten"`` -> ``"10"``,
+    ``"dont"`` -> ``"don't"``.
     """
     return process_digit_article(process_punctuation(clean_whitespace(answer)))
 
@@ -139,26 +155,84 @@ def normalize_answer(answer: str) -> str:
 # --- accuracy -----------------------------------------------------------------------------------
 
 
-def question_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
-    """VQA accuracy in [0, 1] of one predicted answer against the human answers of one question.
+def naive_sum(values: Iterable[float]) -> float:
+    """Left-to-right float sum, as the official (Python 2) ``sum`` adds; Python >= 3.12's ``sum``
+    compensates rounding errors and could differ in the last bit."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total
 
-    Mean over the leave-one-out subsets (one per human answer; 10 in VQA) of
-    ``min(1, #answers in the subset equal to the prediction / 3)``. With 10 answers, 0, 1, 2, 3
-    and >= 4 matching answers give 0, 0.3, 0.6, 0.9 and 1.0.
+
+def comparison_forms(prediction: str, gt_answers: Sequence[str]) -> tuple[str, list[str]]:
+    """The strings the official code compares: (prediction, human answers).
+
+    Whitespace clean-up on all; then, only when the cleaned human answers are not all identical,
+    :func:`normalize_answer` on all of them and on the prediction.
     """
-    if len(gt_answers) == 0:
-        raise ValueError("question_accuracy needs at least one ground-truth answer")
-    pred = normalize_answer(prediction)
-    gts = list(gt_answers)
-    # The official code normalises GT answers only when the humans disagree, and then only
-    # their punctuation.
+    pred = clean_whitespace(prediction)
+    gts = [clean_whitespace(a) for a in gt_answers]
     if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
-    matches = [a == pred for a in gts]
+        # normalize_answer's own clean-up is a no-op here: the texts are already clean.
+        pred = normalize_answer(pred)
+        gts = [normalize_answer(a) for a in gts]
+    return pred, gts
+
+
+def leave_one_out_accuracy(matches: Sequence[bool]) -> float:
+    """Mean over i of ``min(1, #matches without answer i / 3)``, for distinct answer records.
+
+    With 10 answers, 0, 1, 2, 3 and >= 4 matches give 0, 0.3, 0.6, 0.9 and 1.0.
+    """
     total = sum(matches)
     # Leaving answer i out removes one match exactly when answer i itself matches.
     accs = [min(1.0, (total - int(m)) / 3.0) for m in matches]
-    return sum(accs) / len(accs)
+    return naive_sum(accs) / len(accs)
+
+
+def question_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
+    """Official VQA accuracy in [0, 1] of one predicted answer against the human answers of one
+    question, each human answer a distinct record (as in the official files: ``answer_id`` 1..10).
+
+    E.g. humans all "Two", prediction "two": compared raw, 0.0; humans "two" x 5 and "2" x 5,
+    prediction "two": all normalised to "2", 1.0.
+    """
+    if len(gt_answers) == 0:
+        raise ValueError("question_accuracy needs at least one ground-truth answer")
+    pred, gts = comparison_forms(prediction, gt_answers)
+    return leave_one_out_accuracy([a == pred for a in gts])
+
+
+def _records_distinct(records: Sequence[Mapping[str, Any]]) -> bool:
+    """True when the records surely stay pairwise unequal whatever their answers become: each
+    has an ``answer_id`` and the ids are distinct (equal hashable values compare equal)."""
+    try:
+        ids = [r["answer_id"] for r in records]
+        return len(set(ids)) == len(ids)
+    except (KeyError, TypeError):  # no answer_id, or an unhashable one
+        return False
+
+
+def answer_record_accuracy(prediction: str, records: Sequence[Mapping[str, Any]]) -> float:
+    """Official accuracy of ``prediction`` against a question's answer records (``{"answer": str,
+    "answer_id": ..., ...}``), including the official way of leaving one out.
+
+    The official code leaves answer i out by keeping the records that are ``!=`` record i (whole
+    dicts, after their answers are processed), so records that are equal -- no ``answer_id``, or a
+    repeated one -- all leave together: ten bare ``{"answer": "yes"}`` score 0 against "yes". With
+    distinct records this is :func:`question_accuracy` (the fast path).
+    """
+    if len(records) == 0:
+        raise ValueError("answer_record_accuracy needs at least one answer record")
+    if _records_distinct(records):
+        return question_accuracy(prediction, [r["answer"] for r in records])
+    pred, gts = comparison_forms(prediction, [r["answer"] for r in records])
+    processed = [{**r, "answer": a} for r, a in zip(records, gts)]
+    accs = []
+    for left_out in processed:
+        others = [r for r in processed if r != left_out]
+        accs.append(min(1.0, sum(r["answer"] == pred for r in others) / 3.0))
+    return naive_sum(accs) / len(accs)
 
 
 # --- loading and validation ---------------------------------------------------------------------
@@ -305,9 +379,15 @@ def load_results(
 # --- evaluation ---------------------------------------------------------------------------------
 
 
+def round_half_away(x: float, ndigits: int) -> float:
+    """Python 2's ``round``: the exact binary value of ``x`` rounded to ``ndigits`` decimals, ties
+    away from zero (Python 3 rounds ties to even: ``round(3.125, 2) == 3.12``, Python 2 gives 3.13)."""
+    return float(Decimal(x).quantize(Decimal(1).scaleb(-ndigits), rounding=ROUND_HALF_UP))
+
+
 def _percent(values: Sequence[float], ndigits: int = 2) -> float:
-    # Same arithmetic as the official setAccuracy: round(100 * float(sum) / len, n).
-    return round(100 * float(sum(values)) / len(values), ndigits)
+    # The official setAccuracy: round(100 * float(sum) / len, n), under Python 2.
+    return round_half_away(100 * naive_sum(values) / len(values), ndigits)
 
 
 def evaluate(questions: JsonSource, annotations: JsonSource, results: JsonSource) -> dict[str, Any]:
@@ -344,11 +424,21 @@ def evaluate(questions: JsonSource, annotations: JsonSource, results: JsonSource
     acc_all: list[float] = []
     by_qtype: dict[str, list[float]] = {}
     by_atype: dict[str, list[float]] = {}
+    shared_records = 0
     for qid, ann in anns.items():  # annotation order, as vqa.getQuesIds()
-        acc = question_accuracy(res[qid], [a["answer"] for a in ann["answers"]])
+        acc = answer_record_accuracy(res[qid], ann["answers"])
+        shared_records += not _records_distinct(ann["answers"])
         acc_all.append(acc)
         by_qtype.setdefault(ann["question_type"], []).append(acc)
         by_atype.setdefault(ann["answer_type"], []).append(acc)
+    if shared_records:
+        a_name = str(annotations) if isinstance(annotations, (str, Path)) else "<annotations>"
+        warnings.warn(
+            f"{a_name}: {shared_records} questions have answer records without distinct answer_id; "
+            "as in the official code, equal records leave the leave-one-out subsets together "
+            "(ten bare {'answer': 'yes'} score 0 against 'yes')",
+            stacklevel=2,
+        )
     return {
         "overall": _percent(acc_all),
         "perAnswerType": {k: _percent(v) for k, v in by_atype.items()},
@@ -357,7 +447,12 @@ def evaluate(questions: JsonSource, annotations: JsonSource, results: JsonSource
 
 
 def run_score(args: argparse.Namespace) -> int:
-    """``vqa-align score``: print the official accuracy of a results file as JSON."""
-    result = evaluate(args.questions, args.annotations, args.results)
+    """``vqa-align score``: print the official accuracy of a results file as JSON (warnings, one
+    line each, on stderr)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate(args.questions, args.annotations, args.results)
+    for w in caught:
+        print(f"vqa-align score: warning: {w.message}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     return 0
