@@ -102,6 +102,11 @@ def test_evaluation_official_accuracy_calibration_pavpu_noise(easy_vqa_cache, tm
     metrics = evaluate_checkpoint(tmp_path / "run", "val", mc_samples=3, results_out=results, out_dir=tmp_path / "eval")
     assert 0 <= metrics["accuracy"] <= 100 and set(metrics["perAnswerType"]) <= {"yes/no", "other", "number"}
     assert 0 <= metrics["ece"] <= 100 and 0 <= metrics["pavpu"] <= 100
+    # Training-time validation scores the same model with the same official rules (from a table
+    # instead of the answer strings): the same accuracy, up to the two-decimal rounding and a
+    # near-tie argmax that batching could flip on one question.
+    val = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()][-1]
+    assert val["val_accuracy"] == pytest.approx(metrics["accuracy"], abs=0.01 + 100 / metrics["questions"])
     submitted = json.loads(results.read_text())
     assert len(submitted) == metrics["questions"] and set(submitted[0]) == {"question_id", "answer"}
     assert (tmp_path / "eval/reliability.png").read_bytes()[:4] == b"\x89PNG"

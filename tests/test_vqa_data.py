@@ -14,6 +14,7 @@ from vqa_align.data import RegionBucketBatchSampler, build_data, collate_batch, 
 from vqa_align.errors import UserError
 from vqa_align.store import DataFormatError, FeatureStoreWriter
 from vqa_align.vqa_data import (
+    OfficialScores,
     QuestionRecord,
     answer_targets,
     build_answer_vocab,
@@ -91,6 +92,34 @@ def test_soft_scores_equal_leave_one_out_accuracy():
     for m in range(11):
         humans = ["cat"] * m + ["dog"] * (10 - m)
         assert question_accuracy("cat", humans) == pytest.approx(float(soft_score(m)))
+
+
+def test_official_scores_equal_question_accuracy_of_every_answer():
+    from vqa_metric_variants import make_variant_files
+
+    _, annotations, _ = make_variant_files(150, seed=4)
+    recs = [_rec(a["question_id"], a["multiple_choice_answer"], [x["answer"] for x in a["answers"]])
+            for a in annotations["annotations"]]
+    # every spelling in the generator, raw and normalised, as vocabulary entries
+    vocab = sorted({x["answer"] for a in annotations["annotations"] for x in a["answers"]}
+                   | {normalize_answer(x["answer"]) for a in annotations["annotations"] for x in a["answers"]})
+    table = OfficialScores(recs, vocab)
+    for r in recs:
+        got = table([r.question_id] * len(vocab), range(len(vocab)))
+        assert got == [question_accuracy(a, r.answers) for a in vocab], r.answers
+
+
+def test_soft_targets_and_official_scores_differ_where_the_rules_do():
+    answers = ["2", "two"]
+    recs = [_rec(0, "Two", ["Two"] * 10), _rec(1, "two", ["two"] * 10), _rec(2, "2", ["two"] * 4 + ["2"] * 6)]
+    idx, scores, off = answer_targets(recs, answers)
+    # Soft targets normalise every answer: all three questions give class "2" the target 1.0.
+    assert [dict(zip(idx[off[q]:off[q + 1]], scores[off[q]:off[q + 1]])) for q in range(3)] == [{0: 1.0}] * 3
+    table = OfficialScores(recs, answers)
+    # Official: unanimous answers are compared raw -- "Two" matches neither "2" nor "two" (0, 0);
+    # unanimous "two" matches "two" only (0, 1); disagreeing humans are all normalised to "2",
+    # and so are both predictions (1, 1).
+    assert [table([q, q], [0, 1]) for q in range(3)] == [[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
 
 
 def test_answer_targets_normalised():

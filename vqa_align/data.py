@@ -11,6 +11,11 @@ The batch contract (what :func:`collate_batch` returns; the model and trainer re
     "region_counts":    LongTensor (B,)
     "targets":          FloatTensor (B, A)    soft scores; only when the split has annotations
 
+Targets are MCAN's soft scores over the answer vocabulary (``vqa_data.answer_targets``): every
+human answer normalised (``vqa_eval.normalize_answer``) so that all spellings of an answer vote for
+one class. They are for the loss only; accuracy follows the official rules, which normalise only
+when the humans disagree (``vqa_data.OfficialScores`` in training, ``vqa_eval`` for answer files).
+
 Memory: a dataset holds its questions as flat numpy arrays and the store's small index; region
 features are read per sample from the HDF5 store (one handle per worker process), so peak memory
 does not grow with the size of the store.

@@ -64,12 +64,6 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> to
     return per_sample.sum() if reduction == "sum" else per_sample.mean()
 
 
-def soft_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """VQA accuracy of the top-1 answer read off the soft targets (B,) — the official score for
-    in-vocabulary predictions; ``vqa-align eval`` scores answer strings with the official code."""
-    return targets.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,6 +174,7 @@ class Trainer:
         self.tokenizer, self.answers = bundle.tokenizer, bundle.answers
         self.train_set, self.val_set = bundle.datasets["train"], bundle.datasets.get("val")
         self._resident: dict[int, Any] = {}  # id(dataset) -> ResidentSplit (data.resident)
+        self._scores: dict[int, Any] = {}  # id(dataset) -> vqa_data.OfficialScores
         if len(self.train_set) == 0:
             raise UserError("the training split has no questions")
         config.model.vocab_size = len(self.tokenizer)
@@ -438,7 +433,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, dataset: Any = None, batch_size: int | None = None) -> dict[str, float]:
-        """Soft-target VQA accuracy (overall and per answer type) and validation loss."""
+        """Official VQA accuracy of the top-1 answers (overall and per answer type; the scores of
+        ``vqa_data.OfficialScores``, not the soft targets) and the validation loss."""
         dataset = dataset if dataset is not None else self.val_set
         if dataset is None or len(dataset) == 0 or not dataset.has_targets:
             return {}
@@ -447,21 +443,31 @@ class Trainer:
         total, loss_sum, n = 0.0, 0.0, 0
         per_type: dict[str, list[float]] = {}
         answer_types = self.answer_types
+        scores = self._official_scores(dataset)
         for batch in loader:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = self.model(**self._inputs(batch)).logits.float()
             targets = batch["targets"].to(self.device)
-            acc = soft_accuracy(logits, targets).cpu()
+            qids = batch["question_ids"].tolist()
+            acc = scores(qids, logits.argmax(-1).tolist())
             loss_sum += task_loss(logits, targets, "sum").item()
-            total += acc.sum().item()
+            total += sum(acc)
             n += len(acc)
-            for qid, a in zip(batch["question_ids"].tolist(), acc.tolist()):
+            for qid, a in zip(qids, acc):
                 per_type.setdefault(answer_types.get(qid, "unknown"), []).append(a)
         self.model.train()
         result = {"val_accuracy": 100.0 * total / max(n, 1), "val_loss": loss_sum / max(n, 1)}
         for kind, values in sorted(per_type.items()):
             result[f"val_accuracy/{kind}"] = 100.0 * sum(values) / len(values)
         return result
+
+    def _official_scores(self, dataset: Any) -> Any:
+        """The split's official score table, built once per split (string rules, CPU)."""
+        from vqa_align.vqa_data import OfficialScores
+
+        if id(dataset) not in self._scores:
+            self._scores[id(dataset)] = OfficialScores(dataset.records, self.answers)
+        return self._scores[id(dataset)]
 
     # -- the loop --------------------------------------------------------------------------
 

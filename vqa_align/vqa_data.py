@@ -8,9 +8,17 @@ Files (the official schema; Visual Genome augmentation files use the same one)::
 
 Soft targets (MCAN / bottom-up-attention): a question whose 10 human answers contain a vocabulary
 answer ``m`` times gets target score ``SOFT_SCORES[min(m, 4)]`` = 0, 0.3, 0.6, 0.9, 1.0 for it.
-This is exactly the official accuracy of that answer: averaged over the 10 leave-one-out subsets
-of 9 answers, ``min(1, matches / 3)`` is ``(m * min(1, (m-1)/3) + (10-m) * min(1, m/3)) / 10``,
+These are the leave-one-out values of the official accuracy: averaged over the 10 subsets of 9
+answers, ``min(1, matches / 3)`` is ``(m * min(1, (m-1)/3) + (10-m) * min(1, m/3)) / 10``,
 i.e. 0.3, 0.6, 0.9, 1.0 for m = 1, 2, 3, >= 4 (e.g. m = 2: (2 * 1/3 + 8 * 2/3) / 10 = 0.6).
+
+Two normalisations, on purpose. The vocabulary and the soft targets normalise *every* answer
+(``vqa_eval.normalize_answer``, MCAN's ``prep_ans``), so "Two", "two" and "2" train one class.
+The official accuracy (GT-Vision-Lab/VQA a013f00) normalises only the answers of questions whose
+humans disagree and compares the others raw, so the soft target of an answer is not always its
+score: humans all "Two" give the class "2" target 1.0, yet "2" scores 0 there. Validation
+accuracy is therefore read off :class:`OfficialScores` (the official score of every vocabulary
+answer), not off the soft targets.
 """
 
 from __future__ import annotations
@@ -25,7 +33,14 @@ from typing import Any, Callable
 import numpy as np
 
 from vqa_align.errors import DataFormatError
-from vqa_align.vqa_eval import load_annotations, load_questions, normalize_answer
+from vqa_align.vqa_eval import (
+    clean_whitespace,
+    comparison_forms,
+    leave_one_out_accuracy,
+    load_annotations,
+    load_questions,
+    normalize_answer,
+)
 
 PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
 PAD_ID, UNK_ID = 0, 1
@@ -218,7 +233,14 @@ def encode_questions(
 
 
 def build_answer_vocab(records: Iterable[QuestionRecord], min_count: int) -> list[str]:
-    """Normalised ``multiple_choice_answer`` seen >= ``min_count`` times; by frequency, then A-Z."""
+    """Normalised ``multiple_choice_answer`` seen >= ``min_count`` times; by frequency, then A-Z.
+
+    Normalisation: ``vqa_eval.normalize_answer`` on every answer (whitespace clean-up,
+    punctuation, number words -> digits, articles dropped, contractions), as MCAN's ``prep_ans``
+    builds its answer list, so that the spellings of one answer share one class. The official
+    metric would not normalise a unanimous "Two"; the vocabulary still holds "2", which is what a
+    model trained on it predicts (see the module docstring for what that costs in accuracy).
+    """
     counts = Counter(normalize_answer(r.multiple_choice_answer) for r in records
                      if r.multiple_choice_answer is not None)
     if not counts:
@@ -241,8 +263,11 @@ def answer_targets(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse soft targets of every question: (indices (nnz,) int32, scores (nnz,) float32, offsets (Q+1,)).
 
-    Human answers are normalised as the vocabulary is; answers outside the vocabulary get no
-    target (the question then has an all-zero target row, as in MCAN).
+    Human answers are normalised as the vocabulary is (``normalize_answer`` on every answer,
+    MCAN's ``proc_ans``), whether or not the humans agree, so each class collects the votes of all
+    spellings of its answer; answers outside the vocabulary get no target (the question then has
+    an all-zero target row, as in MCAN). These are training targets, not scores: validation reads
+    :class:`OfficialScores`.
     """
     index = {a: i for i, a in enumerate(answers)}
     cache: dict[str, str] = {}
@@ -260,3 +285,39 @@ def answer_targets(
                 scores.append(float(soft_score(m)))
         offsets.append(len(idx))
     return np.asarray(idx, np.int32), np.asarray(scores, np.float32), np.asarray(offsets, np.int64)
+
+
+class OfficialScores:
+    """The official VQA accuracy (``vqa_eval.question_accuracy``) of every vocabulary answer on
+    every question, for scoring a model's top-1 answers without re-running the string rules.
+
+    Only answers that can score are stored (sparse, like the soft targets): when the humans
+    disagree, the answers whose normalised form is one of the normalised human answers; when they
+    agree, the answers equal to that one (stripped) answer. Every other answer scores 0.
+    """
+
+    def __init__(self, records: Sequence[QuestionRecord], answers: Sequence[str]) -> None:
+        by_normal: dict[str, list[int]] = {}  # normalised form -> vocabulary indices
+        by_clean: dict[str, list[int]] = {}  # whitespace-cleaned form -> vocabulary indices
+        for j, a in enumerate(answers):
+            by_normal.setdefault(normalize_answer(a), []).append(j)
+            by_clean.setdefault(clean_whitespace(a), []).append(j)
+        self._row = {r.question_id: i for i, r in enumerate(records)}
+        self._scores: list[dict[int, float]] = []
+        for r in records:
+            if r.answers is None:
+                raise DataFormatError(f"{r.source}: question_id {r.question_id} has no annotation")
+            # The compared forms of the humans' answers; the prediction slot is a placeholder.
+            _, humans = comparison_forms("", r.answers)
+            disagree = len(set(clean_whitespace(a) for a in r.answers)) > 1
+            candidates = by_normal if disagree else by_clean
+            row: dict[int, float] = {}
+            for form in set(humans):
+                score = leave_one_out_accuracy([h == form for h in humans])
+                for j in candidates.get(form, ()):
+                    row[j] = score
+            self._scores.append(row)
+
+    def __call__(self, question_ids: Iterable[int], predicted: Iterable[int]) -> list[float]:
+        """Official accuracy in [0, 1] of answer index ``predicted[i]`` on ``question_ids[i]``."""
+        return [self._scores[self._row[q]].get(j, 0.0) for q, j in zip(question_ids, predicted)]
