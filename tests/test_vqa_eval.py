@@ -486,3 +486,20 @@ def test_cli_reports_user_errors_as_one_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("vqa-align score: error: ")
     assert "r.json" in err and "1 of 5" in err and "(question_id 5)" in err
+
+
+def test_score_warns_in_one_line_about_records_without_answer_ids(tmp_path: Path, capsys) -> None:
+    q, a, r = make_fixture()
+    for ann in a["annotations"]:
+        ann["answers"] = [{"answer": x["answer"]} for x in ann["answers"]]
+    args = ["score", "--questions", str(_write(tmp_path, "q.json", q)),
+            "--annotations", str(_write(tmp_path, "a.json", a)), "--results", str(_write(tmp_path, "r.json", r))]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "a.json: 5 questions" in captured.err
+    # Question 1 (ten equal bare "yes") now scores 0; q2: "2" x 2 / "3" x 8, pred "two": records
+    # "2" leave together -> leaving a "2" out keeps 0 matches, leaving a "3" out keeps 2 -> (8 *
+    # 2/3) / 10 = 0.5333; q3: one "no" record, pred "no": leaving it out -> 0, else 1 match ->
+    # 9 * 1/3 / 10 = 0.3; q4: 0; q5: dog x 3 -> leaving a dog out 0, else min(1, 3/3) = 1 ->
+    # 7 / 10 = 0.7. Overall 100 * (0 + 0.5333 + 0.3 + 0 + 0.7) / 5 = 30.67.
+    assert json.loads(captured.out)["overall"] == 30.67
