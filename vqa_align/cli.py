@@ -64,6 +64,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--init-from", metavar="RUN", help="start from this run's (e.g. an imported model's) weights, "
+                   "architecture, tokenizer and answers; new alignment helpers start fresh (train.init_from)")
     p.set_defaults(func=_handler("vqa_align.training", "run_train"))
 
 
@@ -125,6 +127,23 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_handler("vqa_align.experiment", "run_experiment"))
 
 
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="import an MCAN checkpoint of mcan-vqa or OpenVQA as a vqa-align run")
+    p.add_argument("format", choices=["mcan-vqa", "openvqa"], help="the code base that trained the checkpoint")
+    p.add_argument("checkpoint", help="its .pkl checkpoint (torch.save of {'state_dict', ...})")
+    p.add_argument("--questions", nargs="+", required=True, metavar="FILE",
+                   help="the TRAIN VAL TEST [VG] question files it built its vocabulary from, in that order")
+    p.add_argument("--answers", required=True, help="its answer_dict.json (the classifier's answer order)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--num-heads", type=int, default=8, help="attention heads (not stored in the checkpoint; 8 in MCAN)")
+    p.add_argument("--features", help="feature store for eval/predict/demo (data.features)")
+    p.add_argument("--val-annotations", help="annotations of the val questions, for `vqa-align eval`")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                   help="set a data field of the written config (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_handler("vqa_align.importers.mcan", "run_import"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vqa-align",
@@ -132,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_prep, _add_train, _add_eval, _add_predict, _add_score, _add_demo,
-                _add_quickstart, _add_experiment):
+                _add_quickstart, _add_experiment, _add_import):
         add(sub)
     return parser
 

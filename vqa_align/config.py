@@ -90,6 +90,10 @@ class ModelConfig:
     # sync the host).
     pack_questions: Literal["auto", "always", "never"] = "auto"
     word_embed_dim: int = 300
+    # "torch": nn.LayerNorm. "mcan": the LayerNorm of the mcan-vqa / OpenVQA code,
+    # w·(x − mean)/(std + 1e-6) + b with the unbiased std, for models imported from them
+    # (vqa_align/importers), whose outputs drift under the other formula.
+    layer_norm: Literal["torch", "mcan"] = "torch"
     glove_path: str | None = None  # optional GloVe-format text file for embedding initialisation
     minilm_freeze_epochs: int = 0
     vocab_size: int = 0  # filled from the tokenizer when the model is built for a data set
@@ -165,6 +169,9 @@ class TrainConfig:
     log_every_steps: int = 50
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
     max_steps: int | None = None  # stop early (tests, benchmarks)
+    # Start from the weights of this run or checkpoint folder (e.g. an imported mcan-vqa model):
+    # its architecture, tokenizer and answers are kept; alignment helpers it lacks start fresh.
+    init_from: str | None = None
     # Capture each training step as a CUDA graph per batch shape (vqa_align/cuda_graphs.py): one
     # CUDA device, no DDP, grad_accumulation 1.
     cuda_graphs: bool = False

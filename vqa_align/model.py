@@ -152,6 +152,34 @@ class MultiHeadAttention(nn.Module):
         return output, alignment, details
 
 
+MCAN_LAYER_NORM_EPS = 1e-6  # mcan-vqa's LayerNorm adds it to the std, not to the variance
+
+
+class MCANLayerNorm(nn.Module):
+    """The LayerNorm of mcan-vqa / OpenVQA: ``weight · (x − mean) / (std + eps) + bias``.
+
+    It differs from ``nn.LayerNorm`` in two ways that change a trained model's outputs: the std is
+    the *unbiased* one (divides by D − 1) and eps is added outside the square root. Parameter
+    names match ``nn.LayerNorm`` so that checkpoints do not depend on the choice.
+    """
+
+    def __init__(self, size: int, eps: float = MCAN_LAYER_NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(-1, keepdim=True)
+        std = x.std(-1, keepdim=True)  # unbiased, as torch.Tensor.std defaults to
+        return self.weight * (x - mean) / (std + self.eps) + self.bias
+
+
+def layer_norm(cfg: ModelConfig, size: int) -> nn.Module:
+    """The LayerNorm that ``model.layer_norm`` names."""
+    return MCANLayerNorm(size) if cfg.layer_norm == "mcan" else nn.LayerNorm(size)
+
+
 class FeedForward(nn.Sequential):
     """Linear -> ReLU -> Dropout -> Linear."""
 
@@ -172,9 +200,9 @@ class SelfAttentionUnit(nn.Module):
     def __init__(self, cfg: ModelConfig, aligner: HeadAligner | None):
         super().__init__()
         self.self_attention = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout, aligner)
-        self.norm1 = nn.LayerNorm(cfg.hidden_size)
+        self.norm1 = layer_norm(cfg, cfg.hidden_size)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size)
+        self.norm2 = layer_norm(cfg, cfg.hidden_size)
         self.drop = Dropout(cfg.dropout)
 
     def forward(
@@ -207,10 +235,10 @@ class GuidedAttentionUnit(nn.Module):
         super().__init__()
         self.self_attention = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout, self_aligner)
         self.guided_attention = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.dropout, guided_aligner)
-        self.norm1 = nn.LayerNorm(cfg.hidden_size)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size)
+        self.norm1 = layer_norm(cfg, cfg.hidden_size)
+        self.norm2 = layer_norm(cfg, cfg.hidden_size)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
-        self.norm3 = nn.LayerNorm(cfg.hidden_size)
+        self.norm3 = layer_norm(cfg, cfg.hidden_size)
         self.drop = Dropout(cfg.dropout)
 
     def forward(
@@ -384,7 +412,7 @@ class MCAN(nn.Module):
         flat = dict(mlp_size=cfg.flat_mlp_size, glimpses=cfg.flat_glimpses, out_size=cfg.flat_size, dropout=cfg.dropout)
         self.question_flat = AttFlat(cfg.hidden_size, **flat)
         self.image_flat = AttFlat(cfg.hidden_size, **flat)
-        self.fusion_norm = nn.LayerNorm(cfg.flat_size)
+        self.fusion_norm = layer_norm(cfg, cfg.flat_size)
         if cfg.classifier_hidden > 0:
             # A hidden layer lets the answer depend on products of question and image features
             # (e.g. "is there a red shape?" = [red asked] AND [red seen]); the fused vector is a

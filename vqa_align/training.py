@@ -165,12 +165,17 @@ class Trainer:
             keep_freed_memory()
         seed_everything(tcfg.seed)
 
-        tokenizer = None
-        if config.model.question_encoder == "minilm":
+        tokenizer = answers = warm = None
+        if tcfg.init_from:  # vqa_align/warm_start.py: the source's architecture, tokenizer and answers
+            from vqa_align.warm_start import prepare_warm_start
+
+            warm = prepare_warm_start(config)
+            tokenizer, answers = warm.tokenizer, warm.answers
+        elif config.model.question_encoder == "minilm":
             from vqa_align.question_encoders import load_minilm_tokenizer
 
             tokenizer = load_minilm_tokenizer()  # WordPiece ids, [PAD] = 0
-        bundle = build_data(config.data, ["train", "val"], tokenizer=tokenizer)
+        bundle = build_data(config.data, ["train", "val"], tokenizer=tokenizer, answers=answers)
         self.tokenizer, self.answers = bundle.tokenizer, bundle.answers
         self.train_set, self.val_set = bundle.datasets["train"], bundle.datasets.get("val")
         self._resident: dict[int, Any] = {}  # id(dataset) -> ResidentSplit (data.resident)
@@ -190,7 +195,11 @@ class Trainer:
             )
 
         self.model = MCAN(config.model)
-        if config.model.glove_path and not resume:
+        if warm is not None and not resume:
+            from vqa_align.warm_start import apply_warm_start
+
+            apply_warm_start(self.model, warm)
+        elif config.model.glove_path and not resume:
             self._init_glove(config.model.glove_path)
         self.model.to(self.device)
         self.ddp_model: torch.nn.Module = self.model
@@ -614,6 +623,8 @@ def run_train(args: argparse.Namespace) -> int:
         config = load_config(out / "config.yaml", args.overrides)
     else:
         config = load_config(args.config, args.overrides)
+    if getattr(args, "init_from", None):
+        config.train.init_from = str(args.init_from)
     out = out or Path("runs") / config.name
     trainer = train_from_config(config, out, args.resume, args.overwrite)
     if trainer.dist.is_main:

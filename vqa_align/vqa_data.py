@@ -179,14 +179,24 @@ def build_tokenizer(texts: Iterable[str], max_tokens: int, min_count: int = 1) -
     The tokenizer itself applies the MCAN normalisation (so ``tokenizer(question)`` agrees with
     :func:`tokenize_question`); words are ordered by frequency then alphabetically (deterministic).
     """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     counts = Counter(w for t in texts for w in tokenize_question(t))
     words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
     vocab = {PAD_TOKEN: PAD_ID, UNK_TOKEN: UNK_ID}
     for w in words:
         vocab.setdefault(w, len(vocab))
+    return word_level_tokenizer(vocab, max_tokens)
+
+
+def word_level_tokenizer(vocab: dict[str, int], max_tokens: int) -> Any:
+    """A ``PreTrainedTokenizerFast`` (WordLevel) with exactly the ids of ``vocab`` and MCAN's normalisation.
+
+    ``vocab`` must map [PAD] to 0 and [UNK] to 1 (imported models may add more special tokens).
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab.get(PAD_TOKEN) != PAD_ID or vocab.get(UNK_TOKEN) != UNK_ID:
+        raise ValueError(f"a word-level vocabulary needs {PAD_TOKEN} = {PAD_ID} and {UNK_TOKEN} = {UNK_ID}")
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tok.normalizer = normalizers.Sequence([
         normalizers.Lowercase(),
