@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from vqa_align.checkpoint import load_checkpoint
+from vqa_align.checkpoint import CheckpointError, load_checkpoint
 from vqa_align.cli import main as cli_main
-from vqa_align.config import Config, DataConfig
 from vqa_align.importers import ImportFailure, import_checkpoint, read_state_dict
 from vqa_align.model import MCANLayerNorm
 from vqa_align.store import FeatureStoreWriter
@@ -442,7 +442,8 @@ def test_init_from_keeps_the_imported_logits_and_adds_fresh_aligners(imported_ru
     assert torch.equal(ours(trainer.model, ids, feats, lengths, counts), ours(imported.model, ids, feats, lengths, counts))
 
     # End to end through the CLI: one CT step from the imported weights, then a normal checkpoint.
-    code = cli_main(["train", "--config", "configs/mcan_finetune_ct.yaml", "--init-from", str(run),
+    preset = Path(__file__).resolve().parents[1] / "configs" / "mcan_finetune_ct.yaml"
+    code = cli_main(["train", "--config", str(preset), "--init-from", str(run),
                      "--out", str(imported_run["root"] / "ft2"),
                      "--set", f"data.features={imported_run['root'] / 'features.h5'}",
                      "--set", f"data.train_questions={json.dumps([str(imported_run['files']['questions'][0])])}",
@@ -461,15 +462,15 @@ def test_init_from_keeps_the_imported_logits_and_adds_fresh_aligners(imported_ru
 def test_init_from_refuses_weights_that_do_not_fit(imported_run):
     from safetensors.torch import load_file, save_file
 
-    from vqa_align.warm_start import load_initial_weights, load_warm_start
     from vqa_align.model import MCAN
+    from vqa_align.warm_start import load_initial_weights, load_warm_start
 
     weights = imported_run["run"] / "checkpoints" / "last" / "model.safetensors"
     state = load_file(str(weights))
     state["classifier.extra"] = torch.zeros(1)
     save_file(state, str(weights))
     warm = load_warm_start(imported_run["run"])
-    with pytest.raises(Exception, match=r"weights do not fit the model: missing \[\], unexpected \['classifier.extra'\]"):
+    with pytest.raises(CheckpointError, match=r"weights do not fit the model: missing \[\], unexpected \['classifier.extra'\]"):
         load_initial_weights(MCAN(warm.source.model), warm)
 
 
