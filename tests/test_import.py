@@ -476,3 +476,26 @@ def test_init_from_refuses_weights_that_do_not_fit(imported_run):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.slow  # ~70 s on 2 cores: two short trainings and the experiment's evaluations
+def test_experiment_grid_from_an_imported_model(imported_run, capsys):
+    """Every method starts from the imported weights; a second call reuses the finished runs."""
+    root = imported_run["root"]
+    args = ["experiment", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "mcan_finetune_ct.yaml"),
+            "--methods", "none,ct", "--seeds", "0", "--out", str(root / "grid"),
+            "--set", f"train.init_from={root / 'run'}",
+            "--set", f"data.features={root / 'features.h5'}",
+            "--set", f"data.train_questions={json.dumps([str(imported_run['files']['questions'][0])])}",
+            "--set", f"data.train_annotations={json.dumps([str(root / 'train_annotations.json')])}",
+            "--set", f"data.val_questions={json.dumps([str(imported_run['files']['questions'][1])])}",
+            "--set", f"data.val_annotations={json.dumps([str(root / 'val_annotations.json')])}",
+            "--set", "data.num_workers=0", "--set", "train.max_steps=1", "--set", "train.batch_size=2",
+            "--set", "train.epochs=1"]
+    assert cli_main(args) == 0
+    for method in ("none", "ct"):
+        tuned = load_checkpoint(root / "grid" / "runs" / f"{method}_seed0")
+        assert tuned.config.model.layer_norm == "mcan" and tuned.config.model.hidden_size == HIDDEN
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    assert "finished earlier, reusing" in capsys.readouterr().out

@@ -469,6 +469,10 @@ def run_one(config_path: str | Path, method: str, seed: int, overrides: Sequence
     from vqa_align.training import train_from_config
 
     config = load_config(config_path, run_overrides(overrides, method, seed))
+    if config.train.init_from:  # the architecture the trainer takes from that run, for the reuse checks
+        from vqa_align.warm_start import adopt_init_architecture
+
+        adopt_init_architecture(config)
     done = run_dir / DONE_FILE
     evaluation = {"noise_stds": [float(s) for s in noise_stds], "mc_samples": mc_samples, "mmd_questions": MMD_QUESTIONS}
     if done.is_file():

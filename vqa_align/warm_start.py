@@ -84,6 +84,15 @@ def load_initial_weights(model: torch.nn.Module, warm: WarmStart) -> tuple[list[
     return list(missing), list(unexpected)
 
 
+def adopt_init_architecture(config: Config) -> list[str]:
+    """Apply ``config.train.init_from``'s architecture to ``config`` from its config alone (no weights read).
+
+    For callers that compare configs before training (the experiment runner's reuse check), so
+    that theirs equals the one the trainer will save.
+    """
+    return adopt_architecture(config, load_config_of(resolve_checkpoint(config.train.init_from)))  # type: ignore[arg-type]
+
+
 def prepare_warm_start(config: Config) -> WarmStart:
     """Load ``config.train.init_from`` and adopt its architecture into ``config`` (notes on stderr)."""
     warm = load_warm_start(config.train.init_from)  # type: ignore[arg-type]
