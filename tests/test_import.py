@@ -309,6 +309,10 @@ def test_pickled_object_is_refused_without_running_it(files):
                        r"have to execute \(it needs .*_record_unpickle\); vqa-align reads only tensors"):
         read_state_dict(ckpt)
     assert _REDUCED == []
+    # Not a checkpoint at all: a different message (nothing to do with Python objects).
+    (files["root"] / "notes.pkl").write_text('{"state_dict": {}}')
+    with pytest.raises(ImportFailure, match=r"notes.pkl: not a readable PyTorch checkpoint \(Unsupported operand"):
+        read_state_dict(files["root"] / "notes.pkl")
 
 
 @pytest.mark.parametrize("change, message", [

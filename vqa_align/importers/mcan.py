@@ -94,7 +94,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        if "weights only" in text.lower() or "weights_only" in text:
+        # The restricted unpickler names the Python object it refused ("Unsupported global: GLOBAL x.y").
+        if re.search(r"GLOBAL|Unsupported (global|class)", text):
             found = re.search(r"GLOBAL ([\w.]+)", text)
             what = f" (it needs {found.group(1)})" if found else ""
             raise ImportFailure(
@@ -102,7 +103,10 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
                 "vqa-align reads only tensors and plain containers (torch.load weights_only=True). "
                 "Re-save it as torch.save({'state_dict': model.state_dict()}, FILE) from the code that made it"
             ) from None
-        raise ImportFailure(f"{path}: not a readable PyTorch checkpoint ({text.splitlines()[0] if text else err!r})") from None
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        raise ImportFailure(
+            f"{path}: not a readable PyTorch checkpoint ({detail.group(1).strip() if detail else text.splitlines()[0]})"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ImportFailure(f"{path}: not a readable PyTorch checkpoint ({first})") from None
