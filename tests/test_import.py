@@ -461,6 +461,11 @@ def test_init_from_keeps_the_imported_logits_and_adds_fresh_aligners(imported_ru
     assert tuned.answers == imported.answers
     changed = [k for k, v in imported.model.state_dict().items() if not torch.equal(v, tuned.model.state_dict()[k])]
     assert changed  # it trained
+    # --resume reads the tokenizer and answers from the run itself: the source may have moved.
+    run.rename(run.with_name("moved"))
+    assert cli_main(["train", "--resume", "--out", str(imported_run["root"] / "ft2"), "--set", "train.max_steps=2"]) == 0
+    resumed = load_checkpoint(imported_run["root"] / "ft2")
+    assert resumed.meta["global_step"] == 2 and resumed.answers == imported.answers
 
 
 def test_init_from_refuses_weights_that_do_not_fit(imported_run):

@@ -169,7 +169,7 @@ class Trainer:
         if tcfg.init_from:  # vqa_align/warm_start.py: the source's architecture, tokenizer and answers
             from vqa_align.warm_start import prepare_warm_start
 
-            warm = prepare_warm_start(config)
+            warm = prepare_warm_start(config, self.run_dir if resume else None)
             tokenizer, answers = warm.tokenizer, warm.answers
         elif config.model.question_encoder == "minilm":
             from vqa_align.question_encoders import load_minilm_tokenizer

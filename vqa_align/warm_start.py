@@ -93,9 +93,14 @@ def adopt_init_architecture(config: Config) -> list[str]:
     return adopt_architecture(config, load_config_of(resolve_checkpoint(config.train.init_from)))  # type: ignore[arg-type]
 
 
-def prepare_warm_start(config: Config) -> WarmStart:
-    """Load ``config.train.init_from`` and adopt its architecture into ``config`` (notes on stderr)."""
-    warm = load_warm_start(config.train.init_from)  # type: ignore[arg-type]
+def prepare_warm_start(config: Config, resume_dir: str | Path | None = None) -> WarmStart:
+    """Load ``config.train.init_from`` and adopt its architecture into ``config`` (notes on stderr).
+
+    When resuming (``resume_dir``: the run folder), the run's own last checkpoint, which holds the
+    same tokenizer and answers, is read instead, so the source may have moved since.
+    """
+    last = Path(resume_dir) / "checkpoints" / "last" if resume_dir is not None else None
+    warm = load_warm_start(last if last is not None and last.is_dir() else config.train.init_from)  # type: ignore[arg-type]
     changes = adopt_architecture(config, warm.source)
     if changes:
         print(f"--init-from {warm.path}: model fields taken from it: {'; '.join(changes)}", file=sys.stderr)
