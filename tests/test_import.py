@@ -249,10 +249,16 @@ def test_import_matches_the_reference_forward(files, flavour, data_parallel, leg
     logits = ours(loaded.model, ids, feats, lengths, counts)
     assert torch.allclose(logits, ref_logits, atol=1e-5, rtol=0), (logits - ref_logits).abs().max()
     assert torch.allclose(torch.sigmoid(logits), scores, atol=1e-5, rtol=0)
-    # The same model with torch's LayerNorm drifts: the option matters.
-    loaded.model.config.layer_norm = "torch"
+    from dataclasses import replace
+
     from vqa_align.model import MCAN
 
+    # The padded question path (CUDA's default) agrees too; the packed one ran above (CPU, padding present).
+    padded = MCAN(replace(loaded.model.config, pack_questions="never"))
+    padded.load_state_dict(loaded.model.state_dict())
+    assert torch.allclose(ours(padded.eval(), ids, feats, lengths, counts), ref_logits, atol=1e-5, rtol=0)
+    # The same model with torch's LayerNorm drifts: the option matters.
+    loaded.model.config.layer_norm = "torch"
     drifted = MCAN(loaded.model.config)
     drifted.load_state_dict(loaded.model.state_dict())
     assert (ours(drifted.eval(), ids, feats, lengths, counts) - ref_logits).abs().max() > 1e-3
