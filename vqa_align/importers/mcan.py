@@ -190,13 +190,16 @@ def _norm(src: str, dst: str) -> list[tuple[str, str]]:
     return [(f"{src}.a_2", f"{dst}.weight"), (f"{src}.b_2", f"{dst}.bias")]
 
 
-def _attention(src: str, dst: str) -> tuple[list[tuple[str, str]], list[tuple[tuple[str, str, str], str]]]:
+Fused = tuple[tuple[str, str, str], str]  # (q, k, v) source names -> one vqa-align name
+
+
+def _attention(src: str, dst: str) -> tuple[list[tuple[str, str]], list[Fused]]:
     """(one-to-one names, (q, k, v) names fused into in_proj) of one attention module."""
-    fused = [
-        (tuple(f"{src}.linear_{p}.{kind}" for p in "qkv"), f"{dst}.in_proj.{kind}")  # in_proj = [Wq; Wk; Wv]
-        for kind in ("weight", "bias")
+    fused: list[Fused] = [
+        ((f"{src}.linear_q.{kind}", f"{src}.linear_k.{kind}", f"{src}.linear_v.{kind}"), f"{dst}.in_proj.{kind}")
+        for kind in ("weight", "bias")  # in_proj = [Wq; Wk; Wv], as nn.MultiheadAttention
     ]
-    return _linear(f"{src}.linear_merge", f"{dst}.out_proj"), fused  # type: ignore[return-value]
+    return _linear(f"{src}.linear_merge", f"{dst}.out_proj"), fused
 
 
 def _feed_forward(src: str, dst: str) -> list[tuple[str, str]]:
@@ -204,12 +207,12 @@ def _feed_forward(src: str, dst: str) -> list[tuple[str, str]]:
     return _linear(f"{src}.mlp.fc.linear", f"{dst}.0") + _linear(f"{src}.mlp.linear", f"{dst}.3")
 
 
-def parameter_map(flavour: Flavour, num_layers: int) -> tuple[list[tuple[str, str]], list[tuple[tuple[str, str, str], str]]]:
+def parameter_map(flavour: Flavour, num_layers: int) -> tuple[list[tuple[str, str]], list[Fused]]:
     """(source -> vqa-align names, (q, k, v) source names -> fused vqa-align name) for the whole model."""
     one: list[tuple[str, str]] = [("embedding.weight", "question_encoder.embedding.weight")]
     one += [(f"lstm.{p}_l0", f"question_encoder.lstm.{p}_l0") for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     one += _linear(flavour.image_proj, "region_encoder.feature_proj")
-    fused: list[tuple[tuple[str, str, str], str]] = []
+    fused: list[Fused] = []
     for i in range(num_layers):
         src, dst = f"backbone.enc_list.{i}", f"encoder.{i}"
         o, f = _attention(f"{src}.mhatt", f"{dst}.self_attention")
@@ -407,7 +410,7 @@ def convert_checkpoint(
             "format": flavour.name,
             "checkpoint": str(source.resolve()),
             "sha256": _sha256(source),
-            **{k: v for k, v in extra.items()},
+            **extra,  # lr_base, epoch
             "question_files": [str(p.resolve()) for p in files],
             "new_words_per_file": added,
             "answer_dict": str(Path(answer_dict).resolve()),
