@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from vqa_align.checkpoint import CheckpointError, load_checkpoint
+from vqa_align.config import Config
 from vqa_align.cli import main as cli_main
 from vqa_align.importers import ImportFailure, import_checkpoint, read_state_dict
 from vqa_align.model import MCANLayerNorm
@@ -514,3 +515,25 @@ def test_experiment_grid_from_an_imported_model(imported_run, capsys):
     capsys.readouterr()
     assert cli_main(args) == 0
     assert "finished earlier, reusing" in capsys.readouterr().out
+
+
+def test_init_from_an_aligned_run_keeps_same_helpers_and_refreshes_resized_ones(tmp_path):
+    """Source CT helpers of the same width are kept; other widths start fresh; other weights must fit."""
+    from conftest import tiny_model_config
+
+    from vqa_align.model import MCAN
+    from vqa_align.warm_start import WarmStart, load_initial_weights
+
+    torch.manual_seed(0)
+    source = MCAN(tiny_model_config("ct"))
+    warm = WarmStart(tmp_path, Config(model=source.config), None, [], source.state_dict())
+    same = MCAN(tiny_model_config("ct"))
+    fresh, dropped = load_initial_weights(same, warm)
+    assert fresh == [] and dropped == []
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in same.state_dict().items())
+    wider = tiny_model_config("ct")
+    wider.alignment.helper_hidden *= 2
+    other = MCAN(wider)
+    fresh, dropped = load_initial_weights(other, warm)
+    assert fresh and set(fresh) == set(dropped) and all(".aligner." in k for k in fresh)
+    assert torch.equal(other.classifier.weight, source.classifier.weight)

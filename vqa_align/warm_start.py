@@ -1,8 +1,8 @@
 """Starting a training run from another run's weights (``train.init_from`` / ``--init-from``).
 
 The new run keeps the source's architecture, tokenizer and answer vocabulary (its token ids and
-classifier rows mean nothing under other ones) and its weights; what the new config adds, the
-alignment helpers of ``model.alignment.method``, starts freshly initialised. Everything else the
+classifier rows mean nothing under other ones) and its weights; alignment helpers the source
+lacks (or has in another shape) start freshly initialised. Everything else the
 new config says (alignment method and weight, dropout, data, schedule) is its own. Aligners only
 act on the loss: in eval mode the new model's logits equal the source's before the first step.
 """
@@ -71,8 +71,12 @@ def load_initial_weights(model: torch.nn.Module, warm: WarmStart) -> tuple[list[
 
     Any other missing or extra parameter, or a shape mismatch, is an error.
     """
+    own = model.state_dict()
+    # Helpers of another width (e.g. other model.alignment.helper_hidden) start fresh like absent ones.
+    resized = [k for k, v in warm.state.items() if ALIGNER_MARK in k and k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in warm.state.items() if k not in resized}
     try:
-        missing, unexpected = model.load_state_dict(warm.state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
         raise CheckpointError(f"--init-from {warm.path}: weights do not fit the model: {str(err).splitlines()[-1].strip()}") from None
     bad_missing = [k for k in missing if ALIGNER_MARK not in k]
@@ -81,7 +85,7 @@ def load_initial_weights(model: torch.nn.Module, warm: WarmStart) -> tuple[list[
         raise CheckpointError(
             f"--init-from {warm.path}: weights do not fit the model: missing {bad_missing[:3]}, unexpected {bad_extra[:3]}"
         )
-    return list(missing), list(unexpected)
+    return list(missing), list(unexpected) + resized
 
 
 def adopt_init_architecture(config: Config) -> list[str]:
