@@ -10,8 +10,13 @@ Learning rate (MCAN): base × k/(W+1) in warm-up epoch k = 1..W, then base, mult
 ``decay_factor`` at every epoch listed in ``decay_epochs`` (0-based epoch index >= listed value).
 
 Resume. The batch order of an epoch is a pure function of (seed, epoch); a checkpoint stores the
-epoch, the number of batches already consumed, the optimizer state and the RNG states, so a
-resumed run continues exactly where the stopped one was.
+epoch, the number of batches already consumed, the epoch's running loss sums, the optimizer state,
+the RNG states (as tensors: the file loads with ``weights_only=True``) and the length of
+``metrics.jsonl`` at save time, so a resumed run continues exactly where the stopped one was: same
+weights, same ``best``, same log lines (the ones the stopped run wrote after its checkpoint are
+cut). ``best`` is saved before ``last``, each with the updated best accuracy.
+
+Replacing a run (``--overwrite``) and what may change on ``--resume``: vqa_align/run_folder.py.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -32,17 +36,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vqa_align.checkpoint import TRAINER_STATE_FILE, resolve_checkpoint, save_checkpoint
-from vqa_align.cli import UserError
+from vqa_align import run_folder
+from vqa_align.checkpoint import (TRAINER_STATE_FILE, WEIGHTS_FILE, CheckpointError, load_trainer_state,
+                                  read_weights, recover_checkpoint, resolve_checkpoint, save_checkpoint)
 from vqa_align.config import Config, load_config, save_config
+from vqa_align.errors import DataFormatError, UserError
 from vqa_align.host_memory import keep_freed_memory
 from vqa_align.model import MCAN, MODEL_INPUTS
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+# Without a terminal (a log file, a job scheduler) a plain progress line replaces the tqdm bar.
+PROGRESS_EVERY_SECONDS = 30.0
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
@@ -83,18 +91,28 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """All RNG states as tensors and plain numbers (loadable with ``torch.load(weights_only=True)``)."""
+    version, words, gauss = random.getstate()  # Mersenne Twister: 624 words + position, all < 2**32
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class SkipFirstBatches:
@@ -150,11 +168,15 @@ def init_distributed(device_name: str) -> DistInfo:
 class Trainer:
     """Owns the model, optimizer, data and run folder of one training run."""
 
-    def __init__(self, config: Config, run_dir: str | Path, resume: bool = False, dist_info: DistInfo | None = None):
+    def __init__(self, config: Config, run_dir: str | Path, resume: bool = False, dist_info: DistInfo | None = None,
+                 replaces: str | Path | None = None):
+        """``replaces``: the run folder this run will replace once its first checkpoint is written
+        (``run_dir`` is then the staged sibling it trains in; vqa_align/run_folder.py)."""
         from vqa_align.data import build_data
 
         self.config = config
         self.run_dir = Path(run_dir)
+        self.replaces = Path(replaces) if replaces is not None else None
         self.dist = dist_info or DistInfo()
         tcfg = config.train
         self.device = resolve_device(tcfg.device)
@@ -229,13 +251,21 @@ class Trainer:
         self.global_step = 0  # optimizer steps
         self.best_accuracy = -1.0
         self.history: list[dict[str, Any]] = []
+        self._epoch_sums: tuple[torch.Tensor, int] = (torch.zeros(3, dtype=torch.float64), 0)
+        self._resumed_sums: tuple[torch.Tensor, int] | None = None  # the epoch's loss sums at the checkpoint
+        self._recent_images: dict[int, torch.Tensor] = {}  # batch number -> image ids, since the last check
         if resume:
             self._load_trainer_state()
         self._tensorboard = None
         if self.dist.is_main:
+            created = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if created or not resume:
+                run_folder.mark_run_folder(self.run_dir)
             save_config(config, self.run_dir / "config.yaml")
-            self._tensorboard = _maybe_tensorboard(self.run_dir / "tensorboard")
+            # A resumed run rewrites the steps after its checkpoint: drop the stopped run's events there.
+            self._tensorboard = _maybe_tensorboard(self.run_dir / "tensorboard",
+                                                   self.global_step + 1 if resume else None)
 
     def _init_glove(self, path: str) -> None:
         """Initialise the word embedding from a local GloVe-format file (words not in it stay random)."""
@@ -314,19 +344,27 @@ class Trainer:
             self._graphed = None  # captured graphs would keep the previous epoch's frozen set
         loader = self._loader(self.train_set, True, self.epoch, self.batches_done, tcfg.batch_size)
         self.ddp_model.train()
+        use_bar = self.dist.is_main and (sys.stderr.isatty() or "VQA_ALIGN_PROGRESS" in os.environ)
+        epoch_batches = len(loader) + self.batches_done
         bar = tqdm(
             loader,
-            total=len(loader) + self.batches_done,
+            total=epoch_batches,
             initial=self.batches_done,
             desc=f"epoch {self.epoch + 1}/{tcfg.epochs}",
-            disable=not self.dist.is_main or not sys.stderr.isatty() and "VQA_ALIGN_PROGRESS" not in os.environ,
+            disable=not use_bar,
             dynamic_ncols=True,
         )
+        progress = ProgressLines(self, epoch_batches) if self.dist.is_main and not use_bar else None
         # Running sums stay on the device and the finiteness check is deferred to log steps,
         # checkpoints and the epoch end: no host sync per step (on a GPU each one stalls the
         # launch queue). The first non-finite step is remembered, so the error still names it.
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, task, alignment
         samples = 0
+        if self._resumed_sums is not None:  # the batches before the checkpoint count in the epoch's mean
+            sums, samples = self._resumed_sums[0].to(self.device), self._resumed_sums[1]
+            self._resumed_sums = None
+        self._epoch_sums = (sums, samples)
+        self._recent_images = {}
         self._first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=self.device)  # step, batch, loss
         window_start, window_samples = time.perf_counter(), 0
         accum = tcfg.grad_accumulation
@@ -347,6 +385,7 @@ class Trainer:
             ])
             is_first_bad = ~torch.isfinite(loss.detach()) & (self._first_bad[0] < 0)
             self._first_bad = torch.where(is_first_bad, here, self._first_bad)
+            self._recent_images[self.batches_done + 1] = batch["image_ids"]  # to name them if it was bad
             self.batches_done += 1
             if graphed:
                 self.global_step += 1
@@ -357,7 +396,10 @@ class Trainer:
             per_sample = 1.0 / batch_size if tcfg.loss_reduction == "sum" else 1.0
             sums += torch.stack([loss.detach() * per_sample, task.detach() * per_sample, align.detach()]).double() * batch_size
             samples += batch_size
+            self._epoch_sums = (sums, samples)
             window_samples += batch_size
+            if progress is not None:
+                progress.step(batch_size)
             if self.global_step % tcfg.log_every_steps == 0 and self.batches_done % accum == 0:
                 self._raise_if_non_finite()
                 elapsed = time.perf_counter() - window_start
@@ -424,13 +466,31 @@ class Trainer:
         return loss.detach(), task.detach(), align.detach()
 
     def _raise_if_non_finite(self) -> None:
-        """Stop (one host sync) if any step since the epoch began had a non-finite loss."""
+        """Stop (one host sync) if any step since the epoch began had a non-finite loss; the error
+        names the batch's images, those among them whose stored features are not finite, and what
+        is kept."""
         step, batch, value = self._first_bad.tolist()
-        if step >= 0:
-            raise TrainingError(
-                f"non-finite loss {value} at epoch {self.epoch + 1}, step {int(step)} (batch {int(batch)}); "
-                f"the last good checkpoint in {self.run_dir / 'checkpoints'} is kept"
-            )
+        if step < 0:
+            self._recent_images.clear()  # all good up to here
+            return
+        ids = self._recent_images.get(int(batch))
+        images = ids.tolist() if ids is not None else []
+        shown = ", ".join(map(str, images[:8])) + (f" and {len(images) - 8} more" if len(images) > 8 else "")
+        bad = _non_finite_images(self.train_set, images)
+        cause = (f"; features of image {bad[0]} in {self.train_set.store.path} are not finite (Inf or NaN)"
+                 if bad else "")
+        raise TrainingError(
+            f"non-finite loss {value} at epoch {self.epoch + 1}, step {int(step)} (batch {int(batch)}, "
+            f"images {shown}){cause}; {self._what_is_kept()}"
+        )
+
+    def _what_is_kept(self) -> str:
+        if self.replaces is not None:
+            return f"nothing was replaced: the previous run in {self.replaces} is kept"
+        last = self.run_dir / "checkpoints" / "last"
+        if (last / WEIGHTS_FILE).is_file():
+            return f"the last good checkpoint {last} is kept"
+        return "no checkpoint had been written yet"
 
     def _optimizer_step(self) -> None:
         clip = self.config.train.grad_clip
@@ -454,6 +514,7 @@ class Trainer:
         answer_types = self.answer_types
         scores = self._official_scores(dataset)
         for batch in loader:
+            _check_finite_features(batch, dataset)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = self.model(**self._inputs(batch)).logits.float()
             targets = batch["targets"].to(self.device)
@@ -497,14 +558,18 @@ class Trainer:
             self._log(record)
             self.history.append(record)
             if self.dist.is_main:
+                # best first, then last, both with the updated best accuracy: a kill between the
+                # two resumes from the previous last, which reaches the same accuracy again.
                 accuracy = record.get("val_accuracy")
-                self.save("last")
                 if accuracy is not None and accuracy > self.best_accuracy:
                     self.best_accuracy = accuracy
                     self.save("best")
+                self.save("last")
                 _plot_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
             if stopped_early:
                 break
+        if self.replaces is not None and self.dist.is_main:  # finished without any checkpoint
+            self._swap_in()
         if self._tensorboard is not None:
             self._tensorboard.close()
         return self.history[-1] if self.history else {}
@@ -515,6 +580,10 @@ class Trainer:
     # -- persistence -----------------------------------------------------------------------
 
     def save(self, name: str) -> Path:
+        metrics = self.run_dir / METRICS_FILE
+        sums, samples = self._epoch_sums
+        if self.batches_done == 0:  # at an epoch boundary the next epoch starts from zero
+            sums, samples = torch.zeros(3, dtype=torch.float64), 0
         state = {
             "optimizer": self.optimizer.state_dict(),
             "schedule": {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"]},
@@ -523,24 +592,56 @@ class Trainer:
             "batches_done": self.batches_done,
             "global_step": self.global_step,
             "best_accuracy": self.best_accuracy,
+            "epoch_loss_sums": sums.detach().cpu().clone(),  # (3,) loss, task, alignment summed over samples
+            "epoch_samples": samples,
+            "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
         }
         meta = {"epoch": self.epoch, "global_step": self.global_step, "best_val_accuracy": self.best_accuracy,
                 "last": self.history[-1] if self.history else None}
-        return save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self.config, self.answers,
-                               self.tokenizer, state, meta)
+        save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self.config, self.answers,
+                        self.tokenizer, state, meta)
+        if self.replaces is not None and name == "last":
+            self._swap_in()
+        return self.run_dir / "checkpoints" / name
+
+    def _swap_in(self) -> None:
+        """The first checkpoint exists: the staged run takes the place of the run it replaces."""
+        out, staged = self.replaces, self.run_dir
+        run_folder.commit_staged_run(staged, out)
+        self.run_dir, self.replaces = out, None
+        if self._tensorboard is not None:  # its open event file moved with the folder; new ones go there too
+            self._tensorboard.close()
+            self._tensorboard = _maybe_tensorboard(out / "tensorboard")
 
     def _load_trainer_state(self) -> None:
-        from safetensors.torch import load_file
-
-        ckpt = self.run_dir / "checkpoints" / "last"
-        if not (ckpt / TRAINER_STATE_FILE).is_file():
-            raise UserError(f"--resume: no checkpoint to resume in {ckpt}")
-        self.model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(self.device)))
-        state = torch.load(ckpt / TRAINER_STATE_FILE, map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
-        self.global_step, self.best_accuracy = state["global_step"], state["best_accuracy"]
-        set_rng_state(state["rng"])
+        ckpt = recover_checkpoint(self.run_dir / "checkpoints" / "last")
+        if ckpt is None or not (ckpt / TRAINER_STATE_FILE).is_file():
+            raise UserError(f"--resume: no checkpoint to resume in {self.run_dir / 'checkpoints' / 'last'}")
+        weights, _ = read_weights(ckpt / WEIGHTS_FILE, self.device)
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as err:  # shapes: the run's config was edited, or weights of another run
+            first = str(err).strip().splitlines()
+            detail = next((line.strip() for line in first if "size mismatch" in line or "Missing" in line
+                           or "Unexpected" in line), first[0] if first else "")
+            raise CheckpointError(f"--resume: {ckpt / WEIGHTS_FILE} does not match the run's config ({detail})") from None
+        state = load_trainer_state(ckpt / TRAINER_STATE_FILE, self.device)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+            self.global_step, self.best_accuracy = int(state["global_step"]), float(state["best_accuracy"])
+            set_rng_state(state["rng"])
+            sums, samples = state["epoch_loss_sums"], int(state["epoch_samples"])
+            metrics_bytes = int(state["metrics_bytes"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(
+                f"--resume: {ckpt / TRAINER_STATE_FILE} is not a trainer state of this vqa-align version "
+                f"({type(err).__name__}: {err})"
+            ) from None
+        if self.batches_done:
+            self._resumed_sums = (sums.to(torch.float64), samples)
+        if self.dist.is_main:
+            self.history = _truncate_metrics(self.run_dir / METRICS_FILE, metrics_bytes)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -554,12 +655,94 @@ class Trainer:
                     self._tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
 
-def _maybe_tensorboard(folder: Path) -> Any:
+def _maybe_tensorboard(folder: Path, purge_step: int | None = None) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard is optional
         return None
-    return SummaryWriter(str(folder))
+    return SummaryWriter(str(folder), purge_step=purge_step)
+
+
+def _truncate_metrics(path: Path, size: int) -> list[dict[str, Any]]:
+    """Cut ``metrics.jsonl`` back to its length at the checkpoint (the stopped run may have logged
+    steps after it, which the resumed run logs again); returns its epoch records (the history)."""
+    if not path.is_file():
+        return []
+    if path.stat().st_size > size:
+        with open(path, "r+b") as handle:
+            handle.truncate(size)
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill mid-write (not before a checkpoint: ignored)
+    return [r for r in records if isinstance(r, dict) and r.get("kind") == "epoch"]
+
+
+def _non_finite_images(dataset: Any, image_ids: list[int]) -> list[int]:
+    """Those of ``image_ids`` whose stored features contain Inf or NaN (read again from the store)."""
+    bad = []
+    store = dataset.store
+    for image_id in dict.fromkeys(image_ids):
+        try:
+            features, _ = store.read_row(store.row(image_id), dataset.max_regions)
+        except (KeyError, OSError):
+            continue
+        if not np.isfinite(np.asarray(features, dtype=np.float32)).all():
+            bad.append(image_id)
+    return bad
+
+
+def _check_finite_features(batch: dict[str, torch.Tensor], dataset: Any) -> None:
+    """Inf/NaN features would turn the validation loss into NaN and the run into a silent failure."""
+    features = batch["features"]  # (B, N, D)
+    finite = torch.isfinite(features).flatten(1).all(1)  # (B,)
+    if not bool(finite.all()):
+        image_id = int(batch["image_ids"][int((~finite).nonzero()[0, 0])])
+        raise DataFormatError(
+            f"{dataset.store.path}: features of image {image_id} are not finite (Inf or NaN); "
+            f"fix or re-extract that image's features"
+        )
+
+
+class ProgressLines:
+    """Plain progress lines on stderr for logs without a terminal (every PROGRESS_EVERY_SECONDS):
+    epoch, step, samples/s and the ETA of the run's remaining training batches."""
+
+    def __init__(self, trainer: "Trainer", epoch_batches: int):
+        tcfg = trainer.config.train
+        self.trainer = trainer
+        self.epoch_batches = epoch_batches
+        total = tcfg.epochs * epoch_batches
+        if tcfg.max_steps is not None:
+            total = min(total, tcfg.max_steps * tcfg.grad_accumulation)
+        self.total = total
+        self.start = self.last = time.perf_counter()
+        self.batches = self.samples = 0
+        self.first = True
+
+    def step(self, batch_size: int) -> None:
+        self.batches += 1
+        self.samples += batch_size
+        now = time.perf_counter()
+        if not self.first and now - self.last < PROGRESS_EVERY_SECONDS:
+            return
+        self.first, self.last = False, now
+        t = self.trainer
+        elapsed = max(now - self.start, 1e-9)
+        done = t.epoch * self.epoch_batches + t.batches_done
+        eta = (self.total - done) * elapsed / self.batches
+        print(
+            f"epoch {t.epoch + 1}/{t.config.train.epochs} batch {t.batches_done}/{self.epoch_batches} "
+            f"step {t.global_step} | {self.samples / elapsed:.1f} samples/s | ETA {_clock(max(eta, 0.0))}",
+            file=sys.stderr, flush=True,
+        )
+
+
+def _clock(seconds: float) -> str:
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
 
 
 def _plot_curves(metrics_file: Path, out: Path) -> None:
@@ -593,27 +776,39 @@ def _plot_curves(metrics_file: Path, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: an existing run folder needs --resume or --overwrite."""
-    has_run = out.exists() and any((out / name).exists() for name in ("config.yaml", "checkpoints", METRICS_FILE))
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, config: Config | None = None) -> Path | None:
+    """Refuse to mix runs: an existing run folder needs --resume or --overwrite. Deletes nothing:
+    returns the staged folder a replacing run trains in (None: train in ``out``)."""
+    run_folder.recover_run_swap(out)
     if resume:
-        if not (out / "checkpoints" / "last").is_dir():
+        if recover_checkpoint(out / "checkpoints" / "last") is None:
             raise UserError(f"--resume: {out} holds no run to resume (no checkpoints/last)")
-        return
-    if has_run:
-        if not overwrite:
-            raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out)
+        if config is not None:
+            run_folder.check_resume_config(out / "config.yaml", config.to_dict())
+        return None
+    if not run_folder.holds_run(out):
+        return None
+    if not overwrite:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    run_folder.check_replaceable(out)
+    return run_folder.begin_staged_run(out)
 
 
 def train_from_config(config: Config, out: Path, resume: bool = False, overwrite: bool = False) -> Trainer:
+    """Train into ``out``. With ``overwrite`` an existing run is replaced only once the new run has
+    its first checkpoint (until then, and if anything fails before, the old run is untouched)."""
+    out = Path(out)
     dist_info = init_distributed(config.train.device)
-    if dist_info.is_main:
-        prepare_run_dir(out, resume, overwrite)
+    staged = prepare_run_dir(out, resume, overwrite, config) if dist_info.is_main else None
     if dist_info.world_size > 1:
         dist.barrier()
-    trainer = Trainer(config, out, resume=resume, dist_info=dist_info)
-    trainer.fit()
+    try:
+        trainer = Trainer(config, staged or out, resume=resume, dist_info=dist_info, replaces=out if staged else None)
+        trainer.fit()
+    except BaseException:
+        if staged is not None and staged.exists() and out.exists():  # not swapped in: the old run stays
+            run_folder.abandon_staged_run(staged, out)
+        raise
     return trainer
 
 
