@@ -48,6 +48,7 @@ METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 # Without a terminal (a log file, a job scheduler) a plain progress line replaces the tqdm bar.
 PROGRESS_EVERY_SECONDS = 30.0
+LOADER_SEED_STRIDE = 1_000_003  # loader generator seed = seed * stride + epoch (distinct per (seed, epoch))
 
 
 class TrainingError(UserError, RuntimeError):
@@ -314,6 +315,9 @@ class Trainer:
             num_workers=workers,
             pin_memory=dcfg.pin_memory and self.device.type == "cuda",
             persistent_workers=False,
+            # Its own generator: a DataLoader iterator otherwise draws its worker base seed from the
+            # global RNG, one extra draw whenever a resumed run restarts an epoch mid-way.
+            generator=torch.Generator().manual_seed(self.config.train.seed * LOADER_SEED_STRIDE + epoch),
         )
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
