@@ -1,6 +1,6 @@
 """Run folders survive kills, resumes continue everything exactly, and --overwrite loses nothing.
 
-One uninterrupted tiny run (3 epochs of 3 steps, a checkpoint every 2 steps) is the reference;
+One uninterrupted tiny run (2 epochs of 3 steps, a checkpoint every 2 steps) is the reference;
 a run killed twice (after a log line past its last checkpoint, then between the two renames of a
 checkpoint swap) and resumed each time must end with the same weights (bitwise), the same ``best``
 and the same ``metrics.jsonl`` (times aside).
@@ -28,7 +28,7 @@ from vqa_align.run_folder import RUN_MARKER
 from vqa_align.training import TrainingError, train_from_config
 
 PRESET = "configs/easy_vqa.yaml"
-RUN = {"train.epochs": 3, "train.checkpoint_every_steps": 2, "model.dropout": 0.1}
+RUN = {"train.epochs": 2, "train.checkpoint_every_steps": 2, "model.dropout": 0.1}
 TIMING_KEYS = ("time", "epoch_seconds", "samples_per_s")
 
 
@@ -84,20 +84,20 @@ def test_killed_twice_and_resumed_equals_the_uninterrupted_run(easy_vqa_cache, r
     out = tmp_path / "run"
     real_log, real_replace = training.Trainer._log, checkpoint._replace_dir
 
-    def log_then_die(self, record):  # kill 1: step 5 is logged, the last checkpoint is step 4
+    def log_then_die(self, record):  # kill 1: step 3 is logged, the last checkpoint is step 2 (mid-epoch)
         real_log(self, record)
-        if record["kind"] == "train" and record["step"] == 5:
+        if record["kind"] == "train" and record["step"] == 3:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(training.Trainer, "_log", log_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_from_config(_config(easy_vqa_cache), out)
-    assert [r["step"] for r in _records(out) if r["kind"] == "train"][-1] == 5
+    assert [r["step"] for r in _records(out) if r["kind"] == "train"][-1] == 3
     monkeypatch.setattr(training.Trainer, "_log", real_log)
 
-    def die_mid_swap(tmp, final):  # kill 2: between the renames of the end-of-epoch-2 `last`
+    def die_mid_swap(tmp, final):  # kill 2: between the renames of the end-of-epoch-1 `last`
         meta = json.loads((tmp / "meta.json").read_text())
-        if final.name == "last" and meta["epoch"] == 2 and meta["global_step"] == 6:
+        if final.name == "last" and meta["epoch"] == 1 and meta["global_step"] == 3:
             final.rename(final.with_name("last.old"))
             raise KeyboardInterrupt
         real_replace(tmp, final)
@@ -107,10 +107,10 @@ def test_killed_twice_and_resumed_equals_the_uninterrupted_run(easy_vqa_cache, r
         train_from_config(_config(easy_vqa_cache), out, resume=True)
     ckpts = out / "checkpoints"
     assert not (ckpts / "last").exists() and (ckpts / "last.old").is_dir() and (ckpts / "last.tmp").is_dir()
-    # Item 4: the state being swapped in already carries the best accuracy of epoch 2's evaluation.
+    # Item 4: the state being swapped in already carries the best accuracy of epoch 1's evaluation.
     state = load_trainer_state(ckpts / "last.tmp" / "trainer_state.pt")
     accuracies = [r["val_accuracy"] for r in _records(out) if "val_accuracy" in r]
-    assert state["best_accuracy"] == max(accuracies) and len(accuracies) == 2
+    assert state["best_accuracy"] == max(accuracies) and len(accuracies) == 1
     monkeypatch.setattr(checkpoint, "_replace_dir", real_replace)
 
     capsys.readouterr()
@@ -123,10 +123,10 @@ def test_killed_twice_and_resumed_equals_the_uninterrupted_run(easy_vqa_cache, r
     meta = lambda run: json.loads((run / "checkpoints/best/meta.json").read_text())  # noqa: E731
     assert meta(out)["epoch"] == meta(reference)["epoch"]
     assert meta(out)["best_val_accuracy"] == meta(reference)["best_val_accuracy"]
-    # Item 5: no repeated steps, and epoch 2's train_loss averages all its batches.
+    # Item 5: no repeated steps, and epoch 1's train_loss averages all its batches.
     assert _records(out) == _records(reference)
     steps = [r["step"] for r in _records(out) if r["kind"] == "train"]
-    assert steps == sorted(set(steps)) == list(range(1, 10))
+    assert steps == sorted(set(steps)) == list(range(1, 7))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_resume_refuses_changes_to_the_model_or_data_and_names_them(easy_vqa_cac
     training.prepare_run_dir(run, resume=True, overwrite=False,
                              config=_config(easy_vqa_cache, **{"train.epochs": 5, "data.num_workers": 1}))
     err = capsys.readouterr().err
-    assert "train.epochs: 3 -> 5 (safe to change on resume)" in err and "data.num_workers: 0 -> 1" in err
+    assert "train.epochs: 2 -> 5 (safe to change on resume)" in err and "data.num_workers: 0 -> 1" in err
 
 
 # ----------------------------------------------------------------------------------------------

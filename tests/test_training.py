@@ -141,7 +141,7 @@ def _ddp_worker(rank: int, world: int, port: int, cache: str, out: str) -> None:
 
 def test_ddp_two_cpu_processes_keep_identical_weights(easy_vqa_cache, tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(easy_vqa_cache), str(tmp_path)), nprocs=2)
-    zero, one = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in zero:
         assert torch.equal(zero[key], one[key]), key
     assert (tmp_path / "run/checkpoints/last/model.safetensors").is_file()
