@@ -332,3 +332,16 @@ def test_inf_features_in_the_training_store_name_the_image_and_what_is_kept(easy
     assert f"features of image {image_id} in " in message and f"images " in message
     assert "no checkpoint had been written yet" in message and "is kept" not in message
     assert isinstance(caught.value, UserError)
+
+
+def test_a_kill_between_the_renames_of_an_overwrite_is_repaired(tmp_path, capsys):
+    from vqa_align.run_folder import mark_run_folder, recover_run_swap
+
+    out, old, new = tmp_path / "run", tmp_path / "run.old", tmp_path / "run.new"
+    for folder, text in ((old, "old"), (new, "new")):
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "config.yaml").write_text(text)
+        mark_run_folder(folder)
+    recover_run_swap(out)
+    assert (out / "config.yaml").read_text() == "new" and not old.exists() and not new.exists()
+    assert "moved the new run into place" in capsys.readouterr().err
