@@ -629,7 +629,8 @@ class Trainer:
             detail = next((line.strip() for line in first if "size mismatch" in line or "Missing" in line
                            or "Unexpected" in line), first[0] if first else "")
             raise CheckpointError(f"--resume: {ckpt / WEIGHTS_FILE} does not match the run's config ({detail})") from None
-        state = load_trainer_state(ckpt / TRAINER_STATE_FILE, self.device)
+        # On the CPU: RNG states must be CPU tensors; the optimizer moves its state to the parameters.
+        state = load_trainer_state(ckpt / TRAINER_STATE_FILE, "cpu")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
