@@ -121,9 +121,9 @@ def test_killed_twice_and_resumed_equals_the_uninterrupted_run(easy_vqa_cache, r
 
     _assert_same_weights(out / "checkpoints/last", reference / "checkpoints/last")
     _assert_same_weights(out / "checkpoints/best", reference / "checkpoints/best")
-    meta = lambda run: json.loads((run / "checkpoints/best/meta.json").read_text())  # noqa: E731
-    assert meta(out)["epoch"] == meta(reference)["epoch"]
-    assert meta(out)["best_val_accuracy"] == meta(reference)["best_val_accuracy"]
+    best_meta, reference_meta = (json.loads((run / "checkpoints/best/meta.json").read_text()) for run in (out, reference))
+    assert best_meta["epoch"] == reference_meta["epoch"]
+    assert best_meta["best_val_accuracy"] == reference_meta["best_val_accuracy"]
     # Item 5: no repeated steps, and epoch 1's train_loss averages all its batches.
     assert _records(out) == _records(reference)
     steps = [r["step"] for r in _records(out) if r["kind"] == "train"]
@@ -330,7 +330,7 @@ def test_inf_features_in_the_training_store_name_the_image_and_what_is_kept(easy
     with pytest.raises(TrainingError) as caught:
         train_from_config(_config(cache, **{"train.epochs": 1}), tmp_path / "run")
     message = str(caught.value)
-    assert f"features of image {image_id} in " in message and f"images " in message
+    assert f"features of image {image_id} in " in message and "images " in message
     assert "no checkpoint had been written yet" in message and "is kept" not in message
     assert isinstance(caught.value, UserError)
 
