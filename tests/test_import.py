@@ -21,6 +21,7 @@ import torch
 
 from vqa_align.checkpoint import CheckpointError, load_checkpoint
 from vqa_align.config import Config
+from vqa_align.errors import UserError
 from vqa_align.cli import main as cli_main
 from vqa_align.importers import ImportFailure, import_checkpoint, read_state_dict
 from vqa_align.model import MCANLayerNorm
@@ -353,8 +354,18 @@ def test_existing_output_is_kept_without_overwrite(files):
     with pytest.raises(ImportFailure, match="exists and is not empty; pass --overwrite"):
         import_checkpoint("mcan-vqa", ckpt, files["questions"], files["answers"], out, num_heads=HEADS)
     assert (out / "notes.txt").read_text() == "mine"
-    import_checkpoint("mcan-vqa", ckpt, files["questions"], files["answers"], out, num_heads=HEADS, overwrite=True)
-    assert not (out / "notes.txt").exists() and (out / "checkpoints" / "last" / "model.safetensors").is_file()
+    # --overwrite never deletes a folder vqa-align did not write (issue 21): refused, nothing lost.
+    with pytest.raises(UserError, match="has no .vqa-align-run marker"):
+        import_checkpoint("mcan-vqa", ckpt, files["questions"], files["answers"], out, num_heads=HEADS, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    # An imported run is a marked run folder, so a second import may replace it.
+    run = files["root"] / "run2"
+    import_checkpoint("mcan-vqa", ckpt, files["questions"], files["answers"], run, num_heads=HEADS)
+    first = (run / "checkpoints" / "last" / "model.safetensors").stat().st_mtime_ns
+    import_checkpoint("mcan-vqa", ckpt, files["questions"], files["answers"], run, num_heads=HEADS, overwrite=True)
+    assert (run / ".vqa-align-run").is_file()
+    assert (run / "checkpoints" / "last" / "model.safetensors").stat().st_mtime_ns >= first
+    assert not run.with_name("run2.replaced").exists() and not run.with_name("run2.importing").exists()
 
 
 # --- the imported run in the rest of vqa-align --------------------------------------------------

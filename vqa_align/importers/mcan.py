@@ -38,6 +38,7 @@ from torch import Tensor
 from vqa_align.config import Config, ConfigError, apply_overrides, config_from_dict, save_config
 from vqa_align.errors import UserError
 from vqa_align.vqa_data import PAD_TOKEN, UNK_TOKEN, tokenize_question, word_level_tokenizer
+from vqa_align.run_folder import check_replaceable, mark_run_folder
 
 MAX_TOKENS = 14  # MAX_TOKEN of both code bases: questions are cut after 14 words
 MAX_REGIONS = 100  # IMG_FEAT_PAD_SIZE: at most 100 regions per image
@@ -454,8 +455,10 @@ def import_checkpoint(
     from vqa_align.checkpoint import save_checkpoint
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ImportFailure(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ImportFailure(f"{out} exists and is not empty; pass --overwrite to replace it")
+        check_replaceable(out)  # only a run folder vqa-align wrote, holding only its files
     imported = convert_checkpoint(flavour_name, checkpoint, question_files, answer_dict,
                                   num_heads=num_heads, data_overrides=data_overrides)
     model = build_model(imported)
@@ -465,8 +468,10 @@ def import_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".importing")
     if tmp.exists():
+        check_replaceable(tmp, option="cleanup")  # a leftover of an interrupted import
         shutil.rmtree(tmp)
     tmp.mkdir()
+    mark_run_folder(tmp)
     try:
         save_config(imported.config, tmp / "config.yaml")
         save_checkpoint(tmp / "checkpoints" / "last", model, imported.config, imported.answers, tokenizer,
@@ -474,6 +479,7 @@ def import_checkpoint(
         if out.exists():
             old = out.with_name(out.name + ".replaced")
             if old.exists():
+                check_replaceable(old, option="cleanup")
                 shutil.rmtree(old)
             os.replace(out, old)
             os.replace(tmp, out)
