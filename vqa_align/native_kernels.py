@@ -13,9 +13,11 @@ pass, in place where it can, with the bias adds and column sums folded in. On CP
 ``csrc/aligner_blocks.cpp`` goes further: it runs every layer of a block of rows (and CT's
 transport of one sample and head) in the cache, so the intermediates never reach memory.
 
-The kernels are compiled on first use with :func:`torch.utils.cpp_extension.load` (10–30 s once,
-then cached in ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) for the host CPU
-(``-march=native``; the cache name includes the CPU's flags). Where that is impossible (no C++
+The kernels are compiled on first use with :func:`torch.utils.cpp_extension.load` (30-90 s once, said
+on stderr, then cached in ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) for the
+host CPU (``-march=native``). The cache entry is named by a hash of the sources' content, the flags,
+the CPU's flags and the toolchain (:func:`extension_name`), so checkouts with the same sources share
+one build and different ones never collide. Where that is impossible (no C++
 compiler) the PyTorch versions below run instead, with one warning; they compute the same
 functions and are what the tests compare the kernels against. ``VQA_ALIGN_NATIVE_KERNELS=0`` turns
 the kernels off.
@@ -33,6 +35,9 @@ import logging
 import os
 import platform
 import shutil
+import sys
+import sysconfig
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -261,24 +266,81 @@ def enabled_by_environment() -> bool:
     return value not in ("0", "false", "off")
 
 
+def extension_name(sources: dict[str, bytes], cflags: list[str], host: tuple[str, ...] = ()) -> str:
+    """``vqa_align_glue_<hash>``: the hash covers what the build depends on (the sources' names and
+    content, the compiler flags, the host CPU's flags for -march=native, the compiler, torch and
+    Python), not where the checkout lies: two checkouts with the same sources share one build,
+    different sources or flags never overwrite each other's."""
+    digest = hashlib.sha256()
+    for file_name in sorted(sources):
+        digest.update(file_name.encode() + b"\0" + hashlib.sha256(sources[file_name]).digest())
+    toolchain = [os.environ.get("CXX", "c++"), torch.__version__, platform.python_version()]
+    for part in (cflags, host, toolchain):
+        digest.update(b"\0".join(str(x).encode() for x in part) + b"\1")
+    return f"vqa_align_glue_{digest.hexdigest()[:16]}"
+
+
+def stage_sources(sources: dict[str, bytes], folder: Path) -> list[Path]:
+    """Write the sources into ``folder`` (once; atomically) and return their paths there.
+
+    torch compiles with ninja, whose build file names each source by its absolute path: compiling
+    from the checkout would give each checkout its own build file, and each would rebuild the
+    other's kernels. Compiled from this folder inside the (content-keyed) build directory, every
+    checkout with the same sources issues the very same build.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for file_name, content in sorted(sources.items()):
+        path = folder / file_name
+        if not path.is_file() or path.read_bytes() != content:
+            tmp = folder / f".{file_name}.{os.getpid()}.tmp"
+            tmp.write_bytes(content)
+            os.replace(tmp, path)  # another process may read it while we write: never half a file
+        paths.append(path)
+    return paths
+
+
+def _build_directory(cpp_extension, name: str) -> Path:
+    """torch's build directory for ``name`` ($TORCH_EXTENSIONS_DIR/name, else its default root)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        try:
+            return Path(cpp_extension._get_build_directory(name, verbose=False))
+        except AttributeError:  # a torch without the private helper: its documented default root
+            root = cpp_extension.get_default_build_root()
+    return Path(root) / name
+
+
+def build_and_load(cpp_extension, name: str, sources: dict[str, bytes], echo=None) -> None:
+    """Compile (where no build exists) and load the extension, saying so when it compiles."""
+    echo = echo or (lambda text: print(text, file=sys.stderr, flush=True))
+    build_dir = _build_directory(cpp_extension, name)
+    library = build_dir / f"{name}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
+    compiling = not library.exists()
+    if compiling:
+        echo(f"vqa_align: compiling the C++ CPU kernels in {build_dir} (first use only, 30-90 s)...")
+    start = time.perf_counter()
+    paths = stage_sources(sources, build_dir / "sources")
+    cpp_extension.load(
+        name=name, sources=[str(p) for p in paths], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir), is_python_module=False,
+    )
+    if compiling:
+        echo(f"vqa_align: C++ CPU kernels built in {time.perf_counter() - start:.0f} s (cached for later runs)")
+
+
 @functools.cache
 def load_native() -> bool:
     """Compile (first time) and load the C++ kernels; False, with one warning, where that fails."""
-    source = b"".join(path.read_bytes() for path in SOURCES)
-    # The build is specific to this source, its flags and the host CPU (-march=native).
-    tag = hashlib.sha256(source + " ".join(_CFLAGS).encode() + " ".join(cpu_flags()).encode()).hexdigest()[:12]
-    name = f"vqa_align_glue_{tag}"
+    sources = {path.name: path.read_bytes() for path in SOURCES}
+    name = extension_name(sources, _CFLAGS, cpu_flags())
     try:
         cpp_extension = _import_cpp_extension()
         if shutil.which("ninja") is None:  # the `ninja` wheel (a dependency) lives next to this Python
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        log.info("loading the C++ CPU kernels %s (the first use compiles them, 10-30 s)", name)
-        cpp_extension.load(
-            name=name, sources=[str(p) for p in SOURCES], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
+        build_and_load(cpp_extension, name, sources)
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a broken toolchain: fall back
         detail = " ".join(str(error).split())[-400:]  # the compiler's own message comes last
         warnings.warn(
