@@ -96,7 +96,11 @@ def read_h5(path: str | Path, ids_json: str | Path | None = None) -> Iterator[Im
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"HDF5 file not found: {path}")
-    with h5py.File(path, "r") as f:
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:  # h5py's message does not name the file
+        raise DataFormatError(f"{path}: not a readable HDF5 file ({err})") from None
+    with handle as f:
         for name in ("image_features", "image_bb"):
             if name not in f:
                 raise DataFormatError(f"{path}: missing dataset {name!r} (have {sorted(f.keys())})")

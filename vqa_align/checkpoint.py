@@ -264,8 +264,8 @@ def load_config_of(path: str | Path) -> Config:
         return config_from_dict(data)
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt}: missing {CONFIG_FILE}") from None
-    except (yaml.YAMLError, ConfigError) as err:
-        raise CheckpointError(f"{ckpt / CONFIG_FILE}: {err}") from None
+    except (yaml.YAMLError, ConfigError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: {' '.join(str(err).split())}") from None
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -290,8 +290,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     config = load_config_of(ckpt)
     try:
         answers = json.loads((ckpt / ANSWERS_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as err:
+    except (FileNotFoundError, ValueError) as err:  # ValueError: bad JSON, not UTF-8
         raise CheckpointError(f"{ckpt / ANSWERS_FILE}: {err}") from None
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise CheckpointError(f"{ckpt / ANSWERS_FILE}: expected a JSON list of answer strings")
     if len(answers) != config.model.num_answers:
         raise CheckpointError(
             f"{ckpt}: {ANSWERS_FILE} has {len(answers)} answers but config says model.num_answers={config.model.num_answers}"

@@ -9,12 +9,61 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import sys
+import typing
 from typing import Callable
 
 from vqa_align.errors import UserError
 
 __all__ = ["UserError", "build_parser", "main"]
+
+DEBUG_SWITCH = "VQA_ALIGN_DEBUG"  # 1: tracebacks also for the user's errors
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``vqa-align eval: error: argument ...; see --help``)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind: type, low: float, high: float | None = None, what: str = "") -> Callable[[str], int | float]:
+    """argparse type: an int or a finite float in [low, high], else a message naming the value."""
+    noun = "an integer" if kind is int else "a finite number"
+    rule = what or (f"{noun} >= {low}" if high is None else f"{noun} in [{low}, {high}]")
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+COUNT = _number(int, 0)
+NON_NEGATIVE = _number(float, 0.0)
+PORT = _number(int, 1, 65535, "a TCP port in [1, 65535]")
+MC_SAMPLES = _number(int, 0, what="0 (off) or >= 2")
+
+
+def _mc_samples(text: str) -> int:
+    value = MC_SAMPLES(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("must be 0 (off) or >= 2 (a t-test needs two samples), got '1'")
+    return int(value)
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _handler(module: str, function: str) -> Callable[[argparse.Namespace], int | None]:
@@ -72,11 +121,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint (VQA accuracy, calibration, PAvPU, noise)")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    p.add_argument("--split", default="val", help="split to evaluate (val, test, ...)")
+    p.add_argument("--split", default="val", type=_non_empty, help="split to evaluate (val, test, ...)")
     p.add_argument("--results-out", help="write answers in the official submission format")
-    p.add_argument("--noise-std", type=float, default=0.0, help="add N(0, s^2) noise to region features")
-    p.add_argument("--mc-samples", type=int, default=0, help="MC-dropout samples for PAvPU (paper: 20)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--noise-std", type=NON_NEGATIVE, default=0.0, help="add N(0, s^2) noise to region features")
+    p.add_argument("--mc-samples", type=_mc_samples, default=0, help="MC-dropout samples for PAvPU (paper: 20)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=256)
     p.add_argument("--out", help="folder for the metrics JSON and the reliability diagram")
     p.set_defaults(func=_handler("vqa_align.evaluation", "run_eval"))
 
@@ -85,10 +134,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="answer one question about one image, as JSON")
     p.add_argument("--checkpoint", help="run or checkpoint folder (default: the quickstart's)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image-id", type=int, help="an image of the prepared feature store")
+    src.add_argument("--image-id", type=COUNT, help="an image of the prepared feature store")
     src.add_argument("--image", help="an RGB image file (models trained on built-in regions only)")
-    p.add_argument("--question", required=True)
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--question", required=True, type=_non_empty)
+    p.add_argument("--top-k", type=POSITIVE_INT, default=5, help="answers listed (>= 1)")
     p.set_defaults(func=_handler("vqa_align.inference", "run_predict"))
 
 
@@ -104,8 +153,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="launch the Gradio app")
     p.add_argument("--checkpoint", help="run or checkpoint folder (default: the quickstart's)")
     p.add_argument("--compare", help="second checkpoint shown side by side")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", type=_non_empty)
+    p.add_argument("--port", type=PORT, default=7860)
     p.set_defaults(func=_handler("vqa_align_app.main", "run_demo"))
 
 
@@ -145,7 +194,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vqa-align",
         description="Visual question answering with alignment attention (MCAN + AA-CT/GAN/OT).",
     )
@@ -156,14 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The error as one line; an OSError names its file (h5py's, the OS's)."""
+    if isinstance(err, OSError) and not isinstance(err, UserError) and err.strerror:
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the user's errors are one line on stderr (exit 2), bugs keep their traceback.
+
+    User errors: UserError / ConfigError (bad values, files, data), and OSError (a path that does not
+    exist or cannot be written, a full disk, a file that is not HDF5). Anything else is a bug in
+    vqa-align and is raised with its traceback. ``VQA_ALIGN_DEBUG=1`` shows tracebacks for all.
+    """
     from vqa_align.config import ConfigError
 
     args = build_parser().parse_args(argv)
+    debug = os.environ.get(DEBUG_SWITCH, "").strip() not in ("", "0")
     try:
         result = args.func(args)
-    except (UserError, ConfigError, FileNotFoundError, FileExistsError) as err:
-        print(f"vqa-align {args.command}: error: {err}", file=sys.stderr)
+    except (UserError, ConfigError, OSError) as err:
+        if debug:
+            raise
+        print(f"vqa-align {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vqa-align {args.command}: interrupted", file=sys.stderr)

@@ -8,6 +8,8 @@ wrong types are errors that name the offending key, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +25,32 @@ ALIGNMENT_MODULES = ("sa_question", "sa_image", "sga_guided")
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it."""
+
+
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps)(:\d+)?")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise ConfigError ``key: must be <rule>, got <value>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def _at_least(section: Any, where: str, low: int, *keys: str) -> None:
+    """Each of ``keys`` (None allowed: unset) is >= ``low``."""
+    for key in keys:
+        value = getattr(section, key)
+        _require(value is None or value >= low, f"{where}.{key}", value, f">= {low}")
+
+
+def _check_fields(section: Any, where: str) -> None:
+    """Types, choices and finiteness of every field, also for configs built in code (not from YAML)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        if not dataclasses.is_dataclass(hints[f.name]):
+            _check_value(getattr(section, f.name), hints[f.name], f"{where}.{f.name}" if where else f.name)
 
 
 @dataclass
@@ -47,24 +75,16 @@ class AlignmentConfig:
     ot_iterations: int = 50
     ot_cost: Literal["sqeuclidean", "cosine"] = "sqeuclidean"
 
-    def validate(self) -> None:
-        if self.method not in ALIGNMENT_METHODS:
-            raise ConfigError(f"model.alignment.method: {self.method!r} is not one of {ALIGNMENT_METHODS}")
-        for name in self.modules:
-            if name not in ALIGNMENT_MODULES:
-                raise ConfigError(f"model.alignment.modules: {name!r} is not one of {ALIGNMENT_MODULES}")
-        if self.helper_precision not in HELPER_PRECISIONS:
-            raise ConfigError(
-                f"model.alignment.helper_precision: {self.helper_precision!r} is not one of {HELPER_PRECISIONS}"
-            )
-        if self.weight < 0:
-            raise ConfigError(f"model.alignment.weight must be >= 0, got {self.weight}")
-        if self.gan_leaky_slope < 0:
-            raise ConfigError(f"model.alignment.gan_leaky_slope must be >= 0, got {self.gan_leaky_slope}")
-        if not 0.0 <= self.ct_rho <= 1.0:
-            raise ConfigError(f"model.alignment.ct_rho must lie in [0, 1], got {self.ct_rho}")
-        if self.ot_epsilon <= 0 or self.ot_iterations < 1:
-            raise ConfigError("model.alignment.ot_epsilon must be > 0 and ot_iterations >= 1")
+    def validate(self, where: str = "model.alignment") -> None:
+        _check_fields(self, where)
+        for i, name in enumerate(self.modules):
+            _require(name in ALIGNMENT_MODULES, f"{where}.modules[{i}]", name, f"one of {list(ALIGNMENT_MODULES)}")
+        _require(len(set(self.modules)) == len(self.modules), f"{where}.modules", self.modules, "no repeats")
+        _at_least(self, where, 0, "weight", "gan_leaky_slope")
+        _require(self.gan_leaky_slope < 1, f"{where}.gan_leaky_slope", self.gan_leaky_slope, "< 1")
+        _at_least(self, where, 1, "helper_hidden", "helper_out", "ot_iterations")
+        _require(0.0 <= self.ct_rho <= 1.0, f"{where}.ct_rho", self.ct_rho, "in [0, 1]")
+        _require(self.ot_epsilon > 0, f"{where}.ot_epsilon", self.ot_epsilon, "> 0")
 
 
 @dataclass
@@ -100,17 +120,19 @@ class ModelConfig:
     num_answers: int = 0  # filled from the answer vocabulary
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
 
-    def validate(self) -> None:
+    def validate(self, where: str = "model") -> None:
+        _check_fields(self, where)
+        _at_least(self, where, 1, "hidden_size", "num_heads", "ffn_size", "num_layers", "flat_mlp_size", "flat_size",
+                  "flat_glimpses", "feature_dim", "word_embed_dim")
+        _at_least(self, where, 0, "classifier_hidden", "minilm_freeze_epochs", "vocab_size", "num_answers")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
-                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+                f"{where}.hidden_size ({self.hidden_size}) must be divisible by {where}.num_heads ({self.num_heads})"
             )
-        for key in ("hidden_size", "num_heads", "ffn_size", "num_layers", "flat_size", "feature_dim"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
-        self.alignment.validate()
+        _require(0.0 <= self.dropout < 1.0, f"{where}.dropout", self.dropout, "in [0, 1)")
+        _require(self.glove_path is None or self.glove_path.strip() != "", f"{where}.glove_path", self.glove_path,
+                 "a file path or null")
+        self.alignment.validate(f"{where}.alignment")
 
 
 @dataclass
@@ -139,11 +161,21 @@ class DataConfig:
     resident: bool = False
     skip_missing: bool = False  # drop questions whose image lacks features, with a counted warning
 
-    def validate(self) -> None:
-        if self.max_question_tokens < 1 or self.max_regions < 1:
-            raise ConfigError("data.max_question_tokens and data.max_regions must be >= 1")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+    def validate(self, where: str = "data") -> None:
+        _check_fields(self, where)
+        _at_least(self, where, 1, "answer_min_count", "max_question_tokens", "max_regions", "subset", "eval_subset",
+                  "easy_vqa_limit")
+        _at_least(self, where, 0, "num_workers")
+        for key in ("cache_dir", "features"):
+            value = getattr(self, key)
+            _require(value is None or value.strip() != "", f"{where}.{key}", value, "a path or null")
+        for split in ("train", "val"):
+            questions, annotations = getattr(self, f"{split}_questions"), getattr(self, f"{split}_annotations")
+            if annotations and len(annotations) != len(questions):
+                raise ConfigError(
+                    f"{where}.{split}_annotations has {len(annotations)} file(s) but {where}.{split}_questions has "
+                    f"{len(questions)}: give one annotations file per questions file"
+                )
 
 
 @dataclass
@@ -179,15 +211,25 @@ class TrainConfig:
     # page-faulting it back (vqa_align/host_memory.py; measured -5 % on an MCAN-small CT step).
     keep_freed_memory: bool = True
 
-    def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
-            raise ConfigError("train.epochs, train.batch_size and train.grad_accumulation must be >= 1")
+    def validate(self, where: str = "train") -> None:
+        _check_fields(self, where)
+        _at_least(self, where, 1, "epochs", "batch_size", "grad_accumulation", "eval_every_epochs", "log_every_steps")
+        # max_steps 0: set the run up (model, vocabularies, checkpoint) without a training step.
+        _at_least(self, where, 0, "warmup_epochs", "checkpoint_every_steps", "weight_decay", "max_steps")
+        for key in ("lr", "eps", "grad_clip"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"{where}.{key}", value, "> 0")
+        _require(len(self.betas) == 2, f"{where}.betas", self.betas, "two values [beta1, beta2]")
+        for i, beta in enumerate(self.betas):
+            _require(0.0 <= beta < 1.0, f"{where}.betas[{i}]", beta, "in [0, 1)")
+        for i, epoch in enumerate(self.decay_epochs):
+            _require(epoch >= 0, f"{where}.decay_epochs[{i}]", epoch, ">= 0 (a 0-based epoch index)")
+        _require(0.0 < self.decay_factor <= 1.0, f"{where}.decay_factor", self.decay_factor, "in (0, 1]")
+        _require(0 <= self.seed <= MAX_SEED, f"{where}.seed", self.seed, f"in [0, {MAX_SEED}]")
+        _require(self.device == "auto" or DEVICE_PATTERN.fullmatch(self.device) is not None, f"{where}.device",
+                 self.device, "auto, cpu, cuda, cuda:N or mps")
         if self.cuda_graphs and self.grad_accumulation != 1:
-            raise ConfigError("train.cuda_graphs needs train.grad_accumulation: 1 (a graph holds one whole step)")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"train.betas must have two values, got {self.betas}")
+            raise ConfigError(f"{where}.cuda_graphs needs {where}.grad_accumulation: 1 (a graph holds one whole step)")
 
 
 @dataclass
@@ -198,6 +240,10 @@ class Config:
     name: str = "run"
 
     def validate(self) -> "Config":
+        _check_fields(self, "")
+        # The name is the default run folder (runs/<name>) and part of experiment folders' names.
+        _require(NAME_PATTERN.fullmatch(self.name) is not None and self.name not in (".", ".."), "name", self.name,
+                 "letters, digits, '.', '_' or '-' (it names the run folder)")
         self.model.validate()
         self.data.validate()
         self.train.validate()
@@ -254,6 +300,8 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -266,11 +314,11 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"unknown config key(s) {', '.join(prefix + str(k) for k in unknown)}; "
             f"valid keys{' of ' + where if where else ''}: {', '.join(sorted(names))}"
         )
     kwargs = {}
@@ -338,17 +386,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML text file (it is not UTF-8 text)") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     data = apply_overrides(data, overrides or [])
     try:
-        return config_from_dict(data)
+        config = config_from_dict(data)
     except ConfigError as err:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{err}") from None
+    check_device_available(config.train.device)
+    return config
+
+
+def check_device_available(device: str) -> None:
+    """Refuse a ``train.device`` this machine does not have (configs are checked when a run is set up,
+    not when a checkpoint trained elsewhere is loaded for inference)."""
+    match = DEVICE_PATTERN.fullmatch(device)
+    if match is None:
+        return  # "auto" (syntax was checked by TrainConfig.validate)
+    import torch
+
+    kind, index = match.group(1), int(match.group(2)[1:]) if match.group(2) else 0
+    if kind == "cuda" and (not torch.cuda.is_available() or index >= torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA GPU"
+        raise ConfigError(f"train.device {device!r}: this machine has {have}; use --set train.device=auto or cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device {device!r}: MPS is not available here; use --set train.device=auto or cpu")
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import torch
 
 from vqa_align.calibration import calibration_table, noise_features, pavpu, reliability_diagram
 from vqa_align.checkpoint import load_checkpoint
+from vqa_align.errors import UserError
+from vqa_align.finite import check_output
 from vqa_align.model import MODEL_INPUTS
 from vqa_align.vqa_eval import evaluate as official_evaluate
 from vqa_align.vqa_eval import question_accuracy
@@ -35,6 +38,25 @@ def _official_inputs(records: list[Any], results: list[dict[str, Any]]) -> tuple
         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(r.answers)],
     } for r in records]}
     return questions, annotations
+
+
+def check_eval_options(batch_size: int, noise_std: float, mc_samples: int) -> None:
+    """The options of ``vqa-align eval`` (also checked when the function is called from Python)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std) or noise_std < 0:
+        raise UserError(f"--noise-std must be a finite number >= 0, got {noise_std!r}")
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0 or mc_samples == 1:
+        raise UserError(f"--mc-samples must be 0 (off) or >= 2 (a t-test needs two samples), got {mc_samples!r}")
+
+
+def dropout_rates(model: torch.nn.Module) -> list[float]:
+    """The dropout probabilities in ``model``: dropout layers and attention-weight dropout."""
+    rates = [float(m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    # Attention modules apply dropout to their weights functionally (a float attribute, no layer).
+    rates += [float(m.dropout) for m in model.modules()
+              if isinstance(getattr(m, "dropout", None), float) and not isinstance(m, torch.nn.Dropout)]
+    return rates
 
 
 @torch.no_grad()
@@ -56,8 +78,17 @@ def evaluate_checkpoint(
     """
     from vqa_align.data import build_data, make_loader
 
+    check_eval_options(batch_size=batch_size, noise_std=noise_std, mc_samples=mc_samples)
     ckpt = load_checkpoint(checkpoint, device=device)
     model, answers = ckpt.model, ckpt.answers
+    if mc_samples > 0 and max(dropout_rates(model), default=0.0) == 0.0:
+        # Refused rather than reported: every sample would be the same prediction, so the t-test
+        # never finds an answer certain and PAvPU would only be the error rate under another name.
+        raise UserError(
+            f"--mc-samples {mc_samples}: the model in {ckpt.path} has no dropout (model.dropout: "
+            f"{ckpt.config.model.dropout}), so all MC-dropout samples are identical and PAvPU is meaningless; "
+            "leave --mc-samples out for this model"
+        )
     bundle = build_data(ckpt.config.data, [split], tokenizer=ckpt.tokenizer, answers=answers)
     dataset = bundle.datasets[split]
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=0, bucket=True, pin_memory=False)
@@ -72,7 +103,10 @@ def evaluate_checkpoint(
         if noise_std > 0:
             inputs["features"] = noise_features(inputs["features"], inputs["region_counts"], noise_std, generator)
         model.eval()
-        probs = model(**inputs).logits.float().softmax(-1)  # (B, A)
+        logits = model(**inputs).logits
+        check_output(logits, model, inputs["features"], inputs["region_counts"], batch["image_ids"].tolist(),
+                     ckpt.path, ckpt.config.data.features)
+        probs = logits.float().softmax(-1)  # (B, A)
         confidence, top = probs.max(-1)
         predicted = [answers[i] for i in top.tolist()]
         ids = batch["question_ids"].tolist()

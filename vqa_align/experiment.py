@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vqa_align.config import ALIGNMENT_METHODS, ALIGNMENT_MODULES, Config, load_config
+from vqa_align.config import ALIGNMENT_METHODS, ALIGNMENT_MODULES, MAX_SEED, Config, load_config
 from vqa_align.errors import UserError
 
 EVAL_SPLIT = "val"
@@ -82,6 +82,9 @@ def parse_seeds(text: str) -> list[int]:
         raise UserError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
     if not seeds:
         raise UserError(f"--seeds {text!r}: give at least one seed")
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise UserError(f"--seeds {text!r}: seeds must lie in [0, {MAX_SEED}], got {bad[0]}")
     return list(dict.fromkeys(seeds))
 
 

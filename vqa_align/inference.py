@@ -38,6 +38,7 @@ import torch
 from vqa_align.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from vqa_align.config import Config
 from vqa_align.errors import UserError
+from vqa_align.finite import check_output
 
 # Module kinds, in the order the app lists them, with the names the app shows.
 KIND_LABELS = {
@@ -485,6 +486,10 @@ class Predictor:
             region_counts=torch.tensor([num_regions], device=self.device),
         )
         output, diagnostics = self.model.diagnose(**inputs)
+        # A damaged store or checkpoint would answer with probability NaN: name the cause instead.
+        check_output(output.logits, self.model, inputs["features"], inputs["region_counts"],
+                     ["upload" if image_id is None else image_id], self.path,
+                     self.store.path if image_id is not None and self.store is not None else None)
         probs = output.logits[0].float().softmax(-1)
         k = max(1, min(int(top_k), len(self.answers)))
         top_p, top_i = probs.topk(k)

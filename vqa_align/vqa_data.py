@@ -214,7 +214,13 @@ def load_tokenizer(folder: str | Path) -> Any:
     """Load a tokenizer saved with ``save_pretrained`` (offline: a local folder only)."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - transformers/tokenizers raise many types for a damaged file
+        detail = " ".join(str(err).split())[:200]
+        raise DataFormatError(
+            f"{Path(folder) / 'tokenizer.json'}: cannot read the saved tokenizer ({type(err).__name__}: {detail})"
+        ) from None
 
 
 def encode_questions(
