@@ -9,19 +9,22 @@ Events (also the HTTP / ``gradio_client`` API):
     /answer   (question, image_id, upload, compare, kind, layer, head, metric, shading, focus)
     /view     the same selection, re-drawn from the last prediction of the session (no model call)
     /load_compare (checkpoint path) -> status message
+Every input but the question is optional for API clients (defaults: the page's initial values).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from vqa_align.checkpoint import CheckpointError
+from vqa_align.checkpoint import WEIGHTS_FILE, CheckpointError, resolve_checkpoint
 from vqa_align.errors import UserError
 from vqa_align.inference import (
     KIND_LABELS,
@@ -46,7 +49,8 @@ CONCURRENCY = 2  # two CPU cores: one request per core (each runs single-threade
 # Errors written for the person using the app; other ValueErrors are shown too but also logged,
 # anything else is a bug: logged with its traceback on the server, summarised in the page.
 EXPECTED_ERRORS = (InputError, CheckpointError, UserError, FileNotFoundError)
-MAX_FILE_SIZE = "50mb"  # uploads above this are refused by Gradio before they reach the model
+MAX_FILE_SIZE = "50mb"
+COMPARE_TTL_S = 3600  # a tab's comparison model is let go after this long without a change  # uploads above this are refused by Gradio before they reach the model
 
 CSS = """
 #message {min-height: 1.5em}
@@ -56,13 +60,15 @@ CSS = """
 
 
 def _error_text(err: BaseException) -> str:
+    """The message shown in the page (server paths cut to their file names; the log keeps them)."""
     if isinstance(err, EXPECTED_ERRORS):
-        return f"⚠️ **{err}**"
+        return f"⚠️ **{public_text(str(err))}**"
     if isinstance(err, ValueError):
         log.warning("request failed: %s", err, exc_info=err)
-        return f"⚠️ **{err}**"
+        return f"⚠️ **{public_text(str(err))}**"
     log.error("unexpected error while serving a request", exc_info=err)
-    return f"⚠️ **Internal error ({type(err).__name__}: {err}).** The app is still running; see the server log."
+    return (f"⚠️ **Internal error ({type(err).__name__}: {public_text(str(err))}).** The app is still running; "
+            "see the server log.")
 
 
 def _notes_text(pred: Prediction, label: str = "") -> str:
@@ -85,25 +91,53 @@ def _focus_choices(pred: Prediction | None) -> list[str]:
     return [ALL_WORDS] + [f"{i}: {t}" for i, t in enumerate(tokens)]
 
 
-class CompareCache:
-    """Comparison checkpoints, loaded once per path and shared by all sessions."""
+class CompareModels:
+    """Comparison checkpoints: each browser tab holds its own (in a ``gr.State``); tabs naming the
+    same checkpoint share one copy through a weak map, so a model is freed once no tab holds it.
 
-    def __init__(self) -> None:
+    Paths are resolved (``~``, ``.``, ``..``, symlinks, a run folder -> its checkpoint), so every
+    spelling of one checkpoint is one model; the key includes the weights' modification time, so a
+    checkpoint rewritten by training is loaded afresh. The ``--compare`` model of the command line is
+    pinned for the life of the app.
+    """
+
+    def __init__(self, pinned: Predictor | None = None) -> None:
         self._lock = threading.Lock()
-        self._loaded: dict[str, Predictor] = {}
+        self._shared: weakref.WeakValueDictionary[tuple[Path, int], Predictor] = weakref.WeakValueDictionary()
+        self.pinned = pinned
+        if pinned is not None:
+            self._shared[self.key(pinned.path)] = pinned
 
-    def add(self, predictor: Predictor, *names: str) -> None:
-        for name in (str(predictor.path), *names):
-            self._loaded[name] = predictor
+    @staticmethod
+    def key(path: str | Path) -> tuple[Path, int]:
+        folder = resolve_checkpoint(Path(str(path).strip()).expanduser()).resolve()
+        return folder, (folder / WEIGHTS_FILE).stat().st_mtime_ns
 
-    def get(self, path: str) -> Predictor:
-        path = path.strip()
-        with self._lock:  # two sessions asking for the same new checkpoint load it once
-            if path not in self._loaded:
-                if not Path(path).expanduser().exists():
-                    raise InputError(f"comparison checkpoint not found: {path}")
-                self._loaded[path] = Predictor(Path(path).expanduser())
-            return self._loaded[path]
+    def get(self, path: str, current: tuple[tuple[Path, int], Predictor] | None = None
+            ) -> tuple[tuple[Path, int], Predictor]:
+        """(key, model) of ``path``: the tab's ``current`` one when it is that checkpoint."""
+        key = self.key(path)
+        if current is not None and current[0] == key:
+            return current
+        with self._lock:  # two tabs asking for the same new checkpoint load it once
+            model = self._shared.get(key)
+            if model is None:
+                model = Predictor(key[0])
+                self._shared[key] = model
+        return key, model
+
+    def __len__(self) -> int:
+        """Comparison models in memory (pinned or held by some tab)."""
+        return len(self._shared)
+
+
+# An absolute path (POSIX, or ~/...) in a message; the page gets its last part only.
+_SERVER_PATH = re.compile(r"(?<![\w:/.~])(?:~|/)(?:[^\s/'\"“”,;:()\[\]]*/)+([^\s/'\"“”,;:()\[\]]+)")
+
+
+def public_text(text: str) -> str:
+    """``text`` without the server's absolute paths (``/home/u/.cache/.../features.h5`` -> ``features.h5``)."""
+    return _SERVER_PATH.sub(lambda m: m.group(1), text)
 
 
 def build_app(
@@ -113,11 +147,8 @@ def build_app(
 ) -> gr.Blocks:
     """The app's Blocks for an already loaded ``predictor`` (and optional comparison model)."""
     examples = predictor.examples(12) if examples is None else list(examples)
-    cache = CompareCache()
-    compare_default = ""
-    if compare_predictor is not None:
-        compare_default = str(compare_predictor.path)
-        cache.add(compare_predictor)
+    cache = CompareModels(compare_predictor)
+    compare_default = str(compare_predictor.path) if compare_predictor is not None else ""
     cfg = predictor.config.model
     example_questions = {ex.question for ex in examples}
     gallery_items = []
@@ -142,12 +173,16 @@ def build_app(
 
     def failed(text: str) -> list[Any]:
         """Outputs of /answer after an error: the message, everything else cleared."""
-        # message, 2 states, label, focus, 6 main views, compare column, compare label, 3 compare views
+        # message, 2 states, label, focus, 6 main views, compare column, compare label, 3 compare views,
+        # the tab's comparison model
         return [text, None, None, None, gr.Dropdown(choices=_focus_choices(None), value=ALL_WORDS),
-                *[None] * 6, gr.skip(), None, *[None] * 3]
+                *[None] * 6, gr.skip(), None, *[None] * 3, gr.skip()]
 
-    def on_answer(question: str, image_id: float | None, upload: str | None, compare: str, kind: str, layer: int,
-                  head: int, metric: str, shading: str, focus: str) -> list[Any]:
+    # Defaults of None make the inputs optional for API clients (gradio_client, HTTP).
+    def on_answer(question: str, image_id: float | None = None, upload: str | None = None, compare: str | None = None,
+                  kind: str = "sga_guided", layer: int | None = None, head: int = 0, metric: str = "mmd2",
+                  shading: str = "glimpse", focus: str | None = None, tab_compare: Any = None) -> list[Any]:
+        layer = cfg.num_layers - 1 if layer is None else layer
         try:
             if upload:
                 pred = predictor.answer(question, image=upload)
@@ -161,7 +196,8 @@ def build_app(
         cmp = None
         if compare and compare.strip():
             try:
-                other = cache.get(compare)
+                tab_compare = cache.get(compare, tab_compare)
+                other = tab_compare[1]
                 cmp = other.answer(question, image=upload) if upload else other.answer(question, image_id=int(image_id))
                 messages.append(_notes_text(cmp, f"comparison ({other.name})") if cmp.notes != pred.notes else "")
             except Exception as err:  # noqa: BLE001
@@ -175,7 +211,7 @@ def build_app(
         message = "\n\n".join(m for m in messages if m) or f"Answered in {pred.elapsed_ms:.0f} ms."
         return [message, pred, cmp, _label_value(pred), gr.Dropdown(choices=_focus_choices(pred), value=focus),
                 *drawn[:6], gr.Column(visible=cmp is not None or compare_predictor is not None),
-                _label_value(cmp), *drawn[6:]]
+                _label_value(cmp), *drawn[6:], tab_compare]
 
     def on_view(pred: Prediction | None, cmp: Prediction | None, kind: str, layer: int, head: int, metric: str,
                 shading: str, focus: str) -> list[Any]:
@@ -204,16 +240,17 @@ def build_app(
             return None, None, _error_text(err)
         return None, rgb, "\n".join(f"ℹ️ {n}" for n in notes)
 
-    def on_load_compare(path: str) -> tuple[Any, ...]:
+    def on_load_compare(path: str | None = None, tab_compare: Any = None) -> tuple[Any, ...]:
         if not path or not path.strip():
-            return "Comparison off.", gr.Column(visible=False)
+            return "Comparison off.", gr.Column(visible=False), None  # the tab lets go of its model
         try:
-            other = cache.get(path)
+            tab_compare = cache.get(path, tab_compare)
         except Exception as err:  # noqa: BLE001
-            return _error_text(err), gr.skip()
+            return _error_text(err), gr.skip(), gr.skip()
+        other = tab_compare[1]
         m = other.config.model
-        return (f"✅ Loaded **{other.name}**: {m.alignment.method} alignment, {m.num_layers} layers × "
-                f"{m.num_heads} heads. Press *Answer* to compare."), gr.Column(visible=True)
+        return (f"✅ Loaded **{public_text(other.name)}**: {m.alignment.method} alignment, {m.num_layers} layers × "
+                f"{m.num_heads} heads. Press *Answer* to compare."), gr.Column(visible=True), tab_compare
 
     # --- layout ---------------------------------------------------------------------------------
     with gr.Blocks(title="VQA-Align", analytics_enabled=False) as demo:
@@ -225,6 +262,8 @@ def build_app(
         message = gr.Markdown("", elem_id="message")
         pred_state = gr.State(None)
         cmp_state = gr.State(None)
+        # (key, Predictor) of this tab's comparison model; dropped after an idle hour (then reloaded).
+        tab_compare = gr.State(None, time_to_live=COMPARE_TTL_S)
         first = examples[0] if examples else None
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
@@ -288,9 +327,9 @@ def build_app(
         selection = [kind, layer, head, metric, shading, focus]
         view_outputs = [region, words, projection, grid, matrix, caption, cmp_region, cmp_projection, cmp_grid]
         answer_outputs = [message, pred_state, cmp_state, answer, focus, region, words, projection, grid, matrix,
-                          caption, compare_col, cmp_answer, cmp_region, cmp_projection, cmp_grid]
+                          caption, compare_col, cmp_answer, cmp_region, cmp_projection, cmp_grid, tab_compare]
         for trigger in (ask.click, question.submit):
-            trigger(on_answer, [question, image_id, upload, compare, *selection], answer_outputs,
+            trigger(on_answer, [question, image_id, upload, compare, *selection, tab_compare], answer_outputs,
                     api_name="answer" if trigger == ask.click else False, trigger_mode="always_last")
         for control in selection:
             event = control.select if isinstance(control, gr.Radio) else control.input
@@ -300,7 +339,9 @@ def build_app(
         gallery.select(on_select, [question], [image_id, upload, preview, question, message], api_name=False,
                        queue=False, show_progress="hidden")
         upload.upload(on_upload, [upload], [image_id, preview, message], api_name=False)
-        load_compare.click(on_load_compare, [compare], [message, compare_col], api_name="load_compare")
+        load_compare.click(on_load_compare, [compare, tab_compare], [message, compare_col, tab_compare],
+                           api_name="load_compare")
+    demo.compare_models = cache  # for tests and monitoring: how many comparison models are held
     return demo
 
 

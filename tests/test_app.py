@@ -175,3 +175,93 @@ def test_browser_end_to_end(app_server, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+# ---- the API as a script calls it; comparison models; server paths ------------------------------
+
+
+def test_api_inputs_but_the_question_are_optional(client, app_server):
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    answer = {p["parameter_name"]: p["parameter_has_default"] for p in api["/answer"]["parameters"]}
+    assert answer.pop("question") is True  # the first example's question is the default too
+    assert answer and all(answer.values()), answer
+    assert all(p["parameter_has_default"] for p in api["/load_compare"]["parameters"])
+    # A script passes only what it needs, by name.
+    out = client.predict(question="what shape is in the image?", image_id=2, api_name="/answer")
+    assert not out[0].startswith("⚠️") and out[1]["label"]
+    out = client.predict(question="what color is the shape?", api_name="/answer")  # the first example's image
+    assert not out[0].startswith("⚠️") and out[1]["label"]
+    out = client.predict(question="what shape?", image_id=1, head=2, api_name="/answer")
+    assert "head 2" in out[8]
+    assert client.predict(api_name="/load_compare") == "Comparison off."
+
+
+def test_messages_do_not_show_server_paths(client, app_server):
+    out = _answer(client, image_id=987654)
+    assert "not in the feature store features.h5" in out[0]
+    assert str(app_server["root"]) not in out[0] and "/" not in out[0]
+    status = client.predict(str(app_server["root"] / "nowhere"), api_name="/load_compare")
+    assert status.startswith("⚠️") and "not found" in status and str(app_server["root"]) not in status
+
+
+def test_public_text():
+    from vqa_align_app.main import public_text
+
+    assert public_text("Image 3 is not in /home/u/.cache/vqa_align/easy_vqa/features.h5.") == \
+        "Image 3 is not in features.h5."
+    assert public_text("read ~/.cache/x/y.h5 and '/a/b/c' (see /etc)") == "read y.h5 and 'c' (see /etc)"
+    assert public_text("runs/easy_vqa/checkpoints/last at http://127.0.0.1:7860/x") == \
+        "runs/easy_vqa/checkpoints/last at http://127.0.0.1:7860/x"
+
+
+def test_one_comparison_model_per_checkpoint_and_tab(app_server):
+    import gc
+
+    models = app_server["demo"].compare_models
+    other = app_server["other"]
+    run = other.parent.parent  # the run folder: its checkpoint is checkpoints/best
+    spellings = [str(other), f"{other}/", str(run), f"{run}//checkpoints/./best", f"{other}/../best",
+                 f"  {other}  "] + [f"{other}" + "/." * i for i in range(1, 15)]
+
+    def held(path):  # comparison models of that checkpoint in memory
+        gc.collect()
+        return [k[0] for k in list(models._shared.keys())].count(path.resolve())
+
+    tab = gradio_client.Client(app_server["url"], verbose=False)  # a fresh browser tab (session)
+    for path in spellings:
+        assert tab.predict(path, api_name="/load_compare").startswith("✅")
+    assert len(spellings) == 20 and held(other) == 1  # 20 spellings, one model
+    # The tab switches to another checkpoint, answers with it, then turns comparison off.
+    third = build_tiny_checkpoint(app_server["root"] / "third", method="gan", seed=2)
+    assert tab.predict(str(third), api_name="/load_compare").startswith("✅")
+    out = _answer(tab, compare=str(third))
+    assert out[9]["label"] and held(third) == 1  # answered by the tab's comparison model
+    assert tab.predict("", api_name="/load_compare") == "Comparison off."
+    assert held(third) == 0  # no tab holds it any more: freed
+
+
+def test_compare_models_unit(tmp_path):
+    """The cache itself: shared by resolved path, freed when no tab holds it, reloaded when rewritten."""
+    import gc
+    import time as _time
+
+    from vqa_align_app.main import CompareModels
+
+    ckpt = build_tiny_checkpoint(tmp_path / "a")
+    models = CompareModels()
+    tab_one = models.get(str(ckpt))
+    tab_two = models.get(str(ckpt.parent.parent))  # the run folder
+    assert tab_one[1] is tab_two[1] and len(models) == 1
+    assert models.get(f"{ckpt}/.", tab_one) is tab_one
+    del tab_two
+    gc.collect()
+    assert len(models) == 1  # tab one still holds it
+    del tab_one
+    gc.collect()
+    assert len(models) == 0  # no tab holds it: freed
+    held = models.get(str(ckpt))
+    _time.sleep(0.01)
+    (ckpt / "model.safetensors").touch()  # training rewrote the checkpoint
+    assert models.get(str(ckpt), held)[1] is not held[1]
+    with pytest.raises(Exception, match="checkpoint not found"):
+        models.get(str(tmp_path / "missing"))
