@@ -15,8 +15,10 @@ Every input but the question is optional for API clients (defaults: the page's i
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import re
+import socket
 import threading
 import weakref
 from pathlib import Path
@@ -351,8 +353,25 @@ def launch_kwargs(host: str = "127.0.0.1", port: int | None = 7860) -> dict[str,
                 max_file_size=MAX_FILE_SIZE, css=CSS, theme=gr.themes.Default(), quiet=True)
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """Refuse, before loading any model, a host this machine cannot listen on or a port in use."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise UserError(f"--host {host!r}: not an address of this machine ({err})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise UserError(f"--port {port}: already in use on {host}; pick another port") from None
+            raise UserError(f"--host {host!r} --port {port}: cannot listen there ({err.strerror or err})") from None
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """``vqa-align demo``: load the checkpoint(s) once and serve the app until interrupted."""
+    check_listen_address(getattr(args, "host", "127.0.0.1"), getattr(args, "port", 7860))
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint is None and not default_checkpoint_path().exists():
         raise UserError(

@@ -265,3 +265,18 @@ def test_compare_models_unit(tmp_path):
     assert models.get(str(ckpt), held)[1] is not held[1]
     with pytest.raises(Exception, match="checkpoint not found"):
         models.get(str(tmp_path / "missing"))
+
+
+def test_demo_refuses_a_busy_port_or_a_bad_host_before_loading(tmp_path, capsys):
+    from vqa_align.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        missing = str(tmp_path / "no-checkpoint")  # never reached: the address is checked first
+        assert main(["demo", "--checkpoint", missing, "--port", str(port)]) == 2
+        assert capsys.readouterr().err == f"vqa-align demo: error: --port {port}: already in use on 127.0.0.1; pick another port\n"
+    assert main(["demo", "--checkpoint", missing, "--host", "999.1.1.1", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vqa-align demo: error: --host '999.1.1.1': not an address of this machine") and err.count("\n") == 1
