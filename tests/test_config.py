@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 
 import pytest
@@ -187,3 +188,14 @@ def test_config_file_that_is_not_yaml_text(tmp_path):
         load_config(mixed)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path)  # a folder
+
+
+@pytest.mark.parametrize("override,message", [
+    ("=3", "dotted key"), ("train..lr=1", "dotted key"), ("train.lr", "expected KEY=VALUE"),
+    ("train.lr=[1", "not valid YAML"), ("train=5", "train: expected a mapping"),
+    ("model.alignment=none", "model.alignment: expected a mapping"), ("a.b=1", "unknown config key(s) a"),
+])
+def test_malformed_overrides(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value)

@@ -333,17 +333,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
     key, raw = text.split("=", 1)
+    if not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({err})") from None
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({' '.join(str(err).split())})") from None
     # YAML 1.1 reads "1e-4" as a string; accept it as the number the user meant.
     if isinstance(value, str):
         try:
             value = float(value) if any(c in value.lower() for c in ".e") else value
         except ValueError:
             pass
-    return key.strip().split("."), value
+    return [part.strip() for part in key.split(".")], value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
