@@ -246,3 +246,16 @@ def test_dropout_rates_see_layers_and_attention():
     layers = sum(isinstance(m, torch.nn.Dropout) for m in model.modules())
     rates = dropout_rates(model)
     assert max(rates) == 0.2 and rates.count(0.2) > layers  # the layers and the attention modules' own rate
+
+
+def test_experiment_asks_no_pavpu_of_a_model_without_dropout():
+    from vqa_align.config import Config
+    from vqa_align.experiment import pavpu_samples, run_commands
+
+    config = Config()
+    config.model.dropout = 0.0
+    assert pavpu_samples(config, 20) == 0
+    config.model.dropout = 0.1
+    assert pavpu_samples(config, 20) == 20
+    assert "--mc-samples" not in run_commands("c.yaml", [], "ct", 0, "runs/x", [1.0], 0)["eval"][0]
+    assert "--mc-samples 20" in run_commands("c.yaml", [], "ct", 0, "runs/x", [1.0], 20)["eval"][0]

@@ -136,7 +136,8 @@ def one_thread():
 
 def test_experiment_writes_report_and_a_rerun_resumes(easy_vqa_cache, tmp_path, monkeypatch, capsys, one_thread):
     out = tmp_path / "report"
-    overrides = tiny_run_overrides(easy_vqa_cache, **{"train.epochs": 1, "model.num_heads": 2})
+    # Dropout on: PAvPU needs MC-dropout samples that differ (a run without dropout gets no PAvPU).
+    overrides = tiny_run_overrides(easy_vqa_cache, **{"train.epochs": 1, "model.num_heads": 2, "model.dropout": 0.1})
     monkeypatch.setattr(experiment, "MC_SAMPLES", 2)  # the paper's 20 passes are not needed to test plumbing
     monkeypatch.setattr(experiment, "MMD_QUESTIONS", 64)
     monkeypatch.setattr(experiment, "NOISE_STDS", (1.0,))  # one σ: each is a full pass over val

@@ -97,7 +97,8 @@ def test_bad_config_values_name_the_key(override, message, capsys):
 
 
 def test_evaluation_official_accuracy_calibration_pavpu_noise(easy_vqa_cache, tmp_path):
-    train_from_config(_config(easy_vqa_cache, **{"train.epochs": 1}), tmp_path / "run")
+    # Dropout on: PAvPU needs MC-dropout samples that differ (evaluate_checkpoint refuses it otherwise).
+    train_from_config(_config(easy_vqa_cache, **{"train.epochs": 1, "model.dropout": 0.1}), tmp_path / "run")
     results = tmp_path / "results.json"
     metrics = evaluate_checkpoint(tmp_path / "run", "val", mc_samples=3, results_out=results, out_dir=tmp_path / "eval")
     assert 0 <= metrics["accuracy"] <= 100 and set(metrics["perAnswerType"]) <= {"yes/no", "other", "number"}

@@ -103,13 +103,20 @@ def run_overrides(overrides: Sequence[str], method: str, seed: int) -> list[str]
     return [*overrides, f"model.alignment.method={method}", f"train.seed={seed}"]
 
 
+def pavpu_samples(config: Config, mc_samples: int) -> int:
+    """MC-dropout samples for a run: none for a model without dropout (``vqa-align eval`` refuses
+    PAvPU there: every sample is the same prediction); its report cell stays empty."""
+    return mc_samples if config.model.dropout > 0 else 0
+
+
 def run_commands(config: str, overrides: Sequence[str], method: str, seed: int, run_dir: str,
                  noise_stds: Sequence[float], mc_samples: int) -> dict[str, list[str]]:
     """Equivalent single-run commands (train, then eval) of one grid cell."""
     sets = [a for o in run_overrides(overrides, method, seed) for a in ("--set", o)]
     ckpt = f"{run_dir}/checkpoints/{EVAL_CHECKPOINT}"
-    evals = [shlex.join(["vqa-align", "eval", "--checkpoint", ckpt, "--split", EVAL_SPLIT, "--mc-samples",
-                         str(mc_samples), "--out", f"{run_dir}/eval"])]
+    mc = ["--mc-samples", str(mc_samples)] if mc_samples > 0 else []
+    evals = [shlex.join(["vqa-align", "eval", "--checkpoint", ckpt, "--split", EVAL_SPLIT, *mc,
+                         "--out", f"{run_dir}/eval"])]
     evals += [shlex.join(["vqa-align", "eval", "--checkpoint", ckpt, "--split", EVAL_SPLIT, "--noise-std", f"{s:g}"])
               for s in noise_stds]
     return {"train": [shlex.join(["vqa-align", "train", "--config", config, *sets, "--out", run_dir])],
@@ -435,6 +442,7 @@ def evaluate_run(run_dir: Path, config: Config, seed: int, noise_stds: Sequence[
     from vqa_align.training import METRICS_FILE, seed_everything
 
     checkpoint = run_dir / "checkpoints" / EVAL_CHECKPOINT
+    mc_samples = pavpu_samples(config, mc_samples)
     seed_everything(seed)  # MC dropout draws from the global RNG
     clean = evaluate_checkpoint(checkpoint, EVAL_SPLIT, mc_samples=mc_samples, out_dir=run_dir / "eval", seed=seed)
     if "accuracy" not in clean:
@@ -790,7 +798,7 @@ def write_report(out: Path, config_path: str | Path, methods: Sequence[str], see
         "command": command,
         "commands": {run_name(r["method"], r["seed"]): run_commands(
             str(config_path), overrides, r["method"], r["seed"], f"{out_label}/runs/{run_name(r['method'], r['seed'])}",
-            noise_stds, mc_samples) for r in runs},
+            noise_stds, pavpu_samples(base, mc_samples)) for r in runs},
         "config_path": str(config_path),
         "overrides": list(overrides),
         "config": base.to_dict(),
