@@ -36,6 +36,8 @@ BAD_OPTIONS = {
     ("prep tsv", "--dtype"): ["float64"],
     ("prep npz", "--dtype"): ["int8"],
     ("prep h5", "--dtype"): ["bfloat16"],
+    ("import", "format"): ["caffe"],
+    ("import", "--num-heads"): ["0", "-8", "x"],
 }
 # Options whose values the parser cannot judge: the command checks them (tests below or in the
 # command's own test file) — files and folders, --set (test_config.py), --methods/--seeds
@@ -43,6 +45,7 @@ BAD_OPTIONS = {
 CHECKED_LATER = {
     "--config", "--set", "--out", "--checkpoint", "--compare", "--image", "--results-out", "--cache-dir",
     "--ids-json", "--questions", "--annotations", "--results", "--methods", "--seeds", "inputs", "input",
+    "--init-from", "checkpoint", "--answers", "--features", "--val-annotations",
 }
 REQUIRED_ARGS = {
     "eval": ["--checkpoint", "ckpt"],
@@ -51,6 +54,7 @@ REQUIRED_ARGS = {
     "prep tsv": ["in.tsv", "--out", "x.h5"],
     "prep npz": ["folder", "--out", "x.h5"],
     "prep h5": ["in.h5", "--out", "x.h5"],
+    "import": ["mcan-vqa", "ckpt.pkl", "--questions", "q.json", "--answers", "a.json", "--out", "run"],
 }
 
 
@@ -84,11 +88,16 @@ def test_every_option_is_covered():
 @pytest.mark.parametrize("command,option,value",
                          [(c, o, v) for (c, o), values in BAD_OPTIONS.items() for v in values])
 def test_bad_option_is_one_line(command, option, value, capsys):
-    argv = command.split() + [a for a in REQUIRED_ARGS[command] if True]
-    if option in argv:  # replace the required default
-        i = argv.index(option)
-        del argv[i:i + 2]
-    code, err = _run(argv + [f"{option}={value}"], capsys)
+    words = command.split()
+    argv = list(REQUIRED_ARGS[command])
+    if not option.startswith("--"):  # a positional argument: the first of the required ones
+        argv[0] = value
+    else:
+        if option in argv:  # replace the required default
+            i = argv.index(option)
+            del argv[i:i + 2]
+        argv.append(f"{option}={value}")
+    code, err = _run(words + argv, capsys)
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"argument {option}" in err and f"vqa-align {command}: error:" in err, err

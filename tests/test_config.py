@@ -46,6 +46,7 @@ BAD = {
     "model.minilm_freeze_epochs": ["-1"],
     "model.vocab_size": ["-5"],
     "model.num_answers": ["-1"],
+    "model.layer_norm": ["layer", "null"],
     "model.alignment.method": ["wasserstein", "null"],
     "model.alignment.weight": ["-0.01", ".nan", ".inf"],
     "model.alignment.modules": ["[ct]", "[sa_image, sa_image]", "sa_image"],
@@ -95,6 +96,7 @@ BAD = {
     "train.log_every_steps": ["0", "-5"],
     "train.checkpoint_every_steps": ["-1"],
     "train.max_steps": ["-1"],
+    "train.init_from": ["''", "3"],
     "train.cuda_graphs": ["2"],
     "train.keep_freed_memory": ["'no'"],
 }

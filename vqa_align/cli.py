@@ -184,7 +184,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
                    help="the TRAIN VAL TEST [VG] question files it built its vocabulary from, in that order")
     p.add_argument("--answers", required=True, help="its answer_dict.json (the classifier's answer order)")
     p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--num-heads", type=int, default=8, help="attention heads (not stored in the checkpoint; 8 in MCAN)")
+    p.add_argument("--num-heads", type=POSITIVE_INT, default=8, help="attention heads (not stored in the checkpoint; 8 in MCAN)")
     p.add_argument("--features", help="feature store for eval/predict/demo (data.features)")
     p.add_argument("--val-annotations", help="annotations of the val questions, for `vqa-align eval`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",

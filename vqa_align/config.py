@@ -216,6 +216,8 @@ class TrainConfig:
         _at_least(self, where, 1, "epochs", "batch_size", "grad_accumulation", "eval_every_epochs", "log_every_steps")
         # max_steps 0: set the run up (model, vocabularies, checkpoint) without a training step.
         _at_least(self, where, 0, "warmup_epochs", "checkpoint_every_steps", "weight_decay", "max_steps")
+        _require(self.init_from is None or self.init_from.strip() != "", f"{where}.init_from", self.init_from,
+                 "a run or checkpoint folder, or null")
         for key in ("lr", "eps", "grad_clip"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"{where}.{key}", value, "> 0")
