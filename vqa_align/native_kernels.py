@@ -13,7 +13,7 @@ pass, in place where it can, with the bias adds and column sums folded in. On CP
 ``csrc/aligner_blocks.cpp`` goes further: it runs every layer of a block of rows (and CT's
 transport of one sample and head) in the cache, so the intermediates never reach memory.
 
-The kernels are compiled on first use with :func:`torch.utils.cpp_extension.load` (30-90 s once, said
+The kernels are compiled on first use with :func:`torch.utils.cpp_extension.load` (1-2 minutes once, said
 on stderr, then cached in ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) for the
 host CPU (``-march=native``). The cache entry is named by a hash of the sources' content, the flags,
 the CPU's flags and the toolchain (:func:`extension_name`), so checkouts with the same sources share
@@ -318,7 +318,7 @@ def build_and_load(cpp_extension, name: str, sources: dict[str, bytes], echo=Non
     library = build_dir / f"{name}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
     compiling = not library.exists()
     if compiling:
-        echo(f"vqa_align: compiling the C++ CPU kernels in {build_dir} (first use only, 30-90 s)...")
+        echo(f"vqa_align: compiling the C++ CPU kernels in {build_dir} (first use only, 1-2 minutes)...")
     start = time.perf_counter()
     paths = stage_sources(sources, build_dir / "sources")
     cpp_extension.load(
