@@ -7,7 +7,11 @@ Layout of a store file (``format_version`` 1)::
     image_ids    (N,)              int64     image id of store row i
     offsets      (N + 1,)          int64     regions of row i are features[offsets[i]:offsets[i+1]]
     image_sizes  (N, 2)            int32     (width, height) in pixels
-    attrs: feature_dim (int), source (str), format_version (int)
+    region_labels (total_boxes,)   str       optional: a readable label per region ("" = none),
+                                             written by detectors that name their boxes
+    attrs: feature_dim (int), source (str), format_version (int),
+           extractor (str, optional): JSON of vqa_align.extractors.ExtractorInfo — name,
+           parameters and sha256 of the weights that produced the features
 
 Why flat + offsets: images have different region counts (10-100 for bottom-up attention);
 a flat array with offsets stores them without padding and reads one image with a single
@@ -66,6 +70,7 @@ class FeatureStoreWriter:
         dtype: str = "float16",
         source: str = "",
         overwrite: bool = False,
+        extractor: Any = None,
     ) -> None:
         if dtype not in FEATURE_DTYPES:
             raise UserError(f"feature dtype must be one of {list(FEATURE_DTYPES)}, got {dtype!r}")
@@ -76,6 +81,7 @@ class FeatureStoreWriter:
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self.dtype = FEATURE_DTYPES[dtype]
         self.source = source
+        self.extractor = extractor  # ExtractorInfo or None (converters of public formats)
         self.feature_dim = feature_dim
         self._file: h5py.File | None = h5py.File(self.tmp_path, "w")
         self._features: h5py.Dataset | None = None
@@ -86,6 +92,8 @@ class FeatureStoreWriter:
         self._offsets: list[int] = [0]
         self._buf_feats: list[np.ndarray] = []
         self._buf_boxes: list[np.ndarray] = []
+        self._buf_labels: list[str] = []
+        self._labels: h5py.Dataset | None = None  # created at the first image that has labels
         self._buf_rows = 0
         self._written_rows = 0
 
@@ -99,6 +107,15 @@ class FeatureStoreWriter:
         self._boxes = self._file.create_dataset(
             "boxes", shape=(0, 4), maxshape=(None, 4), dtype=np.float32, chunks=(CHUNK_ROWS * 64, 4)
         )
+
+    def _create_labels(self) -> None:
+        """The ``region_labels`` dataset, with "" for the rows already written (they had none)."""
+        assert self._file is not None
+        self._labels = self._file.create_dataset(
+            "region_labels", shape=(self._written_rows,), maxshape=(None,),
+            dtype=h5py.string_dtype("utf-8"), chunks=(CHUNK_ROWS * 64,))
+        if self._written_rows:
+            self._labels[:] = np.array([""] * self._written_rows, dtype=object)
 
     def validate(
         self, image_id: int, features: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], record: str | None = None
@@ -140,15 +157,20 @@ class FeatureStoreWriter:
         boxes: np.ndarray,
         image_size: tuple[int, int],
         record: str | None = None,
+        labels: list[str] | None = None,
     ) -> None:
         """Append one image: features (n, D), boxes (n, 4) in pixels, image_size (w, h).
 
         ``record`` names the input in error messages (e.g. ``"feats.tsv: line 17"``); without it
-        messages name the output file.
+        messages name the output file. ``labels`` (n strings) names the regions; images without
+        labels get "" in a store where some image has them.
         """
         if self._file is None:
             raise RuntimeError("FeatureStoreWriter is closed")
         stored, boxes32 = self.validate(image_id, features, boxes, image_size, record)
+        if labels is not None and len(labels) != stored.shape[0]:
+            raise StoreRecordError(f"{_where(self.path, record, image_id)}: {len(labels)} labels for "
+                                   f"{stored.shape[0]} regions")
         if self._features is None:
             self.feature_dim = stored.shape[1]
             self._create(stored.shape[1])
@@ -159,6 +181,9 @@ class FeatureStoreWriter:
         self._offsets.append(self._offsets[-1] + stored.shape[0])
         self._buf_feats.append(stored)
         self._buf_boxes.append(boxes32)
+        if labels is not None and self._labels is None:
+            self._create_labels()
+        self._buf_labels += [str(x) for x in labels] if labels is not None else [""] * stored.shape[0]
         self._buf_rows += stored.shape[0]
         if self._buf_rows >= WRITE_BUFFER_ROWS:
             self._flush()
@@ -172,8 +197,11 @@ class FeatureStoreWriter:
         self._boxes.resize(stop, axis=0)
         self._features[start:stop] = np.concatenate(self._buf_feats)
         self._boxes[start:stop] = np.concatenate(self._buf_boxes)
+        if self._labels is not None:
+            self._labels.resize(stop, axis=0)
+            self._labels[start:stop] = np.array(self._buf_labels, dtype=object)
         self._written_rows = stop
-        self._buf_feats, self._buf_boxes, self._buf_rows = [], [], 0
+        self._buf_feats, self._buf_boxes, self._buf_labels, self._buf_rows = [], [], [], 0
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -193,6 +221,8 @@ class FeatureStoreWriter:
         f.attrs["feature_dim"] = int(self.feature_dim or 0)
         f.attrs["source"] = self.source
         f.attrs["format_version"] = FORMAT_VERSION
+        if self.extractor is not None:
+            f.attrs["extractor"] = self.extractor.to_json()
         f.close()
         self._file = None
         os.replace(self.tmp_path, self.path)
@@ -238,8 +268,11 @@ class FeatureStore:
                 self.source = str(f.attrs.get("source", ""))
                 self.format_version = int(f.attrs.get("format_version", 0))
                 self.feature_dtype = f["features"].dtype
+                self.has_region_labels = "region_labels" in f
+                extractor = f.attrs.get("extractor")
         except OSError as err:
             raise DataFormatError(f"{self.path}: cannot be read as HDF5 ({err})") from None
+        self.extractor = _extractor_info(self.path, extractor)
         if self.format_version != FORMAT_VERSION:
             raise DataFormatError(f"{self.path}: format_version {self.format_version}, expected {FORMAT_VERSION}")
         if len(self.offsets) != len(self.image_ids) + 1:
@@ -300,6 +333,18 @@ class FeatureStore:
         features, boxes = self._datasets()
         return features[start:stop], boxes[start:stop]
 
+    def read_labels(self, row: int, max_regions: int | None = None) -> list[str] | None:
+        """Region labels of store row ``row`` (same slice as :meth:`read_row`), None if the store has none."""
+        if not self.has_region_labels:
+            return None
+        start, stop = int(self.offsets[row]), int(self.offsets[row + 1])
+        if max_regions is not None:
+            stop = min(stop, start + max_regions)
+        self._datasets()
+        assert self._handle is not None
+        raw = self._handle["region_labels"][start:stop]
+        return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in raw]
+
     def get(
         self, image_id: int, max_regions: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
@@ -328,6 +373,18 @@ class FeatureStore:
             self.close()
         except Exception:
             pass
+
+
+def _extractor_info(path: Path, raw: Any) -> Any:
+    """The store's ``extractor`` attribute as an ExtractorInfo, or None for converted public features."""
+    if raw is None:
+        return None
+    from vqa_align.extractors.base import ExtractorInfo
+
+    try:
+        return ExtractorInfo.from_json(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataFormatError(f"{path}: attribute 'extractor' is not valid extractor JSON ({err})") from None
 
 
 def normalise_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
