@@ -105,6 +105,28 @@ def _add_prep(sub: argparse._SubParsersAction) -> None:
     h5.set_defaults(func=_handler("vqa_align_prep.h5", "run_prep"))
 
 
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="image features of your pictures with a pretrained backbone -> feature store")
+    p.add_argument("images", nargs="*", metavar="IMAGES", help="folders, glob patterns, .txt lists of paths, image files")
+    p.add_argument("--backbone", help="efficientnet-lite0 (offline), clip, torchvision, bottom-up (see --list)")
+    p.add_argument("--out", help="output HDF5 feature store (ids of non-COCO names go to OUT.ids.json)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="backbone parameter, e.g. --param arch=resnet50 (repeatable)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding the pictures")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--part-size", type=int, default=256, help="images per resumable part")
+    p.add_argument("--max-side", type=int, default=2048, help="pictures are downscaled to this longest side")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output store")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--list", action="store_true", help="list the backbones and exit")
+    p.add_argument("--download", action="store_true",
+                   help="fetch the backbone's weights (needs internet) for later offline runs, then exit")
+    p.add_argument("--weights-dir", help="with --download: where to put the weights")
+    p.set_defaults(func=_handler("vqa_align.extraction", "run_extract"))
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model")
     p.add_argument("--config", help="YAML preset, e.g. configs/easy_vqa.yaml")
@@ -199,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Visual question answering with alignment attention (MCAN + AA-CT/GAN/OT).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prep, _add_train, _add_eval, _add_predict, _add_score, _add_demo,
+    for add in (_add_prep, _add_extract, _add_train, _add_eval, _add_predict, _add_score, _add_demo,
                 _add_quickstart, _add_experiment, _add_import):
         add(sub)
     return parser
