@@ -338,7 +338,7 @@ def extract_parts(
                     open_part(k)
                 image_id, path = items[j]
                 if err is not None:
-                    bar.write(f"skipped {path}: {err}")
+                    bar.write(f"skipped {path}: {err}", file=sys.stderr)
                     part_skipped.append([str(path), err])
                     result.skipped.append((str(path), err))
                 else:

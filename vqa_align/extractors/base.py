@@ -110,8 +110,8 @@ def sha256_of_state_dict(state: dict[str, torch.Tensor]) -> str:
     """Content hash of weights given as tensors (names, shapes, dtypes and bytes, in name order)."""
     h = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        t = state[name].detach().cpu().contiguous().reshape(-1)  # 1-d: a byte view needs a dimension
+        h.update(f"{name}:{tuple(state[name].shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
@@ -129,7 +129,7 @@ def parse_params(param_cls: type, items: dict[str, Any], backbone: str) -> Any:
 
 
 def _convert(raw: Any, default: Any, where: str) -> Any:
-    if not isinstance(raw, str):
+    if not isinstance(raw, str) or isinstance(default, str):
         return raw
     if raw.lower() in ("none", "null", ""):
         return None
