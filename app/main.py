@@ -377,7 +377,7 @@ def run_demo(args: argparse.Namespace) -> int:
         raise UserError(
             f"no checkpoint given and none at {default_checkpoint_path()}: run `vqa-align quickstart` first"
         )
-    predictor = load_predictor(checkpoint)
+    predictor = load_predictor(checkpoint, getattr(args, "images", None))
     compare = load_predictor(args.compare) if getattr(args, "compare", None) else None
     # Small models: one thread per request, two requests in parallel (see configure_threads).
     configure_threads(predictor)

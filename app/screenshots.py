@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 
 def take_screenshots(url: str, out: Path, example: int = 2, question: str | None = None,
-                     compare: bool = False) -> list[Path]:
+                     compare: bool = False, upload: Path | None = None, name: str = "app_overview.png") -> list[Path]:
     from playwright.sync_api import sync_playwright
 
     out.mkdir(parents=True, exist_ok=True)
@@ -36,8 +36,11 @@ def take_screenshots(url: str, out: Path, example: int = 2, question: str | None
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)
             page.goto(url, wait_until="load")
-            page.locator("#gallery button.thumbnail-item").nth(example).click()
             before = page.locator("#preview img").get_attribute("src") if page.locator("#preview img").count() else None
+            if upload is not None:  # a photo of the user's, through the upload box
+                page.locator("#upload input[type=file]").set_input_files(str(upload))
+            else:
+                page.locator("#gallery button.thumbnail-item").nth(example).click()
             page.wait_for_function(  # the selection has reached the page (new preview)
                 "src => { const i = document.querySelector('#preview img'); return i && i.src !== src; }",
                 arg=before, timeout=15_000)
@@ -46,8 +49,10 @@ def take_screenshots(url: str, out: Path, example: int = 2, question: str | None
             page.locator("#ask").click()
             page.locator("#projection img").wait_for(timeout=30_000)
             page.wait_for_timeout(800)  # let the images finish painting
-            saved.append(out / "app_overview.png")
+            saved.append(out / name)
             page.screenshot(path=str(saved[-1]), full_page=True)
+            if upload is not None:
+                return saved
 
             page.get_by_label("guided attention of the selected layer & head").check()
             page.locator("#head").get_by_text("head 1").click()
@@ -73,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/images")
     parser.add_argument("--example", type=int, default=2, help="index of the gallery example to click")
     parser.add_argument("--question", help="question to type (default: the example's)")
+    parser.add_argument("--upload", type=Path, help="upload this picture instead of clicking an example")
+    parser.add_argument("--name", default="app_overview.png", help="file name of the whole-page screenshot")
+    parser.add_argument("--images", help="folder of the store's pictures, for the gallery")
     args = parser.parse_args(argv)
-    predictor = load_predictor(args.checkpoint)
+    predictor = load_predictor(args.checkpoint, args.images)
     compare = load_predictor(args.compare) if args.compare else None
     configure_threads(predictor)
     demo = build_app(predictor, compare)
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.launch(**launch_kwargs("127.0.0.1", port), prevent_thread_lock=True)
     try:
         for path in take_screenshots(f"http://127.0.0.1:{port}/", Path(args.out), args.example, args.question,
-                                     compare is not None):
+                                     compare is not None, args.upload, args.name):
             print(path)
     finally:
         demo.close()

@@ -186,6 +186,57 @@ def prepare_easy_vqa(
     return folder
 
 
+def easy_vqa_images(limit: int | None = None) -> list[tuple[int, Path]]:
+    """(prepared image id, PNG path) of every easy-VQA picture (package id < limit in each split)."""
+    items: list[tuple[int, Path]] = []
+    for source in SOURCE_SPLITS.values():
+        image_dir = _package_data() / source / "images"
+        ks = sorted(int(p.stem) for p in image_dir.glob("*.png"))
+        items += [(_image_id(source, k), image_dir / f"{k}.png") for k in ks if limit is None or k < limit]
+    return items
+
+
+def backbone_features_file(backbone: str) -> str:
+    """File name of the easy-VQA store made with a ``vqa-align extract`` backbone."""
+    return f"features-{backbone}.h5"
+
+
+def prepare_easy_vqa_backbone(
+    backbone: str,
+    cache_dir: str | Path | None = None,
+    *,
+    limit: int | None = None,
+    params: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    batch_size: int = 64,
+    num_workers: int = 1,
+) -> Path:
+    """Features of the easy-VQA pictures from ``backbone`` (default parameters), once, in the cache.
+
+    The store sits beside the built-in one (``<cache>/easy_vqa/features-<backbone>.h5``) and uses
+    the same image ids, so the prepared questions work with either; a run selects it with
+    ``data.easy_vqa_backbone``. An interrupted extraction resumes (``vqa-align extract`` parts).
+    """
+    from vqa_align.extraction import ExtractOptions, extract_images
+    from vqa_align.extractors import build_backbone
+
+    folder = prepare_easy_vqa(cache_dir, limit=limit, progress=progress)
+    out = folder / backbone_features_file(backbone)
+    if out.is_file() and not overwrite:
+        return out
+    model = build_backbone(backbone, params, "cuda" if torch_cuda() else "cpu")
+    options = ExtractOptions(batch_size=batch_size, num_workers=num_workers, progress=progress)
+    extract_images(easy_vqa_images(limit), model, out, options, overwrite=overwrite)
+    return out
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def load_image(image_id: int) -> np.ndarray:
     """The original easy-VQA picture (H, W, 3) uint8 of a prepared image id."""
     with Image.open(easy_vqa_image_path(image_id)) as im:
@@ -193,7 +244,11 @@ def load_image(image_id: int) -> np.ndarray:
 
 
 def run_prep(args: argparse.Namespace) -> int:
-    folder = prepare_easy_vqa(args.cache_dir, overwrite=args.overwrite)
+    backbone = getattr(args, "backbone", None)
+    folder = prepare_easy_vqa(args.cache_dir, overwrite=args.overwrite and not backbone)
     manifest = json.loads((folder / MANIFEST).read_text())
     print(f"easy-VQA prepared in {folder}: {json.dumps(manifest['splits'])}")
+    if backbone:
+        out = prepare_easy_vqa_backbone(backbone, args.cache_dir, overwrite=args.overwrite)
+        print(f"easy-VQA features of {backbone}: {out} (train with --set data.easy_vqa_backbone={backbone})")
     return 0

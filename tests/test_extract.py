@@ -17,7 +17,9 @@ from vqa_align.extraction import (
     HASH_ID_BASE, HASH_ID_BITS, BadImage, ExtractOptions, decode_image, extract_images, extract_parts,
     image_id_for, list_images, merge_parts, parts_dir,
 )
-from vqa_align.extractors import Backbone, ExtractorInfo, ImageRegions, build_backbone, grid_boxes, missing_for
+from vqa_align.extractors import (
+    Backbone, ExtractorInfo, ImageRegions, backbone_for, build_backbone, grid_boxes, missing_for,
+)
 from vqa_align.store import FeatureStore
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -312,8 +314,9 @@ def test_clip_grid_from_a_local_folder_matches_the_model(tmp_path):
     assert regs[1].features.shape == (16, 32)
     np.testing.assert_allclose(regs[1].features, tokens[1].numpy(), atol=1e-5)
     np.testing.assert_allclose(regs[0].boxes[1], [128, 0, 256, 128])  # 512 x 512 astronaut, 4 x 4 cells
-    assert "model" not in backbone.info.params  # a local folder is a source, not an identity
-    missing = missing_for(ExtractorInfo("clip", {"model": "someone/not-downloaded-clip"}, "x", 32))
+    assert "model" not in backbone.info.params  # where the weights are is a source, not an identity
+    assert backbone_for(backbone.info).info == backbone.info  # rebuilt from the record alone
+    missing = missing_for(ExtractorInfo("clip", {}, "x", 32, weights_source="someone/not-downloaded-clip"))
     assert missing is not None and "not on this machine" in missing.what
     assert missing.fix == "vqa-align extract --download --backbone clip --param model=someone/not-downloaded-clip"
 
@@ -331,7 +334,7 @@ def test_torchvision_c5_grid_and_pooling_match_the_trunk():
     np.testing.assert_allclose(half.features[1], cells[0:2, 2:4].mean(axis=(0, 1)), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(half.boxes[3], [451 / 2, 150, 451, 300])
     assert grid.info.weights_sha256 == pooled.info.weights_sha256  # same seed, same random init
-    missing = missing_for(ExtractorInfo("torchvision", {"arch": "resnet50", "weights": "IMAGENET1K_V2"}, "x", 2048))
+    missing = missing_for(ExtractorInfo("torchvision", {"arch": "resnet50"}, "x", 2048, weights_source="IMAGENET1K_V2"))
     assert missing is None or "--download --backbone torchvision" in missing.fix
 
 

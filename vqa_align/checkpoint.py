@@ -255,6 +255,21 @@ class LoadedCheckpoint:
     meta: dict[str, Any]
 
 
+def checkpoint_extractor(path: str | Path) -> Any:
+    """The ExtractorInfo a checkpoint's training features came from (its meta.json), or None.
+
+    None for checkpoints trained on converted public features or before extractors were recorded.
+    """
+    from vqa_align.extractors.base import ExtractorInfo
+
+    meta_path = resolve_checkpoint(path) / META_FILE
+    try:
+        raw = json.loads(meta_path.read_text()).get("extractor")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return ExtractorInfo.from_json(json.dumps(raw)) if raw else None
+
+
 def load_config_of(path: str | Path) -> Config:
     ckpt = resolve_checkpoint(path)
     import yaml

@@ -80,6 +80,7 @@ def _add_prep(sub: argparse._SubParsersAction) -> None:
     easy = kinds.add_parser("easy-vqa", help="prepare the embedded easy-VQA data set (from the easy-vqa package)")
     easy.add_argument("--cache-dir", help="output folder (default: $VQA_ALIGN_CACHE or ~/.cache/vqa_align)")
     easy.add_argument("--overwrite", action="store_true", help="rebuild even if prepared data exist")
+    easy.add_argument("--backbone", help="also extract the pictures with this `vqa-align extract` backbone")
     easy.set_defaults(func=_handler("vqa_align_prep.easy_vqa", "run_prep"))
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -157,7 +158,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="run or checkpoint folder (default: the quickstart's)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image-id", type=COUNT, help="an image of the prepared feature store")
-    src.add_argument("--image", help="an RGB image file (models trained on built-in regions only)")
+    src.add_argument("--image", help="a picture file; its features come from the extractor the model was trained on")
     p.add_argument("--question", required=True, type=_non_empty)
     p.add_argument("--top-k", type=POSITIVE_INT, default=5, help="answers listed (>= 1)")
     p.set_defaults(func=_handler("vqa_align.inference", "run_predict"))
@@ -175,6 +176,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="launch the Gradio app")
     p.add_argument("--checkpoint", help="run or checkpoint folder (default: the quickstart's)")
     p.add_argument("--compare", help="second checkpoint shown side by side")
+    p.add_argument("--images", help="folder of the store's pictures (as given to `vqa-align extract`) for the gallery")
     p.add_argument("--host", default="127.0.0.1", type=_non_empty)
     p.add_argument("--port", type=PORT, default=7860)
     p.set_defaults(func=_handler("vqa_align_app.main", "run_demo"))

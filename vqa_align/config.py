@@ -142,6 +142,11 @@ class DataConfig:
     dataset: Literal["easy_vqa", "vqa_v2"] = "easy_vqa"
     cache_dir: str | None = None  # prepared data; default: $VQA_ALIGN_CACHE or ~/.cache/vqa_align
     features: str | None = None  # HDF5 region-feature store (see README, "Feature store")
+    # store of the val/test splits when it is another file; it must come from the same extractor
+    val_features: str | None = None
+    # easy-VQA: features of its pictures from this `vqa-align extract` backbone (e.g.
+    # "efficientnet-lite0"), extracted once into the cache; None: the built-in regions
+    easy_vqa_backbone: str | None = None
     train_questions: list[str] = field(default_factory=list)
     train_annotations: list[str] = field(default_factory=list)
     val_questions: list[str] = field(default_factory=list)

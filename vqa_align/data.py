@@ -331,6 +331,10 @@ def resolve_files(cfg: DataConfig) -> tuple[Path, dict[str, dict[str, list[Path]
         folder = prepare_easy_vqa(cfg.cache_dir, limit=cfg.easy_vqa_limit)
         files = {s: {"questions": [p["questions"]], "annotations": [p["annotations"]]}
                  for s, p in prepared_files(folder).items()}
+        if cfg.easy_vqa_backbone:
+            from vqa_align_prep.easy_vqa import prepare_easy_vqa_backbone
+
+            return prepare_easy_vqa_backbone(cfg.easy_vqa_backbone, cfg.cache_dir, limit=cfg.easy_vqa_limit), files
         return folder / FEATURES, files
     if cfg.features is None:
         raise UserError("data.features is not set: give the HDF5 feature store (see `vqa-align prep`)")
@@ -342,6 +346,19 @@ def resolve_files(cfg: DataConfig) -> tuple[Path, dict[str, dict[str, list[Path]
         "test": {"questions": [Path(p) for p in cfg.test_questions], "annotations": []},
     }
     return Path(cfg.features).expanduser(), files
+
+
+def check_same_extractor(a: FeatureStore, b: FeatureStore) -> None:
+    """Refuse two stores whose features come from different extractors (a model trained on one
+    would be evaluated on features it has never seen); stores without a record are not compared."""
+    if a.extractor is None and b.extractor is None:
+        return
+    if a.extractor is None or b.extractor is None or a.extractor.key() != b.extractor.key():
+        def name(s: FeatureStore) -> str:
+            return s.extractor.describe() if s.extractor is not None else f"an unrecorded extractor ({s.source or 'converted'})"
+
+        raise UserError(f"the train store {a.path} comes from {name(a)} but {b.path} comes from {name(b)}; "
+                        "extract both with the same backbone and parameters")
 
 
 def build_data(
@@ -362,6 +379,10 @@ def build_data(
         raise UserError(f"unknown split(s) {unknown}; valid: {list(SPLITS)}")
     store_path, files = resolve_files(cfg)
     store = FeatureStore(store_path)
+    eval_store = store
+    if cfg.val_features and Path(cfg.val_features).expanduser() != store_path:
+        eval_store = FeatureStore(Path(cfg.val_features).expanduser())
+        check_same_extractor(store, eval_store)
 
     def records_of(split: str) -> list[QuestionRecord]:
         qs, ans = files[split]["questions"], files[split]["annotations"]
@@ -385,7 +406,7 @@ def build_data(
     for split in splits:
         recs = loaded.get(split) or records_of(split)
         datasets[split] = VQADataset(
-            recs, store, tokenizer, max_tokens=cfg.max_question_tokens, max_regions=cfg.max_regions,
+            recs, store if split == "train" else eval_store, tokenizer, max_tokens=cfg.max_question_tokens, max_regions=cfg.max_regions,
             answers=answers, skip_missing=cfg.skip_missing, name=split,
         )
     return DataBundle(tokenizer=tokenizer, answers=list(answers), datasets=datasets, store=store,

@@ -72,9 +72,10 @@ def features_path(config: Config) -> Path | None:
     if data.features:
         return Path(data.features).expanduser()
     if data.dataset == "easy_vqa":
-        from vqa_align_prep.easy_vqa import FEATURES, FOLDER, cache_root
+        from vqa_align_prep.easy_vqa import FEATURES, FOLDER, backbone_features_file, cache_root
 
-        return cache_root(data.cache_dir) / FOLDER / FEATURES
+        name = backbone_features_file(data.easy_vqa_backbone) if data.easy_vqa_backbone else FEATURES
+        return cache_root(data.cache_dir) / FOLDER / name
     return None
 
 
@@ -198,7 +199,7 @@ def load_upload(image: Any, max_side: int = MAX_UPLOAD_SIDE) -> tuple[np.ndarray
     Images larger than ``max_side`` are downscaled; grayscale and palette images are converted
     to RGB, transparency is composited over white (each with a note).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from vqa_align.regions import to_rgb_array
 
@@ -239,6 +240,7 @@ def load_upload(image: Any, max_side: int = MAX_UPLOAD_SIDE) -> tuple[np.ndarray
                 opened = Image.open(source)
                 opened.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced size (fast)
                 opened.load()
+                opened = ImageOps.exif_transpose(opened)  # phone photos: as the camera was held
         except Image.DecompressionBombError as err:
             raise InputError(f"{name} is too large to open safely ({err}); please upload a smaller image") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -279,6 +281,47 @@ def display_copy(rgb: np.ndarray, max_side: int = DISPLAY_SIDE) -> np.ndarray:
     if max(h, w) <= max_side:
         return rgb
     return np.asarray(_downscale(Image.fromarray(rgb), max_side))
+
+
+def ids_json_loader(store_path: str | Path) -> Callable[[int], np.ndarray | None] | None:
+    """Pictures of a store written by ``vqa-align extract`` (its ``<store>.ids.json``), or None."""
+    from vqa_align.extraction import IDS_SUFFIX
+
+    path = Path(store_path)
+    ids_file = path.with_name(path.name + IDS_SUFFIX)
+    if not ids_file.is_file():
+        return None
+    try:
+        mapping = {int(k): Path(v) for k, v in json.loads(ids_file.read_text()).items()}
+    except (ValueError, AttributeError):
+        return None
+    return _files_loader(mapping)
+
+
+def folder_image_loader(folder: str | Path) -> Callable[[int], np.ndarray | None]:
+    """Pictures of a store from the folder they were extracted from (``--images DIR``).
+
+    Ids are computed from the file names exactly as ``vqa-align extract`` computes them.
+    """
+    from vqa_align.extraction import list_images
+
+    return _files_loader(dict(list_images([folder])))
+
+
+def _files_loader(mapping: dict[int, Path]) -> Callable[[int], np.ndarray | None]:
+    from vqa_align.extraction import BadImage, decode_image
+
+    def load(image_id: int) -> np.ndarray | None:
+        path = mapping.get(int(image_id))
+        if path is None:
+            return None
+        try:
+            picture, _ = decode_image(path, MAX_UPLOAD_SIDE)
+        except BadImage:
+            return None
+        return np.asarray(picture)
+
+    return load
 
 
 def _default_image_loader(config: Config) -> Callable[[int], np.ndarray | None]:
@@ -340,6 +383,15 @@ class Predictor:
         self.feature_dim = self.config.model.feature_dim
         self.image_loader = image_loader or _default_image_loader(self.config)
         self.store, self.store_error = self._open_store(feature_store)
+        # what made the training features: the checkpoint's record, else the store's (older checkpoints)
+        from vqa_align.checkpoint import checkpoint_extractor
+
+        self.extractor = checkpoint_extractor(self.path) or (self.store.extractor if self.store is not None else None)
+        self._backbone: Any = None  # built on the first upload
+        self._store_labels: list[str] | None = None
+        self._upload_labels: list[str] | None = None
+        if image_loader is None and self.store is not None:
+            self.image_loader = ids_json_loader(self.store.path) or self.image_loader
         self.upload_error = self._upload_error()
         self._examples: list[Example] | None = None
 
@@ -386,6 +438,14 @@ class Predictor:
         """Why uploads are impossible with this model (None when they are possible)."""
         from vqa_align.regions import REGION_FEATURE_DIM
 
+        if self.extractor is not None:  # features of a `vqa-align extract` backbone
+            from vqa_align.extractors import missing_for
+
+            missing = missing_for(self.extractor)
+            if missing is None:
+                return None
+            return (f"Uploads need the extractor this model was trained on, {self.extractor.describe()}: "
+                    f"{missing.what}. Run `{missing.fix}` and restart the app.")
         source = self.store.source if self.store is not None else ""
         builtin = "vqa_align.regions" in source or (self.store is None and self.config.data.dataset == "easy_vqa")
         if self.feature_dim == REGION_FEATURE_DIM and builtin:
@@ -446,6 +506,7 @@ class Predictor:
         if image_id not in self.store:
             raise InputError(f"Image id {image_id} is not in the feature store {self.store.path}.")
         feats, boxes, size = self.store.get(image_id, self.max_regions)
+        self._store_labels = self.store.read_labels(self.store.row(image_id), self.max_regions)
         picture = self.image_loader(image_id)
         return image_id, feats, boxes, size, picture
 
@@ -457,10 +518,32 @@ class Predictor:
         from vqa_align.store import normalise_boxes
 
         rgb, notes = load_upload(image)
+        if self.extractor is not None:
+            return (*self._backbone_regions(rgb), notes)
         regions = extract_regions(rgb)
         width, height = regions.image_size
         feats, boxes = regions.features[: self.max_regions], regions.boxes[: self.max_regions]
         return feats, normalise_boxes(boxes, width, height), (width, height), rgb, notes
+
+    def _backbone_regions(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int], np.ndarray]:
+        """Regions of a picture from the checkpoint's recorded extractor (built once, checked by sha256)."""
+        from PIL import Image
+
+        from vqa_align.extractors import backbone_for
+        from vqa_align.store import normalise_boxes
+
+        if self._backbone is None:
+            try:
+                self._backbone = backbone_for(self.extractor, self.device)
+            except UserError as err:
+                raise InputError(str(err)) from None
+        height, width = rgb.shape[:2]
+        picture = Image.fromarray(rgb)
+        regions = self._backbone.extract([self._backbone.preprocessor()(picture)], [(width, height)])[0]
+        k = self.max_regions
+        self._upload_labels = regions.labels[:k] if regions.labels is not None else None
+        feats = regions.features[:k].astype(np.float32)
+        return feats, normalise_boxes(regions.boxes[:k], width, height), (width, height), rgb
 
     # --- answering --------------------------------------------------------------------------
     @torch.no_grad()
@@ -470,6 +553,7 @@ class Predictor:
         if (image_id is None) == (image is None):
             raise InputError("Choose an image of the data set or upload one (exactly one of the two).")
         words, ids, oov, notes = self.encode_question(question)
+        self._store_labels = self._upload_labels = None  # readable region names, when the extractor gives them
         if image_id is not None:
             image_id, feats, boxes, size, picture = self._store_regions(image_id)
         else:
@@ -495,7 +579,8 @@ class Predictor:
         top_p, top_i = probs.topk(k)
         top = [(self.answers[i], float(p)) for p, i in zip(top_p.tolist(), top_i.tolist())]
 
-        region_labels = [f"R{i + 1}" for i in range(num_regions)]
+        names = self._store_labels if image_id is not None else self._upload_labels
+        region_labels = [f"R{i + 1} {names[i]}" if names and names[i] else f"R{i + 1}" for i in range(num_regions)]
         labels = {"words": words, "regions": region_labels}
         modules = [self._module_result(d, labels) for d in diagnostics]
         width, height = size
@@ -768,13 +853,22 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def load_predictor(checkpoint: str | Path | None) -> Predictor:
-    """Predictor of ``checkpoint`` (default: the quickstart's); errors become one-line UserErrors."""
+def load_predictor(checkpoint: str | Path | None, images: str | Path | None = None) -> Predictor:
+    """Predictor of ``checkpoint`` (default: the quickstart's); errors become one-line UserErrors.
+
+    ``images``: the folder the store's pictures were extracted from (``vqa-align extract``), shown
+    in the gallery.
+    """
     path = Path(checkpoint).expanduser() if checkpoint else default_checkpoint_path()
     if checkpoint is None and not path.exists():
         raise UserError(f"no checkpoint given and no quickstart run at {path}; run `vqa-align quickstart` first")
+    loader = None
+    if images is not None:
+        if not Path(images).expanduser().is_dir():
+            raise UserError(f"--images {images}: not a folder")
+        loader = folder_image_loader(Path(images).expanduser())
     try:
-        return Predictor(path)
+        return Predictor(path, image_loader=loader)
     except CheckpointError as err:
         raise UserError(str(err)) from None
 

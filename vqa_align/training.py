@@ -200,6 +200,7 @@ class Trainer:
             tokenizer = load_minilm_tokenizer()  # WordPiece ids, [PAD] = 0
         bundle = build_data(config.data, ["train", "val"], tokenizer=tokenizer, answers=answers)
         self.tokenizer, self.answers = bundle.tokenizer, bundle.answers
+        self.extractor = bundle.store.extractor  # what made the features; every checkpoint records it
         self.train_set, self.val_set = bundle.datasets["train"], bundle.datasets.get("val")
         self._resident: dict[int, Any] = {}  # id(dataset) -> ResidentSplit (data.resident)
         self._scores: dict[int, Any] = {}  # id(dataset) -> vqa_data.OfficialScores
@@ -601,7 +602,8 @@ class Trainer:
             "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
         }
         meta = {"epoch": self.epoch, "global_step": self.global_step, "best_val_accuracy": self.best_accuracy,
-                "last": self.history[-1] if self.history else None}
+                "last": self.history[-1] if self.history else None,
+                "extractor": json.loads(self.extractor.to_json()) if self.extractor is not None else None}
         save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self.config, self.answers,
                         self.tokenizer, state, meta)
         if self.replaces is not None and name == "last":
@@ -621,6 +623,13 @@ class Trainer:
         ckpt = recover_checkpoint(self.run_dir / "checkpoints" / "last")
         if ckpt is None or not (ckpt / TRAINER_STATE_FILE).is_file():
             raise UserError(f"--resume: no checkpoint to resume in {self.run_dir / 'checkpoints' / 'last'}")
+        from vqa_align.checkpoint import checkpoint_extractor
+
+        recorded = checkpoint_extractor(ckpt)
+        if recorded is not None and (self.extractor is None or recorded.key() != self.extractor.key()):
+            now = self.extractor.describe() if self.extractor is not None else "an unrecorded extractor"
+            raise UserError(f"--resume: {ckpt} was trained on features of {recorded.describe()}, "
+                            f"but the store now comes from {now}")
         weights, _ = read_weights(ckpt / WEIGHTS_FILE, self.device)
         try:
             self.model.load_state_dict(weights)

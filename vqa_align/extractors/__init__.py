@@ -64,7 +64,7 @@ from vqa_align.extractors.base import (
 )
 
 __all__ = [
-    "BACKBONES", "Backbone", "ExtractorInfo", "ImageRegions", "Missing", "backbone_class",
+    "BACKBONES", "Backbone", "ExtractorInfo", "ImageRegions", "Missing", "backbone_class", "backbone_for",
     "build_backbone", "grid_boxes", "grid_regions", "missing_for", "parse_params",
 ]
 
@@ -106,6 +106,31 @@ def build_backbone(name: str, params: dict[str, Any] | None = None, device: str 
     return cls(typed, device)
 
 
+def params_of(info: ExtractorInfo, cls: type[Backbone]) -> dict[str, Any]:
+    """The parameters that rebuild the extractor of ``info`` (its weights' location included)."""
+    params = dict(info.params)
+    if cls.source_param and info.weights_source:
+        params[cls.source_param] = info.weights_source
+    return params
+
+
+def backbone_for(info: ExtractorInfo, device: str | torch.device = "cpu") -> Backbone:
+    """Rebuild the extractor recorded in a store / checkpoint and check it is the same one.
+
+    Raises a UserError when it cannot run here (what is missing + the fixing command) or when the
+    weights found here differ from the recorded ones (features would not match the model).
+    """
+    missing = missing_for(info)
+    if missing is not None:
+        raise UserError(f"{info.name}: {missing.message()}")
+    cls = backbone_class(info.name)
+    backbone = cls(parse_params(cls.Params, params_of(info, cls), info.name), device)
+    if backbone.info.key() != info.key():
+        raise UserError(f"the extractor here is {backbone.info.describe()}, but the model was trained on "
+                        f"features of {info.describe()}; install the same weights")
+    return backbone
+
+
 def missing_for(info: ExtractorInfo) -> Missing | None:
     """What keeps the extractor recorded in a store/checkpoint from running here (None: it can run)."""
     if info.name not in BACKBONES:
@@ -116,7 +141,7 @@ def missing_for(info: ExtractorInfo) -> Missing | None:
     except UserError as err:
         return Missing(str(err), f"pip install the package named above")
     try:
-        typed = parse_params(cls.Params, info.params, info.name)
+        typed = parse_params(cls.Params, params_of(info, cls), info.name)
     except UserError as err:
         return Missing(str(err), "use a vqa-align version that knows these parameters")
     return cls.missing(typed)

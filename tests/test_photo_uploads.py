@@ -1,0 +1,141 @@
+"""Models trained on `vqa-align extract` features: recorded extractors, uploads, pictures, labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqa_align.checkpoint import checkpoint_extractor, save_checkpoint
+from vqa_align.config import AlignmentConfig, Config, DataConfig, ModelConfig
+from vqa_align.data import check_same_extractor
+from vqa_align.errors import UserError
+from vqa_align.extraction import ExtractOptions, extract_images, list_images
+from vqa_align.extractors import ExtractorInfo, build_backbone
+from vqa_align.inference import InputError, Predictor, folder_image_loader, load_predictor
+from vqa_align.model import MCAN
+from vqa_align.store import FeatureStore, FeatureStoreWriter
+from vqa_align.vqa_data import build_tokenizer
+
+skimage_data = pytest.importorskip("skimage.data")
+
+ANSWERS = ["cat", "cup", "yes", "no"]
+QUESTIONS = ["what is in the picture?", "is there a cat?"]
+# random resnet18 at 64 px: a 2 x 2 grid of 512-d cells, built in a fraction of a second
+TV_PARAMS = {"arch": "resnet18", "weights": "none", "image_size": 64}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("chelsea", "coffee", "astronaut"):
+        Image.fromarray(getattr(skimage_data, name)()).save(folder / f"{name}.png")
+    return folder
+
+
+def _checkpoint(root: Path, store: Path, extractor: ExtractorInfo | None, feature_dim: int) -> Path:
+    tokenizer = build_tokenizer(QUESTIONS, max_tokens=8)
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, num_heads=4, ffn_size=64, num_layers=1, flat_mlp_size=32, flat_size=32,
+                      dropout=0.0, feature_dim=feature_dim, word_embed_dim=16, vocab_size=len(tokenizer.get_vocab()),
+                      num_answers=len(ANSWERS), alignment=AlignmentConfig(method="ct", helper_hidden=8, helper_out=8))
+    config = Config(model=cfg, data=DataConfig(dataset="vqa_v2", features=str(store), max_regions=100), name="photo")
+    meta = {"extractor": json.loads(extractor.to_json()) if extractor else None}
+    return save_checkpoint(root / "run" / "checkpoints" / "last", MCAN(cfg), config, ANSWERS, tokenizer, meta=meta)
+
+
+@pytest.fixture(scope="module")
+def photo_run(photos, tmp_path_factory):
+    root = tmp_path_factory.mktemp("photo_run")
+    backbone = build_backbone("torchvision", TV_PARAMS)
+    store = root / "photos.h5"
+    extract_images(list_images([photos]), backbone, store, ExtractOptions(batch_size=2, num_workers=0, progress=False))
+    return _checkpoint(root, store, backbone.info, 512), store
+
+
+def test_checkpoint_records_its_extractor_and_uploads_match_the_store(photo_run, photos):
+    ckpt, store_path = photo_run
+    info = checkpoint_extractor(ckpt)
+    assert info is not None and info.name == "torchvision" and info == FeatureStore(store_path).extractor
+    pred = Predictor(ckpt)
+    assert pred.uploads_enabled
+    store = FeatureStore(store_path)
+    ids = json.loads(store_path.with_name(store_path.name + ".ids.json").read_text())
+    cat_id = next(int(i) for i, p in ids.items() if p.endswith("chelsea.png"))
+    from_store = pred.answer("is there a cat?", image_id=cat_id)
+    from_upload = pred.answer("is there a cat?", image=str(photos / "chelsea.png"))
+    # the same picture through the store (float16) and through the upload path (float32)
+    assert from_upload.answer == from_store.answer
+    np.testing.assert_allclose(from_upload.image_glimpse, from_store.image_glimpse, atol=2e-2)
+    np.testing.assert_allclose(from_upload.boxes, from_store.boxes, atol=1e-6)
+    assert from_upload.boxes.shape == (4, 4)  # 2 x 2 grid cells, drawn like regions
+    # the store's pictures come from its ids JSON (written by extract) without --images
+    assert from_store.image is not None and from_store.image.shape[2] == 3
+
+
+def test_images_folder_shows_the_real_pictures(photo_run, photos, tmp_path):
+    ckpt, store_path = photo_run
+    moved = tmp_path / "store.h5"  # a store without its ids JSON: only --images can find the pictures
+    moved.write_bytes(store_path.read_bytes())
+    store = FeatureStore(moved)
+    plain = Predictor(ckpt, feature_store=moved)
+    assert plain.load_image(int(store.image_ids[0])) is None
+    shown = Predictor(ckpt, feature_store=moved, image_loader=folder_image_loader(photos))
+    for image_id in store.image_ids:
+        picture = shown.load_image(int(image_id))
+        w, h = store.image_sizes[store.row(int(image_id))]
+        assert picture is not None and picture.shape[:2] == (h, w)
+    with pytest.raises(UserError, match="not a folder"):
+        load_predictor(ckpt, images=tmp_path / "nope")
+
+
+def test_uploads_say_what_is_missing_and_the_command(photo_run, tmp_path):
+    _, store = photo_run
+    clip = ExtractorInfo("clip", {"image_size": 224}, "f" * 64, 512, weights_source="someone/clip-not-here")
+    pred = Predictor(_checkpoint(tmp_path / "clip", store, clip, 512))
+    assert not pred.uploads_enabled
+    assert "vqa-align extract --download --backbone clip --param model=someone/clip-not-here" in pred.upload_error
+    with pytest.raises(InputError, match="not on this machine"):
+        pred.answer("is there a cat?", image=np.zeros((8, 8, 3), np.uint8))
+
+
+def test_uploads_refuse_other_weights(photo_run, tmp_path):
+    _, store = photo_run
+    other = build_backbone("torchvision", {**TV_PARAMS, "seed": 1}).info  # other random weights
+    forged = ExtractorInfo(other.name, {**other.params, "seed": 0}, other.weights_sha256, 512, "none")
+    pred = Predictor(_checkpoint(tmp_path / "forged", store, forged, 512))
+    assert pred.uploads_enabled  # it can run here; but its weights are not the recorded ones
+    with pytest.raises(InputError, match="install the same weights"):
+        pred.answer("is there a cat?", image=np.zeros((40, 40, 3), np.uint8))
+
+
+def test_region_labels_are_shown(tmp_path):
+    store = tmp_path / "labelled.h5"
+    info = ExtractorInfo("bottom-up", {}, "a" * 64, 8)
+    with FeatureStoreWriter(store, extractor=info) as w:
+        w.add(1, np.ones((3, 8)), np.array([[0, 0, 5, 5], [1, 1, 9, 9], [2, 2, 4, 4]], np.float32), (10, 10),
+              labels=["red umbrella", "", "man"])
+        w.add(2, np.ones((1, 8)), np.array([[0, 0, 5, 5]], np.float32), (10, 10))  # an image without labels
+    pred = Predictor(_checkpoint(tmp_path / "lab", store, info, 8))
+    assert pred.answer("is there a cat?", image_id=1).region_labels == ["R1 red umbrella", "R2", "R3 man"]
+    assert pred.answer("is there a cat?", image_id=2).region_labels == ["R1"]
+
+
+def test_train_and_val_stores_of_different_extractors_are_refused(tmp_path):
+    def store(name: str, info: ExtractorInfo | None) -> FeatureStore:
+        with FeatureStoreWriter(tmp_path / name, extractor=info) as w:
+            w.add(1, np.ones((2, 4)), np.zeros((2, 4), np.float32) + [0, 0, 1, 1], (4, 4))
+        return FeatureStore(tmp_path / name)
+
+    a = store("a.h5", ExtractorInfo("efficientnet-lite0", {}, "1" * 64, 4))
+    b = store("b.h5", ExtractorInfo("clip", {"image_size": 224}, "2" * 64, 4))
+    c = store("c.h5", ExtractorInfo("efficientnet-lite0", {}, "1" * 64, 4, weights_source="/elsewhere.pth"))
+    check_same_extractor(a, c)  # same weights found in another place: fine
+    with pytest.raises(UserError, match=r"a\.h5 comes from efficientnet-lite0 .*b\.h5 comes from clip"):
+        check_same_extractor(a, b)
+    with pytest.raises(UserError, match="unrecorded extractor"):
+        check_same_extractor(a, store("d.h5", None))
