@@ -113,7 +113,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output HDF5 feature store (ids of non-COCO names go to OUT.ids.json)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="backbone parameter, e.g. --param arch=resnet50 (repeatable)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16, help="pictures per forward pass (raise it on a GPU)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding the pictures")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
