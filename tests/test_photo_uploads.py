@@ -139,3 +139,62 @@ def test_train_and_val_stores_of_different_extractors_are_refused(tmp_path):
         check_same_extractor(a, b)
     with pytest.raises(UserError, match="unrecorded extractor"):
         check_same_extractor(a, store("d.h5", None))
+
+
+# --- training on extracted easy-VQA pictures ------------------------------------------------------
+
+
+def _easy_vqa_photo_config(cache: Path, store: Path, **extra):
+    from conftest import tiny_run_overrides
+
+    from vqa_align.config import load_config
+    from vqa_align_prep.easy_vqa import FOLDER
+
+    folder = cache / FOLDER
+    values = {"data.features": str(store), "data.train_questions": [str(folder / "train_questions.json")],
+              "data.train_annotations": [str(folder / "train_annotations.json")],
+              "data.val_questions": [str(folder / "val_questions.json")],
+              "data.val_annotations": [str(folder / "val_annotations.json")],
+              "model.feature_dim": 512, "train.epochs": 1, "train.max_steps": 2, **extra}
+    return load_config("configs/easy_vqa.yaml", tiny_run_overrides(cache, **values))
+
+
+def test_training_records_the_extractor_and_refuses_mixed_stores(easy_vqa_cache, tmp_path):
+    from conftest import EASY_VQA_TEST_LIMIT
+
+    from vqa_align.training import train_from_config
+    from vqa_align_prep.easy_vqa import easy_vqa_images
+
+    items = easy_vqa_images(EASY_VQA_TEST_LIMIT)
+    opts = ExtractOptions(batch_size=32, num_workers=0, progress=False)
+    store = tmp_path / "easy.h5"
+    backbone = build_backbone("torchvision", {**TV_PARAMS, "image_size": 32})  # 1 x 1 grid: one region
+    extract_images(items, backbone, store, opts)
+    trainer = train_from_config(_easy_vqa_photo_config(easy_vqa_cache, store), tmp_path / "run")
+    assert checkpoint_extractor(tmp_path / "run") == backbone.info == trainer.extractor
+
+    other = tmp_path / "other.h5"  # the same pictures through other random weights
+    extract_images(items, build_backbone("torchvision", {**TV_PARAMS, "image_size": 32, "seed": 3}), other, opts)
+    with pytest.raises(UserError, match=r"easy\.h5 comes from torchvision .*other\.h5 comes from torchvision"):
+        train_from_config(_easy_vqa_photo_config(easy_vqa_cache, store, **{"data.val_features": str(other)}),
+                          tmp_path / "mixed")
+    with pytest.raises(UserError, match="--resume: .* was trained on features of torchvision"):
+        train_from_config(_easy_vqa_photo_config(easy_vqa_cache, other), tmp_path / "run", resume=True)
+
+
+@pytest.mark.slow
+def test_easy_vqa_backbone_preset_end_to_end(easy_vqa_cache, tmp_path):
+    """configs/easy_vqa_photos.yaml on the small cache: extract, train 2 steps, answer about a photo."""
+    from conftest import EASY_VQA_TEST_LIMIT, tiny_run_overrides
+
+    from vqa_align.config import load_config
+    from vqa_align.training import train_from_config
+
+    overrides = tiny_run_overrides(easy_vqa_cache, **{"train.max_steps": 2, "train.epochs": 1,
+                                                      "data.easy_vqa_limit": EASY_VQA_TEST_LIMIT})
+    config = load_config("configs/easy_vqa_photos.yaml", overrides)
+    train_from_config(config, tmp_path / "run")
+    pred = Predictor(tmp_path / "run")
+    assert pred.uploads_enabled and pred.extractor.name == "efficientnet-lite0"
+    out = pred.answer("what color is the shape?", image=skimage_data.chelsea())
+    assert out.boxes.shape == (49, 4) and out.answer in pred.answers
