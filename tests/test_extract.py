@@ -345,3 +345,18 @@ def test_unknown_backbone_and_parameters_are_one_line_errors():
         build_backbone("efficientnet-lite0", {"colour": "red"})
     with pytest.raises(UserError, match="is not a int"):
         build_backbone("torchvision", {"image_size": "big", "weights": "none"})
+
+
+def test_cli_errors_are_one_line_and_list_names_every_backbone(tmp_path, capsys):
+    from vqa_align.cli import main as cli_main
+
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["extract", str(tmp_path / "empty"), "--backbone", "efficientnet-lite0", "--out", str(tmp_path / "o.h5")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "contains no image files" in err
+    assert cli_main(["extract", "--backbone", "efficientnet-lite0", str(tmp_path)]) == 2
+    assert "--out is required" in capsys.readouterr().err
+    assert cli_main(["extract", "--list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("efficientnet-lite0", "clip", "torchvision", "bottom-up"):
+        assert name in listed
