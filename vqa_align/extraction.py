@@ -381,6 +381,7 @@ def merge_parts(items: list[tuple[int, Path]], out: Path, options: ExtractOption
     if missing:
         raise UserError(f"{folder}: parts {missing[:5]} are not finished; run the same command again to resume")
     names = {image_id: str(path) for image_id, path in items}
+    kept: dict[str, str] = {}  # image id -> file, of the images in the store
     with FeatureStoreWriter(out, dtype=options.dtype, source=f"vqa-align extract {info.name}",
                             overwrite=overwrite, extractor=info) as writer:
         for k in range(num_parts):
@@ -395,11 +396,11 @@ def merge_parts(items: list[tuple[int, Path]], out: Path, options: ExtractOption
                 labels = part.read_labels(row)
                 w, h = (int(v) for v in part.image_sizes[row])
                 writer.add(int(image_id), feats, boxes, (w, h), record=str(h5), labels=labels)
+                kept[str(int(image_id))] = names[int(image_id)]
                 result.images += 1
                 result.regions += len(feats)
             part.close()
         ids_tmp = out.with_name(out.name + IDS_SUFFIX + ".tmp")
-        kept = {str(i): names[int(i)] for i in writer._ids}
         ids_tmp.write_text(json.dumps(kept, indent=1))
     os.replace(ids_tmp, out.with_name(out.name + IDS_SUFFIX))
     shutil.rmtree(folder, ignore_errors=True)

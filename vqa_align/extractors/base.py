@@ -13,7 +13,13 @@ The work is split in two so that decoding and resizing run in DataLoader worker 
 * :meth:`Backbone.extract` runs in the main process on the backbone's device: it takes the list
   of preprocessed items of one batch and the original (width, height) of each image and returns
   one :class:`ImageRegions` per image. Items are passed as a list, not stacked, so backbones whose
-  inputs differ in size (a detector resizing to a shorter side of 600 px) batch them as they like.
+  inputs differ in size (a detector resizing to a shorter side of 600 px) batch them as they like;
+  an item may be any picklable object (e.g. a tuple ``(tensor, scale)``).
+
+Sizes: ``sizes[i]`` is the *original* (width, height) of picture i after EXIF rotation. The
+picture the preprocessor received may be smaller (pictures above ``--max-side`` are downscaled
+while decoding, keeping the aspect ratio), so boxes must be mapped to ``sizes[i]`` from the
+model's input size, never from the decoded picture's.
 
 Everything a store must record about the extractor is :class:`ExtractorInfo` (name, parameters,
 sha256 of the weights, feature dimension); it is written into the store's ``extractor`` attribute
