@@ -68,16 +68,16 @@ def vm_rss_mib() -> float:
 class RssSampler(threading.Thread):
     def __init__(self, period: float = 0.2) -> None:
         super().__init__(daemon=True)
-        self.period, self.samples, self._stop = period, [], threading.Event()
+        self.period, self.samples, self._done = period, [], threading.Event()
 
     def run(self) -> None:
         t0 = time.perf_counter()
-        while not self._stop.is_set():
+        while not self._done.is_set():
             self.samples.append((time.perf_counter() - t0, vm_rss_mib()))
             time.sleep(self.period)
 
     def stop(self) -> list[tuple[float, float]]:
-        self._stop.set()
+        self._done.set()
         self.join()
         return self.samples
 
