@@ -360,3 +360,22 @@ def test_cli_errors_are_one_line_and_list_names_every_backbone(tmp_path, capsys)
     listed = capsys.readouterr().out
     for name in ("efficientnet-lite0", "clip", "torchvision", "bottom-up"):
         assert name in listed
+
+
+def test_store_labels_arriving_late_backfill_earlier_rows(tmp_path, monkeypatch):
+    from vqa_align import store as store_module
+    from vqa_align.store import FeatureStoreWriter
+
+    monkeypatch.setattr(store_module, "WRITE_BUFFER_ROWS", 2)  # flush between images
+    box = np.array([[0, 0, 1, 1]], np.float32)
+    with FeatureStoreWriter(tmp_path / "s.h5") as w:
+        w.add(1, np.ones((3, 2)), np.repeat(box, 3, 0), (4, 4))  # written before any label exists
+        w.add(2, np.ones((2, 2)), np.repeat(box, 2, 0), (4, 4), labels=["dog", "red ball"])
+        w.add(3, np.ones((1, 2)), box, (4, 4))
+    s = FeatureStore(tmp_path / "s.h5")
+    assert [s.read_labels(r) for r in range(3)] == [["", "", ""], ["dog", "red ball"], [""]]
+    assert s.read_labels(1, max_regions=1) == ["dog"]
+    assert s.extractor is None  # converted stores record none
+    with pytest.raises(Exception, match="2 labels for 1 regions"):
+        with FeatureStoreWriter(tmp_path / "t.h5") as w:
+            w.add(1, np.ones((1, 2)), box, (4, 4), labels=["a", "b"])
