@@ -38,6 +38,11 @@ BAD_OPTIONS = {
     ("prep h5", "--dtype"): ["bfloat16"],
     ("import", "format"): ["caffe"],
     ("import", "--num-heads"): ["0", "-8", "x"],
+    ("extract", "--batch-size"): ["0", "x"],
+    ("extract", "--workers"): ["-1", "x"],
+    ("extract", "--part-size"): ["0"],
+    ("extract", "--max-side"): ["0", "2.5"],
+    ("extract", "--dtype"): ["float64"],
 }
 # Options whose values the parser cannot judge: the command checks them (tests below or in the
 # command's own test file) — files and folders, --set (test_config.py), --methods/--seeds
@@ -46,6 +51,8 @@ CHECKED_LATER = {
     "--config", "--set", "--out", "--checkpoint", "--compare", "--image", "--results-out", "--cache-dir",
     "--ids-json", "--questions", "--annotations", "--results", "--methods", "--seeds", "inputs", "input",
     "--init-from", "checkpoint", "--answers", "--features", "--val-annotations",
+    # extract: pictures, backbone names and parameters, devices (tests/test_extract.py)
+    "images", "--images", "--backbone", "--param", "--device", "--weights-dir",
 }
 REQUIRED_ARGS = {
     "eval": ["--checkpoint", "ckpt"],
@@ -54,6 +61,7 @@ REQUIRED_ARGS = {
     "prep tsv": ["in.tsv", "--out", "x.h5"],
     "prep npz": ["folder", "--out", "x.h5"],
     "prep h5": ["in.h5", "--out", "x.h5"],
+    "extract": ["x.jpg", "--backbone", "efficientnet-lite0", "--out", "x.h5"],
     "import": ["mcan-vqa", "ckpt.pkl", "--questions", "q.json", "--answers", "a.json", "--out", "run"],
 }
 

@@ -61,6 +61,8 @@ BAD = {
     "data.dataset": ["coco"],
     "data.cache_dir": ["''", "[a]"],
     "data.features": ["' '", "1"],
+    "data.val_features": ["''", "[a.h5]"],
+    "data.easy_vqa_backbone": ["resnet", "''"],
     "data.train_questions": ["q.json", "[1]"],
     "data.train_annotations": ["[a.json, b.json]"],  # two annotation files for no question file
     "data.val_questions": ["{a: 1}"],

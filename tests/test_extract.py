@@ -356,6 +356,12 @@ def test_cli_errors_are_one_line_and_list_names_every_backbone(tmp_path, capsys)
     assert len(err.splitlines()) == 1 and "contains no image files" in err
     assert cli_main(["extract", "--backbone", "efficientnet-lite0", str(tmp_path)]) == 2
     assert "--out is required" in capsys.readouterr().err
+    _write_pictures(tmp_path / "in", 1)
+    assert cli_main(["extract", str(tmp_path / "in"), "--backbone", "efficientnet-lite0", "--out", "o.h5",
+                     "--device", "tpu:x"]) == 2
+    assert "--device 'tpu:x': not a device" in capsys.readouterr().err
+    assert cli_main(["extract", str(tmp_path / "in"), "--backbone", "nope", "--out", str(tmp_path / "o.h5")]) == 2
+    assert "unknown backbone 'nope'" in capsys.readouterr().err
     assert cli_main(["extract", "--list"]) == 0
     listed = capsys.readouterr().out
     for name in ("efficientnet-lite0", "clip", "torchvision", "bottom-up"):

@@ -171,9 +171,14 @@ class DataConfig:
         _at_least(self, where, 1, "answer_min_count", "max_question_tokens", "max_regions", "subset", "eval_subset",
                   "easy_vqa_limit")
         _at_least(self, where, 0, "num_workers")
-        for key in ("cache_dir", "features"):
+        for key in ("cache_dir", "features", "val_features"):
             value = getattr(self, key)
             _require(value is None or value.strip() != "", f"{where}.{key}", value, "a path or null")
+        if self.easy_vqa_backbone is not None:
+            from vqa_align.extractors import BACKBONES  # the registry: names only, no backbone is imported
+
+            _require(self.easy_vqa_backbone in BACKBONES, f"{where}.easy_vqa_backbone", self.easy_vqa_backbone,
+                     f"one of {sorted(BACKBONES)} or null")
         for split in ("train", "val"):
             questions, annotations = getattr(self, f"{split}_questions"), getattr(self, f"{split}_annotations")
             if annotations and len(annotations) != len(questions):

@@ -467,7 +467,13 @@ def parse_param_items(items: list[str]) -> dict[str, str]:
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
 
 
 def run_extract(args: argparse.Namespace) -> int:
@@ -493,6 +499,7 @@ def run_extract(args: argparse.Namespace) -> int:
     if args.out is None:
         raise UserError("--out is required: the HDF5 feature store to write")
     items = list_images(args.images)
+    pick_device(args.device)  # a bad --device is an error before any work
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     barrier = None
