@@ -1,0 +1,260 @@
+"""Box arithmetic and box selection of the bottom-up-attention detector, as pure functions.
+
+Everything here works on plain tensors (boxes are ``x1, y1, x2, y2`` in pixels, float32) so it is
+tested on constructed inputs; ``bottom_up.py`` holds the network that produces them.
+
+Pipeline of one image (where each function sits):
+
+1. :func:`resized_shape` — the test-time resize rule (shortest side to ``min_size``, longest at most
+   ``max_size``).
+2. :func:`cell_anchors`, :func:`grid_anchors` — RPN anchors over the stride-16 res4 map.
+3. :func:`apply_deltas` — anchors + RPN deltas -> proposals; proposals + class deltas -> boxes.
+4. :func:`select_proposals` — top-k by objectness, clip, drop empty boxes, NMS, keep the best k.
+5. Final boxes, two rules:
+   - :func:`select_bottom_up` — the rule of bottom-up attention's feature TSVs (``generate_tsv.py``):
+     per-class NMS over the proposals, a box's confidence is its best surviving class score, keep
+     those >= a threshold, at least ``min_boxes`` and at most ``max_boxes`` (10-100 adaptive; 36-36
+     fixed).
+   - :func:`select_hf_demo` — the rule of the Hugging Face LXMERT demo: class-agnostic NMS over
+     each proposal's best-class regressed box, trying NMS thresholds in turn until at least
+     ``min_boxes`` survive, at most ``max_boxes`` kept.
+6. :func:`to_original` — boxes of the resized image back to the original image's pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import nms
+
+# Deltas dw, dh are clamped so that exp() cannot blow up: no box grows more than 1000/16 times
+# (a 16-pixel anchor to a 1000-pixel box), the Detectron/bottom-up-attention convention.
+SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """(new_height, new_width): shortest side -> ``min_size`` unless the longest would pass ``max_size``.
+
+    Sides are rounded half up (``int(x + 0.5)``), as Detectron's ResizeShortestEdge does.
+    """
+    scale = min_size / min(height, width)
+    new_h, new_w = height * scale, width * scale
+    if max(new_h, new_w) > max_size:
+        shrink = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def cell_anchors(sizes: tuple[float, ...], aspect_ratios: tuple[float, ...]) -> torch.Tensor:
+    """(len(sizes) * len(aspect_ratios), 4) anchors centred on 0, size-major order.
+
+    An anchor of size s and ratio r (= h / w) has area s^2: w = sqrt(s^2 / r), h = r * w.
+    """
+    rows = []
+    for size in sizes:
+        for ratio in aspect_ratios:
+            w = math.sqrt(size * size / ratio)
+            h = ratio * w
+            rows.append([-w / 2, -h / 2, w / 2, h / 2])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def grid_anchors(cells: torch.Tensor, height: int, width: int, stride: int, offset: float = 0.0) -> torch.Tensor:
+    """(height * width * A, 4) anchors of a feature map: cell anchors shifted to every map position.
+
+    Order: row y, then column x, then anchor a — the order of the RPN outputs after
+    ``(A, H, W) -> (H, W, A)``.
+    """
+    device = cells.device
+    xs = torch.arange(width, device=device, dtype=torch.float32) * stride + offset * stride  # (W,)
+    ys = torch.arange(height, device=device, dtype=torch.float32) * stride + offset * stride  # (H,)
+    shift_y, shift_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
+    shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
+    return (shifts + cells.to(torch.float32).reshape(1, -1, 4)).reshape(-1, 4)
+
+
+def apply_deltas(deltas: torch.Tensor, boxes: torch.Tensor, weights: tuple[float, float, float, float]) -> torch.Tensor:
+    """Faster R-CNN box decoding: (N, 4k) deltas (dx, dy, dw, dh per class) on (N, 4) boxes -> (N, 4k).
+
+    Centre moves by dx * width / wx; size scales by exp(dw / ww) (dw clamped to ``SCALE_CLAMP``).
+    Widths are x2 - x1 (no +1: the Detectron2 convention of this conversion).
+    """
+    boxes = boxes.to(deltas.dtype)
+    widths = boxes[:, 2] - boxes[:, 0]  # (N,)
+    heights = boxes[:, 3] - boxes[:, 1]
+    ctr_x = boxes[:, 0] + 0.5 * widths
+    ctr_y = boxes[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = weights
+    dx = deltas[:, 0::4] / wx  # (N, k)
+    dy = deltas[:, 1::4] / wy
+    dw = (deltas[:, 2::4] / ww).clamp(max=SCALE_CLAMP)
+    dh = (deltas[:, 3::4] / wh).clamp(max=SCALE_CLAMP)
+    pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
+    pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
+    pred_w = torch.exp(dw) * widths[:, None]
+    pred_h = torch.exp(dh) * heights[:, None]
+    out = torch.stack(
+        (pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h, pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h),
+        dim=-1,
+    )  # (N, k, 4)
+    return out.reshape(deltas.shape)
+
+
+def clip_boxes(boxes: torch.Tensor, height: int | float, width: int | float) -> torch.Tensor:
+    """(..., 4) boxes clamped into [0, width] x [0, height] (a new tensor)."""
+    x = boxes[..., 0::2].clamp(min=0, max=width)
+    y = boxes[..., 1::2].clamp(min=0, max=height)
+    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+
+
+def select_proposals(
+    proposals: torch.Tensor,
+    logits: torch.Tensor,
+    height: int,
+    width: int,
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    nms_thresh: float,
+    min_size: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RPN proposals of one image: (P, 4) boxes, (P,) objectness logits -> (k, 4), (k,), best first.
+
+    The ``pre_nms_topk`` highest logits are kept, clipped to the image, boxes with a side <=
+    ``min_size`` dropped, NMS at ``nms_thresh``, and the best ``post_nms_topk`` kept.
+    """
+    order = torch.sort(logits, descending=True).indices[:pre_nms_topk]  # (k0,)
+    boxes = clip_boxes(proposals[order], height, width)
+    scores = logits[order]
+    nonempty = ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
+    boxes, scores = boxes[nonempty], scores[nonempty]
+    keep = nms(boxes, scores, nms_thresh)[:post_nms_topk]  # indices, best first
+    return boxes[keep], scores[keep]
+
+
+def per_class_nms_confidence(boxes: torch.Tensor, class_scores: torch.Tensor, iou_thresh: float) -> torch.Tensor:
+    """(R,) best score of each box over the classes for which the box survives per-class NMS.
+
+    ``boxes`` (R, 4) are shared by all classes (the proposals), ``class_scores`` (R, C). For each class
+    c, greedy NMS in decreasing score order keeps a box unless a kept box of higher score overlaps it
+    by IoU > ``iou_thresh``; confidence[r] = max over classes where r is kept of class_scores[r, c]
+    (0 if none). All classes run at once: one greedy step per rank, vectorised over classes, with the
+    IoU matrix computed once because every class sees the same boxes.
+    Slow obvious version: :func:`per_class_nms_confidence_reference`.
+    """
+    num_boxes, num_classes = class_scores.shape
+    if num_boxes == 0:
+        return class_scores.new_zeros(0)
+    overlaps = _iou(boxes, boxes) > iou_thresh  # (R, R) bool
+    # Stable sort: among equal scores the lower index goes first, as torchvision's nms does.
+    order = torch.sort(class_scores.t(), dim=1, descending=True, stable=True).indices  # (C, R)
+    suppressed = torch.zeros(num_classes, num_boxes, dtype=torch.bool, device=boxes.device)  # (C, R)
+    kept = torch.zeros_like(suppressed)
+    classes = torch.arange(num_classes, device=boxes.device)
+    for rank in range(num_boxes):
+        candidate = order[:, rank]  # (C,) the box each class looks at now
+        keep_now = ~suppressed[classes, candidate]  # (C,)
+        kept[classes, candidate] = keep_now
+        suppressed |= keep_now[:, None] & overlaps[candidate]  # (C, R)
+    confidence = torch.where(kept.t(), class_scores, torch.zeros_like(class_scores))  # (R, C)
+    return confidence.max(dim=1).values
+
+
+def per_class_nms_confidence_reference(boxes: torch.Tensor, class_scores: torch.Tensor, iou_thresh: float) -> torch.Tensor:
+    """The same as :func:`per_class_nms_confidence`, one torchvision ``nms`` call per class."""
+    confidence = torch.zeros(boxes.shape[0], dtype=class_scores.dtype)
+    for c in range(class_scores.shape[1]):
+        scores = class_scores[:, c]
+        keep = nms(boxes.float(), scores.float(), iou_thresh)
+        confidence[keep] = torch.maximum(confidence[keep], scores[keep])
+    return confidence
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, M) intersection over union of (N, 4) and (M, 4) boxes (torchvision's convention, no +1)."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])  # (N,)
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (M,)
+    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
+    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)  # (N, M)
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def keep_by_confidence(confidence: torch.Tensor, threshold: float, min_boxes: int, max_boxes: int) -> torch.Tensor:
+    """Indices of the boxes kept: confidence >= threshold, but at least ``min_boxes`` and at most
+    ``max_boxes`` of the most confident (fewer only if the image has fewer boxes). Most confident
+    first.
+    """
+    order = torch.sort(confidence, descending=True, stable=True).indices  # (R,)
+    count = int((confidence >= threshold).sum())
+    count = max(min_boxes, min(max_boxes, count))
+    return order[:count]
+
+
+@dataclass
+class Selection:
+    """The boxes kept for one image, in the resized image's pixels; indices point into the proposals."""
+
+    index: torch.Tensor  # (n,) long: which proposals (and so which pooled features) are kept
+    boxes: torch.Tensor  # (n, 4)
+    object_ids: torch.Tensor  # (n,) long, 0..num_classes-1 (background excluded)
+    object_scores: torch.Tensor  # (n,)
+
+
+def select_bottom_up(
+    proposals: torch.Tensor,
+    class_probs: torch.Tensor,
+    nms_thresh: float,
+    conf_thresh: float,
+    min_boxes: int,
+    max_boxes: int,
+) -> Selection:
+    """The feature-TSV rule of bottom-up attention on one image.
+
+    ``proposals`` (R, 4) are the boxes whose features were pooled; ``class_probs`` (R, C) the
+    object-class softmax without the background column. Boxes returned are the proposals themselves
+    (the TSVs store the RoIs, whose features they are). Object = the best class of the box; its score
+    is that class's probability.
+    """
+    confidence = per_class_nms_confidence(proposals, class_probs, nms_thresh)  # (R,)
+    index = keep_by_confidence(confidence, conf_thresh, min_boxes, max_boxes)
+    scores, ids = class_probs[index].max(dim=1)
+    return Selection(index=index, boxes=proposals[index], object_ids=ids, object_scores=scores)
+
+
+def select_hf_demo(
+    class_boxes: torch.Tensor,
+    class_probs: torch.Tensor,
+    height: int,
+    width: int,
+    nms_threshs: tuple[float, ...],
+    min_boxes: int,
+    max_boxes: int,
+) -> Selection:
+    """The rule of the Hugging Face LXMERT demo on one image.
+
+    ``class_boxes`` (R, 4C) regressed boxes per class, ``class_probs`` (R, C) without background.
+    Each proposal keeps only its best class and that class's box (clipped to the image); NMS over
+    these boxes regardless of class at each threshold in turn until at least ``min_boxes`` survive;
+    at most ``max_boxes`` are kept. If no threshold gives ``min_boxes``, the last one's boxes are
+    kept (fewer than ``min_boxes``).
+    """
+    num_classes = class_probs.shape[1]
+    boxes = clip_boxes(class_boxes.reshape(-1, num_classes, 4), height, width)  # (R, C, 4)
+    scores, ids = class_probs.max(dim=1)  # (R,)
+    best_boxes = boxes[torch.arange(boxes.shape[0], device=boxes.device), ids]  # (R, 4)
+    keep = best_boxes.new_zeros(0, dtype=torch.long)
+    for thresh in nms_threshs:
+        keep = nms(best_boxes, scores, thresh)[:max_boxes]
+        if keep.numel() >= min_boxes:
+            break
+    return Selection(index=keep, boxes=best_boxes[keep], object_ids=ids[keep], object_scores=scores[keep])
+
+
+def to_original(boxes: torch.Tensor, original_hw: tuple[int, int], resized_hw: tuple[int, int]) -> torch.Tensor:
+    """(n, 4) boxes in the resized image's pixels -> the original image's pixels (x by W/w, y by H/h)."""
+    scale_y = original_hw[0] / resized_hw[0]
+    scale_x = original_hw[1] / resized_hw[1]
+    scale = boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
+    return boxes * scale
