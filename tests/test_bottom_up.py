@@ -18,6 +18,7 @@ from vqa_align.extractors.bottom_up import (
     detect,
     load_vocabulary,
     load_weights_file,
+    postprocess,
     preprocess,
     random_state_dict,
 )
@@ -184,6 +185,20 @@ def test_per_class_nms_confidence_matches_one_nms_per_class(seed):
     assert torch.equal(fast, B.per_class_nms_confidence_reference(boxes, scores, 0.3))
 
 
+def test_per_class_nms_confidence_batched_with_padding():
+    gen = torch.Generator().manual_seed(3)
+    singles, boxes_list, scores_list = [], [], []
+    for count in (12, 7):
+        xy = torch.rand(count, 2, generator=gen) * 50
+        boxes = torch.cat([xy, xy + torch.rand(count, 2, generator=gen) * 30 + 1], dim=1)
+        scores = torch.rand(count, 9, generator=gen)
+        singles.append(B.per_class_nms_confidence_reference(boxes, scores, 0.3))
+        boxes_list.append(torch.cat([boxes, torch.zeros(12 - count, 4)]))
+        scores_list.append(torch.cat([scores, torch.full((12 - count, 9), -1.0)]))
+    batched = B.per_class_nms_confidence(torch.stack(boxes_list), torch.stack(scores_list), 0.3)
+    assert torch.equal(batched[0], singles[0]) and torch.equal(batched[1, :7], singles[1])
+
+
 def test_keep_by_confidence_threshold_min_max():
     conf = torch.tensor([0.5, 0.1, 0.3, 0.25, 0.05])
     assert B.keep_by_confidence(conf, 0.2, 1, 100).tolist() == [0, 2, 3]  # three reach 0.2
@@ -271,7 +286,7 @@ def _expected_shapes() -> dict[str, tuple[int, ...]]:
 @pytest.fixture(scope="module")
 def small_config() -> BottomUpConfig:
     # A small image and few proposals keep a CPU run to seconds; the architecture is the real one.
-    return BottomUpConfig(min_size=160, max_size=224, post_nms_topk=16)
+    return BottomUpConfig(min_size=160, max_size=224, post_nms_topk=12)
 
 
 @pytest.fixture(scope="module")
@@ -281,9 +296,7 @@ def random_weights(small_config) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def detector(small_config, random_weights) -> BottomUpDetector:
-    model = BottomUpDetector(small_config)
-    model.load_weights(random_weights)
-    return model
+    return BottomUpDetector.from_state_dict(random_weights, small_config)
 
 
 def test_state_dict_has_the_published_names_and_shapes(random_weights):
@@ -294,8 +307,8 @@ def test_state_dict_has_the_published_names_and_shapes(random_weights):
     assert torch.allclose(anchors[4], torch.tensor([-64.0, -64.0, 64.0, 64.0]))  # size 128, ratio 1
 
 
-def test_strict_load_names_the_problem(small_config, random_weights):
-    model = BottomUpDetector(small_config)
+def test_strict_load_names_the_problem(small_config, random_weights, detector):
+    model = detector  # every failed load below leaves it untouched (checked before loading)
     missing = dict(random_weights)
     del missing["backbone.res4.22.conv3.norm.running_var"]
     with pytest.raises(DataFormatError, match=r"missing 1: backbone\.res4\.22\.conv3\.norm\.running_var"):
@@ -371,16 +384,23 @@ def test_detects_10_to_100_boxes_of_2048_d_on_a_photo(detector, small_config):
     assert adaptive.object_names == [f"o{i}" for i in adaptive.object_ids]
     assert adaptive.labels()[0] == f"a{adaptive.attribute_ids[0]} o{adaptive.object_ids[0]}"
 
-    # The fixed-count flavour on the same network: exactly 12 boxes.
-    fixed = detect(detector, [image], config=BottomUpConfig.fixed(12, min_size=160, max_size=224, post_nms_topk=16))[0]
-    assert fixed.features.shape == (12, 2048)
-
-    # Features belong to their boxes: re-running the network and picking the same proposals
-    # (boxes mapped back to the resized image) gives the same rows.
+    # Features belong to their boxes, and the fixed-count flavour on the same network outputs:
+    # re-run the network once, select with both rules' settings, compare.
     p = preprocess(image, small_config)
     with torch.no_grad():
         raw = detector(batch_images([p]), [p.resized_hw])[0]
+    again = postprocess(raw, p, small_config)
+    assert np.allclose(again.features, adaptive.features, atol=1e-4) and np.allclose(again.boxes, adaptive.boxes, atol=1e-3)
     scale = p.resized_hw[0] / 512
-    mapped = torch.from_numpy(adaptive.boxes) * scale
-    match = torch.cdist(mapped, raw.proposals).argmin(dim=1)
+    match = torch.cdist(torch.from_numpy(adaptive.boxes) * scale, raw.proposals).argmin(dim=1)
     assert torch.allclose(raw.features[match], torch.from_numpy(adaptive.features), atol=1e-4)
+    fixed = postprocess(raw, p, BottomUpConfig.fixed(12, min_size=160, max_size=224, post_nms_topk=12))
+    assert fixed.features.shape == (12, 2048) and fixed.boxes.shape == (12, 4)
+    # Batched per-class NMS (as detect() runs it for several images) = one image at a time.
+    from vqa_align.extractors.bottom_up import RawOutputs, batch_confidence
+
+    short = RawOutputs(*(t[:7] for t in (raw.proposals, raw.features, raw.class_logits, raw.attr_logits, raw.box_deltas)))
+    confs = batch_confidence([raw, short], small_config.nms_thresh)
+    for r, c in zip((raw, short), confs):
+        single = B.per_class_nms_confidence(r.proposals, r.class_logits.softmax(-1)[:, :-1], small_config.nms_thresh)
+        assert torch.equal(c, single)

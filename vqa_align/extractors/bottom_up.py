@@ -283,10 +283,17 @@ class BottomUpDetector(nn.Module):
         self.requires_grad_(False)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, config: BottomUpConfig | None = None) -> "BottomUpDetector":
-        model = cls(config)
-        model.load_weights(load_weights_file(path), source=str(path))
+    def from_state_dict(cls, state: dict[str, torch.Tensor], config: BottomUpConfig | None = None, source: str = "state dict") -> "BottomUpDetector":
+        """Build and load strictly, skipping the random initialisation the weights replace anyway."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        model.load_weights(state, source=source)
         return model
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, config: BottomUpConfig | None = None) -> "BottomUpDetector":
+        return cls.from_state_dict(load_weights_file(path), config, source=str(path))
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Strict load under the checkpoint's own names; a mismatch is one line naming the keys."""
@@ -431,14 +438,26 @@ class Detections:
         return [f"{a} {o}" for a, o in zip(self.attribute_names, self.object_names)]
 
 
-def postprocess(raw: RawOutputs, prepared: Prepared, config: BottomUpConfig, vocab: Vocabulary | None = None) -> Detections:
-    """Final box selection for one image and mapping back to the original image."""
+def postprocess(
+    raw: RawOutputs,
+    prepared: Prepared,
+    config: BottomUpConfig,
+    vocab: Vocabulary | None = None,
+    confidence: torch.Tensor | None = None,
+) -> Detections:
+    """Final box selection for one image and mapping back to the original image.
+
+    ``confidence``: the per-class-NMS confidences of the proposals when already computed for the
+    batch (:func:`batch_confidence`).
+    """
     h, w = prepared.resized_hw
     class_probs = raw.class_logits.softmax(dim=-1)[:, :-1]  # (R, C) background (last) dropped
     # Attribute probabilities: softmax over the attributes without the "no attribute" column.
     attr_probs, attr_ids = raw.attr_logits[:, :-1].softmax(dim=-1).max(dim=-1)  # (R,)
     if config.selection == "bottom-up":
-        sel = B.select_bottom_up(raw.proposals, class_probs, config.nms_thresh, config.conf_thresh, config.min_boxes, config.max_boxes)
+        sel = B.select_bottom_up(
+            raw.proposals, class_probs, config.nms_thresh, config.conf_thresh, config.min_boxes, config.max_boxes, confidence
+        )
     else:
         class_boxes = B.apply_deltas(raw.box_deltas, raw.proposals, config.bbox_reg_weights)  # (R, 4C)
         sel = B.select_hf_demo(class_boxes, class_probs, h, w, config.hf_nms_threshs, config.min_boxes, config.max_boxes)
@@ -456,6 +475,18 @@ def postprocess(raw: RawOutputs, prepared: Prepared, config: BottomUpConfig, voc
         object_names=[vocab.objects[i] for i in obj] if vocab else None,
         attribute_names=[vocab.attributes[i] for i in att] if vocab else None,
     )
+
+
+def batch_confidence(raws: Sequence[RawOutputs], nms_thresh: float) -> list[torch.Tensor]:
+    """Per-class-NMS confidences of every image's proposals in one batched pass (padded to the longest)."""
+    longest = max(len(r.proposals) for r in raws)
+    boxes = raws[0].proposals.new_zeros(len(raws), longest, 4)
+    probs = raws[0].class_logits.new_full((len(raws), longest, raws[0].class_logits.shape[1] - 1), -1.0)
+    for i, r in enumerate(raws):
+        boxes[i, : len(r.proposals)] = r.proposals
+        probs[i, : len(r.proposals)] = r.class_logits.softmax(dim=-1)[:, :-1]
+    conf = B.per_class_nms_confidence(boxes, probs, nms_thresh)  # (N, longest)
+    return [conf[i, : len(r.proposals)] for i, r in enumerate(raws)]
 
 
 @torch.no_grad()
@@ -478,7 +509,10 @@ def detect(
     batch = batch_images(prepared).to(device)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         raws = detector(batch, [p.resized_hw for p in prepared])
-    return [postprocess(r, p, cfg, vocab) for r, p in zip(raws, prepared)]
+    confs: list[torch.Tensor | None] = [None] * len(raws)
+    if cfg.selection == "bottom-up" and len(raws) > 1:
+        confs = list(batch_confidence(raws, cfg.nms_thresh))
+    return [postprocess(r, p, cfg, vocab, c) for r, p, c in zip(raws, prepared, confs)]
 
 
 RANDOM_BRANCH_SCALE = 0.2  # batch-norm scale of each residual branch's last conv (random weights)
@@ -493,19 +527,23 @@ def random_state_dict(config: BottomUpConfig | None = None, seed: int = 0) -> di
     small on the last conv of a residual branch (so 30+ blocks do not blow up), running stats 0 / 1,
     small head weights.
     """
-    model = BottomUpDetector(config)
+    cfg = config or BottomUpConfig()
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation cost
+        model = BottomUpDetector(cfg)
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, value in model.state_dict().items():
-        if name.endswith("cell_anchors.0") or name.endswith("num_batches_tracked"):
-            state[name] = value.clone()
+        if name.endswith("cell_anchors.0"):
+            state[name] = B.cell_anchors(cfg.anchor_sizes, cfg.anchor_ratios)
+        elif name.endswith("num_batches_tracked"):
+            state[name] = torch.zeros((), dtype=torch.long)
         elif name.endswith("running_mean"):
-            state[name] = torch.zeros_like(value)
+            state[name] = torch.zeros(value.shape)
         elif name.endswith("running_var"):
-            state[name] = torch.ones_like(value)
+            state[name] = torch.ones(value.shape)
         elif ".norm." in name and name.endswith("weight"):
             scale = RANDOM_BRANCH_SCALE if ".conv3.norm" in name else 1.0
-            state[name] = torch.full_like(value, scale)
+            state[name] = torch.full(value.shape, scale)
         elif ".norm." in name and name.endswith("bias"):
             state[name] = 0.1 * torch.randn(value.shape, generator=gen)
         elif value.ndim >= 2 and (name.startswith("proposal_generator") or "box_predictor" in name):

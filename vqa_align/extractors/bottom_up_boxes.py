@@ -141,24 +141,29 @@ def per_class_nms_confidence(boxes: torch.Tensor, class_scores: torch.Tensor, io
     by IoU > ``iou_thresh``; confidence[r] = max over classes where r is kept of class_scores[r, c]
     (0 if none). All classes run at once: one greedy step per rank, vectorised over classes, with the
     IoU matrix computed once because every class sees the same boxes.
+    A leading batch dimension is allowed, (N, R, 4) and (N, R, C) -> (N, R), so a batch of images
+    costs R steps, not N * R (pad shorter images with zero boxes and scores of -1: a zero box
+    overlaps nothing, so it suppresses nothing).
     Slow obvious version: :func:`per_class_nms_confidence_reference`.
     """
-    num_boxes, num_classes = class_scores.shape
+    if boxes.dim() == 2:
+        return per_class_nms_confidence(boxes[None], class_scores[None], iou_thresh)[0]
+    num_images, num_boxes, num_classes = class_scores.shape
     if num_boxes == 0:
-        return class_scores.new_zeros(0)
-    overlaps = _iou(boxes, boxes) > iou_thresh  # (R, R) bool
+        return class_scores.new_zeros(num_images, 0)
+    overlaps = _iou(boxes, boxes) > iou_thresh  # (N, R, R) bool; NaN (zero boxes) compares False
     # Stable sort: among equal scores the lower index goes first, as torchvision's nms does.
-    order = torch.sort(class_scores.t(), dim=1, descending=True, stable=True).indices  # (C, R)
-    suppressed = torch.zeros(num_classes, num_boxes, dtype=torch.bool, device=boxes.device)  # (C, R)
-    kept = torch.zeros_like(suppressed)
-    classes = torch.arange(num_classes, device=boxes.device)
+    order = torch.sort(class_scores.transpose(1, 2), dim=2, descending=True, stable=True).indices  # (N, C, R)
+    suppressed = torch.zeros(num_images, num_classes, num_boxes, dtype=torch.bool, device=boxes.device)
+    kept = torch.zeros_like(suppressed)  # (N, C, R)
+    images = torch.arange(num_images, device=boxes.device)[:, None]  # (N, 1)
     for rank in range(num_boxes):
-        candidate = order[:, rank]  # (C,) the box each class looks at now
-        keep_now = ~suppressed[classes, candidate]  # (C,)
-        kept[classes, candidate] = keep_now
-        suppressed |= keep_now[:, None] & overlaps[candidate]  # (C, R)
-    confidence = torch.where(kept.t(), class_scores, torch.zeros_like(class_scores))  # (R, C)
-    return confidence.max(dim=1).values
+        candidate = order[:, :, rank : rank + 1]  # (N, C, 1) the box each class looks at now
+        keep_now = ~suppressed.gather(2, candidate)  # (N, C, 1)
+        kept.scatter_(2, candidate, keep_now)
+        suppressed |= keep_now & overlaps[images, candidate[..., 0]]  # (N, C, R)
+    confidence = torch.where(kept.transpose(1, 2), class_scores, torch.zeros_like(class_scores))  # (N, R, C)
+    return confidence.max(dim=2).values
 
 
 def per_class_nms_confidence_reference(boxes: torch.Tensor, class_scores: torch.Tensor, iou_thresh: float) -> torch.Tensor:
@@ -172,13 +177,13 @@ def per_class_nms_confidence_reference(boxes: torch.Tensor, class_scores: torch.
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N, M) intersection over union of (N, 4) and (M, 4) boxes (torchvision's convention, no +1)."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])  # (N,)
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (M,)
-    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
-    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)  # (N, M)
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
+    """(..., N, M) intersection over union of (..., N, 4) and (..., M, 4) boxes (no +1, as torchvision)."""
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])  # (..., N)
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # (..., M)
+    top_left = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])  # (..., N, M, 2)
+    bottom_right = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)  # (..., N, M)
+    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter)
 
 
 def keep_by_confidence(confidence: torch.Tensor, threshold: float, min_boxes: int, max_boxes: int) -> torch.Tensor:
@@ -209,15 +214,17 @@ def select_bottom_up(
     conf_thresh: float,
     min_boxes: int,
     max_boxes: int,
+    confidence: torch.Tensor | None = None,
 ) -> Selection:
     """The feature-TSV rule of bottom-up attention on one image.
 
     ``proposals`` (R, 4) are the boxes whose features were pooled; ``class_probs`` (R, C) the
     object-class softmax without the background column. Boxes returned are the proposals themselves
     (the TSVs store the RoIs, whose features they are). Object = the best class of the box; its score
-    is that class's probability.
+    is that class's probability. ``confidence`` (R,) may be given when computed for a whole batch.
     """
-    confidence = per_class_nms_confidence(proposals, class_probs, nms_thresh)  # (R,)
+    if confidence is None:
+        confidence = per_class_nms_confidence(proposals, class_probs, nms_thresh)  # (R,)
     index = keep_by_confidence(confidence, conf_thresh, min_boxes, max_boxes)
     scores, ids = class_probs[index].max(dim=1)
     return Selection(index=index, boxes=proposals[index], object_ids=ids, object_scores=scores)
