@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vqa_align.errors import DataFormatError, InputFileNotFoundError
+from vqa_align.errors import DataFormatError, InputFileNotFoundError, UserError
 from vqa_align.extractors import bottom_up_boxes as B
 from vqa_align.extractors.bottom_up import (
     BottomUpConfig,
@@ -404,3 +404,36 @@ def test_detects_10_to_100_boxes_of_2048_d_on_a_photo(detector, small_config):
     for r, c in zip((raw, short), confs):
         single = B.per_class_nms_confidence(r.proposals, r.class_logits.softmax(-1)[:, :-1], small_config.nms_thresh)
         assert torch.equal(c, single)
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry's ``bottom-up`` backbone
+
+
+def test_backbone_from_a_weights_folder(tmp_path, random_weights):
+    from PIL import Image
+    from safetensors.torch import save_file
+    from skimage import data
+
+    from vqa_align.extractors import build_backbone, make_params
+
+    params = {"weights": str(tmp_path), "min_size": "160", "max_size": "224", "proposals": "12", "mode": "fixed", "boxes": "11"}
+    from vqa_align.extractors import backbone_class
+
+    missing = backbone_class("bottom-up").missing(make_params("bottom-up", params))
+    assert missing is not None and "--download --backbone bottom-up" in missing.fix
+    save_file({k: v.contiguous() for k, v in random_weights.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "objects_vocab.txt").write_text("".join(f"thing{i}\n" for i in range(1600)))
+    (tmp_path / "attributes_vocab.txt").write_text("".join(f"colour{i},hue\n" for i in range(400)))
+    backbone = build_backbone("bottom-up", params)
+    picture = Image.fromarray(data.chelsea())  # 451 x 300 (w x h)
+    item = backbone.preprocessor()(picture)
+    regions = backbone.extract([item], [(902, 600)])[0]  # the original file was twice as large
+    assert regions.features.shape == (11, 2048) and regions.boxes.shape == (11, 4)
+    assert regions.boxes[:, 2].max() <= 902 and regions.boxes[:, 3].max() <= 600
+    assert regions.labels is not None and all(l.startswith("colour") and " thing" in l for l in regions.labels)
+    info = backbone.info
+    assert info.name == "bottom-up" and info.feature_dim == 2048 and len(info.weights_sha256) == 64
+    assert "weights" not in info.params and info.params["mode"] == "fixed"
+    with pytest.raises(UserError, match="mode 'sometimes'"):
+        make_params("bottom-up", dict(params, mode="sometimes")).config()

@@ -33,6 +33,7 @@ from torchvision.ops import roi_pool
 
 from vqa_align.errors import DataFormatError, InputFileNotFoundError, UserError
 from vqa_align.extractors import bottom_up_boxes as B
+from vqa_align.extractors.base import Backbone, ExtractorInfo, ImageRegions, Missing, sha256_of_file
 
 HUB_REPO = "unc-nlp/frcnn-vg-finetuned"
 HUB_WEIGHTS = "pytorch_model.bin"
@@ -177,7 +178,7 @@ class Stem(nn.Module):
         return F.max_pool2d(F.relu(self.conv1(x)), kernel_size=3, stride=2, padding=0, ceil_mode=True)
 
 
-class Backbone(nn.Module):
+class ResNetTrunk(nn.Module):
     """Stem + res2..res4 of ResNet-101: (B, 3, H, W) -> (B, 1024, ~H/16, ~W/16)."""
 
     def __init__(self, eps: float):
@@ -276,7 +277,7 @@ class BottomUpDetector(nn.Module):
     def __init__(self, config: BottomUpConfig | None = None):
         super().__init__()
         self.config = (config or BottomUpConfig()).validate()
-        self.backbone = Backbone(self.config.bn_eps)
+        self.backbone = ResNetTrunk(self.config.bn_eps)
         self.proposal_generator = ProposalGenerator(self.config)
         self.roi_heads = RoIHeads(self.config)
         self.eval()
@@ -504,15 +505,7 @@ def detect(
     arithmetic and selection stay float32.
     """
     cfg = (config or detector.config).validate()
-    device = next(detector.parameters()).device
-    prepared = [preprocess(im, cfg) for im in images]
-    batch = batch_images(prepared).to(device)
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        raws = detector(batch, [p.resized_hw for p in prepared])
-    confs: list[torch.Tensor | None] = [None] * len(raws)
-    if cfg.selection == "bottom-up" and len(raws) > 1:
-        confs = list(batch_confidence(raws, cfg.nms_thresh))
-    return [postprocess(r, p, cfg, vocab, c) for r, p, c in zip(raws, prepared, confs)]
+    return _detect_prepared(detector, [preprocess(im, cfg) for im in images], cfg, vocab, autocast_dtype)
 
 
 RANDOM_BRANCH_SCALE = 0.2  # batch-norm scale of each residual branch's last conv (random weights)
@@ -558,3 +551,132 @@ def random_state_dict(config: BottomUpConfig | None = None, seed: int = 0) -> di
         else:
             state[name] = 0.1 * torch.randn(value.shape, generator=gen)
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The ``bottom-up`` backbone of ``vqa-align extract``
+
+WEIGHT_FILES = ("model.safetensors", HUB_WEIGHTS)  # looked for, in this order, in a weights folder
+OBJECTS_VOCAB, ATTRIBUTES_VOCAB = "objects_vocab.txt", "attributes_vocab.txt"
+
+
+def default_weights_dir() -> Path:
+    """Where ``--download bottom-up`` puts the weights and vocabularies unless told otherwise."""
+    cache = os.environ.get("VQA_ALIGN_CACHE") or os.path.expanduser("~/.cache/vqa_align")
+    return Path(cache) / "weights" / "bottom-up"
+
+
+@dataclass
+class Params:
+    # A weights file (.bin / .safetensors) or a folder holding one plus the two vocabulary files;
+    # default: the folder `vqa-align extract --download --backbone bottom-up` fills.
+    weights: str | None = None
+    mode: str = "adaptive"  # "adaptive": conf >= conf_thresh, min_boxes..max_boxes; "fixed": `boxes` boxes
+    boxes: int = 36  # fixed mode: boxes per image (the 36-box TSV flavour)
+    min_boxes: int = 10
+    max_boxes: int = 100
+    conf_thresh: float = 0.2
+    min_size: int = 800  # shortest side after resizing
+    max_size: int = 1333  # longest side at most
+    proposals: int = 300  # RPN proposals kept after NMS (boxes are chosen among them)
+    selection: str = "bottom-up"  # or "hf-demo" (the Hugging Face LXMERT demo's rule)
+
+    def config(self) -> BottomUpConfig:
+        if self.mode not in ("adaptive", "fixed"):
+            raise UserError(f"backbone bottom-up: mode {self.mode!r} is not 'adaptive' or 'fixed'")
+        lo, hi = (self.boxes, self.boxes) if self.mode == "fixed" else (self.min_boxes, self.max_boxes)
+        return BottomUpConfig(
+            min_size=self.min_size, max_size=self.max_size, post_nms_topk=self.proposals,
+            selection=self.selection,  # type: ignore[arg-type]
+            conf_thresh=self.conf_thresh, min_boxes=lo, max_boxes=hi,
+        ).validate()
+
+
+def _weights_file(params: Params) -> Path:
+    where = Path(params.weights).expanduser() if params.weights else default_weights_dir()
+    if where.is_dir() or where.suffix not in (".bin", ".pt", ".pth", ".safetensors"):  # a folder
+        for name in WEIGHT_FILES:
+            if (where / name).is_file():
+                return where / name
+        return where / HUB_WEIGHTS  # absent: missing() reports it
+    return where
+
+
+class Preprocess:
+    """PIL RGB image -> :class:`Prepared` (picklable, no weights; runs in DataLoader workers)."""
+
+    def __init__(self, config: BottomUpConfig):
+        self.config = config
+
+    def __call__(self, image) -> Prepared:  # PIL.Image.Image
+        return preprocess(np.asarray(image.convert("RGB"), dtype=np.uint8), self.config)
+
+
+@torch.no_grad()
+def _detect_prepared(
+    detector: BottomUpDetector,
+    prepared: Sequence[Prepared],
+    cfg: BottomUpConfig,
+    vocab: Vocabulary | None,
+    autocast_dtype: torch.dtype | None,
+) -> list[Detections]:
+    device = next(detector.parameters()).device
+    batch = batch_images(prepared).to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        raws = detector(batch, [p.resized_hw for p in prepared])
+    confs: list[torch.Tensor | None] = [None] * len(raws)
+    if cfg.selection == "bottom-up" and len(raws) > 1:
+        confs = list(batch_confidence(raws, cfg.nms_thresh))
+    return [postprocess(r, p, cfg, vocab, c) for r, p, c in zip(raws, prepared, confs)]
+
+
+class BottomUp(Backbone):
+    name = "bottom-up"
+    Params = Params
+    summary = "bottom-up-attention VG Faster R-CNN: 10-100 (or 36) boxes, 2048-d + object/attribute labels"
+
+    def __init__(self, params: Params, device: torch.device | str = "cpu") -> None:
+        super().__init__(params, device)
+        self.config = params.config()
+        path = _weights_file(params)
+        self.detector = BottomUpDetector.from_file(path, self.config).to(self.device)
+        self._sha = sha256_of_file(path)
+        self._source = str(path)
+        folder = path.parent
+        self.vocab = None
+        if (folder / OBJECTS_VOCAB).is_file() and (folder / ATTRIBUTES_VOCAB).is_file():
+            self.vocab = load_vocabulary(folder / OBJECTS_VOCAB, folder / ATTRIBUTES_VOCAB, self.config)
+
+    @classmethod
+    def missing(cls, params: Params) -> Missing | None:
+        path = _weights_file(params)
+        if not path.is_file():
+            fix = "vqa-align extract --download --backbone bottom-up"
+            if params.weights:
+                fix += f" --weights-dir {params.weights}"
+            return Missing(f"the bottom-up weights {path} are not on this machine", fix)
+        return None
+
+    @classmethod
+    def download(cls, params: Params, dest: Path | None) -> Path | None:  # pragma: no cover - internet
+        folder = Path(dest) if dest else (Path(params.weights) if params.weights else default_weights_dir())
+        download_bottom_up(folder)
+        return folder
+
+    def preprocessor(self):
+        return Preprocess(self.config)
+
+    def extract(self, inputs: list[Prepared], sizes: list[tuple[int, int]]) -> list[ImageRegions]:
+        # Boxes go back to the sizes given (the original files), even if the pictures were
+        # downscaled before preprocessing: only the aspect ratio must agree.
+        prepared = [Prepared(p.pixels, p.resized_hw, (h, w)) for p, (w, h) in zip(inputs, sizes)]
+        dets = _detect_prepared(self.detector, prepared, self.config, self.vocab, self.autocast_dtype())
+        return [ImageRegions(d.features, d.boxes, d.labels() if self.vocab else None) for d in dets]
+
+    @property
+    def info(self) -> ExtractorInfo:
+        params = {k: v for k, v in self.params.__dict__.items() if k != "weights"}
+        return ExtractorInfo(self.name, params, self._sha, FEATURE_DIM, self._source)
+
+
+BACKBONE = BottomUp
