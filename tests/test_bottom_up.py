@@ -362,7 +362,7 @@ def test_vocabulary_files(tmp_path):
 # A real photo through the whole detector (random weights)
 
 
-def test_detects_10_to_100_boxes_of_2048_d_on_a_photo(detector, small_config):
+def test_detects_10_to_100_boxes_of_2048_d_on_a_photo(detector, small_config, monkeypatch):
     from skimage import data
 
     image = data.astronaut()  # 512 x 512 RGB
@@ -385,7 +385,11 @@ def test_detects_10_to_100_boxes_of_2048_d_on_a_photo(detector, small_config):
     assert adaptive.labels()[0] == f"a{adaptive.attribute_ids[0]} o{adaptive.object_ids[0]}"
 
     # Features belong to their boxes, and the fixed-count flavour on the same network outputs:
-    # re-run the network once, select with both rules' settings, compare.
+    # re-run the network once (res5 in chunks of 5 boxes this time), select with both rules'
+    # settings, compare.
+    import vqa_align.extractors.bottom_up as bottom_up
+
+    monkeypatch.setattr(bottom_up, "RES5_CHUNK", 5)
     p = preprocess(image, small_config)
     with torch.no_grad():
         raw = detector(batch_images([p]), [p.resized_hw])[0]

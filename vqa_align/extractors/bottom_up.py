@@ -46,6 +46,7 @@ VOCAB_URLS = {
 FEATURE_DIM = 2048
 RES4_STRIDE = 16  # stem /4, res3 /2, res4 /2
 RESNET101_RES4_BLOCKS = (3, 4, 23)  # res2, res3, res4; res5 (3 blocks) runs per box in the RoI head
+RES5_CHUNK = 1024  # boxes per res5 call: ~0.8 GB of bf16 activations per 14 x 14 x 2048 output
 
 
 @dataclass
@@ -332,8 +333,15 @@ class BottomUpDetector(nn.Module):
             boxes, _ = B.select_proposals(boxes, logits[i], h, w, cfg.pre_nms_topk, cfg.post_nms_topk, cfg.rpn_nms_thresh, cfg.rpn_min_size)
             proposals.append(boxes)
         rois = torch.cat([torch.cat([p.new_full((len(p), 1), i), p], dim=1) for i, p in enumerate(proposals)])  # (R, 5)
-        pooled = roi_pool(feats, rois.to(feats.dtype), output_size=cfg.pool_size, spatial_scale=1.0 / RES4_STRIDE)
-        box_feats = self.roi_heads.res5(pooled).mean(dim=(2, 3))  # (R, 2048)
+        # Pool in float32 (box coordinates up to ~1333 px lose whole pixels in bf16), res5 in chunks
+        # of boxes so a large batch does not hold every box's 14 x 14 x 2048 map at once.
+        feats32 = feats.float()
+        box_feats = torch.cat(
+            [
+                self.roi_heads.res5(roi_pool(feats32, chunk, cfg.pool_size, 1.0 / RES4_STRIDE)).mean(dim=(2, 3))
+                for chunk in rois.split(RES5_CHUNK)
+            ]
+        )  # (R, 2048)
         cls, attr, box_deltas = self.roi_heads.box_predictor(box_feats)
         out, start = [], 0
         for p in proposals:
