@@ -430,12 +430,23 @@ def test_backbone_from_a_weights_folder(tmp_path, random_weights):
     (tmp_path / "objects_vocab.txt").write_text("".join(f"thing{i}\n" for i in range(1600)))
     (tmp_path / "attributes_vocab.txt").write_text("".join(f"colour{i},hue\n" for i in range(400)))
     backbone = build_backbone("bottom-up", params)
-    picture = Image.fromarray(data.chelsea())  # 451 x 300 (w x h)
-    item = backbone.preprocessor()(picture)
-    regions = backbone.extract([item], [(902, 600)])[0]  # the original file was twice as large
-    assert regions.features.shape == (11, 2048) and regions.boxes.shape == (11, 4)
-    assert regions.boxes[:, 2].max() <= 902 and regions.boxes[:, 3].max() <= 600
-    assert regions.labels is not None and all(l.startswith("colour") and " thing" in l for l in regions.labels)
+    # Through the real pipeline (decoding, store), the picture downscaled while decoding: the boxes
+    # must still come back in the original file's pixels.
+    from vqa_align.extraction import ExtractOptions, extract_images, list_images
+    from vqa_align.store import FeatureStore
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.fromarray(data.chelsea()).save(pics / "cat.png")  # 451 x 300 (w x h)
+    opts = ExtractOptions(batch_size=1, num_workers=0, progress=False, max_side=226)
+    extract_images(list_images([pics]), backbone, tmp_path / "f.h5", opts)
+    store = FeatureStore(tmp_path / "f.h5")
+    feats, boxes = store.read_row(0)
+    assert feats.shape == (11, 2048) and boxes.shape == (11, 4) and tuple(store.image_sizes[0]) == (451, 300)
+    assert boxes[:, 2].max() <= 451 and boxes[:, 3].max() <= 300 and boxes[:, 2].max() > 226  # not the 226 px copy
+    labels = store.read_labels(0)
+    assert len(labels) == 11 and all(l.startswith("colour") and " thing" in l for l in labels)
+    assert store.extractor.name == "bottom-up" and store.extractor.feature_dim == 2048
     info = backbone.info
     assert info.name == "bottom-up" and info.feature_dim == 2048 and len(info.weights_sha256) == 64
     assert "weights" not in info.params and info.params["mode"] == "fixed"
