@@ -13,9 +13,12 @@ under its own parameter names. Every setting below and where it comes from: docs
 
 Use::
 
-    detector = BottomUpDetector.from_file("pytorch_model.bin")     # or from_pretrained(...)
+    detector = BottomUpDetector.from_file("pytorch_model.bin")      # download_bottom_up() fetches it
     vocab = load_vocabulary("objects_vocab.txt", "attributes_vocab.txt")
     dets = detect(detector, [rgb_uint8_array], vocab=vocab)[0]      # Detections of one image
+
+``BACKBONE`` (class ``BottomUp``, end of file) is the same detector as the ``bottom-up`` backbone of
+``vqa-align extract``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ VOCAB_URLS = {
 }
 FEATURE_DIM = 2048
 RES4_STRIDE = 16  # stem /4, res3 /2, res4 /2
+RES4_CHANNELS = 1024  # what the RPN and the RoI pooling read
 RESNET101_RES4_BLOCKS = (3, 4, 23)  # res2, res3, res4; res5 (3 blocks) runs per box in the RoI head
 RES5_CHUNK = 1024  # boxes per res5 call: ~0.8 GB of bf16 activations per 14 x 14 x 2048 output
 
@@ -229,7 +233,7 @@ class ProposalGenerator(nn.Module):
         super().__init__()
         self.anchor_generator = AnchorGenerator(config)
         num_anchors = len(config.anchor_sizes) * len(config.anchor_ratios)
-        self.rpn_head = RPNHead(1024, config.rpn_hidden, num_anchors)
+        self.rpn_head = RPNHead(RES4_CHANNELS, config.rpn_hidden, num_anchors)
 
 
 class BoxPredictor(nn.Module):
@@ -257,7 +261,7 @@ class RoIHeads(nn.Module):
     def __init__(self, config: BottomUpConfig):
         super().__init__()
         # res5 per box: stride 1 and dilation 2 (the model keeps the 14 x 14 pooled grid).
-        self.res5 = _stage(3, 1024, 512, FEATURE_DIM, 1, dilation=2, eps=config.bn_eps)
+        self.res5 = _stage(3, RES4_CHANNELS, 512, FEATURE_DIM, 1, dilation=2, eps=config.bn_eps)
         self.box_predictor = BoxPredictor(FEATURE_DIM, config.num_classes, config.num_attributes)
 
 
