@@ -302,8 +302,16 @@ class BottomUpDetector(nn.Module):
         return cls.from_state_dict(load_weights_file(path), config, source=str(path))
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Strict load under the checkpoint's own names; a mismatch is one line naming the keys."""
+        """Strict load under the checkpoint's own names; a mismatch is one line naming the keys.
+
+        Batch-norm ``num_batches_tracked`` counters may be absent (older checkpoints; PyTorch's own
+        loader fills them in the same way): they are training bookkeeping, unused at inference.
+        """
         own = self.state_dict()
+        state = dict(state)
+        for key in own:
+            if key.endswith(".num_batches_tracked") and key not in state:
+                state[key] = torch.zeros((), dtype=torch.long)
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         bad_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
