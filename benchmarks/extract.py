@@ -12,7 +12,10 @@ parts, merged store).
 
 Backbones: ``efficientnet-lite0`` (its real weights), ``torchvision`` resnet50 at 448 px and
 ``clip`` ViT-B/32 at 224 px with *random* weights (same compute as the real ones; nothing is
-downloaded). On a CUDA machine the same runs use the GPU (``--device cuda``; bf16 autocast).
+downloaded). ``bottom-up`` (the detector at its real settings, random weights) only when asked,
+``--backbones bottom-up``: on a CPU it takes tens of seconds per picture (its own benchmark with a
+stage breakdown: ``benchmarks/bottom_up.py``).
+On a CUDA machine the same runs use the GPU (``--device cuda``; bf16 autocast).
 RSS is sampled every 0.2 s from /proc/self/status (VmRSS of the main process; the decoding
 workers are separate processes of constant size).
 """
@@ -89,6 +92,7 @@ BACKBONES = {
     "clip": ("clip", {}),  # model= a random ViT-B/32 folder, filled in at run time
     # cheap stand-in for long memory runs: the pipeline (decode, parts, merge) is what grows or not
     "resnet18-64": ("torchvision", {"arch": "resnet18", "weights": "none", "image_size": 64}),
+    "bottom-up": ("bottom-up", {}),  # weights= a random-weight folder, filled in at run time
 }
 
 
@@ -98,6 +102,18 @@ def clip_folder(tmp: Path) -> Path:
 
     folder = tmp / "clip-vit-b32-random"
     CLIPVisionModel(CLIPVisionConfig(image_size=224, patch_size=32)).save_pretrained(folder)
+    return folder
+
+
+def bottom_up_folder(tmp: Path) -> Path:
+    """Random weights of the bottom-up detector's shapes saved like a downloaded folder (same compute)."""
+    from safetensors.torch import save_file
+
+    from vqa_align.extractors.bottom_up import random_state_dict
+
+    folder = tmp / "bottom-up-random"
+    folder.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in random_state_dict().items()}, str(folder / "model.safetensors"))
     return folder
 
 
@@ -151,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             params = dict(BACKBONES[name][1])
             if name == "clip":
                 params["model"] = str(clip_folder(tmp_path))
+            if name == "bottom-up":
+                params["weights"] = str(bottom_up_folder(tmp_path))
             r = run_one(name, params, few, tmp_path / f"{name}.h5", options, args.device)
             results.append(r)
             print(f"{name:20s} {r['images_per_s']:7.2f} images/s  ({r['images']} pictures, batch {r['batch_size']}, "
