@@ -1,4 +1,4 @@
-"""One fused aligner alone on the CPU: forward + backward at MCAN-small shapes, three implementations.
+"""One aligner alone on the CPU: forward + backward at MCAN-small shapes, each implementation.
 
     .venv/bin/python benchmarks/aligner.py --methods ct,gan --batch-size 64 --repeats 7 --json
 
@@ -7,14 +7,17 @@ Shapes per module kind (MCAN-small: 8 heads of 64, 14 question tokens, 100 regio
 ``sa_question`` (14, 14). Implementations (see vqa_align/native_kernels.py), timed interleaved, one
 call each per round, the median over rounds reported:
 
-- ``native``: the cache-blocked AMX kernels (csrc/aligner_blocks.cpp) where the CPU has them; for
-  CT forward and backward at once, one sample at a time (``ct_train``);
-- ``two_pass`` (CT): the same kernels, forward then backward (``VQA_ALIGN_CT_ONE_PASS=0``);
+- ``blocks``: the cache-blocked AMX kernels (csrc/aligner_blocks.cpp), forward then backward; only
+  on CPUs with AMX and AVX-512-BF16 (elsewhere not listed: the aligner runs ``layers``);
 - ``layers``: layer by layer, the matmuls in ATen and the one-pass C++ glue between them
-  (``VQA_ALIGN_HELPER_BLOCKS=0``);
-- ``torch``: layer by layer with PyTorch ops only (``VQA_ALIGN_NATIVE_KERNELS=0``).
+  (``VQA_ALIGN_HELPER_BLOCKS=0``; what runs by default on CPUs without AMX);
+- ``torch``: layer by layer with PyTorch ops only (``VQA_ALIGN_NATIVE_KERNELS=0``);
+- ``plain``: the reference, the helper ``nn.Module``\ s under autograd (``HeadAligner(fused=False)``,
+  fp32 whatever ``--precision`` says).
 
-``per_step_s`` is what one MCAN-small training step spends in them: six layers of each kind. The
+``per_step_s`` is what one MCAN-small training step spends in them: six layers of each kind.
+``median_cpu_ms`` is the process's CPU time (all threads) per call: on a CPU shared with other
+jobs it is less inflated by waiting than the wall time. The
 trainer's allocator setting (vqa_align/host_memory.py) is applied, as in training.
 """
 
@@ -36,20 +39,31 @@ import torch  # noqa: E402
 
 from vqa_align import native_kernels  # noqa: E402
 from vqa_align.alignment import HeadAligner  # noqa: E402
+from vqa_align.alignment_kernels import compute_dtype  # noqa: E402
 from vqa_align.config import AlignmentConfig  # noqa: E402
 from vqa_align.host_memory import keep_freed_memory  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info  # noqa: E402
 
 HEADS, HEAD_DIM, TOKENS, REGIONS, LAYERS = 8, 64, 14, 100, 6
 SHAPES = {"sa_image": (REGIONS, REGIONS), "sga_guided": (REGIONS, TOKENS), "sa_question": (TOKENS, TOKENS)}
 
 
-def time_call(aligner: HeadAligner, queries: torch.Tensor, keys: torch.Tensor, valid_q, valid_k, glue: str) -> float:
+def time_call(
+    aligner: HeadAligner, queries: torch.Tensor, keys: torch.Tensor, valid_q, valid_k, glue: str
+) -> tuple[float, float]:
+    """-> (wall seconds, CPU seconds of this process, all threads) of one forward + backward."""
     os.environ[native_kernels.ENV_SWITCH] = "0" if glue == "torch" else "1"
-    os.environ[native_kernels.HELPER_BLOCKS_SWITCH] = "1" if glue in ("native", "two_pass") else "0"
-    os.environ[native_kernels.CT_ONE_PASS_SWITCH] = "0" if glue == "two_pass" else "1"
-    start = time.perf_counter()
+    os.environ[native_kernels.HELPER_BLOCKS_SWITCH] = "1" if glue == "blocks" else "0"
+    start, cpu_start = time.perf_counter(), time.process_time()
     aligner(queries, keys, valid_q, valid_k).sum().backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def aligner_dtype(precision: str) -> torch.dtype:
+    """The dtype the fused helpers run in on this CPU for ``helper_precision``."""
+    return compute_dtype(precision, torch.empty(0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,28 +82,35 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     results = []
     for method in args.methods.split(","):
-        glues = ["native", "layers", "torch"] if native_kernels.load_native() else ["torch"]
-        if method == "ct" and native_kernels.load_native():
-            glues.insert(1, "two_pass")
-        aligner = HeadAligner(HEAD_DIM, AlignmentConfig(method=method, helper_precision=args.precision))
+        config = AlignmentConfig(method=method, helper_precision=args.precision)
+        aligner = HeadAligner(HEAD_DIM, config)
+        plain = HeadAligner(HEAD_DIM, config, fused=False)
+        plain.load_state_dict(aligner.state_dict())
+        helper_widths = (HEAD_DIM, config.helper_hidden, config.helper_hidden, config.helper_out)
+        helper_widths = helper_widths if method == "ct" else helper_widths[:2]
+        blocks = native_kernels.native_enabled() and native_kernels.helper_blocks(
+            torch.device("cpu"), torch.bfloat16, helper_widths
+        ) and aligner_dtype(args.precision) == torch.bfloat16
+        glues = (["blocks"] if blocks else []) + (["layers"] if native_kernels.load_native() else []) + ["torch", "plain"]
         for kind, (n_q, n_k) in SHAPES.items():
             gen = torch.Generator().manual_seed(0)
             queries = torch.randn(args.batch_size, HEADS, n_q, HEAD_DIM, generator=gen, requires_grad=True)
             keys = torch.randn(args.batch_size, HEADS, n_k, HEAD_DIM, generator=gen, requires_grad=True)
             valid_q = torch.ones(args.batch_size, n_q, dtype=torch.bool)
             valid_k = torch.ones(args.batch_size, n_k, dtype=torch.bool)
-            times: dict[str, list[float]] = {g: [] for g in glues}
+            times: dict[str, list[tuple[float, float]]] = {g: [] for g in glues}
             for round_ in range(args.warmup + args.repeats):
                 for glue in glues:
-                    elapsed = time_call(aligner, queries, keys, valid_q, valid_k, glue)
+                    elapsed = time_call(plain if glue == "plain" else aligner, queries, keys, valid_q, valid_k, glue)
                     if round_ >= args.warmup:
                         times[glue].append(elapsed)
             for glue in glues:
-                median = statistics.median(times[glue])
-                results.append({"method": method, "module": kind, "glue": glue, "median_ms": 1e3 * median})
+                wall, cpu = (statistics.median(t[i] for t in times[glue]) for i in (0, 1))
+                results.append(
+                    {"method": method, "module": kind, "glue": glue, "median_ms": 1e3 * wall, "median_cpu_ms": 1e3 * cpu}
+                )
     os.environ.pop(native_kernels.ENV_SWITCH, None)
     os.environ.pop(native_kernels.HELPER_BLOCKS_SWITCH, None)
-    os.environ.pop(native_kernels.CT_ONE_PASS_SWITCH, None)
     totals = {}
     for row in results:
         key = (row["method"], row["glue"])
@@ -99,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "torch": torch.__version__,
+        "machine": machine_info(),
+        "helper_dtype": str(aligner_dtype(args.precision)),
         "results": results,
         "per_step_s": [{"method": m, "glue": g, "seconds": round(s, 4)} for (m, g), s in totals.items()],
     }

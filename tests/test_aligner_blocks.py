@@ -157,8 +157,7 @@ def _aligner_grads(aligner, q, k, q_valid, k_valid, upstream):
 def _aligner_against_references(monkeypatch, config: AlignmentConfig, d: int, seed: int, uniform: bool = False):
     """The aligner with the kernels, with the layer-by-layer path (same bf16 helpers) and the plain
     fp64 reference -> (distance, grads) of each, for q, k and every helper parameter. ``uniform``:
-    dLoss/dD the same for every (sample, head), as in training (CT: the one-pass kernel's own
-    gradients; a random one makes it recompute with the two-pass kernels)."""
+    dLoss/dD the same for every (sample, head), as in training."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     aligner = HeadAligner(d, config)
@@ -223,101 +222,6 @@ def test_transposed_views_are_read_in_place_and_get_gradients_in_their_layout(me
         if not fused_projection:
             assert grad.stride() == view.stride()  # no re-layout of the gradient
         assert torch.equal(grad, copy.grad)
-
-
-def _two_pass_ct(queries, keys, w, q_valid, k_valid, rho):
-    """CT and its gradients (dLoss/dD = 1) from the two-pass ops, the coefficients as the Python path."""
-    heads = queries.shape[1]
-    nav, nav_norm, crit, crit_norm = torch.ops.vqa_align_glue.ct_helpers_forward(queries, keys, w)
-    row_sum, col_sum, row_cost, col_cost = torch.ops.vqa_align_glue.ct_transport_forward(
-        nav, crit, q_valid, k_valid, heads
-    )
-    tiny = torch.finfo(torch.float32).tiny
-    row_sum, col_sum = row_sum.clamp_min(tiny), col_sum.clamp_min(tiny)
-    n = q_valid.sum(-1, keepdim=True).clamp_min(1)[:, None]  # (B, 1, 1)
-    m = k_valid.sum(-1, keepdim=True).clamp_min(1)[:, None]
-    q_weight, k_weight = q_valid[:, None] * (rho / n), k_valid[:, None] * ((1 - rho) / m)
-    forward_cost, backward_cost = row_cost / row_sum, col_cost / col_sum
-    distance = (forward_cost * q_weight).sum(-1) + (backward_cost * k_weight).sum(-1)
-    alpha, beta = q_weight / row_sum, k_weight / col_sum
-    grad_nav, grad_crit = torch.ops.vqa_align_glue.ct_transport_backward(
-        nav, crit, q_valid, k_valid, heads, alpha, beta, alpha * forward_cost, beta * backward_cost
-    )
-    grads = torch.ops.vqa_align_glue.ct_helpers_backward(
-        queries, keys, w, grad_nav, grad_crit, -1.0, nav, nav_norm, crit, crit_norm
-    )
-    return [distance, *grads]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,nq,nk", [(3, 37, 21), (8, 14, 14), (2, 100, 9)])
-def test_one_pass_training_matches_the_two_pass_kernels(dtype, heads, nq, nk):
-    """ct_train (forward and backward per sample, activations kept in cache) against the two-pass ops:
-    the rows pass through the same arithmetic (rows are independent), so distances and row gradients
-    agree to fp32 summation order, the weight gradients to their summation order over blocks."""
-    gen = torch.Generator().manual_seed(6)
-    d = WIDTHS[0]
-    queries = torch.randn(5, heads, nq, d, generator=gen).to(dtype)
-    keys = torch.randn(5, heads, nk, d, generator=gen).to(dtype)
-    q_valid, k_valid = random_masks(5, nq, nk, gen)
-    w = _weights(gen)
-    got = torch.ops.vqa_align_glue.ct_train(queries, keys, w, q_valid, k_valid, 0.5, 1.0)
-    want = _two_pass_ct(queries, keys, w, q_valid, k_valid, 0.5)
-    assert len(got) == len(want) == 13
-    assert got[0].shape == (5, heads) and got[1].dtype == dtype and got[1].stride() == queries.stride()
-    assert torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-7)
-    for a, b in zip(got[1:], want[1:], strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        assert _rel(a, b) < (1e-2 if dtype == torch.bfloat16 else 1e-5), _rel(a, b)
-    pad_q = ~q_valid[:, None, :, None].expand_as(queries)
-    assert got[1][pad_q].abs().max() == 0  # padded queries get no gradient
-
-
-def test_training_aligner_scales_one_pass_gradients_and_recomputes_for_uneven_upstream():
-    """In training (gradients wanted) the aligner runs ct_train; the upstream gradient scales its
-    results when it is the same for every (sample, head), else the two-pass kernels recompute."""
-    from vqa_align.alignment_kernels import (
-        ExpectedGradient,
-        _FusedConditionalTransport,
-        fused_conditional_transport,
-    )
-
-    gen = torch.Generator().manual_seed(7)
-    d, hidden, _, r = WIDTHS
-    torch.manual_seed(7)
-    aligner = HeadAligner(d, AlignmentConfig(method="ct", helper_hidden=hidden, helper_out=r, helper_precision="bf16"))
-    q_valid, k_valid = random_masks(3, 30, 12, gen)
-    q = torch.randn(3, 4, 30, d, generator=gen, requires_grad=True)
-    k = torch.randn(3, 4, 12, d, generator=gen, requires_grad=True)
-    params = [q, k, *aligner.parameters()]
-    navigator, critic = aligner.navigator, aligner.critic
-    weights = [navigator[0].weight, navigator[0].bias, navigator[2].weight, navigator[2].bias,
-               critic[0].gates.weight, critic[0].gates.bias, critic[1][0].weight, critic[1][0].bias,
-               critic[1][2].weight, critic[1][2].bias]  # fmt: skip
-    expected = ExpectedGradient()  # 1.0: the first step computes for the wrong gradient
-
-    def run(upstream, one_pass):
-        distance = _FusedConditionalTransport.apply(
-            q, k, q_valid, k_valid, 0.5, torch.bfloat16, expected if one_pass else None, *weights
-        )
-        return distance, torch.autograd.grad((distance * upstream).sum(), params)
-
-    uniform = torch.full((3, 4), 0.37)
-    # Step 1: computed for 1.0, received 0.37: rescaled (bf16 intermediates rounded at another
-    # scale than the two-pass path's: agreement to bf16 precision), and the guess updated.
-    # Step 2: computed for 0.37 and returned as is: the two-pass path's arithmetic, to fp32 order.
-    # A non-uniform gradient: recomputed by the two-pass path.
-    for upstream, tolerance in ((uniform, 1e-2), (uniform, 1e-5), (torch.rand(3, 4, generator=gen), 1e-5)):
-        (d1, g1), (d2, g2) = run(upstream, True), run(upstream, False)
-        assert torch.allclose(d1, d2, rtol=1e-5, atol=1e-7)
-        for a, b in zip(g1, g2, strict=True):
-            assert _rel(a, b) < tolerance, _rel(a, b)
-        assert expected.value == pytest.approx(0.37)
-    # The aligner takes the one-pass path when gradients are wanted, and not under no_grad.
-    for grad_enabled, expected in ((True, True), (False, False)):
-        with torch.set_grad_enabled(grad_enabled), torch.profiler.profile() as prof:
-            fused_conditional_transport(q, k, q_valid, k_valid, navigator, critic, 0.5, "bf16")
-        assert any(e.name == "vqa_align_glue::ct_train" for e in prof.events()) == expected
 
 
 GAN_WIDTHS = (64, 96)  # d, discriminator hidden
@@ -404,10 +308,9 @@ def test_results_do_not_depend_on_the_thread_count():
             )
             logits = torch.ops.vqa_align_glue.gan_discriminator_forward(queries, keys, w_gan, 0.2)
             gan_grads = torch.ops.vqa_align_glue.gan_discriminator_backward(queries, keys, w_gan, 0.2, logits, -1.0)
-            one_pass = torch.ops.vqa_align_glue.ct_train(queries, keys, w, q_valid, k_valid, 0.5, 0.25)
         finally:
             torch.set_num_threads(threads)
-        results.append((nav, crit, *sums, *transport_grads, *grads, logits, *gan_grads, *one_pass))
+        results.append((nav, crit, *sums, *transport_grads, *grads, logits, *gan_grads))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
 
@@ -430,7 +333,7 @@ def test_unsupported_widths_fall_back_and_bad_arguments_are_named():
     with pytest.raises(RuntimeError, match="q_valid"):
         torch.ops.vqa_align_glue.ct_transport_forward(nav, nav, valid.float(), valid, 2)
     with pytest.raises(RuntimeError, match="k_valid"):
-        torch.ops.vqa_align_glue.ct_train(queries, queries, w, valid, valid[:, :4], 0.5, 1.0)
+        torch.ops.vqa_align_glue.ct_transport_forward(nav, nav, valid, valid[:1], 2)
     w_gan = _discriminator_weights(gen)
     with pytest.raises(RuntimeError, match="inconsistent shapes"):
         torch.ops.vqa_align_glue.gan_discriminator_forward(queries, queries, [*w_gan[:4], w_gan[2], w_gan[5]], 0.2)

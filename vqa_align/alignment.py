@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqa_align.alignment_kernels import ExpectedGradient, fused_adversarial_loss, fused_conditional_transport
+from vqa_align.alignment_kernels import fused_adversarial_loss, fused_conditional_transport
 from vqa_align.config import AlignmentConfig
 
 # Large negative logit for masked positions; finite (unlike -inf) so that fully-masked rows of padded
@@ -318,7 +318,6 @@ class HeadAligner(nn.Module):
         self.ot_epsilon = config.ot_epsilon
         self.ot_iterations = config.ot_iterations
         if self.method == "ct":
-            self.expected_gradient = ExpectedGradient()  # for the one-pass CPU kernel (alignment_kernels)
             self.navigator = _mlp(head_dim, config.helper_hidden, config.helper_out, nn.ReLU())
             self.critic = nn.Sequential(
                 Highway(head_dim), _mlp(head_dim, config.helper_hidden, config.helper_out, nn.ReLU())
@@ -335,8 +334,7 @@ class HeadAligner(nn.Module):
         sizes = [queries.shape[-2], keys.shape[-2]]  # split() backward is one cat, not zeros + copies
         if self.method == "ct" and self.fused:
             return fused_conditional_transport(
-                queries, keys, q_valid, k_valid, self.navigator, self.critic, self.rho, self.helper_precision,
-                self.expected_gradient,
+                queries, keys, q_valid, k_valid, self.navigator, self.critic, self.rho, self.helper_precision
             )
         if self.method == "ct":
             # Queries and keys go through each helper in ONE call (concatenated along positions).

@@ -43,7 +43,6 @@ from torch import Tensor, nn
 from vqa_align.native_kernels import (
     accumulation_dtype,
     cpu_flags,
-    ct_one_pass_enabled,
     glue_for,
     helper_blocks,
 )
@@ -180,19 +179,6 @@ def _ct_helpers_backward(
     )  # fmt: skip
 
 
-class ExpectedGradient:
-    """The gradient dLoss/dD one aligner's last backward pass received, the same for every (sample,
-    head) (in training the loss takes their mean, so it is λ/(modules·H) every step). The one-pass
-    CT kernel computes its gradients for this value during the forward pass; the backward pass then
-    only returns them, or rescales them (one pass over the row gradients) and updates the value when
-    the gradient it receives differs."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: float = 1.0):
-        self.value = value
-
-
 class _CTMeta(NamedTuple):
     """What _FusedConditionalTransport's backward needs besides tensors."""
 
@@ -201,30 +187,17 @@ class _CTMeta(NamedTuple):
     k_dtype: torch.dtype
     w_dtype: torch.dtype
     blocks: bool  # the cache-blocked CPU kernels run
-    one_pass: bool  # ct_train ran: the gradients are saved, computed for ctx.computed_for
-    rho: float
-    dtype: torch.dtype  # the helpers' compute dtype
 
 
 class _FusedConditionalTransport(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries, keys, q_valid, k_valid, rho, dtype, expected, *weights):  # type: ignore[override]
-        # expected: an ExpectedGradient for the one-pass training kernel, or None (two passes).
+    def forward(ctx, queries, keys, q_valid, k_valid, rho, dtype, *weights):  # type: ignore[override]
         # weights: nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2
         batch, heads, n_queries, d = queries.shape
         widths = (d, weights[0].shape[0], weights[6].shape[0], weights[2].shape[0])  # d, hn, hc, r
         blocks = helper_blocks(queries.device, dtype, widths) and queries.dtype in (torch.float32, torch.bfloat16)
-        one_pass = expected is not None and blocks
-        ctx.meta = _CTMeta(n_queries, queries.dtype, keys.dtype, weights[0].dtype, blocks, one_pass, rho, dtype)
+        ctx.meta = _CTMeta(n_queries, queries.dtype, keys.dtype, weights[0].dtype, blocks)
         glue = glue_for(queries.device)
-        if one_pass:  # training: forward and backward at once, per sample (csrc/aligner_blocks.cpp)
-            queries, keys = _row_layout(queries), _row_layout(keys.to(queries.dtype))
-            ctx.expected, ctx.computed_for = expected, expected.value
-            distance, *gradients = torch.ops.vqa_align_glue.ct_train(
-                queries, keys, weights, q_valid, k_valid, rho, expected.value
-            )
-            ctx.save_for_backward(*gradients, queries, keys, q_valid, k_valid, *weights)
-            return distance
         if blocks:  # every helper layer per block of rows in the CPU's cache (csrc/aligner_blocks.cpp)
             queries, keys = _row_layout(queries), _row_layout(keys.to(queries.dtype))
             nav, nav_norm, crit, crit_norm = torch.ops.vqa_align_glue.ct_helpers_forward(queries, keys, weights)
@@ -266,8 +239,6 @@ class _FusedConditionalTransport(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_distance):  # type: ignore[override]
-        if ctx.meta.one_pass:
-            return _FusedConditionalTransport._one_pass_backward(ctx, grad_distance)
         (
             nav, nav_norm, crit, crit_norm, e, cost, row_sum, col_sum, forward_cost, backward_cost, q_weight,
             k_weight, q_valid, k_valid, *saved,
@@ -308,43 +279,14 @@ class _FusedConditionalTransport(torch.autograd.Function):
         return _FusedConditionalTransport._gradients(ctx, grad_q, grad_k, weight_grads)
 
     @staticmethod
-    def _gradients(ctx, grad_q, grad_k, weight_grads, reverse_critic=True):
+    def _gradients(ctx, grad_q, grad_k, weight_grads):
         """backward's return value; the critic ascends the cost (its gradients negated)."""
         meta = ctx.meta
-        if reverse_critic:
-            weight_grads = (*weight_grads[:4], *(g.neg() for g in weight_grads[4:]))
+        weight_grads = (*weight_grads[:4], *(g.neg() for g in weight_grads[4:]))
         return (
-            grad_q.to(meta.q_dtype), grad_k.to(meta.k_dtype), None, None, None, None, None,
+            grad_q.to(meta.q_dtype), grad_k.to(meta.k_dtype), None, None, None, None,
             *(g.to(meta.w_dtype) for g in weight_grads),
         )  # fmt: skip
-
-    @staticmethod
-    def _one_pass_backward(ctx, grad_distance):
-        """ct_train computed every gradient for dLoss/dD = ctx.computed_for, the same for every
-        (sample, head). When that is the gradient received, they are returned as they are. The row
-        gradients belong to one (sample, head) each, the weight gradients are sums over all; so
-        another uniform gradient rescales them, and a non-uniform one (or a guess of 0) recomputes
-        with the two-pass kernels (whose backward reverses the critic's gradients itself)."""
-        grad_q, grad_k, *weight_grads = ctx.saved_tensors[:12]
-        queries, keys, q_valid, k_valid, *weights = ctx.saved_tensors[12:]
-        grad_distance = grad_distance.float()  # (B, H)
-        first = grad_distance.flatten()[0]
-        if ctx.computed_for != 0.0 and bool((grad_distance == first).all()):
-            received = first.item()
-            if received != ctx.computed_for:
-                if received != 0.0:
-                    ctx.expected.value = received  # the next step's guess
-                factor = first / ctx.computed_for  # 0-dim fp32: keeps each gradient's dtype
-                grad_q, grad_k, weight_grads = grad_q * factor, grad_k * factor, [g * factor for g in weight_grads]
-            return _FusedConditionalTransport._gradients(ctx, grad_q, grad_k, weight_grads)
-        rho, dtype = ctx.meta.rho, ctx.meta.dtype
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_() for t in (queries, keys, *weights)]
-            distance = _FusedConditionalTransport.apply(
-                inputs[0], inputs[1], q_valid, k_valid, rho, dtype, None, *inputs[2:]
-            )
-            grad_q, grad_k, *weight_grads = torch.autograd.grad(distance, inputs, grad_distance)
-        return _FusedConditionalTransport._gradients(ctx, grad_q, grad_k, weight_grads, reverse_critic=False)
 
 
 def fused_conditional_transport(
@@ -356,29 +298,19 @@ def fused_conditional_transport(
     critic: nn.Sequential,
     rho: float,
     precision: str = "fp32",
-    expected: ExpectedGradient | None = None,
 ) -> Tensor:
     """CT of :class:`~vqa_align.alignment.HeadAligner` (method ``ct``) as one fused op -> (B, H) fp32.
 
     ``navigator`` = Linear-ReLU-Linear, ``critic`` = (Highway, Linear-ReLU-Linear), as built by
     ``HeadAligner``; equals ``conditional_transport`` on their L2-normalised outputs, with the
-    critic's parameter gradients negated. ``precision``: see :func:`compute_dtype`. ``expected``:
-    the caller's :class:`ExpectedGradient` (kept across steps), else a fresh one.
+    critic's parameter gradients negated. ``precision``: see :func:`compute_dtype`.
     """
     nav_first, nav_second = navigator[0], navigator[2]
     highway, (crit_first, _, crit_second) = critic[0], critic[1]
     dtype = compute_dtype(precision, queries)
-    # Training (gradients wanted) on the CPU: the kernels may run forward and backward at once (ct_train).
-    one_pass = (
-        queries.device.type == "cpu"
-        and torch.is_grad_enabled()
-        and any(t.requires_grad for t in (queries, keys, *navigator.parameters(), *critic.parameters()))
-        and ct_one_pass_enabled()
-    )
-    expected = (expected or ExpectedGradient()) if one_pass else None
     with torch.autocast(queries.device.type, enabled=False):
         return _FusedConditionalTransport.apply(
-            queries, keys, q_valid, k_valid, rho, dtype, expected, nav_first.weight, nav_first.bias, nav_second.weight,
+            queries, keys, q_valid, k_valid, rho, dtype, nav_first.weight, nav_first.bias, nav_second.weight,
             nav_second.bias, highway.gates.weight, highway.gates.bias, crit_first.weight, crit_first.bias,
             crit_second.weight, crit_second.bias,
         )  # fmt: skip

@@ -372,9 +372,6 @@ def native_enabled() -> bool:
 
 
 HELPER_BLOCKS_SWITCH = "VQA_ALIGN_HELPER_BLOCKS"
-# "0" keeps the cache-blocked CT kernels' two passes in training (forward, then backward) instead of
-# the one-pass ct_train; for comparisons.
-CT_ONE_PASS_SWITCH = "VQA_ALIGN_CT_ONE_PASS"
 
 
 def helper_blocks(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
@@ -387,10 +384,6 @@ def helper_blocks(device: torch.device, dtype: torch.dtype, widths: tuple[int, .
     if os.environ.get(HELPER_BLOCKS_SWITCH, "1").strip().lower() in ("0", "false", "off"):
         return False
     return _helper_blocks_supported(tuple(widths))
-
-
-def ct_one_pass_enabled() -> bool:
-    return os.environ.get(CT_ONE_PASS_SWITCH, "1").strip().lower() not in ("0", "false", "off")
 
 
 @functools.cache

@@ -383,21 +383,15 @@ struct Block {
   int64_t m = 0;  // rows in the block, padded to a multiple of 32 (padding rows are zero inputs)
   std::vector<bf16> x, nav_hidden, highway, hidden;  // bf16 matmul inputs
   std::vector<float> transform, gate;                // fp32 highway state
-  std::vector<float> own_acc;                        // matmul outputs, unless shared
-  float* acc;  // (kBlockRows, acc_width(...)) fp32 matmul outputs of the forward pass
-  static int64_t acc_width(int64_t d, int64_t nav_width, int64_t hidden_width) {
-    return std::max({nav_width, hidden_width, 2 * d});
-  }
-  // shared_acc: a buffer of kBlockRows · acc_width floats that blocks whose matmul outputs are dead
-  // after their forward pass share (ct_train keeps many blocks; one buffer keeps them in cache).
-  Block(int64_t d, int64_t nav_width, int64_t hidden_width, float* shared_acc = nullptr)
+  std::vector<float> acc_buffer;                     // (kBlockRows, max(hn, hc, 2d)) fp32 matmul outputs
+  float* acc;                                        // acc_buffer.data()
+  Block(int64_t d, int64_t nav_width, int64_t hidden_width)
       : x(kBlockRows * d), nav_hidden(kBlockRows * nav_width), highway(kBlockRows * d),
         hidden(kBlockRows * hidden_width), transform(kBlockRows * d), gate(kBlockRows * d),
-        own_acc(shared_acc != nullptr ? 0 : kBlockRows * acc_width(d, nav_width, hidden_width)),
-        acc(shared_acc != nullptr ? shared_acc : own_acc.data()) {}
+        acc_buffer(kBlockRows * std::max({nav_width, hidden_width, 2 * d})), acc(acc_buffer.data()) {}
   Block(const Block&) = delete;
   Block& operator=(const Block&) = delete;
-  Block(Block&&) = default;  // moves own_acc's buffer, so acc stays valid
+  Block(Block&&) = default;  // moves acc_buffer's storage, so acc stays valid
 };
 
 // The highway of the CT critic and of the GAN discriminator on a block: transform and gate in one
@@ -878,7 +872,7 @@ void parallel_with_tiles(int64_t n, Make&& make_scratch, Fn&& fn) {
   });
 }
 
-// Weight and bias gradients summed per fixed group of work units (blocks or samples): each group is
+// Weight and bias gradients summed per fixed group of work units (blocks): each group is
 // summed by one thread in unit order, then the groups in order, so the result does not depend on
 // the thread count.
 struct GroupSums {
@@ -1040,9 +1034,9 @@ void transport_matrices(TransportScratch& x, const TransportShape& t, const bf16
 inline int64_t key_vectors(const TransportShape& t) { return (t.nk + 15) / 16; }
 
 // One (sample, head)'s sums (row_sum, row_cost (nq,); col_sum, col_cost (nk,)); qv: its sample's query
-// mask. With keep_e, E replaces S in x.s on the valid rows (for transport_backward_one's e_stored).
+// mask.
 void transport_forward_one(TransportScratch& x, const TransportShape& t, const bool* qv, float* row_sum,
-                           float* col_sum, float* row_cost, float* col_cost, bool keep_e = false) {
+                           float* col_sum, float* row_cost, float* col_cost) {
   std::fill(x.col_sum.begin(), x.col_sum.end(), 0.0f);
   std::fill(x.col_cost.begin(), x.col_cost.end(), 0.0f);
   for (int64_t i = 0; i < t.nq; ++i) {
@@ -1052,7 +1046,6 @@ void transport_forward_one(TransportScratch& x, const TransportShape& t, const b
       for (int64_t v = 0; v < key_vectors(t); ++v) {
         const int64_t o = i * t.nk_pad + 16 * v;
         const __m512 e = _mm512_mul_ps(exp16(load16(x.s.data() + o)), load16(x.k_mask.data() + 16 * v));
-        if (keep_e) store16(x.s.data() + o, e);
         const __m512 ec = _mm512_mul_ps(e, _mm512_sub_ps(_mm512_set1_ps(1.0f), load16(x.c.data() + o)));
         sum = _mm512_add_ps(sum, e);
         cost_sum = _mm512_add_ps(cost_sum, ec);
@@ -1071,10 +1064,9 @@ void transport_forward_one(TransportScratch& x, const TransportShape& t, const b
 
 // One (sample, head)'s backward from its coefficients α, a (nq,) and β, b (nk,): dL/df and dL/d(g·g)
 // products into the query rows (nav_q, crit_q: (nq, r)) and key rows (nav_k, crit_k: (nk, r)).
-// e_stored: x.s holds E on the valid rows (transport_forward_one's keep_e), else S.
 void transport_backward_one(TransportScratch& x, const TransportShape& t, const bool* qv, const float* alpha,
                             const float* beta, const float* a, const float* b, bf16* nav_q, bf16* crit_q, bf16* nav_k,
-                            bf16* crit_k, bool e_stored = false) {
+                            bf16* crit_k) {
   std::copy(beta, beta + t.nk, x.beta.begin());
   std::copy(b, b + t.nk, x.b.begin());
   // P = E (α_i + β_j) and dS = P C - E (a_i + b_j), with E = exp(S) on valid pairs and C = 1 - g·g,
@@ -1087,8 +1079,7 @@ void transport_backward_one(TransportScratch& x, const TransportShape& t, const 
       const int64_t o = i * t.nk_pad + 16 * v;
       __m512 p = _mm512_setzero_ps(), g = _mm512_setzero_ps();
       if (row) {
-        const __m512 e = e_stored ? load16(x.s.data() + o)
-                                  : _mm512_mul_ps(exp16(load16(x.s.data() + o)), load16(x.k_mask.data() + 16 * v));
+        const __m512 e = _mm512_mul_ps(exp16(load16(x.s.data() + o)), load16(x.k_mask.data() + 16 * v));
         const __m512 cost = _mm512_sub_ps(_mm512_set1_ps(1.0f), load16(x.c.data() + o));
         p = _mm512_mul_ps(e, _mm512_add_ps(ai, load16(x.beta.data() + 16 * v)));
         g = _mm512_fnmadd_ps(e, _mm512_add_ps(ci, load16(x.b.data() + 16 * v)), _mm512_mul_ps(p, cost));
@@ -1146,125 +1137,6 @@ TransportShape checked_transport_shape(const at::Tensor& nav, const at::Tensor& 
   TORCH_CHECK(widths_supported({t.r}), "ct_transport: the helper output width must be a multiple of ",
               kWidthMultiple, ", got ", t.r);
   return t;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Training: the whole CT, forward and backward, one sample at a time
-// ---------------------------------------------------------------------------------------------
-//
-// In training dLoss/dD is the same for every (sample, head) of a module (the loss takes their mean)
-// and from step to step, so the gradients can be computed during the forward pass for the value the
-// caller expects (alignment_kernels.ExpectedGradient checks it in the backward pass and rescales or
-// recomputes when it differs). Done one sample at a time, all of its heads, every helper activation of the sample's
-// H·(Nq + Nk) rows stays in the core's L2 (about 1.6 MB for 100 regions and 8 heads): the backward
-// pass needs no recomputation of the helpers, S and C are formed once, and the unit vectors and their
-// gradients never reach memory. A sample's rows are consecutive in (b, h, i) order, so its blocks
-// pad only the sample's last block (in place of every (sample, head)'s).
-
-// One side (queries or keys) of a sample: its rows, their blocks and their helper outputs.
-struct SampleSide {
-  int64_t row0 = 0, rows = 0;  // global first row (b·H·N) and row count (H·N)
-  std::vector<Block> blocks;
-};
-
-struct SampleScratch {
-  std::vector<float> acc;  // the blocks' shared matmul outputs
-  SampleSide side[2];
-  std::vector<bf16> nav, crit, grad_nav, grad_crit;  // (rows_q + rows_k, r): queries' rows, then keys'
-  std::vector<float> nav_norm, crit_norm, nav_pre, crit_pre;
-  std::vector<float> row_sum, row_cost, alpha, a, col_sum, col_cost, beta, b;  // one (sample, head)
-  SampleScratch(const Helpers& h, const TransportShape& t)
-      : acc(kBlockRows * Block::acc_width(h.d, h.hn, h.hc)) {
-    const int64_t n[2] = {t.heads * t.nq, t.heads * t.nk};
-    for (int s = 0; s < 2; ++s) {
-      side[s].rows = n[s];
-      const int64_t blocks = (n[s] + kBlockRows - 1) / kBlockRows;
-      side[s].blocks.reserve(blocks);
-      for (int64_t i = 0; i < blocks; ++i) side[s].blocks.emplace_back(h.d, h.hn, h.hc, acc.data());
-    }
-    const int64_t rows = n[0] + n[1];
-    for (auto* v : {&nav, &crit, &grad_nav, &grad_crit}) v->resize(rows * h.r);
-    for (auto* v : {&nav_norm, &crit_norm}) v->resize(rows);
-    for (auto* v : {&nav_pre, &crit_pre}) v->resize(kBlockRows * h.r);
-    for (auto* v : {&row_sum, &row_cost, &alpha, &a}) v->resize(t.nq);
-    for (auto* v : {&col_sum, &col_cost, &beta, &b}) v->resize(t.nk);
-  }
-};
-
-// One (sample, head)'s CT from its sums, and the backward coefficients for dLoss/dD = g:
-// α_i = g w_i / rowsum_i, a_i = α_i fc_i (fc_i = rowcost_i / rowsum_i), likewise β, b for the keys;
-// w = ρ/n on the n valid queries, (1-ρ)/m on the m valid keys (as _direction_weights).
-float ct_coefficients(SampleScratch& z, const TransportShape& t, const bool* qv, const bool* kv, float rho,
-                      float g) {
-  constexpr float kTiny = 1.17549435e-38f;  // torch.finfo(float32).tiny, the Python path's clamp
-  int64_t n = 0, m = 0;
-  for (int64_t i = 0; i < t.nq; ++i) n += qv[i];
-  for (int64_t j = 0; j < t.nk; ++j) m += kv[j];
-  const float q_weight = rho / static_cast<float>(std::max<int64_t>(n, 1));
-  const float k_weight = (1.0f - rho) / static_cast<float>(std::max<int64_t>(m, 1));
-  float forward = 0.0f, backward = 0.0f;
-  for (int64_t i = 0; i < t.nq; ++i) {
-    const float sum = std::max(z.row_sum[i], kTiny), cost = z.row_cost[i] / sum, w = qv[i] ? q_weight : 0.0f;
-    forward += cost * w;
-    z.alpha[i] = g * w / sum;
-    z.a[i] = z.alpha[i] * cost;
-  }
-  for (int64_t j = 0; j < t.nk; ++j) {
-    const float sum = std::max(z.col_sum[j], kTiny), cost = z.col_cost[j] / sum, w = kv[j] ? k_weight : 0.0f;
-    backward += cost * w;
-    z.beta[j] = g * w / sum;
-    z.b[j] = z.beta[j] * cost;
-  }
-  return forward + backward;
-}
-
-// Sample `sample`: its CT per head into distance (H,), dD/dqueries and dD/dkeys into its rows of
-// grad_rows, the helpers' weight and bias gradients added into `grads`.
-template <typename T>
-void ct_train_sample(SampleScratch& z, TransportScratch& x, BackwardScratch& s, const Helpers& h,
-                     const TransportShape& t, int64_t sample, const StridedRows<const T> data[2],
-                     const StridedRows<T> grad_rows[2], const bool* q_valid, const bool* k_valid, float rho,
-                     float grad_scale, float* distance, float* grads, const GradSlots& slots) {
-  const int64_t r = h.r, key_row0 = z.side[0].rows;  // the keys' first row within the sample
-  const bool *qv = q_valid + sample * t.nq, *kv = k_valid + sample * t.nk;
-  // Helpers forward; every block's activations stay in z.
-  for (int sd = 0; sd < 2; ++sd) {
-    SampleSide& side = z.side[sd];
-    side.row0 = sample * side.rows;
-    for (size_t i = 0; i < side.blocks.size(); ++i) {
-      Block& b = side.blocks[i];
-      const int64_t first = static_cast<int64_t>(i) * kBlockRows, n = std::min(kBlockRows, side.rows - first);
-      const int64_t out = (sd == 0 ? 0 : key_row0) + first;
-      b.m = padded(n);
-      block_forward(b, h, data[sd], side.row0 + first, n, z.nav_pre.data(), z.crit_pre.data());
-      bias_normalize(z.nav.data() + out * r, z.nav_norm.data() + out, z.nav_pre.data(), h.nav2.bias.data_ptr<float>(),
-                     n, r);
-      bias_normalize(z.crit.data() + out * r, z.crit_norm.data() + out, z.crit_pre.data(),
-                     h.crit2.bias.data_ptr<float>(), n, r);
-    }
-  }
-  // Transport per head, forward and backward.
-  for (int64_t head = 0; head < t.heads; ++head) {
-    const int64_t q = head * t.nq * r, k = (key_row0 + head * t.nk) * r;
-    transport_matrices(x, t, z.nav.data() + q, z.crit.data() + q, z.nav.data() + k, z.crit.data() + k, kv);
-    transport_forward_one(x, t, qv, z.row_sum.data(), z.col_sum.data(), z.row_cost.data(), z.col_cost.data(), true);
-    distance[head] = ct_coefficients(z, t, qv, kv, rho, grad_scale);
-    transport_backward_one(x, t, qv, z.alpha.data(), z.beta.data(), z.a.data(), z.b.data(), z.grad_nav.data() + q,
-                           z.grad_crit.data() + q, z.grad_nav.data() + k, z.grad_crit.data() + k, true);
-  }
-  // Helpers backward from the stored activations (-1: the cost is 1 - g·g).
-  for (int sd = 0; sd < 2; ++sd) {
-    SampleSide& side = z.side[sd];
-    for (size_t i = 0; i < side.blocks.size(); ++i) {
-      const int64_t first = static_cast<int64_t>(i) * kBlockRows, n = std::min(kBlockRows, side.rows - first);
-      const int64_t at = (sd == 0 ? 0 : key_row0) + first;
-      block_backward_from_activations(side.blocks[i], s, h, n, z.grad_nav.data() + at * r,
-                                      z.grad_crit.data() + at * r, -1.0f, z.nav.data() + at * r,
-                                      z.nav_norm.data() + at, z.crit.data() + at * r, z.crit_norm.data() + at, grads,
-                                      slots);
-      store_row_gradients(s, grad_rows[sd], side.row0 + first, n, h.d, 1.0f);
-    }
-  }
 }
 
 #endif  // VQA_ALIGN_ALIGNER_BLOCKS
@@ -1387,56 +1259,6 @@ std::tuple<at::Tensor, at::Tensor> ct_transport_backward(const at::Tensor& nav, 
 #endif
 }
 
-// Training step of CT, one sample at a time (see ct_train_sample): queries (B, H, Nq, d), keys
-// (B, H, Nk, d), the helpers' ten weights (as ct_helpers_forward), masks q_valid (B, Nq), k_valid
-// (B, Nk), ρ, and g = dLoss/dD expected for every (sample, head) -> [D (B, H) fp32, g dD/dqueries,
-// g dD/dkeys (their dtype and layout), the ten weight and bias gradients times g (fp32; the critic's
-// not negated)].
-std::vector<at::Tensor> ct_train(const at::Tensor& queries, const at::Tensor& keys, at::TensorList weights,
-                                 const at::Tensor& q_valid, const at::Tensor& k_valid, double rho, double grad_scale) {
-#ifdef VQA_ALIGN_ALIGNER_BLOCKS
-  const Helpers h = make_helpers(weights.vec(), true);
-  checked_sides("ct_train", queries, keys, h.d);
-  const int64_t batch = queries.size(0), heads = queries.size(1);
-  TORCH_CHECK(keys.size(0) == batch && keys.size(1) == heads, "ct_train: queries ", queries.sizes(), " and keys ",
-              keys.sizes(), " differ in batch or heads");
-  TORCH_CHECK(q_valid.scalar_type() == at::kBool && k_valid.scalar_type() == at::kBool &&
-                  q_valid.sizes() == at::IntArrayRef({batch, queries.size(2)}) &&
-                  k_valid.sizes() == at::IntArrayRef({batch, keys.size(2)}),
-              "ct_train: q_valid / k_valid must be bool (B, Nq) = (", batch, ", ", queries.size(2), ") / (B, Nk) = (",
-              batch, ", ", keys.size(2), "), got ", q_valid.sizes(), " ", q_valid.scalar_type(), " / ",
-              k_valid.sizes(), " ", k_valid.scalar_type());
-  const TransportShape t(batch, heads, queries.size(2), keys.size(2), h.r);
-  const at::Tensor qv = q_valid.contiguous(), kv = k_valid.contiguous();
-  at::Tensor distance = at::empty({batch, heads}, queries.options().dtype(at::kFloat));
-  const auto [grad_q, grad_k] = row_gradients(queries, keys);
-  const GradSlots slots = ct_slots(h);
-  GroupSums sums(slots, batch);
-  struct Scratch {
-    SampleScratch z;
-    TransportScratch x;
-    BackwardScratch s;
-  };
-  dispatch_sides(queries, keys, grad_q, grad_k, [&](const auto* data, const auto* grads) {
-    parallel_with_tiles(
-        sums.groups,
-        [&] { return Scratch{SampleScratch(h, t), TransportScratch(t), BackwardScratch(h.d, std::max({h.hn, h.hc, 2 * h.d, h.r}))}; },
-        [&](Scratch& w, int64_t group) {
-          for (int64_t b = sums.first_unit(group); b < sums.first_unit(group + 1); ++b)
-            ct_train_sample(w.z, w.x, w.s, h, t, b, data, grads, qv.data_ptr<bool>(), kv.data_ptr<bool>(),
-                            static_cast<float>(rho), static_cast<float>(grad_scale),
-                            distance.data_ptr<float>() + b * heads, sums.of(group), slots);
-        });
-  });
-  std::vector<at::Tensor> out{distance, grad_q, grad_k};
-  sums.append_to(out, queries.options());
-  return out;
-#else
-  (void)queries, (void)keys, (void)weights, (void)q_valid, (void)k_valid, (void)rho, (void)grad_scale;
-  TORCH_CHECK(false, "ct_train: not built for this CPU (needs AMX and AVX-512-BF16)");
-#endif
-}
-
 // GAN discriminator forward: rows = queries (B, H, Nq, d) then keys (B, H, Nk, d); weights = gate
 // (2d, d) and bias, hidden (h, d) and bias, output (1, h) and bias. Returns the logits (R,) fp32.
 at::Tensor gan_discriminator_forward(const at::Tensor& queries, const at::Tensor& keys, at::TensorList weights,
@@ -1516,9 +1338,6 @@ TORCH_LIBRARY_FRAGMENT(vqa_align_glue, m) {
   m.def(
       "gan_discriminator_backward(Tensor queries, Tensor keys, Tensor[] weights, float slope, Tensor grad_logits, "
       "float input_sign) -> Tensor[]");
-  m.def(
-      "ct_train(Tensor queries, Tensor keys, Tensor[] weights, Tensor q_valid, Tensor k_valid, float rho, "
-      "float grad_scale) -> Tensor[]");
   m.def("ct_transport_forward(Tensor nav, Tensor crit, Tensor q_valid, Tensor k_valid, int heads) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "ct_transport_backward(Tensor nav, Tensor crit, Tensor q_valid, Tensor k_valid, int heads, Tensor alpha, "
@@ -1532,5 +1351,4 @@ TORCH_LIBRARY_IMPL(vqa_align_glue, CPU, m) {
   m.impl("gan_discriminator_forward", &gan_discriminator_forward);
   m.impl("gan_discriminator_backward", &gan_discriminator_backward);
   m.impl("ct_transport_backward", &ct_transport_backward);
-  m.impl("ct_train", &ct_train);
 }
