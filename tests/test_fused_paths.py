@@ -159,7 +159,8 @@ def test_stabilised_sinkhorn_matches_log_domain(epsilon, iterations, plan_tol, c
     q = torch.randn(3, 2, 12, 6, generator=gen)
     k = torch.randn(3, 2, 9, 6, generator=gen) + 0.2
     cost = cosine_cost(q, k)
-    fast = sinkhorn_plan(cost, qv, kv, epsilon, iterations, tolerance=0.0)  # no early stop: same iterations
+    # No early stop and no over-relaxation: the same iterates as the reference.
+    fast, _ = sinkhorn_plan(cost, qv, kv, epsilon, iterations, tolerance=0.0, overrelaxation=1.0, epsilon_start=None)
     ref = log_domain_sinkhorn(cost, qv, kv, epsilon, iterations)
     assert fast.dtype == torch.float32
     assert (fast.double() - ref).abs().max() < plan_tol
@@ -172,11 +173,12 @@ def test_sinkhorn_early_stop_is_converged_and_small_epsilon_is_finite():
     gen = torch.Generator().manual_seed(8)
     qv, kv = _masks(2, 10, 10, gen)
     cost = torch.rand(2, 3, 10, 10, generator=gen) * 2
-    plan = sinkhorn_plan(cost, qv, kv, epsilon=0.1, iterations=5000, tolerance=1e-6, check_every=10)
+    plan, error = sinkhorn_plan(cost, qv, kv, epsilon=0.1, iterations=5000, tolerance=1e-6, check_every=10)
+    assert error.shape == (2, 3) and error.max() <= 1e-6
     n, m = qv.sum(-1, keepdim=True).float(), kv.sum(-1, keepdim=True).float()
     assert (plan.sum(-1) - (qv / n)[:, None]).abs().sum(-1).max() <= 1e-6 + 1e-7
     assert (plan.sum(-2) - (kv / m)[:, None]).abs().sum(-1).max() <= 1e-5
-    tiny_eps = sinkhorn_plan(cost, qv, kv, epsilon=1e-3, iterations=200)  # exp(-2/ε) underflows without absorption
+    tiny_eps, _ = sinkhorn_plan(cost, qv, kv, epsilon=1e-3, iterations=200)  # exp(-2/ε) underflows without absorption
     assert torch.isfinite(tiny_eps).all() and torch.allclose(tiny_eps.sum((-1, -2)), torch.ones(2, 3), atol=1e-3)
 
 

@@ -20,12 +20,14 @@ Gradient directions (the paper's, not the public code's):
   untouched).
 - ``gan``: the discriminator minimises BCE(D(k), 1) + BCE(D(q), 0); q and k both reach it through a
   gradient-reversal layer, so the projections maximise it.
-- ``ot``: entropic OT with a detached Sinkhorn plan (envelope theorem); gradients reach q/k via the cost.
+- ``ot``: entropic OT with a detached Sinkhorn plan, iterated to a marginal-error tolerance (envelope
+  theorem); gradients reach q/k via the cost.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -139,15 +141,46 @@ def cosine_cost(queries: Tensor, keys: Tensor) -> Tensor:
     return 1.0 - q_unit @ k_unit.transpose(-1, -2)
 
 
+# The OT costs (``AlignmentConfig.ot_cost``) and the factor that maps each onto [0, 2], the scale ε
+# is given on: |q̂ - k̂|² = 2 (1 - cos) lies in [0, 4].
+OT_COST_SCALES = {"cosine": 1.0, "sqeuclidean": 2.0}
+
+
+def ot_cost_matrix(queries: Tensor, keys: Tensor, kind: str = "cosine") -> Tensor:
+    """The OT cost between L2-normalised queries and keys -> (B, H, Nq, Nk): ``cosine`` 1 - cos in
+    [0, 2], ``sqeuclidean`` |q/|q| - k/|k||² in [0, 4] (computed as 2 (1 - cos), exact for unit
+    vectors)."""
+    if kind not in OT_COST_SCALES:
+        raise ValueError(f"OT cost must be one of {tuple(OT_COST_SCALES)}, got {kind!r}")
+    return OT_COST_SCALES[kind] * cosine_cost(queries, keys)
+
+
+# Two accelerations of Sinkhorn at small ε, both measured on clustered and random problems at
+# ε = 0.01 (marginal error 1e-4): plain Sinkhorn needed 60-5,000 iterations.
+# - Over-relaxation (Thibault et al. 2017, "Overrelaxed Sinkhorn-Knopp"): u <- u^(1-ω) (a / Kv)^ω;
+#   ω = 1 is plain Sinkhorn. ω = 1.8 alone: 50-190 iterations on most problems, but 1,500-2,400 on
+#   clustered ones whose clusters hold different shares of queries and keys (mass must cross
+#   between clusters, where the kernel is exp(-Δ/ε)). Where the error grows between two checks,
+#   the loop falls back to ω = 1, which converges monotonically.
+# - ε-scaling: ε runs through SINKHORN_EPSILON_START · 2^-k (SINKHORN_STAGE_ITERATIONS iterations
+#   each, potentials carried over) down to ε, so the potentials are nearly right before the
+#   slow small-ε regime. With both: 100-260 iterations on every problem tried.
+SINKHORN_OVERRELAXATION = 1.8
+SINKHORN_EPSILON_START = 1.0  # half the cost range [0, 2]
+SINKHORN_STAGE_ITERATIONS = 10
+
+
 def sinkhorn_plan(
     cost: Tensor,
     q_valid: Tensor,
     k_valid: Tensor,
     epsilon: float = 0.01,
-    iterations: int = 50,
-    tolerance: float = 1e-5,
+    iterations: int = 1000,
+    tolerance: float = 1e-4,
     check_every: int = 10,
-) -> Tensor:
+    overrelaxation: float = SINKHORN_OVERRELAXATION,
+    epsilon_start: float | None = SINKHORN_EPSILON_START,
+) -> tuple[Tensor, Tensor]:
     """Entropic OT plan between uniform distributions over the valid queries and keys.
 
     Stabilised ("absorbed") Sinkhorn (Schmitzer 2019): the plan is kept as
@@ -156,17 +189,23 @@ def sinkhorn_plan(
     matrix); whenever a scaling leaves [1/τ, τ] it is absorbed into the potentials and the kernel
     is recomputed, so nothing overflows or underflows for small ε. The potentials start at the
     c-transforms (f_i = min_j C_ij, g_j = min_i C_ij − f_i), so every row and column of the first
-    kernel holds an entry equal to 1. Runs in at least fp32. Padded positions carry zero mass.
+    kernel holds an entry equal to 1. The updates are over-relaxed (``overrelaxation`` = ω) and ε
+    is scaled down from ``epsilon_start`` (None: no scaling); see SINKHORN_OVERRELAXATION. Runs in
+    at least fp32. Padded positions carry zero mass.
 
-    Up to ``iterations`` (u, v) updates; every ``check_every`` iterations the row marginals are
-    checked (the column marginals are exact after each v update) and the loop stops once the L1
-    error of every (sample, head) is below ``tolerance`` (total mass is 1).
+    Convergence: at the final ε, every ``check_every`` iterations the row marginals are measured
+    (the column marginals are exact after each v update); the loop stops once the L1 error of
+    every (sample, head) is <= ``tolerance`` (total mass is 1), or after ``iterations`` iterations
+    in all (the ε-scaling stages included).
 
     Args:
         cost: (B, H, Nq, Nk); q_valid (B, Nq); k_valid (B, Nk).
     Returns:
-        plan (B, H, Nq, Nk), rows sum to 1/n and columns to 1/m over valid positions.
+        plan (B, H, Nq, Nk), rows summing to 1/n and columns to 1/m over valid positions, and the
+        last measured row-marginal L1 error (B, H) (measured after the last iteration).
     """
+    if not 1.0 <= overrelaxation < 2.0:
+        raise ValueError(f"overrelaxation must lie in [1, 2), got {overrelaxation}")
     dtype = torch.promote_types(cost.dtype, torch.float32)
     cost = cost.to(dtype)
     n = q_valid.sum(-1).clamp_min(1).to(dtype)  # (B,)
@@ -183,33 +222,54 @@ def sinkhorn_plan(
     tiny = torch.finfo(dtype).tiny
     max_exponent = 0.5 * math.log(torch.finfo(dtype).max)
 
+    eps = epsilon if epsilon_start is None else max(epsilon, epsilon_start)  # the current stage's ε
+
     def kernel() -> tuple[Tensor, Tensor]:
-        exponent = (f[..., :, None] + g[..., None, :] - masked_cost) / epsilon  # -huge at padding
+        exponent = (f[..., :, None] + g[..., None, :] - masked_cost) / eps  # -huge at padding
         K = torch.exp(exponent.clamp_max(max_exponent))
         # Both products as vector-matrix products over contiguous memory (twice as fast as K @ v).
         return K, K.transpose(-1, -2).contiguous()
 
+    def relaxed(old: Tensor, new: Tensor, omega: float) -> Tensor:
+        # old^(1-ω) new^ω; padded entries (new = 0) stay 0.
+        return new if omega == 1.0 else old.clamp_min(tiny).pow(1.0 - omega) * new.pow(omega)
+
+    def row_error() -> Tensor:
+        return (u * (v[..., None, :] @ KT)[..., 0, :] - a).abs().sum(-1)  # (B, H)
+
     K, KT = kernel()
-    u = a.expand_as(f).clone()
+    u = torch.ones_like(f) * qv
     v = torch.ones_like(g) * kv
+    omega, last_error, stage_step = overrelaxation, None, 0
     for step in range(1, iterations + 1):
-        u = a / (v[..., None, :] @ KT)[..., 0, :].clamp_min(tiny)
-        v = b / (u[..., None, :] @ K)[..., 0, :].clamp_min(tiny)
+        u = relaxed(u, a / (v[..., None, :] @ KT)[..., 0, :].clamp_min(tiny), omega)
+        v = relaxed(v, b / (u[..., None, :] @ K)[..., 0, :].clamp_min(tiny), omega)
         if step == iterations:
             break
-        if step % check_every == 0:
-            row_error = (u * (v[..., None, :] @ KT)[..., 0, :] - a).abs().sum(-1)  # (B, H)
-            if bool(row_error.max() <= tolerance):
+        stage_step += 1
+        final = eps == epsilon
+        if final and stage_step % check_every == 0:
+            error = row_error().max()
+            if bool(error <= tolerance):
                 break
+            if last_error is not None and bool(error > last_error):
+                omega = 1.0  # over-relaxation is not helping here: plain Sinkhorn from now on
+            last_error = error
+        next_stage = not final and stage_step == SINKHORN_STAGE_ITERATIONS
         log_u = torch.log(u.clamp_min(tiny)).masked_fill(~qv, 0.0)
         log_v = torch.log(v.clamp_min(tiny)).masked_fill(~kv, 0.0)
-        if bool(torch.maximum(log_u.abs().amax(), log_v.abs().amax()) > log_tau):
-            f = f + epsilon * log_u
-            g = g + epsilon * log_v
+        if next_stage or bool(torch.maximum(log_u.abs().amax(), log_v.abs().amax()) > log_tau):
+            f = f + eps * log_u  # absorb the scalings into the potentials (the plan is unchanged)
+            g = g + eps * log_v
+            if next_stage:
+                eps, stage_step = max(epsilon, eps / 2), 0
             K, KT = kernel()
             u = torch.ones_like(u) * qv
             v = torch.ones_like(v) * kv
-    return u[..., :, None] * K * v[..., None, :]
+    return u[..., :, None] * K * v[..., None, :], row_error()
+
+
+_warned_unconverged = False
 
 
 def optimal_transport(
@@ -218,17 +278,34 @@ def optimal_transport(
     q_valid: Tensor,
     k_valid: Tensor,
     epsilon: float = 0.01,
-    iterations: int = 50,
+    iterations: int = 1000,
+    tolerance: float = 1e-4,
+    cost: str = "cosine",
 ) -> Tensor:
-    """Entropic OT cost Σ_ij π*_ij C_ij with C = 1 - cos; the plan π* is detached -> (B, H).
+    """Entropic OT cost Σ_ij π*_ij C_ij, C = :func:`ot_cost_matrix` ``cost``; the plan π* is
+    detached -> (B, H).
 
-    By the envelope theorem the gradient of the (regularised) OT value with respect to the cost
-    is the optimal plan, so backward need not unroll the Sinkhorn iterations.
+    The plan solves the problem at ε on the cost scaled to [0, 2] (so both costs give the same
+    plan). Its gradient with respect to q and k is π* : dC, which is the exact gradient of the
+    entropic OT value min_π <π, C> - ε' H(π) (envelope theorem; ε' = ε times the cost's scale), so
+    backward need not unroll the Sinkhorn iterations. Warns once per process when Sinkhorn stops at
+    ``iterations`` without reaching ``tolerance``.
     """
-    cost = cosine_cost(queries, keys)  # (B, H, Nq, Nk)
+    global _warned_unconverged
+    matrix = ot_cost_matrix(queries, keys, cost)  # (B, H, Nq, Nk)
     with torch.no_grad():
-        plan = sinkhorn_plan(cost.detach(), q_valid, k_valid, epsilon, iterations)
-    return (plan.to(cost.dtype) * cost).sum((-1, -2))
+        scaled = matrix.detach() / OT_COST_SCALES[cost]  # in [0, 2]
+        plan, error = sinkhorn_plan(scaled, q_valid, k_valid, epsilon, iterations, tolerance)
+        if not _warned_unconverged and error.device.type == "cpu" and bool(error.max() > tolerance):
+            _warned_unconverged = True
+            warnings.warn(
+                f"OT: Sinkhorn stopped at model.alignment.ot_iterations={iterations} with a marginal error of "
+                f"{error.max().item():.2g} > ot_tolerance={tolerance:g}; the OT distance and its gradient are "
+                "not converged (raise ot_iterations)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return (plan.to(matrix.dtype) * matrix).sum((-1, -2))
 
 
 def gaussian_mmd2(x: Tensor, y: Tensor, x_valid: Tensor, y_valid: Tensor) -> Tensor:
@@ -317,6 +394,8 @@ class HeadAligner(nn.Module):
         self.rho = config.ct_rho
         self.ot_epsilon = config.ot_epsilon
         self.ot_iterations = config.ot_iterations
+        self.ot_tolerance = config.ot_tolerance
+        self.ot_cost = config.ot_cost
         if self.method == "ct":
             self.navigator = _mlp(head_dim, config.helper_hidden, config.helper_out, nn.ReLU())
             self.critic = nn.Sequential(
@@ -350,7 +429,9 @@ class HeadAligner(nn.Module):
             logits_q, logits_k = logits.split(sizes, dim=-1)
             return adversarial_loss(logits_q, logits_k, q_valid, k_valid)
         if self.method == "ot":
-            return optimal_transport(queries, keys, q_valid, k_valid, self.ot_epsilon, self.ot_iterations)
+            return optimal_transport(
+                queries, keys, q_valid, k_valid, self.ot_epsilon, self.ot_iterations, self.ot_tolerance, self.ot_cost
+            )
         raise RuntimeError("HeadAligner with method 'none' should not be called")
 
 

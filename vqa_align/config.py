@@ -72,15 +72,20 @@ class AlignmentConfig:
     ct_rho: float = 0.5  # weight of the forward (query -> key) transport direction
     gan_leaky_slope: float = 0.2
     ot_epsilon: float = 0.01  # entropic regularisation on a cost scaled to [0, 2]
-    ot_iterations: int = 50
-    ot_cost: Literal["sqeuclidean", "cosine"] = "sqeuclidean"
+    # Sinkhorn runs until the L1 error of the row marginals (total mass 1) is <= ot_tolerance in
+    # every (sample, head), at most ot_iterations iterations (alignment.sinkhorn_plan).
+    ot_iterations: int = 1000
+    ot_tolerance: float = 1e-4
+    # "cosine": C = 1 - cos in [0, 2]; "sqeuclidean": C = |q/|q| - k/|k||² = 2 (1 - cos) in [0, 4]
+    # (the same plan, ε applies to the cost scaled to [0, 2]; twice the distance).
+    ot_cost: Literal["cosine", "sqeuclidean"] = "cosine"
 
     def validate(self, where: str = "model.alignment") -> None:
         _check_fields(self, where)
         for i, name in enumerate(self.modules):
             _require(name in ALIGNMENT_MODULES, f"{where}.modules[{i}]", name, f"one of {list(ALIGNMENT_MODULES)}")
         _require(len(set(self.modules)) == len(self.modules), f"{where}.modules", self.modules, "no repeats")
-        _at_least(self, where, 0, "weight", "gan_leaky_slope")
+        _at_least(self, where, 0, "weight", "gan_leaky_slope", "ot_tolerance")
         _require(self.gan_leaky_slope < 1, f"{where}.gan_leaky_slope", self.gan_leaky_slope, "< 1")
         _at_least(self, where, 1, "helper_hidden", "helper_out", "ot_iterations")
         _require(0.0 <= self.ct_rho <= 1.0, f"{where}.ct_rho", self.ct_rho, "in [0, 1]")
