@@ -373,6 +373,11 @@ class Trainer:
         self._first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=self.device)  # step, batch, loss
         window_start, window_samples = time.perf_counter(), 0
         accum = tcfg.grad_accumulation
+        # With accumulation, a window steps with the gradient of one batch of the samples it holds
+        # (mean reduction: their mean; sum: batch_size x their mean, as a full window): each backward
+        # is weighted for a full window of accum x batch_size samples, and a window that holds
+        # another number (the epoch's last, or one with a short batch) is rescaled at its step.
+        full_window, accum_samples = accum * tcfg.batch_size, 0
         self.optimizer.zero_grad(set_to_none=True)
         for batch in bar:
             inputs = self._inputs(batch)
@@ -395,9 +400,13 @@ class Trainer:
             if graphed:
                 self.global_step += 1
             else:
-                (loss / accum).backward()
+                # mean reduction: a batch's loss is a mean, so it counts by its size.
+                size_weight = batch_size / tcfg.batch_size if accum > 1 and tcfg.loss_reduction == "mean" else 1.0
+                (loss * (size_weight / accum)).backward()
+                accum_samples += batch_size
                 if self.batches_done % accum == 0:
-                    self._optimizer_step()
+                    self._optimizer_step(full_window / accum_samples if accum > 1 else 1.0)
+                    accum_samples = 0
             per_sample = 1.0 / batch_size if tcfg.loss_reduction == "sum" else 1.0
             sums += torch.stack([loss.detach() * per_sample, task.detach() * per_sample, align.detach()]).double() * batch_size
             samples += batch_size
@@ -430,7 +439,7 @@ class Trainer:
                 break
         self._raise_if_non_finite()
         if self.batches_done % accum:
-            self._optimizer_step()
+            self._optimizer_step(full_window / accum_samples)
         loss_sum, task_sum, align_sum = sums.tolist()
         n = max(samples, 1)
         return {"train_loss": loss_sum / n, "train_task_loss": task_sum / n, "train_alignment_loss": align_sum / n,
@@ -497,7 +506,9 @@ class Trainer:
             return f"the last good checkpoint {last} is kept"
         return "no checkpoint had been written yet"
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, grad_scale: float = 1.0) -> None:
+        if grad_scale != 1.0:  # the window held other than accumulation x batch_size samples
+            torch._foreach_mul_([p.grad for p in self.model.parameters() if p.grad is not None], grad_scale)
         clip = self.config.train.grad_clip
         if clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
