@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_masks as _masks
 from conftest import require_native_kernels
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vqa_align import native_kernels
 from vqa_align.alignment import (
@@ -198,3 +199,38 @@ def test_sdpa_path_matches_explicit_attention_with_gradients(cross):
     assert torch.allclose(fast[xv], slow[xv], atol=1e-10)
     for a, b in zip(g_fast, g_slow, strict=True):
         assert torch.allclose(a, b, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["ct", "gan"])
+def test_fused_aligners_refuse_second_order_gradients_and_the_plain_ones_give_them(method):
+    """Under create_graph=True (a gradient penalty) the fused backward would return gradients with no
+    graph of their own: it raises, naming the remedy. The plain modules (fused = False; CT's SDPA on
+    its math backend) give a second-order gradient, checked by finite differences of the first-order
+    one along a direction."""
+    torch.manual_seed(0)
+    aligner = HeadAligner(8, AlignmentConfig(method=method, helper_hidden=16, helper_out=8)).double()
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 4, 8, generator=gen, dtype=torch.float64)
+    qv, kv = _masks(2, 5, 4, gen)
+    with pytest.raises(RuntimeError, match=r"no second-order gradient.*\.fused = False"):
+        torch.autograd.grad(aligner(q, k, qv, kv).sum(), q, create_graph=True)
+    torch.autograd.grad(aligner(q, k, qv, kv).sum(), q)  # first order: fine
+
+    aligner.fused = False
+
+    def penalty(x):  # |dD/dq|², the gradient penalty's term
+        (grad,) = torch.autograd.grad(aligner(x, k, qv, kv).sum(), x, create_graph=True)
+        return grad.pow(2).sum()
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused SDPA kernels have no double backward
+        (second,) = torch.autograd.grad(penalty(q), q)
+        direction = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+        h = 1e-5
+        with torch.no_grad():
+            plus, minus = (q + h * direction).requires_grad_(), (q - h * direction).requires_grad_()
+        numeric = (penalty(plus) - penalty(minus)).item() / (2 * h)
+    # GAN: q reaches the discriminator through a gradient reversal, which flips every gradient that
+    # flows back through it to q, the penalty's too.
+    sign = -1.0 if method == "gan" else 1.0
+    assert (second * direction).sum().item() == pytest.approx(sign * numeric, rel=1e-4, abs=1e-9)

@@ -48,6 +48,20 @@ from vqa_align.native_kernels import (
 )
 
 
+def _refuse_double_backward(method: str) -> None:
+    """The hand-written backward passes are not differentiable themselves (their kernels record no
+    graph): under ``create_graph=True`` (autograd runs backward with grad mode on) they would return
+    gradients that silently lack their own gradient, so they refuse."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the fused {method} aligner has no second-order gradient (backward with create_graph=True, e.g. a "
+            "gradient penalty); run the plain aligners instead, which support it with the same values and "
+            "gradients: set `.fused = False` on every vqa_align.alignment.HeadAligner of the model"
+            + (" and run under torch.nn.attention.sdpa_kernel(SDPBackend.MATH) (the fused attention kernels that the "
+               "plain CT uses have no second-order gradient either)" if method == "CT" else "")
+        )
+
+
 def _concat_rows(queries: Tensor, keys: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, H, Nq, d), (B, H, Nk, d) -> (B·H·Nq + B·H·Nk, d) contiguous rows in ``dtype``: every
     query row, then every key row, so that each half is a contiguous (B, H, N, d) block."""
@@ -239,6 +253,7 @@ class _FusedConditionalTransport(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_distance):  # type: ignore[override]
+        _refuse_double_backward("CT")
         (
             nav, nav_norm, crit, crit_norm, e, cost, row_sum, col_sum, forward_cost, backward_cost, q_weight,
             k_weight, q_valid, k_valid, *saved,
@@ -351,6 +366,7 @@ class _FusedAdversarial(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
+        _refuse_double_backward("GAN")
         logits, q_weight, k_weight, *saved = ctx.saved_tensors
         n_queries, slope, q_dtype, k_dtype, param_dtype, blocks = ctx.meta
         batch, heads = grad_loss.shape
