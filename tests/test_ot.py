@@ -77,7 +77,7 @@ def test_default_ot_is_converged_on_clustered_points(seed):
     cost = cosine_cost(q, k)
     want = float((converged_plan(cost[0, 0], EPSILON) * cost[0, 0].double()).sum())
     got = ot_aligner()(q, k, qv, kv).item()
-    assert got == pytest.approx(want, abs=1e-4)
+    assert got == pytest.approx(want, abs=5e-4)  # ot_tolerance 1e-3 (L1 marginal error): ~1e-4 here
     truncated, _ = sinkhorn_plan(cost, qv, kv, EPSILON, 50, tolerance=0.0, overrelaxation=1.0, epsilon_start=None)
     truncated_distance = float((truncated * cost).sum())
     if seed == 2:  # this draw: 0.057 after 50 iterations against 0.218 converged

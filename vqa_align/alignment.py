@@ -164,7 +164,9 @@ def ot_cost_matrix(queries: Tensor, keys: Tensor, kind: str = "cosine") -> Tenso
 #   the loop falls back to ω = 1, which converges monotonically.
 # - ε-scaling: ε runs through SINKHORN_EPSILON_START · 2^-k (SINKHORN_STAGE_ITERATIONS iterations
 #   each, potentials carried over) down to ε, so the potentials are nearly right before the
-#   slow small-ε regime. With both: 100-260 iterations on every problem tried.
+#   slow small-ε regime. With both: 100-260 iterations on most problems tried; a few clustered
+#   (sample, head)s in a batch of 64 still need 1,000-5,000, which is why converged problems are
+#   dropped from the iteration (sinkhorn_plan).
 SINKHORN_OVERRELAXATION = 1.8
 SINKHORN_EPSILON_START = 1.0  # half the cost range [0, 2]
 SINKHORN_STAGE_ITERATIONS = 10
@@ -175,8 +177,8 @@ def sinkhorn_plan(
     q_valid: Tensor,
     k_valid: Tensor,
     epsilon: float = 0.01,
-    iterations: int = 1000,
-    tolerance: float = 1e-4,
+    iterations: int = 2000,
+    tolerance: float = 1e-3,
     check_every: int = 10,
     overrelaxation: float = SINKHORN_OVERRELAXATION,
     epsilon_start: float | None = SINKHORN_EPSILON_START,
@@ -207,66 +209,82 @@ def sinkhorn_plan(
     if not 1.0 <= overrelaxation < 2.0:
         raise ValueError(f"overrelaxation must lie in [1, 2), got {overrelaxation}")
     dtype = torch.promote_types(cost.dtype, torch.float32)
-    cost = cost.to(dtype)
-    n = q_valid.sum(-1).clamp_min(1).to(dtype)  # (B,)
-    m = k_valid.sum(-1).clamp_min(1).to(dtype)
-    a = (q_valid.to(dtype) / n[:, None])[:, None, :]  # (B, 1, Nq) marginal over the queries
-    b = (k_valid.to(dtype) / m[:, None])[:, None, :]  # (B, 1, Nk)
-    qv, kv = q_valid[:, None, :], k_valid[:, None, :]  # (B, 1, N)
-    pair_valid = q_valid[:, None, :, None] & k_valid[:, None, None, :]  # (B, 1, Nq, Nk)
+    batch, heads, n_q, n_k = cost.shape
+    problems = batch * heads
+    # Every (sample, head) is one problem; rows of (P, ...) tensors, P = B·H.
+    q_rows = q_valid[:, None, :].expand(batch, heads, n_q).reshape(problems, n_q)  # (P, Nq)
+    k_rows = k_valid[:, None, :].expand(batch, heads, n_k).reshape(problems, n_k)  # (P, Nk)
+    a = q_rows.to(dtype) / q_rows.sum(-1, keepdim=True).clamp_min(1).to(dtype)  # uniform over valid queries
+    b = k_rows.to(dtype) / k_rows.sum(-1, keepdim=True).clamp_min(1).to(dtype)
+    pair_valid = q_rows[:, :, None] & k_rows[:, None, :]  # (P, Nq, Nk)
     big = torch.finfo(dtype).max / 4
-    masked_cost = cost.masked_fill(~pair_valid, big)
-    f = masked_cost.amin(-1).masked_fill(~qv, 0.0)  # (B, H, Nq)
-    g = (masked_cost - f[..., None]).amin(-2).masked_fill(~kv, 0.0)  # (B, H, Nk)
+    masked_cost = cost.to(dtype).reshape(problems, n_q, n_k).masked_fill(~pair_valid, big)
+    f = masked_cost.amin(-1).masked_fill(~q_rows, 0.0)  # (P, Nq)
+    g = (masked_cost - f[..., None]).amin(-2).masked_fill(~k_rows, 0.0)  # (P, Nk)
     log_tau = 0.25 * math.log(torch.finfo(dtype).max)  # absorb before u·K·v can overflow
     tiny = torch.finfo(dtype).tiny
     max_exponent = 0.5 * math.log(torch.finfo(dtype).max)
-
     eps = epsilon if epsilon_start is None else max(epsilon, epsilon_start)  # the current stage's ε
 
     def kernel() -> tuple[Tensor, Tensor]:
-        exponent = (f[..., :, None] + g[..., None, :] - masked_cost) / eps  # -huge at padding
+        exponent = (f[:, :, None] + g[:, None, :] - masked_cost) / eps  # -huge at padding
         K = torch.exp(exponent.clamp_max(max_exponent))
         # Both products as vector-matrix products over contiguous memory (twice as fast as K @ v).
         return K, K.transpose(-1, -2).contiguous()
 
-    def relaxed(old: Tensor, new: Tensor, omega: float) -> Tensor:
-        # old^(1-ω) new^ω; padded entries (new = 0) stay 0.
-        return new if omega == 1.0 else old.clamp_min(tiny).pow(1.0 - omega) * new.pow(omega)
+    def relaxed(old: Tensor, new: Tensor) -> Tensor:
+        # old^(1-ω) new^ω per problem; padded entries (new = 0) stay 0.
+        return new if overrelaxation == 1.0 else old.clamp_min(tiny).pow(1.0 - omega) * new.pow(omega)
 
     def row_error() -> Tensor:
-        return (u * (v[..., None, :] @ KT)[..., 0, :] - a).abs().sum(-1)  # (B, H)
+        return (u * (v[:, None, :] @ KT)[:, 0, :] - a).abs().sum(-1)  # (A,)
 
+    # The problems still iterating are compacted as others converge, so that a few slow ones (some
+    # clustered problems need 10x the iterations of the rest) do not keep the whole batch running.
+    active = torch.arange(problems, device=cost.device)  # (A,) their indices
+    plan_out = torch.zeros(problems, n_q, n_k, dtype=dtype, device=cost.device)
+    error_out = torch.zeros(problems, dtype=dtype, device=cost.device)
     K, KT = kernel()
-    u = torch.ones_like(f) * qv
-    v = torch.ones_like(g) * kv
-    omega, last_error, stage_step = overrelaxation, None, 0
+    u, v = q_rows.to(dtype), k_rows.to(dtype)  # 1 on valid positions
+    omega = torch.full((problems, 1), overrelaxation, dtype=dtype, device=cost.device)
+    last_error = torch.full((problems,), math.inf, dtype=dtype, device=cost.device)
+    stage_step = 0
     for step in range(1, iterations + 1):
-        u = relaxed(u, a / (v[..., None, :] @ KT)[..., 0, :].clamp_min(tiny), omega)
-        v = relaxed(v, b / (u[..., None, :] @ K)[..., 0, :].clamp_min(tiny), omega)
+        u = relaxed(u, a / (v[:, None, :] @ KT)[:, 0, :].clamp_min(tiny))
+        v = relaxed(v, b / (u[:, None, :] @ K)[:, 0, :].clamp_min(tiny))
         if step == iterations:
             break
         stage_step += 1
         final = eps == epsilon
         if final and stage_step % check_every == 0:
-            error = row_error().max()
-            if bool(error <= tolerance):
-                break
-            if last_error is not None and bool(error > last_error):
-                omega = 1.0  # over-relaxation is not helping here: plain Sinkhorn from now on
+            error = row_error()
+            done = error <= tolerance
+            # Over-relaxation is not helping where the error grew: plain Sinkhorn there from now on.
+            omega = torch.where((error > last_error)[:, None], torch.ones_like(omega), omega)
             last_error = error
+            if bool(done.any()):
+                finished = active[done]
+                plan_out[finished] = u[done, :, None] * K[done] * v[done, None, :]
+                error_out[finished] = error[done]
+                keep = ~done
+                if not bool(keep.any()):
+                    return plan_out.view(cost.shape), error_out.view(batch, heads)
+                active, a, b, q_rows, k_rows, masked_cost, f, g, K, KT, u, v, omega, last_error = (
+                    t[keep] for t in (active, a, b, q_rows, k_rows, masked_cost, f, g, K, KT, u, v, omega, last_error)
+                )
         next_stage = not final and stage_step == SINKHORN_STAGE_ITERATIONS
-        log_u = torch.log(u.clamp_min(tiny)).masked_fill(~qv, 0.0)
-        log_v = torch.log(v.clamp_min(tiny)).masked_fill(~kv, 0.0)
+        log_u = torch.log(u.clamp_min(tiny)).masked_fill(~q_rows, 0.0)
+        log_v = torch.log(v.clamp_min(tiny)).masked_fill(~k_rows, 0.0)
         if next_stage or bool(torch.maximum(log_u.abs().amax(), log_v.abs().amax()) > log_tau):
             f = f + eps * log_u  # absorb the scalings into the potentials (the plan is unchanged)
             g = g + eps * log_v
             if next_stage:
                 eps, stage_step = max(epsilon, eps / 2), 0
             K, KT = kernel()
-            u = torch.ones_like(u) * qv
-            v = torch.ones_like(v) * kv
-    return u[..., :, None] * K * v[..., None, :], row_error()
+            u, v = q_rows.to(dtype), k_rows.to(dtype)
+    plan_out[active] = u[:, :, None] * K * v[:, None, :]
+    error_out[active] = row_error()
+    return plan_out.view(cost.shape), error_out.view(batch, heads)
 
 
 _warned_unconverged = False
@@ -278,8 +296,8 @@ def optimal_transport(
     q_valid: Tensor,
     k_valid: Tensor,
     epsilon: float = 0.01,
-    iterations: int = 1000,
-    tolerance: float = 1e-4,
+    iterations: int = 2000,
+    tolerance: float = 1e-3,
     cost: str = "cosine",
 ) -> Tensor:
     """Entropic OT cost Σ_ij π*_ij C_ij, C = :func:`ot_cost_matrix` ``cost``; the plan π* is

@@ -74,8 +74,8 @@ class AlignmentConfig:
     ot_epsilon: float = 0.01  # entropic regularisation on a cost scaled to [0, 2]
     # Sinkhorn runs until the L1 error of the row marginals (total mass 1) is <= ot_tolerance in
     # every (sample, head), at most ot_iterations iterations (alignment.sinkhorn_plan).
-    ot_iterations: int = 1000
-    ot_tolerance: float = 1e-4
+    ot_iterations: int = 2000
+    ot_tolerance: float = 1e-3
     # "cosine": C = 1 - cos in [0, 2]; "sqeuclidean": C = |q/|q| - k/|k||² = 2 (1 - cos) in [0, 4]
     # (the same plan, ε applies to the cost scaled to [0, 2]; twice the distance).
     ot_cost: Literal["cosine", "sqeuclidean"] = "cosine"
