@@ -160,8 +160,8 @@ def ot_cost_matrix(queries: Tensor, keys: Tensor, kind: str = "cosine") -> Tenso
 # - Over-relaxation (Thibault et al. 2017, "Overrelaxed Sinkhorn-Knopp"): u <- u^(1-ω) (a / Kv)^ω;
 #   ω = 1 is plain Sinkhorn. ω = 1.8 alone: 50-190 iterations on most problems, but 1,500-2,400 on
 #   clustered ones whose clusters hold different shares of queries and keys (mass must cross
-#   between clusters, where the kernel is exp(-Δ/ε)). Where the error grows between two checks,
-#   the loop falls back to ω = 1, which converges monotonically.
+#   between clusters, where the kernel is exp(-Δ/ε)). A (sample, head) whose error grows between
+#   two checks falls back to ω = 1, which converges monotonically.
 # - ε-scaling: ε runs through SINKHORN_EPSILON_START · 2^-k (SINKHORN_STAGE_ITERATIONS iterations
 #   each, potentials carried over) down to ε, so the potentials are nearly right before the
 #   slow small-ε regime. With both: 100-260 iterations on most problems tried; a few clustered
