@@ -57,6 +57,7 @@ BAD = {
     "model.alignment.gan_leaky_slope": ["-0.2", "1", ".nan"],
     "model.alignment.ot_epsilon": ["0", "-1", ".inf"],
     "model.alignment.ot_iterations": ["0"],
+    "model.alignment.ot_tolerance": ["-1e-3", ".nan"],
     "model.alignment.ot_cost": ["l1"],
     "data.dataset": ["coco"],
     "data.cache_dir": ["''", "[a]"],
