@@ -83,6 +83,13 @@ def _add_prep(sub: argparse._SubParsersAction) -> None:
     easy.add_argument("--backbone", help="also extract the pictures with this `vqa-align extract` backbone")
     easy.set_defaults(func=_handler("vqa_align_prep.easy_vqa", "run_prep"))
 
+    sentiment = kinds.add_parser(
+        "sentiment", help="prepare the human-rated sentences of the vaderSentiment 3.3.2 sdist (4 domains)")
+    sentiment.add_argument("--sdist", help="vaderSentiment-3.3.2.tar.gz (default: pip download it from PyPI)")
+    sentiment.add_argument("--cache-dir", help="output folder (default: $VQA_ALIGN_CACHE or ~/.cache/vqa_align)")
+    sentiment.add_argument("--overwrite", action="store_true", help="rebuild even if prepared data exist")
+    sentiment.set_defaults(func=_handler("vqa_align_prep.sentiment", "run_prep"))
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="output HDF5 feature store")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -217,6 +224,23 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_handler("vqa_align.importers.mcan", "run_import"))
 
 
+def _add_sentiment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sentiment", help="alignment attention on real sentences: MiniLM, binary sentiment, 4 domains")
+    jobs = p.add_subparsers(dest="job", required=True, metavar="JOB")
+    e = jobs.add_parser("experiment", help="fine-tune methods x seeds, evaluate in- and cross-domain, write a report")
+    e.add_argument("--config", default="configs/sentiment_minilm.yaml")
+    e.add_argument("--methods", default="none,ct,gan")
+    e.add_argument("--seeds", default="0,1,2,3,4")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--out", default="docs/results/sentiment", help="report folder (finished runs are kept and skipped)")
+    e.add_argument("--runs-dir", help="checkpoints and logs (default: <cache>/runs/sentiment)")
+    e.set_defaults(func=_handler("vqa_align.sentiment.experiment", "run_experiment"))
+    r = jobs.add_parser("report", help="rewrite the report from the runs finished so far")
+    r.add_argument("--out", default="docs/results/sentiment")
+    r.add_argument("--methods", help="default: those of the last report")
+    r.set_defaults(func=_handler("vqa_align.sentiment.experiment", "run_report"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="vqa-align",
@@ -224,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_prep, _add_extract, _add_train, _add_eval, _add_predict, _add_score, _add_demo,
-                _add_quickstart, _add_experiment, _add_import):
+                _add_quickstart, _add_experiment, _add_import, _add_sentiment):
         add(sub)
     return parser
 

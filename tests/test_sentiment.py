@@ -1,0 +1,294 @@
+"""Sentence classification with alignment attention: data prep, batching, model, runner, report.
+
+Fixtures are written here in the format of the real source: a vaderSentiment-like sdist (.tar.gz)
+holding additional_resources/hutto_ICWSM_2014.tar.gz with the four ``*_GroundTruth.txt`` files
+(CRLF lines ``id<TAB>rating<TAB>sentence``). The model is a tiny random BERT, not the real MiniLM.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vqa_align.errors import UserError
+from vqa_align_prep import sentiment as prep
+
+POSITIVE = ["a wonderful film", "great acting and a moving story", "i loved it", "brilliant and funny",
+            "a joy to watch", "superb", "the best movie of the year", "charming and warm"]
+NEGATIVE = ["a dull mess", "boring and far too long", "i hated it", "awful dialogue",
+            "a waste of time", "terrible", "the worst film of the year", "tedious and cold"]
+
+
+def _ground_truth(rows: list[tuple[str, float, str]]) -> bytes:
+    return "\r\n".join(f"{i}\t{r}\t{t}" for i, r, t in rows).encode()
+
+
+def write_fake_sdist(path: Path, movie_per_class: int = 20) -> dict[str, list[tuple[str, float, str]]]:
+    """A .tar.gz laid out like vaderSentiment-3.3.2.tar.gz; returns the rows written per domain."""
+    rng = np.random.default_rng(5)
+    movie = []
+    for n in range(movie_per_class):
+        movie.append((str(2 * n + 1), round(float(rng.uniform(0.1, 3.9)), 3), POSITIVE[n % len(POSITIVE)] + f" {n}"))
+        movie.append((str(2 * n + 2), round(float(-rng.uniform(0.1, 3.9)), 3), NEGATIVE[n % len(NEGATIVE)] + f" {n}"))
+    movie.append(("999", 0.0, "a film"))  # rated exactly 0: dropped
+    rows = {
+        "movie": movie,
+        "amazon": [("1_1", 1.5, "works great"), ("1_2", -2.0, "broke after a day"), ("1_3", 0.0, "it is a box")],
+        "tweets": [("1", 2.7, "so lucky today"), ("2", -1.1, "worst day ever")],
+        "nyt": [("1_1", -0.4, "the policy failed"), ("1_2", 0.6, "a sensible plan"), ("1_3", 0.0, "on monday")],
+    }
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as tar:
+        for domain, filename in prep.DOMAIN_FILES.items():
+            data = _ground_truth(rows[domain])
+            info = tarfile.TarInfo(f"hutto_ICWSM_2014/{filename}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path, "w:gz") as tar:
+        data = inner.getvalue()
+        info = tarfile.TarInfo(f"vaderSentiment-3.3.2/{prep.INNER_ARCHIVE}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return rows
+
+
+@pytest.fixture()
+def prepared(tmp_path: Path) -> Path:
+    sdist = tmp_path / "vaderSentiment-3.3.2.tar.gz"
+    write_fake_sdist(sdist)
+    return prep.prepare_sentiment(tmp_path / "cache", sdist, check_published=False)
+
+
+# -- data preparation -------------------------------------------------------------------------
+
+
+def test_prep_labels_zeros_and_split(prepared: Path) -> None:
+    manifest = json.loads((prepared / prep.MANIFEST).read_text())
+    assert manifest["zero_rated_dropped"] == {"movie": 1, "amazon": 1, "tweets": 0, "nyt": 1}
+    assert manifest["sentences_per_domain"] == {"movie": 41, "amazon": 3, "tweets": 2, "nyt": 3}
+    # 20 per class, 80/10/10 stratified: 16/2/2 of each class.
+    assert manifest["splits"]["movie_train"] == {"negative": 16, "positive": 16}
+    assert manifest["splits"]["movie_dev"] == {"negative": 2, "positive": 2}
+    assert manifest["splits"]["movie_test"] == {"negative": 2, "positive": 2}
+    sentences = prep.load_sentences(prepared)
+    for s in sentences["amazon"] + sentences["nyt"] + sentences["movie_train"]:
+        assert s.label == int(s.rating > 0) and s.rating != 0
+    assert {s.text for s in sentences["tweets"]} == {"so lucky today", "worst day ever"}
+    movie_ids = [s.id for name in ("movie_train", "movie_dev", "movie_test") for s in sentences[name]]
+    assert sorted(movie_ids) == sorted({str(i) for i in range(1, 41)})  # each once, the zero gone
+    assert manifest["split_sha256"] == prep.split_digest([s for v in sentences.values() for s in v])
+
+
+def test_prep_is_reproducible_and_kept(tmp_path: Path, prepared: Path) -> None:
+    sdist = tmp_path / "vaderSentiment-3.3.2.tar.gz"
+    again = prep.prepare_sentiment(tmp_path / "other", sdist, check_published=False)
+    assert (again / prep.SENTENCES).read_text() == (prepared / prep.SENTENCES).read_text()
+    before = (prepared / prep.SENTENCES).stat().st_mtime_ns
+    prep.prepare_sentiment(tmp_path / "cache", sdist, check_published=False)  # prepared: not rewritten
+    assert (prepared / prep.SENTENCES).stat().st_mtime_ns == before
+
+
+def test_prep_refuses_counts_other_than_published(tmp_path: Path) -> None:
+    sdist = tmp_path / "v.tar.gz"
+    write_fake_sdist(sdist)
+    with pytest.raises(UserError, match="differ from the published"):
+        prep.prepare_sentiment(tmp_path / "cache", sdist)
+
+
+def test_stratified_split_by_hand() -> None:
+    labels = np.array([0] * 10 + [1] * 20)
+    parts = prep.stratified_split(labels, (0.8, 0.1, 0.1), seed=3)
+    for label, n in ((0, 10), (1, 20)):
+        counts = np.bincount(parts[labels == label], minlength=3)
+        assert counts.tolist() == [round(0.8 * n), round(0.9 * n) - round(0.8 * n), n - round(0.9 * n)]
+    assert np.array_equal(parts, prep.stratified_split(labels, (0.8, 0.1, 0.1), seed=3))
+    assert not np.array_equal(parts, prep.stratified_split(labels, (0.8, 0.1, 0.1), seed=4))
+
+
+def test_bad_input_names_file_and_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"x\.txt, line 2: rating 'abc'"):
+        prep.parse_ground_truth("1\t0.5\tfine\r\n2\tabc\tbad", "movie", "x.txt")
+    with pytest.raises(UserError, match=r"line 1: expected"):
+        prep.parse_ground_truth("no tabs here", "movie", "x.txt")
+    with pytest.raises(UserError, match="outside the scale"):
+        prep.parse_ground_truth("1\t4.5\ttoo good", "movie", "x.txt")
+    with pytest.raises(UserError, match="no such file"):
+        prep.read_sdist(tmp_path / "missing.tar.gz")
+    (tmp_path / "junk.tar.gz").write_bytes(b"not a tarball")
+    with pytest.raises(UserError, match="not a readable"):
+        prep.read_sdist(tmp_path / "junk.tar.gz")
+
+
+def test_cli_prep_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vqa_align.cli import main
+
+    assert main(["prep", "sentiment", "--sdist", str(tmp_path / "none.tar.gz"), "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no such file" in err
+
+
+# -- batching and model pieces ----------------------------------------------------------------
+
+
+def test_collate_and_batches() -> None:
+    from vqa_align.sentiment.runner import collate, eval_batches, sortish_batches
+
+    ids, mask = collate([[101, 5, 102], [101, 102]])
+    assert ids.tolist() == [[101, 5, 102], [101, 102, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    lengths = np.random.default_rng(0).integers(3, 40, size=103)
+    batches = sortish_batches(lengths, 8, 4, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(103))
+    assert all(np.all(np.diff(lengths[b]) >= 0) for b in batches)  # sorted within each batch
+    order = np.concatenate(eval_batches(lengths, 16))
+    assert sorted(order.tolist()) == list(range(103)) and np.all(np.diff(lengths[order]) >= 0)
+
+
+def test_mean_pool_by_hand() -> None:
+    from vqa_align.sentiment.model import mean_pool
+
+    hidden = torch.arange(12.0).view(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    expected = torch.tensor([[(0 + 2) / 2, (1 + 3) / 2], [6.0, 7.0]])
+    assert torch.equal(mean_pool(hidden, mask), expected)
+
+
+def _tiny(method: str = "none"):
+    from vqa_align.config import AlignmentConfig
+    from vqa_align.sentiment.model import SentenceClassifier, SentenceModelConfig
+
+    torch.manual_seed(0)
+    return SentenceClassifier(SentenceModelConfig(encoder="tiny", alignment=AlignmentConfig(method=method))).eval()
+
+
+def test_padding_does_not_change_predictions() -> None:
+    model = _tiny("ct")
+    alone = model(torch.tensor([[101, 7, 8, 102]]), torch.ones(1, 4, dtype=torch.long))
+    ids = torch.tensor([[101, 7, 8, 102, 0, 0], [101, 9, 10, 11, 12, 102]])
+    batch = model(ids, (ids != 0).long())
+    assert torch.allclose(alone[0], batch[0], atol=1e-5)
+
+
+def test_word_noise_only_on_valid_positions() -> None:
+    model = _tiny()
+    seen = []
+    model.encoder.embeddings.word_embeddings.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+    ids = torch.tensor([[101, 7, 8, 102, 0, 0]])
+    mask = (ids != 0).long()
+    clean = model(ids, mask)
+    model.word_noise_std = 0.5
+    noisy = model(ids, mask)
+    delta = seen[1] - seen[0]  # the hook registered after the noise hook sees the noisy output
+    assert torch.all(delta[0, :4].abs().sum(-1) > 0) and torch.all(delta[0, 4:] == 0)
+    assert 0.3 < float(delta[0, :4].std()) < 0.7
+    assert not torch.allclose(clean, noisy)
+    model.word_noise_std = 0.0
+    assert torch.equal(model(ids, mask), clean)
+
+
+def test_alignment_terms_follow_the_method() -> None:
+    ids = torch.tensor([[101, 7, 8, 102], [101, 9, 102, 0]])
+    for method, positive in (("none", False), ("ct", True), ("gan", True)):
+        model = _tiny(method).train()
+        model(ids, (ids != 0).long())
+        loss = model.alignment.loss()
+        assert (float(loss) != 0.0) == positive, method
+        assert len(model.alignment.modules) == 2  # both tiny layers converted
+
+
+def test_classification_metrics_by_hand() -> None:
+    from vqa_align.sentiment.runner import classification_metrics
+
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    labels = np.array([0, 1, 1, 1])
+    m = classification_metrics(probs, labels, bins=10)
+    assert m["accuracy"] == 75.0
+    # bins: 0.9 -> (0.8, 0.9] acc 1; 0.8 -> (0.7, 0.8] acc 1; 0.6 -> (0.5, 0.6] acc 0; 0.7 -> (0.6, 0.7] acc 1
+    assert m["ece"] == pytest.approx(100 * (0.1 + 0.2 + 0.6 + 0.3) / 4)
+    assert m["nll"] == pytest.approx(-np.mean(np.log([0.9, 0.8, 0.4, 0.7])))
+
+
+def test_config_errors_and_defaults(tmp_path: Path) -> None:
+    from vqa_align.config import ConfigError
+    from vqa_align.sentiment.runner import load_sentiment_config
+
+    config = load_sentiment_config(None, ["train.lr=1e-4"])
+    assert config.train.lr == 1e-4 and config.train.loss_reduction == "mean" and config.train.batch_size == 32
+    with pytest.raises(ConfigError, match="run.nope"):
+        load_sentiment_config(None, ["run.nope=1"])
+    with pytest.raises(ConfigError, match="mc_samples"):
+        load_sentiment_config(None, ["run.mc_samples=1"])
+
+
+# -- one run and the report -------------------------------------------------------------------
+
+
+def _tiny_overrides(cache: Path) -> list[str]:
+    return [f"data.cache_dir={cache}", "model.encoder=tiny", "train.max_steps=4", "train.batch_size=8",
+            "run.eval_every_steps=2", "run.warmup_steps=1", "run.mc_samples=3", "run.mmd_sentences=4",
+            "run.eval_batch_size=16", "train.log_every_steps=1"]
+
+
+def test_run_one_end_to_end(tmp_path: Path, prepared: Path) -> None:
+    from safetensors.torch import load_file
+
+    from vqa_align.sentiment.runner import RESULT_FILE, load_sentiment_config, run_one
+
+    config = load_sentiment_config(None, [*_tiny_overrides(tmp_path / "cache"), "model.alignment.method=ct"])
+    result = run_one(config, tmp_path / "run")
+    assert result["steps"] == 4 and result["best_step"] in (2, 4)
+    assert set(result["splits"]) == {"movie_test", "amazon", "tweets", "nyt"}
+    assert result["splits"]["amazon"]["n"] == 2 and result["splits"]["movie_test"]["pavpu_n"] == 4
+    for split in result["splits"].values():
+        assert 0 <= split["accuracy"] <= 100 and 0 <= split["pavpu"] <= 100 and "noisy_accuracy" in split
+    assert len(result["alignment"]["mmd2_per_layer"]) == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("train") == 4 and kinds.count("eval") == 2 and kinds.count("test") == 4
+    assert all(r["alignment_loss"] > 0 for r in records if r["kind"] == "train")
+    assert json.loads((tmp_path / "run" / RESULT_FILE).read_text())["seed"] == 0
+    best = load_file(str(tmp_path / "run" / "checkpoints" / "best" / "model.safetensors"))
+    assert any(k.endswith("aligner.navigator.0.weight") or ".aligner." in k for k in best)
+
+
+def test_paired_test_matches_scipy_and_verdicts() -> None:
+    from scipy import stats
+
+    from vqa_align.sentiment.experiment import Metric, paired_test, verdict
+
+    a, b = [80.0, 81.0, 82.5, 79.0, 80.5], [79.0, 80.5, 81.0, 78.0, 80.0]
+    t = paired_test(a, b)
+    assert t["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)))
+    assert t["t_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert t["wilcoxon_p"] == pytest.approx(0.0625)  # 5 positive differences: the smallest two-sided p
+    assert verdict(t, Metric("x", "x", True)) == "better" and verdict(t, Metric("x", "x", False)) == "worse"
+    assert verdict(paired_test([1.0, 2.0], [1.0, 2.0]), Metric("x", "x", True)) == "no clear difference"
+
+
+def test_grid_skips_done_runs_and_writes_report(tmp_path: Path, prepared: Path) -> None:
+    from vqa_align.sentiment.experiment import REPORT_JSON, REPORT_MD, run_grid
+
+    config = tmp_path / "c.yaml"
+    config.write_text("name: t\n")
+    out = tmp_path / "report"
+    overrides = _tiny_overrides(tmp_path / "cache") + ["run.mc_samples=0", "run.noise_std=0"]
+    run_grid(str(config), ["none", "ct"], [0, 1], overrides, out, tmp_path / "runs", "cmd")
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == [
+        "ct_seed0.json", "ct_seed1.json", "none_seed0.json", "none_seed1.json"]
+    report = json.loads((out / REPORT_JSON).read_text())
+    stat = report["summary"]["aggregates"]["ct"]["splits/movie_test/accuracy"]
+    accs = [json.loads((out / "runs" / f"ct_seed{s}.json").read_text())["splits"]["movie_test"]["accuracy"] for s in (0, 1)]
+    assert stat["mean"] == pytest.approx(np.mean(accs)) and stat["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert report["summary"]["paired_tests"]["ct"]["splits/movie_test/accuracy"]["n"] == 2
+    text = (out / REPORT_MD).read_text()
+    assert "| movie_test accuracy (%) |" in text and "cmd" in text and "mmd_per_layer.png" in text
+    before = (out / "runs" / "ct_seed0.json").read_text()
+    run_grid(str(config), ["none", "ct"], [0, 1], overrides, out, tmp_path / "runs", "cmd")  # all kept
+    assert (out / "runs" / "ct_seed0.json").read_text() == before
+    assert math.isfinite(report["summary"]["mmd2_per_layer_mean"]["none"][0])

@@ -1,0 +1,317 @@
+"""Methods x seeds of sentence classification -> a report (markdown + JSON + figures).
+
+``vqa-align sentiment experiment --config configs/sentiment_minilm.yaml --methods none,ct,gan
+--seeds 0-4 --out docs/results/sentiment`` runs, seed by seed, every method (so an interrupted grid
+still holds complete pairs), writes each finished run's result to ``<out>/runs/<method>_seed<k>.json``
+at once, skips runs whose result is already there (rerun the command to continue), and rewrites the
+report after every run. Checkpoints and JSONL logs go to ``--runs-dir`` (default
+``<cache>/runs/sentiment``), not into the report folder. ``vqa-align sentiment report --out DIR``
+rewrites the report from whatever runs exist.
+
+Statistics: mean ± sample std over seeds; for each aligned method against ``none`` the seeds both
+have are paired: mean difference, paired t-test and Wilcoxon signed-rank p-values (two-sided,
+scipy). With 5 pairs the smallest Wilcoxon p is 0.0625, so only the t-test can reach 0.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from vqa_align.errors import UserError
+from vqa_align.experiment import machine_info, mean_std, parse_methods, parse_seeds
+
+RUNS_FOLDER = "runs"
+REPORT_JSON = "results.json"
+REPORT_MD = "README.md"
+NOTES_MD = "notes.md"  # hand-written reading of the results, included in the report when present
+SIGNIFICANCE = 0.05
+CROSS = ("amazon", "tweets", "nyt")
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # path in a run result, "/"-separated
+    label: str
+    higher_is_better: bool
+    digits: int = 2
+
+
+def metrics_for(splits: Sequence[str]) -> list[Metric]:
+    out: list[Metric] = []
+    for split in splits:
+        out += [
+            Metric(f"splits/{split}/accuracy", f"{split} accuracy (%)", True),
+            Metric(f"splits/{split}/ece", f"{split} ECE (%)", False),
+            Metric(f"splits/{split}/pavpu", f"{split} PAvPU (%)", True),
+            Metric(f"splits/{split}/noisy_accuracy", f"{split} accuracy, noisy embeddings (%)", True),
+        ]
+    out += [
+        Metric("cross_domain_accuracy", "cross-domain accuracy, mean of 3 (%)", True),
+        Metric("cross_domain_ece", "cross-domain ECE, mean of 3 (%)", False),
+        Metric("alignment/mmd2_sum_heads_layers", "key–query MMD², summed over heads and layers", False, 3),
+        Metric("best_dev_accuracy", "dev accuracy at the chosen step (%)", True),
+        Metric("best_step", "chosen step (early stopping)", True, 0),
+        Metric("step_seconds_median", "training step, median (s)", False, 3),
+    ]
+    return out
+
+
+def lookup(result: dict[str, Any], key: str) -> float | None:
+    node: Any = result
+    for part in key.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+
+def with_derived(result: dict[str, Any]) -> dict[str, Any]:
+    """Adds the mean accuracy and ECE over the cross-domain splits present."""
+    splits = result.get("splits", {})
+    present = [s for s in CROSS if s in splits]
+    if present:
+        result = dict(result)
+        result["cross_domain_accuracy"] = float(np.mean([splits[s]["accuracy"] for s in present]))
+        result["cross_domain_ece"] = float(np.mean([splits[s]["ece"] for s in present]))
+    return result
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float | int]:
+    """Aligned (a) minus baseline (b) over paired seeds: mean difference, paired t and Wilcoxon p."""
+    from scipy import stats
+
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    out: dict[str, float | int] = {"n": int(len(diff)), "mean_diff": float(diff.mean()) if len(diff) else math.nan,
+                                   "t_p": math.nan, "wilcoxon_p": math.nan}
+    if len(diff) >= 2 and np.any(diff != diff[0]):
+        out["t_p"] = float(stats.ttest_rel(a, b).pvalue)
+    if len(diff) >= 2 and np.any(diff != 0):
+        out["wilcoxon_p"] = float(stats.wilcoxon(a, b).pvalue)
+    return out
+
+
+def load_runs(out: Path) -> list[dict[str, Any]]:
+    runs = []
+    for path in sorted((out / RUNS_FOLDER).glob("*.json")):
+        try:
+            runs.append(with_derived(json.loads(path.read_text())))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not a run result ({err})") from None
+    return runs
+
+
+def summarize(runs: list[dict[str, Any]], methods: Sequence[str], metrics: Sequence[Metric]) -> dict[str, Any]:
+    by_method = {m: sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"]) for m in methods}
+    aggregates = {m: {x.key: mean_std(lookup(r, x.key) for r in rs) for x in metrics} for m, rs in by_method.items()}
+    tests: dict[str, dict[str, Any]] = {}
+    base = {r["seed"]: r for r in by_method.get("none", [])}
+    for method in methods:
+        if method == "none":
+            continue
+        tests[method] = {}
+        for metric in metrics:
+            pairs = [(lookup(r, metric.key), lookup(base[r["seed"]], metric.key)) for r in by_method[method] if r["seed"] in base]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            tests[method][metric.key] = paired_test([a for a, _ in pairs], [b for _, b in pairs])
+    layers: dict[str, list[float]] = {}
+    for method, rs in by_method.items():
+        per = [r["alignment"]["mmd2_per_layer"] for r in rs if "alignment" in r]
+        if per:
+            layers[method] = np.mean(per, axis=0).tolist()
+    return {"aggregates": aggregates, "paired_tests": tests, "mmd2_per_layer_mean": layers,
+            "seeds": {m: [r["seed"] for r in rs] for m, rs in by_method.items()}}
+
+
+def _fmt(stat: dict[str, Any], digits: int) -> str:
+    if not stat or stat.get("n", 0) == 0 or not math.isfinite(stat["mean"]):
+        return "–"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _p(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def verdict(test: dict[str, Any], metric: Metric) -> str:
+    """'better' / 'worse' (paired t-test p < 0.05, direction by the metric) or 'no clear difference'."""
+    if test.get("n", 0) < 2 or not math.isfinite(test.get("t_p", math.nan)) or test["t_p"] >= SIGNIFICANCE:
+        return "no clear difference"
+    improves = (test["mean_diff"] > 0) == metric.higher_is_better
+    return "better" if improves else "worse"
+
+
+def plot_figures(summary: dict[str, Any], runs: list[dict[str, Any]], methods: Sequence[str], splits: Sequence[str],
+                 out: Path) -> list[str]:
+    from matplotlib.figure import Figure
+
+    written = []
+    layers = summary["mmd2_per_layer_mean"]
+    if layers:
+        fig = Figure(figsize=(5, 3.4))
+        ax = fig.subplots()
+        for method in methods:
+            if method in layers:
+                ax.plot(range(1, len(layers[method]) + 1), layers[method], marker="o", label=method)
+        ax.set(xlabel="layer", ylabel="key–query MMD² (mean over heads)", title="MiniLM self-attention, movie test")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "mmd_per_layer.png", dpi=100)
+        written.append("mmd_per_layer.png")
+    fig = Figure(figsize=(8, 3.4))
+    axes = fig.subplots(1, 2)
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        agg = summary["aggregates"].get(method, {})
+        for ax, name in zip(axes, ("accuracy", "ece")):
+            means = [agg.get(f"splits/{s}/{name}", {}).get("mean", math.nan) for s in splits]
+            stds = [agg.get(f"splits/{s}/{name}", {}).get("std", math.nan) for s in splits]
+            ax.bar(np.arange(len(splits)) + i * width, means, width, yerr=stds, label=method, capsize=2)
+    for ax, name in zip(axes, ("accuracy (%)", "ECE (%)")):
+        ax.set_xticks(np.arange(len(splits)) + width * (len(methods) - 1) / 2, list(splits))
+        ax.set_ylabel(name)
+    axes[0].set_ylim(50, 100)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_ece_by_domain.png", dpi=100)
+    written.append("accuracy_ece_by_domain.png")
+    return written
+
+
+def render(results: dict[str, Any], metrics: Sequence[Metric], notes: str | None) -> str:
+    methods, summary = results["methods"], results["summary"]
+    lines = ["# Alignment attention on real sentences: MiniLM, binary sentiment, four domains", ""]
+    lines += ["Made by (see docs/sentiment.md for the design):", "", "```bash", results["command"], "```", ""]
+    m = results["machine"]
+    lines += [f"Machine: {m.get('processor')}, {m.get('cpu_count')} CPU cores shared with other jobs "
+              f"(load average {m.get('load_average_1m', math.nan):.1f} when the report was written), torch threads "
+              f"{m.get('torch_threads')}, torch {m.get('torch')}, no GPU. Times are noisy for that reason.", ""]
+    seeds = summary["seeds"]
+    lines += ["Runs finished: " + ", ".join(f"{k}: seeds {v}" for k, v in seeds.items()) + ".", ""]
+    if results.get("data"):
+        d = results["data"]
+        lines += [f"Data: `{d['source']}` — sentences per domain {d['sentences_per_domain']}; rated exactly 0 "
+                  f"and dropped: {d['zero_rated_dropped']}; split sha256 `{d['split_sha256']}`; sentences per split "
+                  f"(negative/positive): " + ", ".join(f"{k} {v['negative']}/{v['positive']}" for k, v in d["splits"].items()) + ".", ""]
+    if results.get("config"):
+        c = results["config"]
+        lines += [f"Schedule: batch {c['train']['batch_size']}, AdamW lr {c['train']['lr']}, warm-up "
+                  f"{c['run']['warmup_steps']} steps, at most {c['train']['max_steps']} steps / {c['train']['epochs']} "
+                  f"epoch(s), dev check every {c['run']['eval_every_steps']} steps, patience {c['run']['patience']}; "
+                  f"max {c['model']['max_tokens']} tokens; λ = {c['model']['alignment']['weight']}; "
+                  f"MC dropout {c['run']['mc_samples']} samples"
+                  + (f" on {c['run']['mc_max_sentences']} sentences per split" if c['run'].get('mc_max_sentences') else "")
+                  + f"; noise N(0, {c['run']['noise_std']}²) on word embeddings; MMD² on {c['run']['mmd_sentences']} "
+                  f"movie-test sentences.", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    lines += ["## Mean ± std over seeds", "", "| metric | " + " | ".join(methods) + " |",
+              "|---|" + "---|" * len(methods)]
+    for metric in metrics:
+        row = [_fmt(summary["aggregates"].get(method, {}).get(metric.key, {}), metric.digits) for method in methods]
+        lines.append(f"| {metric.label} | " + " | ".join(row) + " |")
+    lines += ["", "## Paired across seeds, aligned − none", "",
+              "Two-sided paired t-test and Wilcoxon signed-rank p; verdict from the t-test at 0.05.", ""]
+    aligned = [m for m in methods if m != "none"]
+    lines += ["| metric | " + " | ".join(f"{m}: Δ (t p, W p) → verdict" for m in aligned) + " |",
+              "|---|" + "---|" * len(aligned)]
+    for metric in metrics:
+        cells = []
+        for method in aligned:
+            t = summary["paired_tests"].get(method, {}).get(metric.key, {})
+            if not t or t.get("n", 0) == 0:
+                cells.append("–")
+                continue
+            cells.append(f"{t['mean_diff']:+.{metric.digits}f} ({_p(t['t_p'])}, {_p(t['wilcoxon_p'])}) → {verdict(t, metric)}")
+        lines.append(f"| {metric.label} | " + " | ".join(cells) + " |")
+    layers = summary["mmd2_per_layer_mean"]
+    if layers:
+        lines += ["", "## Key–query MMD² per layer (mean over heads, sentences, seeds)", "",
+                  "| method | " + " | ".join(f"layer {i + 1}" for i in range(len(next(iter(layers.values()))))) + " |",
+                  "|---|" + "---|" * len(next(iter(layers.values())))]
+        for method, values in layers.items():
+            lines.append(f"| {method} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    lines += [""] + [f"![{f}]({f})" for f in results.get("figures", [])] + [""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, methods: Sequence[str], command: str, data: dict[str, Any] | None,
+                 config: dict[str, Any] | None) -> dict[str, Any]:
+    runs = load_runs(out)
+    splits = config["run"]["test_splits"] if config else ["movie_test", *CROSS]
+    metrics = metrics_for(splits)
+    summary = summarize(runs, methods, metrics)
+    results = {"command": command, "machine": machine_info(), "methods": list(methods), "data": data, "config": config,
+               "summary": summary, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    results["figures"] = plot_figures(summary, runs, methods, splits, out) if runs else []
+    (out / REPORT_JSON).write_text(json.dumps(results, indent=2, default=float))
+    notes = (out / NOTES_MD).read_text() if (out / NOTES_MD).is_file() else None
+    (out / REPORT_MD).write_text(render(results, metrics, notes))
+    return results
+
+
+def run_grid(config_path: str, methods: Sequence[str], seeds: Sequence[int], overrides: Sequence[str], out: Path,
+             runs_dir: Path, command: str) -> dict[str, Any]:
+    from vqa_align.sentiment.runner import load_sentiment_config, run_one
+    from vqa_align_prep.easy_vqa import cache_root
+    from vqa_align_prep.sentiment import FOLDER, MANIFEST, load_sentences
+
+    base = load_sentiment_config(config_path, overrides)  # fails early on a bad config
+    folder = cache_root(base.data.cache_dir) / FOLDER
+    sentences = load_sentences(folder)
+    data = json.loads((folder / MANIFEST).read_text())
+    (out / RUNS_FOLDER).mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    for seed in seeds:
+        for method in methods:
+            name = f"{method}_seed{seed}"
+            target = out / RUNS_FOLDER / f"{name}.json"
+            if target.is_file():
+                print(f"[sentiment] {name}: done before, kept", flush=True)
+                continue
+            config = load_sentiment_config(config_path, [*overrides, f"model.alignment.method={method}", f"train.seed={seed}"])
+            run_dir = runs_dir / name
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)  # an unfinished run of this grid: start it again
+            print(f"[sentiment] {name}: training in {run_dir}", flush=True)
+            result = run_one(config, run_dir, sentences)
+            target.write_text(json.dumps(result, indent=2))
+            print(f"[sentiment] {name}: movie test {result['splits'].get('movie_test', {}).get('accuracy', math.nan):.2f}% "
+                  f"in {result['wall_seconds']:.0f} s", flush=True)
+            results = write_report(out, methods, command, data, base.to_dict())
+    return results or write_report(out, methods, command, data, base.to_dict())
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    from vqa_align_prep.easy_vqa import cache_root
+
+    methods = parse_methods(args.methods)
+    seeds = parse_seeds(args.seeds)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(args.runs_dir) if args.runs_dir else cache_root(None) / "runs" / "sentiment"
+    command = "vqa-align " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["sentiment"] else \
+        f"vqa-align sentiment experiment --config {args.config} --methods {args.methods} --seeds {args.seeds} --out {args.out}"
+    run_grid(args.config, methods, seeds, args.overrides, out, runs_dir, command)
+    print(f"[sentiment] report: {out / REPORT_MD}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    previous = json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).is_file() else {}
+    methods = parse_methods(args.methods) if args.methods else previous.get("methods", ["none", "ct", "gan"])
+    write_report(out, methods, previous.get("command", "(unknown)"), previous.get("data"), previous.get("config"))
+    print(f"[sentiment] report: {out / REPORT_MD}")
+    return 0
