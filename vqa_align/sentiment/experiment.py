@@ -61,7 +61,8 @@ def metrics_for(splits: Sequence[str]) -> list[Metric]:
         Metric("alignment/mmd2_sum_heads_layers", "key–query MMD², summed over heads and layers", False, 3),
         Metric("best_dev_accuracy", "dev accuracy at the chosen step (%)", True),
         Metric("best_step", "chosen step (early stopping)", True, 0),
-        Metric("step_seconds_median", "training step, median (s)", False, 3),
+        Metric("step_seconds_median", "training step, median wall (s)", False, 3),
+        Metric("step_cpu_seconds_median", "training step, median CPU time over threads (s)", False, 3),
     ]
     return out
 

@@ -42,6 +42,7 @@ class SentenceModelConfig:
     encoder: Literal["minilm", "tiny"] = "minilm"
     dropout: float = 0.1  # classifier dropout; the encoder keeps its own (0.1 in MiniLM)
     max_tokens: int = 64  # WordPiece tokens per sentence, [CLS] and [SEP] included
+    freeze_word_embeddings: bool = False  # keep the pretrained word-embedding matrix fixed
     tiny: TinyBertConfig = field(default_factory=TinyBertConfig)
     alignment: AlignmentConfig = field(default_factory=lambda: AlignmentConfig(method="none"))
 
