@@ -231,6 +231,7 @@ def test_config_errors_and_defaults(tmp_path: Path) -> None:
 
 def _tiny_overrides(cache: Path) -> list[str]:
     return [f"data.cache_dir={cache}", "model.encoder=tiny", "train.max_steps=4", "train.batch_size=8",
+            "data.eval_subset=8",
             "run.eval_every_steps=2", "run.warmup_steps=1", "run.mc_samples=3", "run.mmd_sentences=4",
             "run.eval_batch_size=16", "train.log_every_steps=1"]
 
@@ -244,7 +245,7 @@ def test_run_one_end_to_end(tmp_path: Path, prepared: Path) -> None:
     result = run_one(config, tmp_path / "run")
     assert result["steps"] == 4 and result["best_step"] in (2, 4)
     assert set(result["splits"]) == {"movie_test", "amazon", "tweets", "nyt"}
-    assert result["splits"]["amazon"]["n"] == 2 and result["splits"]["movie_test"]["pavpu_n"] == 4
+    assert result["splits"]["amazon"]["n"] == 2 and result["splits"]["movie_test"]["pavpu_n"] == 4  # all there are
     for split in result["splits"].values():
         assert 0 <= split["accuracy"] <= 100 and 0 <= split["pavpu"] <= 100 and "noisy_accuracy" in split
     assert len(result["alignment"]["mmd2_per_layer"]) == 2
@@ -271,6 +272,7 @@ def test_paired_test_matches_scipy_and_verdicts() -> None:
     assert verdict(paired_test([1.0, 2.0], [1.0, 2.0]), Metric("x", "x", True)) == "no clear difference"
 
 
+@pytest.mark.slow
 def test_grid_skips_done_runs_and_writes_report(tmp_path: Path, prepared: Path) -> None:
     from vqa_align.sentiment.experiment import REPORT_JSON, REPORT_MD, run_grid
 
@@ -292,3 +294,34 @@ def test_grid_skips_done_runs_and_writes_report(tmp_path: Path, prepared: Path) 
     run_grid(str(config), ["none", "ct"], [0, 1], overrides, out, tmp_path / "runs", "cmd")  # all kept
     assert (out / "runs" / "ct_seed0.json").read_text() == before
     assert math.isfinite(report["summary"]["mmd2_per_layer_mean"]["none"][0])
+
+
+def _fake_run(method: str, seed: int, acc: float, mmd: float) -> dict:
+    split = {"n": 10, "accuracy": acc, "ece": 5.0, "nll": 0.5, "noisy_accuracy": acc - 1, "pavpu": 60.0}
+    return {"method": method, "seed": seed, "steps": 4, "best_step": 4, "best_dev_accuracy": acc,
+            "step_seconds_median": 1.0, "splits": {s: dict(split) for s in ("movie_test", "amazon", "tweets", "nyt")},
+            "alignment": {"mmd2_per_layer": [mmd, mmd / 2], "mmd2_sum_heads_layers": mmd * 3}}
+
+
+def test_report_from_finished_runs(tmp_path: Path) -> None:
+    from vqa_align.sentiment.experiment import REPORT_JSON, REPORT_MD, write_report
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    none = [80.0, 82.0, 81.0]
+    ct = [81.0, 83.5, 81.5]
+    for seed in range(3):
+        (runs / f"none_seed{seed}.json").write_text(json.dumps(_fake_run("none", seed, none[seed], 0.2)))
+        (runs / f"ct_seed{seed}.json").write_text(json.dumps(_fake_run("ct", seed, ct[seed], 0.1)))
+    (runs / "gan_seed0.json").write_text(json.dumps(_fake_run("gan", 0, 79.0, 0.15)))  # unfinished grid
+    write_report(tmp_path, ["none", "ct", "gan"], "the command", None, None)
+    report = json.loads((tmp_path / REPORT_JSON).read_text())
+    summary = report["summary"]
+    assert summary["aggregates"]["ct"]["splits/movie_test/accuracy"]["mean"] == pytest.approx(np.mean(ct))
+    assert summary["aggregates"]["ct"]["cross_domain_accuracy"]["mean"] == pytest.approx(np.mean(ct))
+    test = summary["paired_tests"]["ct"]["splits/movie_test/accuracy"]
+    assert test["n"] == 3 and test["mean_diff"] == pytest.approx(1.0)
+    assert summary["paired_tests"]["gan"]["splits/movie_test/accuracy"]["n"] == 1
+    assert summary["mmd2_per_layer_mean"]["ct"] == pytest.approx([0.1, 0.05])
+    text = (tmp_path / REPORT_MD).read_text()
+    assert "the command" in text and "| movie_test accuracy (%) | 81.00 ± 1.00 | 82.00 ± 1.32 | 79.00 ± 0.00 |" in text
