@@ -324,4 +324,5 @@ def test_report_from_finished_runs(tmp_path: Path) -> None:
     assert summary["paired_tests"]["gan"]["splits/movie_test/accuracy"]["n"] == 1
     assert summary["mmd2_per_layer_mean"]["ct"] == pytest.approx([0.1, 0.05])
     text = (tmp_path / REPORT_MD).read_text()
-    assert "the command" in text and "| movie_test accuracy (%) | 81.00 ± 1.00 | 82.00 ± 1.32 | 79.00 ± 0.00 |" in text
+    assert "the command" in text and "| movie_test accuracy (%) | 81.00 ± 1.00 | 82.00 ± 1.32 | 79.00 (1 run) |" in text
+    assert "| higher in-domain accuracy | no clear difference (Δ +1.00, p 0.074, n = 3) | n = 1: Δ -1.00, no test possible |" in text

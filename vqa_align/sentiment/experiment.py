@@ -136,6 +136,8 @@ def summarize(runs: list[dict[str, Any]], methods: Sequence[str], metrics: Seque
 def _fmt(stat: dict[str, Any], digits: int) -> str:
     if not stat or stat.get("n", 0) == 0 or not math.isfinite(stat["mean"]):
         return "–"
+    if stat["n"] == 1:
+        return f"{stat['mean']:.{digits}f} (1 run)"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
@@ -191,7 +193,7 @@ def plot_figures(summary: dict[str, Any], runs: list[dict[str, Any]], methods: S
 def render(results: dict[str, Any], metrics: Sequence[Metric], notes: str | None) -> str:
     methods, summary = results["methods"], results["summary"]
     lines = ["# Alignment attention on real sentences: MiniLM, binary sentiment, four domains", ""]
-    lines += ["Made by (see docs/sentiment.md for the design):", "", "```bash", results["command"], "```", ""]
+    lines += ["Made by (design: [docs/sentiment.md](../../sentiment.md)):", "", "```bash", results["command"], "```", ""]
     m = results["machine"]
     lines += [f"Machine: {m.get('processor')}, {m.get('cpu_count')} CPU cores shared with other jobs "
               f"(load average {m.get('load_average_1m', math.nan):.1f} when the report was written), torch threads "
@@ -213,6 +215,16 @@ def render(results: dict[str, Any], metrics: Sequence[Metric], notes: str | None
                   + (f" on {c['run']['mc_max_sentences']} sentences per split" if c['run'].get('mc_max_sentences') else "")
                   + f"; noise N(0, {c['run']['noise_std']}²) on word embeddings; MMD² on {c['run']['mmd_sentences']} "
                   f"movie-test sentences.", ""]
+    if results.get("config"):
+        c = results["config"]
+        subsets = [f"each test split is a fixed random subset of {c['data']['eval_subset']} sentences"
+                   if c["data"].get("eval_subset") else "",
+                   f"dev checks use {c['data']['dev_subset']} dev sentences" if c["data"].get("dev_subset") else ""]
+        subsets = [x for x in subsets if x]
+        if subsets:
+            lines += ["Evaluated on subsets (CPU budget): " + "; ".join(subsets) + " (a fixed seed-0 shuffle, "
+                      "the same sentences for every run).", ""]
+    lines += _claims(summary, methods, metrics)
     if notes:
         lines += [notes.strip(), ""]
     lines += ["## Mean ± std over seeds", "", "| metric | " + " | ".join(methods) + " |",
@@ -243,6 +255,44 @@ def render(results: dict[str, Any], metrics: Sequence[Metric], notes: str | None
             lines.append(f"| {method} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
     lines += [""] + [f"![{f}]({f})" for f in results.get("figures", [])] + [""]
     return "\n".join(lines)
+
+
+# The paper's claims (Zhang et al. 2021, §4 on GLUE/SQuAD/cross-domain tasks), as metrics of this report.
+CLAIMS = [
+    ("higher in-domain accuracy", "splits/movie_test/accuracy"),
+    ("lower in-domain ECE (better calibration)", "splits/movie_test/ece"),
+    ("higher in-domain PAvPU", "splits/movie_test/pavpu"),
+    ("higher cross-domain accuracy", "cross_domain_accuracy"),
+    ("lower cross-domain ECE", "cross_domain_ece"),
+    ("more robust to noise (in-domain accuracy, noisy embeddings)", "splits/movie_test/noisy_accuracy"),
+    ("lower key–query MMD²", "alignment/mmd2_sum_heads_layers"),
+]
+
+
+def _claims(summary: dict[str, Any], methods: Sequence[str], metrics: Sequence[Metric]) -> list[str]:
+    """One row per claim: the paired verdict of each aligned method against none."""
+    aligned = [m for m in methods if m != "none"]
+    by_key = {m.key: m for m in metrics}
+    lines = ["## Did the paper's claims replicate here?", "",
+             "Verdict per aligned method: paired t-test over the seeds both methods have, p < 0.05 "
+             "(`better` / `worse`), else `no clear difference`; n = number of pairs.", "",
+             "| claim | " + " | ".join(aligned) + " |", "|---|" + "---|" * len(aligned)]
+    for text, key in CLAIMS:
+        if key not in by_key:
+            continue
+        cells = []
+        for method in aligned:
+            test = summary["paired_tests"].get(method, {}).get(key, {})
+            n = test.get("n", 0)
+            if n == 0:
+                cells.append("no runs")
+            elif n < 2:
+                cells.append(f"n = 1: Δ {test['mean_diff']:+.{by_key[key].digits}f}, no test possible")
+            else:
+                cells.append(f"{verdict(test, by_key[key])} (Δ {test['mean_diff']:+.{by_key[key].digits}f}, "
+                             f"p {_p(test['t_p'])}, n = {n})")
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_report(out: Path, methods: Sequence[str], command: str, data: dict[str, Any] | None,
