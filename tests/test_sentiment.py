@@ -269,7 +269,10 @@ def test_paired_test_matches_scipy_and_verdicts() -> None:
     assert t["t_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
     assert t["wilcoxon_p"] == pytest.approx(0.0625)  # 5 positive differences: the smallest two-sided p
     assert verdict(t, Metric("x", "x", True)) == "better" and verdict(t, Metric("x", "x", False)) == "worse"
-    assert verdict(paired_test([1.0, 2.0], [1.0, 2.0]), Metric("x", "x", True)) == "no clear difference"
+    assert verdict(paired_test([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]), Metric("x", "x", True)) == "no clear difference"
+    assert verdict(paired_test([5.0, 6.0], [1.0, 1.5]), Metric("x", "x", True)) == "too few pairs"
+    same_gain = paired_test([81.0, 79.0, 84.0], [77.0, 75.0, 80.0])  # +4 in every pair: no variance, no p
+    assert math.isnan(same_gain["t_p"]) and verdict(same_gain, Metric("x", "x", True)) == "no clear difference"
 
 
 @pytest.mark.slow
@@ -325,4 +328,4 @@ def test_report_from_finished_runs(tmp_path: Path) -> None:
     assert summary["mmd2_per_layer_mean"]["ct"] == pytest.approx([0.1, 0.05])
     text = (tmp_path / REPORT_MD).read_text()
     assert "the command" in text and "| movie_test accuracy (%) | 81.00 ± 1.00 | 82.00 ± 1.32 | 79.00 (1 run) |" in text
-    assert "| higher in-domain accuracy | no clear difference (Δ +1.00, p 0.074, n = 3) | n = 1: Δ -1.00, no test possible |" in text
+    assert "| higher in-domain accuracy | no clear difference (Δ +1.00, p 0.074, n = 3) | n = 1: Δ -1.00, too few pairs for a test |" in text

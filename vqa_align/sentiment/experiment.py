@@ -21,6 +21,7 @@ import math
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +36,7 @@ REPORT_JSON = "results.json"
 REPORT_MD = "README.md"
 NOTES_MD = "notes.md"  # hand-written reading of the results, included in the report when present
 SIGNIFICANCE = 0.05
+MIN_PAIRS = 3  # seeds both methods have, before a verdict is given
 CROSS = ("amazon", "tweets", "nyt")
 
 
@@ -94,10 +96,15 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float | int
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     out: dict[str, float | int] = {"n": int(len(diff)), "mean_diff": float(diff.mean()) if len(diff) else math.nan,
                                    "t_p": math.nan, "wilcoxon_p": math.nan}
-    if len(diff) >= 2 and np.any(diff != diff[0]):
-        out["t_p"] = float(stats.ttest_rel(a, b).pvalue)
-    if len(diff) >= 2 and np.any(diff != 0):
-        out["wilcoxon_p"] = float(stats.wilcoxon(a, b).pvalue)
+    # Differences equal up to rounding (e.g. 4 points in every pair of 100-sentence sets) have no
+    # variance: the t statistic is infinite and says nothing; report no p-value then.
+    spread = float(np.ptp(diff)) if len(diff) else 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if len(diff) >= 2 and spread > 1e-9 * max(1.0, abs(float(diff.mean()))):
+            out["t_p"] = float(stats.ttest_rel(a, b).pvalue)
+        if len(diff) >= 2 and np.any(np.abs(diff) > 1e-12):
+            out["wilcoxon_p"] = float(stats.wilcoxon(a, b).pvalue)
     return out
 
 
@@ -146,8 +153,11 @@ def _p(value: float) -> str:
 
 
 def verdict(test: dict[str, Any], metric: Metric) -> str:
-    """'better' / 'worse' (paired t-test p < 0.05, direction by the metric) or 'no clear difference'."""
-    if test.get("n", 0) < 2 or not math.isfinite(test.get("t_p", math.nan)) or test["t_p"] >= SIGNIFICANCE:
+    """'better' / 'worse' (paired t-test p < 0.05, direction by the metric) or 'no clear difference';
+    fewer than 3 pairs: 'too few pairs' (a t-test with 1 degree of freedom decides nothing)."""
+    if test.get("n", 0) < MIN_PAIRS:
+        return "too few pairs"
+    if not math.isfinite(test.get("t_p", math.nan)) or test["t_p"] >= SIGNIFICANCE:
         return "no clear difference"
     improves = (test["mean_diff"] > 0) == metric.higher_is_better
     return "better" if improves else "worse"
@@ -286,8 +296,8 @@ def _claims(summary: dict[str, Any], methods: Sequence[str], metrics: Sequence[M
             n = test.get("n", 0)
             if n == 0:
                 cells.append("no runs")
-            elif n < 2:
-                cells.append(f"n = 1: Δ {test['mean_diff']:+.{by_key[key].digits}f}, no test possible")
+            elif n < MIN_PAIRS:
+                cells.append(f"n = {n}: Δ {test['mean_diff']:+.{by_key[key].digits}f}, too few pairs for a test")
             else:
                 cells.append(f"{verdict(test, by_key[key])} (Δ {test['mean_diff']:+.{by_key[key].digits}f}, "
                              f"p {_p(test['t_p'])}, n = {n})")
