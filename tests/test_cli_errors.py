@@ -53,6 +53,7 @@ CHECKED_LATER = {
     "--init-from", "checkpoint", "--answers", "--features", "--val-annotations",
     # extract: pictures, backbone names and parameters, devices (tests/test_extract.py)
     "images", "--images", "--backbone", "--param", "--device", "--weights-dir",
+    "--sdist", "--runs-dir",  # prep sentiment / sentiment experiment: tests/test_sentiment.py
 }
 REQUIRED_ARGS = {
     "eval": ["--checkpoint", "ckpt"],
