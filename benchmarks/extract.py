@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from vqa_align.extraction import ExtractOptions, extract_images, list_images  # noqa: E402
+from vqa_align.experiment import machine_info  # noqa: E402
 from vqa_align.extractors import build_backbone  # noqa: E402
 
 PICTURE_SIZE = (640, 480)
@@ -182,18 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"RSS over {r['images']} pictures ({args.rss_backbone}): first 10% max {r['rss_mib_first_10pct_max']} MiB, last 10% max "
                   f"{r['rss_mib_last_10pct_max']} MiB, peak {r['rss_mib_peak']} MiB ({r['images_per_s']} images/s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "cpu": _cpu_model()}, indent=1))
+        Path(args.json).write_text(json.dumps({"results": results, "cpu": machine_info()["processor"]}, indent=1))
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

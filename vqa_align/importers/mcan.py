@@ -22,7 +22,6 @@ MILVLG/openvqa; none of their code is used here):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -37,6 +36,7 @@ from torch import Tensor
 
 from vqa_align.config import Config, ConfigError, apply_overrides, config_from_dict, save_config
 from vqa_align.errors import UserError
+from vqa_align.extractors.base import sha256_of_file
 from vqa_align.vqa_data import PAD_TOKEN, UNK_TOKEN, tokenize_question, word_level_tokenizer
 from vqa_align.run_folder import check_replaceable, mark_run_folder
 
@@ -350,14 +350,6 @@ class ImportedModel:
     meta: dict[str, Any]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert_checkpoint(
     flavour_name: str,
     checkpoint: str | Path,
@@ -410,7 +402,7 @@ def convert_checkpoint(
         "imported_from": {
             "format": flavour.name,
             "checkpoint": str(source.resolve()),
-            "sha256": _sha256(source),
+            "sha256": sha256_of_file(source),
             **extra,  # lr_base, epoch
             "question_files": [str(p.resolve()) for p in files],
             "new_words_per_file": added,
