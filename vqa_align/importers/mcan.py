@@ -260,14 +260,19 @@ def convert_state_dict(state: dict[str, Tensor], flavour: Flavour, num_layers: i
 # ----------------------------------------------------------------------------------------------
 
 
-def _question_texts(path: Path) -> list[str]:
-    """The ``question`` strings of a VQA-format questions file, in file order."""
+def _read_json(path: Path, what: str) -> Any:
+    """A user's JSON file, or an ImportFailure naming it (``what``: e.g. "questions file")."""
     if not path.is_file():
-        raise ImportFailure(f"questions file not found: {path}")
+        raise ImportFailure(f"{what} not found: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ImportFailure(f"{path}: not valid JSON ({err})") from None
+
+
+def _question_texts(path: Path) -> list[str]:
+    """The ``question`` strings of a VQA-format questions file, in file order."""
+    data = _read_json(path, "questions file")
     questions = data.get("questions") if isinstance(data, dict) else None
     if not isinstance(questions, list):
         raise ImportFailure(f"{path}: not a VQA questions file (no 'questions' list)")
@@ -314,12 +319,7 @@ def check_vocabulary(vocab_size: int, embedding_rows: int, question_files: list[
 def read_answer_dict(path: str | Path) -> list[str]:
     """Answers in classifier order from ``answer_dict.json`` = [answer -> index, index -> answer]."""
     path = Path(path)
-    if not path.is_file():
-        raise ImportFailure(f"answer dictionary not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ImportFailure(f"{path}: not valid JSON ({err})") from None
+    data = _read_json(path, "answer dictionary")
     if not (isinstance(data, list) and len(data) == 2 and all(isinstance(d, dict) for d in data)):
         raise ImportFailure(f"{path}: expected [answer_to_index, index_to_answer] (mcan-vqa's answer_dict.json)")
     to_index, to_answer = data
