@@ -290,9 +290,9 @@ def test_efficientnet_lite0_knows_a_cat_from_a_coffee_cup():
 
 
 def test_efficientnet_input_scaling_is_tflite():
-    from vqa_align.extractors.efficientnet_lite import Preprocess
+    from vqa_align.extractors import build_backbone
 
-    x = Preprocess()(Image.new("RGB", (5, 5), (0, 127, 255)))
+    x = build_backbone("efficientnet-lite0").preprocessor()(Image.new("RGB", (5, 5), (0, 127, 255)))
     assert x.shape == (3, 224, 224)
     np.testing.assert_allclose(x[:, 0, 0].numpy(), [-127 / 128, 0.0, 1.0])
 

@@ -139,7 +139,7 @@ def missing_for(info: ExtractorInfo) -> Missing | None:
     try:
         cls = backbone_class(info.name)
     except UserError as err:
-        return Missing(str(err), f"pip install the package named above")
+        return Missing(str(err), "pip install the package named above")
     try:
         typed = parse_params(cls.Params, params_of(info, cls), info.name)
     except UserError as err:

@@ -104,6 +104,25 @@ class Missing:
         return f"{self.what}. Fix: {self.fix}"
 
 
+class ResizeNormalize:
+    """PIL RGB image -> (3, S, S) float32 for a grid backbone: resized to S x S, pixels divided by
+    ``divisor``, then ``(x - mean) / std`` per channel (a scalar mean/std applies to all three).
+
+    Picklable and weight-free: it runs in the DataLoader workers (``Backbone.preprocessor``).
+    """
+
+    def __init__(self, size: int, mean: float | tuple[float, ...], std: float | tuple[float, ...],
+                 resample: int, divisor: float = 255.0) -> None:
+        self.size, self.resample, self.divisor = size, resample, divisor
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)  # (3 or 1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        resized = image.resize((self.size, self.size), self.resample)
+        x = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / self.divisor  # (3, S, S)
+        return (x - self.mean) / self.std
+
+
 def sha256_of_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

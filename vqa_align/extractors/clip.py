@@ -15,17 +15,16 @@ the grid covers the whole picture) and normalised with CLIP's mean / std.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
 from vqa_align.errors import UserError
 from vqa_align.extractors.base import (
-    Backbone, ExtractorInfo, ImageRegions, Missing, grid_regions, sha256_of_state_dict,
+    Backbone, ExtractorInfo, ImageRegions, Missing, ResizeNormalize, grid_regions, sha256_of_state_dict,
 )
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
@@ -41,20 +40,6 @@ class Params:
 
 def _is_local(model: str) -> bool:
     return Path(model).expanduser().is_dir() or model.startswith((".", "/", "~"))
-
-
-class Preprocess:
-    """PIL RGB -> (3, S, S) float32 normalised with CLIP's mean / std (picklable, no weights)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(CLIP_STD).view(3, 1, 1)
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        resized = image.resize((self.size, self.size), Image.BICUBIC)
-        x = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0  # (3, S, S)
-        return (x - self.mean) / self.std
 
 
 class ClipGrid(Backbone):
@@ -106,7 +91,7 @@ class ClipGrid(Backbone):
         return Path(path)
 
     def preprocessor(self) -> Callable[[Any], Any]:
-        return Preprocess(self.image_size)
+        return ResizeNormalize(self.image_size, CLIP_MEAN, CLIP_STD, Image.BICUBIC)
 
     @torch.inference_mode()
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:

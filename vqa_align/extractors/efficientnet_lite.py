@@ -18,12 +18,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
 from vqa_align.errors import UserError
-from vqa_align.extractors.base import Backbone, ExtractorInfo, ImageRegions, Missing, grid_regions, sha256_of_file
+from vqa_align.extractors.base import (
+    Backbone, ExtractorInfo, ImageRegions, Missing, ResizeNormalize, grid_regions, sha256_of_file,
+)
 
 IMAGE_SIZE = 224  # the resolution Lite0 was trained at; its convs use static "same" padding for it
 FEATURE_DIM = 1280
@@ -48,15 +49,6 @@ def _package_weights() -> Path | None:
 @lru_cache(maxsize=4)
 def _hash(path: str, mtime: float) -> str:  # mtime in the key: a replaced file is hashed again
     return sha256_of_file(path)
-
-
-class Preprocess:
-    """PIL RGB image -> (3, 224, 224) float32 in the TF-Lite input scale (picklable, no weights)."""
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        resized = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
-        x = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W) 0..255
-        return (x - INPUT_MEAN) / INPUT_STD
 
 
 class EfficientNetLite0(Backbone):
@@ -107,7 +99,7 @@ class EfficientNetLite0(Backbone):
         return None
 
     def preprocessor(self) -> Callable[[Any], Any]:
-        return Preprocess()
+        return ResizeNormalize(IMAGE_SIZE, INPUT_MEAN, INPUT_STD, Image.BICUBIC, divisor=1.0)  # TF-Lite scale: 0..255 in
 
     @torch.inference_mode()
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:

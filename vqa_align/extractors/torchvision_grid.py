@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from vqa_align.errors import UserError
 from vqa_align.extractors.base import (
-    Backbone, ExtractorInfo, ImageRegions, Missing, grid_regions, sha256_of_file, sha256_of_state_dict,
+    Backbone, ExtractorInfo, ImageRegions, Missing, ResizeNormalize, grid_regions, sha256_of_file,
+    sha256_of_state_dict,
 )
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
@@ -61,18 +61,6 @@ def _is_path(weights: str) -> bool:
 
 def _cache_file(weights_enum: Any) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights_enum.url).name
-
-
-class Preprocess:
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        resized = image.resize((self.size, self.size), Image.BILINEAR)
-        x = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0  # (3, S, S)
-        return (x - self.mean) / self.std
 
 
 class TorchvisionGrid(Backbone):
@@ -133,7 +121,7 @@ class TorchvisionGrid(Backbone):
         return _cache_file(weights)
 
     def preprocessor(self) -> Callable[[Any], Any]:
-        return Preprocess(self.params.image_size)
+        return ResizeNormalize(self.params.image_size, IMAGENET_MEAN, IMAGENET_STD, Image.BILINEAR)
 
     @torch.inference_mode()
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
