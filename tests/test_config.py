@@ -102,6 +102,10 @@ BAD = {
     "train.init_from": ["''", "3"],
     "train.cuda_graphs": ["2"],
     "train.keep_freed_memory": ["'no'"],
+    "train.optimizer": ["sgd", "Adam", "null"],
+    "train.warmup_steps": ["-1", "2.5"],
+    "train.eval_every_steps": ["-1", "true"],
+    "train.patience": ["-1", "1.5"],
 }
 
 # Values at the edge of each range that must still be accepted.

@@ -225,12 +225,27 @@ class TrainConfig:
     # CPU: let glibc keep freed memory for the next step instead of returning it to the kernel and
     # page-faulting it back (vqa_align/host_memory.py; measured -5 % on an MCAN-small CT step).
     keep_freed_memory: bool = True
+    # "adam": fused Adam, weight decay added to the gradient (MCAN). "adamw": torch.optim.AdamW with
+    # decoupled weight decay (BERT-style fine-tuning, the sentence runs), in torch's default
+    # (non-fused) implementation: the sentence results so far came from it, and the fused kernel
+    # rounds differently.
+    optimizer: Literal["adam", "adamw"] = "adam"
+    # Linear warm-up over optimizer steps: step k (1-based) runs at lr x min(1, k / (warmup_steps + 1)),
+    # on top of the epoch schedule (0: off).
+    warmup_steps: int = 0
+    # Evaluate every N optimizer steps and after the last one instead of at epoch ends (0: at epoch
+    # ends, every eval_every_epochs epochs).
+    eval_every_steps: int = 0
+    # Stop after this many evaluations in a row without a gain of the task's selection metric (the
+    # one that picks checkpoints/best; 0: never stop early).
+    patience: int = 0
 
     def validate(self, where: str = "train") -> None:
         _check_fields(self, where)
         _at_least(self, where, 1, "epochs", "batch_size", "grad_accumulation", "eval_every_epochs", "log_every_steps")
         # max_steps 0: set the run up (model, vocabularies, checkpoint) without a training step.
-        _at_least(self, where, 0, "warmup_epochs", "checkpoint_every_steps", "weight_decay", "max_steps")
+        _at_least(self, where, 0, "warmup_epochs", "checkpoint_every_steps", "weight_decay", "max_steps",
+                  "warmup_steps", "eval_every_steps", "patience")
         _require(self.init_from is None or self.init_from.strip() != "", f"{where}.init_from", self.init_from,
                  "a run or checkpoint folder, or null")
         for key in ("lr", "eps", "grad_clip"):
