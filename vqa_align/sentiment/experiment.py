@@ -200,6 +200,11 @@ def plot_figures(summary: dict[str, Any], runs: list[dict[str, Any]], methods: S
     return written
 
 
+def _schedule(config: dict[str, Any], key: str) -> Any:
+    """A schedule option: ``train.<key>``, or ``run.<key>`` in reports written before it moved there."""
+    return config["train"].get(key, config.get("run", {}).get(key))
+
+
 def render(results: dict[str, Any], metrics: Sequence[Metric], notes: str | None) -> str:
     methods, summary = results["methods"], results["summary"]
     lines = ["# Alignment attention on real sentences: MiniLM, binary sentiment, four domains", ""]
@@ -218,8 +223,8 @@ def render(results: dict[str, Any], metrics: Sequence[Metric], notes: str | None
     if results.get("config"):
         c = results["config"]
         lines += [f"Schedule: batch {c['train']['batch_size']}, AdamW lr {c['train']['lr']}, warm-up "
-                  f"{c['run']['warmup_steps']} steps, at most {c['train']['max_steps']} steps / {c['train']['epochs']} "
-                  f"epoch(s), dev check every {c['run']['eval_every_steps']} steps, patience {c['run']['patience']}; "
+                  f"{_schedule(c, 'warmup_steps')} steps, at most {c['train']['max_steps']} steps / {c['train']['epochs']} "
+                  f"epoch(s), dev check every {_schedule(c, 'eval_every_steps')} steps, patience {_schedule(c, 'patience')}; "
                   f"max {c['model']['max_tokens']} tokens; λ = {c['model']['alignment']['weight']}; "
                   f"MC dropout {c['run']['mc_samples']} samples"
                   + (f" on {c['run']['mc_max_sentences']} sentences per split" if c['run'].get('mc_max_sentences') else "")

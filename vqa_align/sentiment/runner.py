@@ -1,45 +1,51 @@
-"""Fine-tune and evaluate one sentence classifier: the VQA trainer's conventions on sentences.
+"""Fine-tune and evaluate one sentence classifier: the VQA trainer, with a sentence task.
 
-Shared with VQA training: the typed config (``train:`` is :class:`vqa_align.config.TrainConfig`,
-``model.alignment:`` is :class:`vqa_align.config.AlignmentConfig`, loaded with the same strict
-YAML/``--set`` machinery), seeding and device choice (:mod:`vqa_align.training`), the loss
-``L = L_task + λ·L_align`` with a per-sample mean task loss (``loss_reduction: mean``), checkpoint
-folders (:func:`vqa_align.checkpoint.save_checkpoint`: ``checkpoints/best``), the run folder's
-``config.yaml`` and ``metrics.jsonl`` (records ``kind: train | eval | test``), and
-:mod:`vqa_align.calibration` for ECE, MC-dropout PAvPU and the noise probe.
+Training is :class:`vqa_align.training.Trainer` itself: :class:`SentenceTask` is its
+:class:`~vqa_align.training.TrainingTask` for sentences (data, model, cross-entropy, the dev check),
+so the loop, the optimizer step, gradient accumulation, finiteness checks, ``metrics.jsonl``,
+tensorboard, progress lines, ``checkpoints/best`` + ``last`` and exact kill-and-resume are the ones
+VQA runs use. Shared too: the typed config (``train:`` is :class:`vqa_align.config.TrainConfig`,
+``model.alignment:`` is :class:`vqa_align.config.AlignmentConfig`, the strict YAML/``--set``
+machinery), the loss ``L = L_task + λ·L_align`` with a per-sample mean task loss
+(``loss_reduction: mean``) and :mod:`vqa_align.calibration` for ECE, MC-dropout PAvPU and the
+noise probe.
 
-Schedule: AdamW at ``train.lr`` after a linear warm-up of ``run.warmup_steps``; the dev split is
-scored every ``run.eval_every_steps`` steps; training stops after ``train.max_steps`` steps, after
-``train.epochs`` epochs, or when dev accuracy has not improved for ``run.patience`` checks; the
-weights of the best dev check (``checkpoints/best``) are the ones evaluated.
+Schedule (TrainConfig options, generic): AdamW (``train.optimizer: adamw``) at ``train.lr`` after
+a linear warm-up of ``train.warmup_steps``; the dev split is scored every ``train.eval_every_steps``
+steps and after the last one; training stops after ``train.max_steps`` steps, after
+``train.epochs`` epochs, or when dev accuracy has not improved for ``train.patience`` checks. The
+weights of the best dev check (``checkpoints/best``) are then evaluated and ``result.json`` written.
+The three options were ``run.warmup_steps`` / ``run.eval_every_steps`` / ``run.patience`` before;
+those names are still read (configs and commands of earlier reports).
 
 Batches: dynamic padding; training batches are drawn "sortish" (shuffle, sort chunks of
-``run.sort_chunk_batches`` batches by length, cut, shuffle the batches), so a batch holds
-sentences of similar length and the padding the CPU computes on stays small.
+``run.sort_chunk_batches`` batches by length, cut, shuffle the batches) from
+``numpy.random.default_rng(train.seed)``, drawn epoch after epoch, so a batch holds sentences of
+similar length and the padding the CPU computes on stays small.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vqa_align.config import (
-    ConfigError, TrainConfig, _fix_yaml_floats, apply_overrides, from_dict, save_config,
+    ConfigError, TrainConfig, _fix_yaml_floats, apply_overrides, from_dict,
 )
 from vqa_align.errors import UserError
 from vqa_align.sentiment.model import LABELS, SentenceClassifier, SentenceModelConfig
 
-METRICS_FILE = "metrics.jsonl"  # the name vqa_align.training uses
 RESULT_FILE = "result.json"
+# TrainConfig options that were sentence-runner options (run.*) before the runner became the Trainer.
+MOVED_TO_TRAIN = ("warmup_steps", "eval_every_steps", "patience")
 
 
 @dataclass
@@ -52,11 +58,8 @@ class SentimentDataConfig:
 
 @dataclass
 class SentimentRunConfig:
-    """What the sentence runner adds to ``train:``: dev checks, early stopping, evaluation."""
+    """What the sentence runner adds to ``train:``: batching and the evaluation after training."""
 
-    warmup_steps: int = 20
-    eval_every_steps: int = 50
-    patience: int = 3  # dev checks without improvement before stopping
     sort_chunk_batches: int = 16
     eval_batch_size: int = 128
     test_splits: list[str] = field(default_factory=lambda: ["movie_test", "amazon", "tweets", "nyt"])
@@ -68,7 +71,7 @@ class SentimentRunConfig:
     mmd_sentences: int = 128  # movie-test sentences whose key–query MMD² is measured per layer
 
     def validate(self) -> None:
-        for key in ("eval_every_steps", "patience", "sort_chunk_batches", "eval_batch_size", "calibration_bins",
+        for key in ("sort_chunk_batches", "eval_batch_size", "calibration_bins",
                     "mmd_sentences"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"run.{key} must be >= 1, got {getattr(self, key)}")
@@ -84,7 +87,8 @@ class SentimentConfig:
     data: SentimentDataConfig = field(default_factory=SentimentDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=2, batch_size=32, lr=5e-5, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.01, warmup_epochs=0,
-        decay_epochs=[], loss_reduction="mean", log_every_steps=10))
+        decay_epochs=[], loss_reduction="mean", log_every_steps=10, optimizer="adamw", warmup_steps=20,
+        eval_every_steps=50, patience=3))
     run: SentimentRunConfig = field(default_factory=SentimentRunConfig)
     name: str = "sentiment"
 
@@ -94,6 +98,8 @@ class SentimentConfig:
         self.run.validate()
         if self.train.loss_reduction != "mean":
             raise ConfigError("train.loss_reduction must be 'mean' for sentence classification")
+        if self.train.cuda_graphs:
+            raise ConfigError("train.cuda_graphs is not supported for sentence classification")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,7 +109,9 @@ class SentimentConfig:
 
 
 def load_sentiment_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SentimentConfig:
-    """A YAML preset (or the defaults) plus ``--set`` overrides; unknown keys are errors."""
+    """A YAML preset (or the defaults) plus ``--set`` overrides; unknown keys are errors. The old
+    names ``run.warmup_steps`` / ``run.eval_every_steps`` / ``run.patience`` (configs and commands
+    recorded in earlier reports) are read as their ``train.`` options."""
     import yaml
 
     data: dict[str, Any] = {}
@@ -114,7 +122,8 @@ def load_sentiment_config(path: str | Path | None = None, overrides: Sequence[st
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    data = apply_overrides(data, list(overrides))
+    data = _renamed(data, path)
+    data = apply_overrides(data, [_renamed_override(text) for text in overrides])
     try:
         config = from_dict(SentimentConfig, _fix_yaml_floats(data))
         # from_dict builds TrainConfig from the keys given only: keep our defaults for the rest.
@@ -124,6 +133,30 @@ def load_sentiment_config(path: str | Path | None = None, overrides: Sequence[st
         return config.validate()
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+
+
+def _renamed(data: dict[str, Any], path: Path | None) -> dict[str, Any]:
+    """A config mapping with the old ``run.<key>`` of MOVED_TO_TRAIN moved to ``train.<key>``."""
+    run = data.get("run")
+    if not isinstance(run, dict) or not any(key in run for key in MOVED_TO_TRAIN):
+        return data
+    data = {**data, "run": dict(run), "train": dict(data.get("train") or {})}
+    for key in MOVED_TO_TRAIN:
+        if key in data["run"]:
+            value = data["run"].pop(key)
+            if key in data["train"] and data["train"][key] != value:
+                raise ConfigError(f"{path or 'config'}: run.{key} ({value!r}) is the old name of train.{key} "
+                                  f"({data['train'][key]!r}); give train.{key} only")
+            data["train"][key] = value
+    return data
+
+
+def _renamed_override(text: str) -> str:
+    """``run.patience=2`` -> ``train.patience=2`` (the old names of MOVED_TO_TRAIN)."""
+    key = text.split("=", 1)[0].strip()
+    if key in {f"run.{k}" for k in MOVED_TO_TRAIN}:
+        return "train." + text.strip()[len("run."):]
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,17 +239,43 @@ def _subset(items: Sequence[Any], n: int | None) -> list[Any]:
     return [items[i] for i in sorted(np.random.default_rng(0).permutation(len(items))[:n])]
 
 
-class SentimentRunner:
-    """Owns the model, optimizer, data and run folder of one sentence-classification run."""
+class SentenceBatches:
+    """The batches of one pass over a split: ``batches[i]`` holds sentence indices; each comes out
+    collated as the model's inputs, the labels and the indices (which name a bad batch)."""
 
-    def __init__(self, config: SentimentConfig, run_dir: str | Path, sentences: dict[str, list[Any]] | None = None):
-        from vqa_align.question_encoders import load_minilm_tokenizer
-        from vqa_align.training import resolve_device, seed_everything
+    def __init__(self, data: Encoded, batches: list[np.ndarray]):
+        self.data, self.batches = data, batches
 
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for index in self.batches:
+            input_ids, mask = collate([self.data.ids[i] for i in index])
+            yield {"input_ids": input_ids, "attention_mask": mask,
+                   "targets": torch.from_numpy(self.data.labels[index]), "ids": torch.from_numpy(index)}
+
+
+class SentenceTask:
+    """Sentence classification as a :class:`vqa_align.training.TrainingTask`: MiniLM (or a tiny
+    BERT) converted to alignment attention, cross-entropy on the movie-train split, dev accuracy
+    picks ``best``; after training, the test-split evaluation of :func:`run_one`."""
+
+    selection_metric = "dev_accuracy"
+
+    def __init__(self, config: SentimentConfig, sentences: dict[str, list[Any]] | None = None):
         self.config = config
-        self.run_dir = Path(run_dir)
-        self.device = resolve_device(config.train.device)
-        seed_everything(config.train.seed)
+        self.sentences = sentences
+
+    def build(self, trainer: Any, resume: bool) -> Any:
+        from vqa_align.question_encoders import load_minilm_tokenizer
+        from vqa_align.training import TaskData
+
+        config = self.config
+        if trainer.dist.world_size > 1:
+            raise UserError("sentence runs train in one process (no torchrun with several processes)")
+        self.trainer, self.device = trainer, trainer.device
+        sentences = self.sentences
         if sentences is None:
             from vqa_align_prep.easy_vqa import cache_root
             from vqa_align_prep.sentiment import FOLDER, load_sentences
@@ -228,105 +287,80 @@ class SentimentRunner:
         if not train:
             raise UserError("the movie_train split has no sentences")
         self.train_set = encode(train, self.tokenizer, max_tokens)
-        self.splits = {"movie_dev": sentences["movie_dev"], **{name: sentences[name] for name in config.run.test_splits}}
+        self.train_lengths = np.array([len(x) for x in self.train_set.ids])
+        splits = {"movie_dev": sentences["movie_dev"], **{name: sentences[name] for name in config.run.test_splits}}
         self.encoded = {
             name: encode(_subset(s, config.data.dev_subset if name == "movie_dev" else config.data.eval_subset),
                          self.tokenizer, max_tokens)
-            for name, s in self.splits.items()
+            for name, s in splits.items()
         }
-        self.model = SentenceClassifier(config.model).to(self.device)
+        self.model = SentenceClassifier(config.model)  # random parts drawn from the RNGs the Trainer seeded
         if config.model.freeze_word_embeddings:
             # Half of MiniLM's parameters; updating them costs time and buys little with ~8k sentences.
             self.model.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
-        t = config.train
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                           weight_decay=t.weight_decay)
-        self.rng = np.random.default_rng(t.seed)
-        self.global_step = 0
-        self.best_accuracy = -1.0
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.step_seconds: list[float] = []
-        self.step_cpu_seconds: list[float] = []
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.run_dir / "config.yaml")  # type: ignore[arg-type]
+        return TaskData(self.model, list(LABELS), self.tokenizer, self.train_set, self.encoded["movie_dev"],
+                        graphs_refused="train.cuda_graphs is not supported for sentence classification")
 
-    # -- training ----------------------------------------------------------------------------
+    # -- training (the TrainingTask interface) ------------------------------------------------
 
-    def _lr(self) -> float:
-        warm = self.config.run.warmup_steps
-        scale = min(1.0, (self.global_step + 1) / (warm + 1)) if warm > 0 else 1.0
-        return self.config.train.lr * scale
+    def loader(self, dataset: Encoded, shuffle: bool, epoch: int, skip: int, batch_size: int) -> SentenceBatches:
+        if shuffle:
+            # One generator drawn epoch after epoch (as the runner always did); epoch e's order is
+            # replayed from the seed, so it is a pure function of (seed, e), as resume needs.
+            lengths, chunk = self.train_lengths, self.config.run.sort_chunk_batches
+            rng = np.random.default_rng(self.config.train.seed)
+            for _ in range(epoch):
+                sortish_batches(lengths, batch_size, chunk, rng)
+            batches = sortish_batches(lengths, batch_size, chunk, rng)
+        else:
+            batches = eval_batches(np.array([len(x) for x in dataset.ids]), batch_size)
+        return SentenceBatches(dataset, batches[skip:])
 
-    def train_step(self, index: np.ndarray) -> dict[str, float]:
-        """One optimizer step on the sentences ``index`` of the training split: L = CE + λ·L_align."""
-        start, cpu_start = time.perf_counter(), time.process_time()
-        self.model.train()
-        input_ids, mask = collate([self.train_set.ids[i] for i in index])
-        labels = torch.from_numpy(self.train_set.labels[index]).to(self.device)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self._lr()
-        logits = self.model(input_ids.to(self.device), mask.to(self.device))  # (B, 2)
-        task = F.cross_entropy(logits.float(), labels)
-        align = self.model.alignment.loss()
-        loss = task + self.config.model.alignment.weight * align
-        if not torch.isfinite(loss):
-            raise UserError(f"non-finite loss {loss.item()} at step {self.global_step}; the best checkpoint is kept")
-        loss.backward()
-        if self.config.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.global_step += 1
-        seconds = time.perf_counter() - start
-        cpu_seconds = time.process_time() - cpu_start  # summed over threads; less sensitive to other jobs
-        self.step_seconds.append(seconds)
-        self.step_cpu_seconds.append(cpu_seconds)
-        return {"loss": loss.item(), "task_loss": task.item(), "alignment_loss": align.item(), "step_seconds": seconds,
-                "step_cpu_seconds": cpu_seconds,
-                "tokens": int(mask.sum())}
+    def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
 
-    def fit(self) -> dict[str, Any]:
-        t, r = self.config.train, self.config.run
-        checks_without_gain = 0
-        lengths = np.array([len(x) for x in self.train_set.ids])
-        stop = False
-        for epoch in range(t.epochs):
-            for index in sortish_batches(lengths, t.batch_size, r.sort_chunk_batches, self.rng):
-                stats = self.train_step(index)
-                if self.global_step % t.log_every_steps == 0:
-                    self._log({"kind": "train", "epoch": epoch, "step": self.global_step, "lr": self._lr(), **stats})
-                last = t.max_steps is not None and self.global_step >= t.max_steps
-                if self.global_step % r.eval_every_steps == 0 or last:
-                    if self._dev_check(epoch):
-                        checks_without_gain = 0
-                    else:
-                        checks_without_gain += 1
-                    stop = last or checks_without_gain >= r.patience
-                if stop:
-                    break
-            if stop:
-                break
-        if self.global_step % r.eval_every_steps != 0 and not stop:
-            self._dev_check(t.epochs - 1)  # the tail of the last epoch
-        assert self.best_state is not None
-        self.model.load_state_dict(self.best_state)
-        return {"steps": self.global_step, "best_dev_accuracy": self.best_accuracy}
+    def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["targets"].to(self.device)
 
-    def _dev_check(self, epoch: int) -> bool:
-        probs = self.predict(self.encoded["movie_dev"])
-        metrics = classification_metrics(probs, self.encoded["movie_dev"].labels, self.config.run.calibration_bins)
-        improved = bool(metrics["accuracy"] > self.best_accuracy)
-        self._log({"kind": "eval", "epoch": epoch, "step": self.global_step, **{f"dev_{k}": v for k, v in metrics.items()},
-                   "improved": improved})
-        if improved:
-            self.best_accuracy = metrics["accuracy"]
-            self.best_step = self.global_step
-            self.best_state = copy.deepcopy(self.model.state_dict())
-            self.save("best")
-        return improved
+    def losses(self, output: torch.Tensor, targets: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of the logits ``output`` (B, 2); the alignment terms of that forward."""
+        return F.cross_entropy(output.float(), targets, reduction=reduction), self.model.alignment.loss()
 
-    # -- evaluation --------------------------------------------------------------------------
+    def batch_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["ids"]
+
+    def describe_batch(self, ids: list[int]) -> tuple[str, str]:
+        names = [self.train_set.names[i] for i in ids]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        return f"sentences {shown}", ""
+
+    def start_epoch(self, epoch: int) -> bool:
+        return False
+
+    def evaluate(self, dataset: Encoded | None = None, batch_size: int | None = None) -> dict[str, float]:
+        """The dev check: accuracy, ECE, NLL on the dev split (``dev_accuracy`` picks ``best``)."""
+        data = dataset if dataset is not None else self.encoded["movie_dev"]
+        probs = self.predict(data)
+        metrics = classification_metrics(probs, data.labels, self.config.run.calibration_bins)
+        return {f"dev_{k}": v for k, v in metrics.items()}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"best_dev_accuracy": self.trainer.best_accuracy, "best_step": self.trainer.best_step}
+
+    def check_resume(self, checkpoint: Path) -> None:
+        return None  # the sentences are fixed by the prep's checked split digest
+
+    def static_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise UserError("train.cuda_graphs is not supported for sentence classification")
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def load_best(self, run_dir: Path) -> None:
+        """The weights of the best dev check (``checkpoints/best``) into the model."""
+        from vqa_align.checkpoint import WEIGHTS_FILE, read_weights
+
+        weights, _ = read_weights(Path(run_dir) / "checkpoints" / "best" / WEIGHTS_FILE, self.device)
+        self.model.load_state_dict(weights)
 
     @torch.no_grad()
     def predict(self, data: Encoded, noise_std: float = 0.0, dropout: bool = False, seed: int = 0) -> np.ndarray:
@@ -360,6 +394,7 @@ class SentimentRunner:
             noisy = self.predict(data, noise_std=r.noise_std, seed=self.config.train.seed)
             result["noisy_accuracy"] = classification_metrics(noisy, data.labels, r.calibration_bins)["accuracy"]
         if r.mc_samples >= 2:
+            # Dropout masks come from the global torch RNG, as they did: its state after training.
             keep = np.random.default_rng(0).permutation(len(data.ids))[: r.mc_max_sentences]
             subset = Encoded([data.ids[i] for i in keep], data.labels[keep], [data.names[i] for i in keep])
             mc = np.stack([self.predict(subset, dropout=True, seed=1000 + s) for s in range(r.mc_samples)])  # (S, N, C)
@@ -388,45 +423,41 @@ class SentimentRunner:
         return {"mmd2_per_layer": (totals / heads).tolist(), "mmd2_sum_heads_layers": float(totals.sum()),
                 "mmd_sentences": len(ids)}
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate_tests(self) -> dict[str, Any]:
+        """Every test split and the alignment statistics; each split's metrics logged as kind "test"."""
         result: dict[str, Any] = {"splits": {}}
         for name in self.config.run.test_splits:
             result["splits"][name] = self.evaluate_split(name)
-            self._log({"kind": "test", "step": self.global_step, "split": name, **result["splits"][name]})
+            self.trainer._log({"kind": "test", "step": self.trainer.global_step, "split": name, **result["splits"][name]})
         result["alignment"] = self.alignment_statistics()
         return result
 
-    # -- persistence -------------------------------------------------------------------------
 
-    def save(self, name: str) -> Path:
-        from vqa_align.checkpoint import save_checkpoint
+def run_one(config: SentimentConfig, run_dir: Path, sentences: dict[str, list[Any]] | None = None,
+            resume: bool = False) -> dict[str, Any]:
+    """Train (early-stopped on dev) with the Trainer, evaluate the best dev check's weights; writes
+    ``result.json`` and returns it. ``resume``: continue a stopped run in ``run_dir`` exactly (the
+    step times then cover the resumed part only)."""
+    from vqa_align.training import train_from_config
 
-        meta = {"global_step": self.global_step, "best_dev_accuracy": self.best_accuracy}
-        return save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self.config, LABELS,  # type: ignore[arg-type]
-                               self.tokenizer, None, meta)
-
-    def _log(self, record: dict[str, Any]) -> None:
-        record = {"time": time.time(), **record}
-        with open(self.run_dir / METRICS_FILE, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def run_one(config: SentimentConfig, run_dir: Path, sentences: dict[str, list[Any]] | None = None) -> dict[str, Any]:
-    """Train (early-stopped on dev) and evaluate one run; writes ``result.json`` and returns it."""
     wall = time.perf_counter()
-    runner = SentimentRunner(config, run_dir, sentences)
-    fit = runner.fit()
-    evaluation = runner.evaluate()
-    steps = np.array(runner.step_seconds)
+    task = SentenceTask(config, sentences)
+    trainer = train_from_config(config, Path(run_dir), resume=resume, task=task)  # type: ignore[arg-type]
+    if trainer.best_step is None:
+        raise UserError(f"{run_dir}: no dev check was made (no training step), so there are no best weights")
+    task.load_best(trainer.run_dir)
+    evaluation = task.evaluate_tests()
+    steps = np.array(trainer.step_seconds)
     result = {
         "method": config.model.alignment.method,
         "seed": config.train.seed,
-        **fit,
-        "best_step": getattr(runner, "best_step", None),
+        "steps": trainer.global_step,
+        "best_dev_accuracy": trainer.best_accuracy,
+        "best_step": trainer.best_step,
         # The first steps include one-off work (kernel builds, allocator warm-up): the median is robust.
         "step_seconds_median": float(np.median(steps)) if len(steps) else math.nan,
         "step_seconds_mean": float(steps.mean()) if len(steps) else math.nan,
-        "step_cpu_seconds_median": float(np.median(runner.step_cpu_seconds)) if len(steps) else math.nan,
+        "step_cpu_seconds_median": float(np.median(trainer.step_cpu_seconds)) if len(steps) else math.nan,
         "threads": torch.get_num_threads(),
         "wall_seconds": time.perf_counter() - wall,
         **evaluation,
