@@ -4,7 +4,8 @@
   of the vaderSentiment 3.3.2 sdist -> ``<cache>/sentiment`` with the published movie split.
 - :mod:`vqa_align.sentiment.model`: a BERT-family encoder (pretrained MiniLM) converted with
   :func:`vqa_align.conversion.convert_to_alignment`, mean-pooled, a linear classifier.
-- :mod:`vqa_align.sentiment.runner`: one run (fine-tune, early-stop on dev, evaluate) with the VQA
-  trainer's configs, checkpoints, JSONL logs and calibration code.
+- :mod:`vqa_align.sentiment.runner`: one run (fine-tune, early-stop on dev, evaluate): the VQA
+  :class:`~vqa_align.training.Trainer` with a sentence task (``SentenceTask``), so configs,
+  checkpoints, resume, JSONL logs and calibration code are the VQA ones.
 - :mod:`vqa_align.sentiment.experiment`: methods x seeds -> report (markdown, JSON, figures).
 """
