@@ -232,3 +232,32 @@ def test_step_warmup_by_hand():
     assert warmup_factor(1, 0) == 1.0
     # on top of MCAN's epoch schedule: epoch 0 of 2 warm-up epochs runs at 1/3 of the base rate
     assert learning_rate(0, 3e-4, 2, [], 0.2) * warmup_factor(2, 3) == pytest.approx(3e-4 / 3 * 0.5)
+
+
+def test_a_non_finite_loss_names_the_sentences_and_keeps_the_last_checkpoint(sentences, tmp_path, monkeypatch):
+    from vqa_align.sentiment.runner import SentenceTask, run_one
+    from vqa_align.training import TrainingError
+
+    real_losses = SentenceTask.losses
+    seen: list[list[str]] = []
+
+    def nan_at_step_3(self, output, targets, reduction):
+        task, align = real_losses(self, output, targets, reduction)
+        if self.trainer.global_step == 2:  # the forward of step 3
+            seen.append([self.train_set.names[i] for i in self._batch])
+            return task * float("nan"), align
+        return task, align
+
+    def remember_batch(self, batch):
+        self._batch = batch["ids"].tolist()
+        return batch["targets"].to(self.device)
+
+    monkeypatch.setattr(SentenceTask, "losses", nan_at_step_3)
+    monkeypatch.setattr(SentenceTask, "targets", remember_batch)
+    with pytest.raises(TrainingError) as info:
+        run_one(_config("train.epochs=1", "train.eval_every_steps=4", "train.checkpoint_every_steps=2",
+                        "train.log_every_steps=4"), tmp_path / "run", sentences)
+    message = str(info.value)
+    assert "non-finite loss nan at epoch 1, step 3 (batch 3, sentences " in message, message
+    assert ", ".join(seen[0][:8]) in message and "the last good checkpoint" in message
+    assert json.loads((tmp_path / "run/checkpoints/last/meta.json").read_text())["global_step"] == 2

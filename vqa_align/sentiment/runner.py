@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from vqa_align.config import (
 )
 from vqa_align.errors import UserError
 from vqa_align.sentiment.model import LABELS, SentenceClassifier, SentenceModelConfig
+
+if TYPE_CHECKING:
+    from vqa_align.training import TaskData, Trainer
 
 RESULT_FILE = "result.json"
 # TrainConfig options that were sentence-runner options (run.*) before the runner became the Trainer.
@@ -267,7 +270,7 @@ class SentenceTask:
         self.config = config
         self.sentences = sentences
 
-    def build(self, trainer: Any, resume: bool) -> Any:
+    def build(self, trainer: Trainer, resume: bool) -> TaskData:
         from vqa_align.question_encoders import load_minilm_tokenizer
         from vqa_align.training import TaskData
 
