@@ -74,8 +74,7 @@ class SentimentRunConfig:
     mmd_sentences: int = 128  # movie-test sentences whose key–query MMD² is measured per layer
 
     def validate(self) -> None:
-        for key in ("sort_chunk_batches", "eval_batch_size", "calibration_bins",
-                    "mmd_sentences"):
+        for key in ("sort_chunk_batches", "eval_batch_size", "calibration_bins", "mmd_sentences"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"run.{key} must be >= 1, got {getattr(self, key)}")
         if self.mc_samples == 1 or self.mc_samples < 0:
@@ -140,10 +139,10 @@ def load_sentiment_config(path: str | Path | None = None, overrides: Sequence[st
 
 def _renamed(data: dict[str, Any], path: Path | None) -> dict[str, Any]:
     """A config mapping with the old ``run.<key>`` of MOVED_TO_TRAIN moved to ``train.<key>``."""
-    run = data.get("run")
-    if not isinstance(run, dict) or not any(key in run for key in MOVED_TO_TRAIN):
-        return data
-    data = {**data, "run": dict(run), "train": dict(data.get("train") or {})}
+    run, train = data.get("run"), data.get("train") or {}
+    if not isinstance(run, dict) or not isinstance(train, dict) or not any(key in run for key in MOVED_TO_TRAIN):
+        return data  # nothing to move (a section that is not a mapping is reported by from_dict)
+    data = {**data, "run": dict(run), "train": dict(train)}
     for key in MOVED_TO_TRAIN:
         if key in data["run"]:
             value = data["run"].pop(key)
