@@ -1,0 +1,751 @@
+"""Triton kernels for the CT and GAN aligners on CUDA (issue 19: few launches, nothing big in HBM).
+
+The plain modules of :mod:`vqa_align.alignment` are the reference; these autograd functions take
+the same inputs as the hand-fused ones of :mod:`vqa_align.alignment_kernels` and compute the same
+values and gradients (tests/test_triton_kernels.py runs them in Triton's CPU interpreter). Why:
+on a GPU the fused PyTorch path is dozens of small launches per aligned module, and it stores
+every helper activation (R, width) and the (B, H, Nq, Nk) plan and cost matrices for backward.
+
+Rows. A helper network maps one 64-d row to a few numbers; the rows are every query of every
+(sample, head) and then every key: R = B·H·Nq + B·H·Nk. Kernels read q (B, H, Nq, d) and
+k (B, H, Nk, d) through their strides (the attention's transposed views are not copied).
+
+CT, forward (2 launches):
+  1. ``_ct_helpers_forward_kernel``, one program per BLOCK_R rows: navigator and critic of each
+     row, normalised -> nav, crit (R, r) fp32 (the only per-row tensors that reach HBM).
+  2. ``_ct_transport_forward_kernel``, one program per (sample, head): S = nav_q nav_kᵀ,
+     E = exp(S) on valid pairs (|S| <= 1: no max-subtraction), C = 1 - crit_q crit_kᵀ, both plans
+     as E over its row / column sums, the distance. S, E, C stay on-chip (Nq, Nk <= 128).
+  Saved for backward: q, k (the attention keeps them anyway), the masks and the weights.
+CT, backward (3 launches + one sum):
+  1. the helpers' forward again (recompute instead of storing activations);
+  2. ``_ct_transport_backward_kernel`` per (sample, head): dD/dnav, dD/dcrit (R, r);
+  3. ``_ct_helpers_backward_kernel``, persistent (a few programs per SM, each looping over row
+     blocks): recomputes each row's activations, backpropagates through normalisation, MLPs and
+     highway, writes dD/dq, dD/dk, and accumulates the weight gradients of its rows on-chip; the
+     per-program partial sums (P, n_weights) are added by one torch sum (deterministic, no atomics).
+GAN: forward, one row kernel (discriminator logit and the row's weighted BCE term) and a segment
+sum; backward, one persistent row kernel of the same shape as CT's.
+
+Numerics: matmul operands in the compute dtype (bf16 under ``helper_precision`` auto/bf16 on CUDA,
+else fp32 with ``input_precision="ieee"``, i.e. no TF32), accumulation and all elementwise work in
+fp32; the distance is fp32. No host sync in any launch path (grids come from shapes, the SM count
+is cached), so the ops can be captured in CUDA graphs after one eager warm-up step compiled them.
+Weight gradients are summed in a fixed order: results are deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+from vqa_align.alignment_kernels import _direction_weights, _refuse_double_backward, compute_dtype
+
+BLOCK_ROWS_FORWARD = 64  # rows per program of the helper forward kernels
+BLOCK_ROWS_BACKWARD = 32  # rows per loop step of the backward kernels (they hold more tiles)
+# One (sample, head)'s transport matrices are single on-chip tiles: MCAN has <= 100 regions and
+# 14 tokens. Longer sequences take the fused PyTorch path (see :func:`transport_fits`).
+MAX_TRANSPORT_POSITIONS = 128
+PROGRAMS_PER_SM = 2  # persistent backward kernels: enough programs to fill the GPU, few partial sums
+INTERPRETER_PROGRAMS = 3  # CPU (Triton's interpreter, tests): several programs, to test the partial sums
+MIN_DOT_BLOCK = 16  # tl.dot needs every block dimension >= 16
+NORMALIZE_EPS = 1e-12  # F.normalize's eps
+# The same numbers as constexprs: a @triton.jit function may read only constexpr globals.
+_EPS = tl.constexpr(NORMALIZE_EPS)
+_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # clamps sums that are 0 only at padding
+NUM_WARPS = 4
+NUM_WARPS_BACKWARD = 8  # the backward row kernels keep every weight gradient on-chip
+
+
+def _block(n: int) -> int:
+    return max(MIN_DOT_BLOCK, triton.next_power_of_2(n))
+
+
+def transport_fits(queries: Tensor, keys: Tensor) -> bool:
+    """Whether CT's per-(sample, head) transport tile fits on-chip (both position counts <= 128)."""
+    return max(queries.shape[-2], keys.shape[-2]) <= MAX_TRANSPORT_POSITIONS
+
+
+@functools.cache
+def _sm_count(index: int) -> int:  # cached: no device query inside a captured CUDA graph
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _persistent_programs(n_blocks: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        cap = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        cap = INTERPRETER_PROGRAMS
+    return max(1, min(n_blocks, cap))
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """Triton dtype of the matmul operands for a compute dtype of :func:`compute_dtype`."""
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device functions
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_offsets(rows, n_query_rows, n_rows, heads, n_q, n_k, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n):
+    """Stacked row index (queries (b, h, i) first, then keys (b, h, j)) -> where the row lives.
+
+    rows: (BLOCK_R,) int. Returns is_query, in_range, the row's offset into q and into k (only the
+    one of its own tensor is meaningful), its sample b, position and (sample, head) index b·H + h.
+    """
+    in_range = rows < n_rows
+    is_query = rows < n_query_rows
+    local = tl.where(is_query, rows, rows - n_query_rows)
+    n = tl.where(is_query, n_q, n_k)
+    position = local % n
+    bh = local // n
+    b = bh // heads
+    h = bh % heads
+    offset_q = b * sq_b + h * sq_h + position * sq_n
+    offset_k = b * sk_b + h * sk_h + position * sk_n
+    return is_query, in_range, offset_q, offset_k, b, position, bh
+
+
+@triton.jit
+def _load_rows(q_ptr, k_ptr, is_query, in_range, offset_q, offset_k, d, sq_d, sk_d, BLOCK_D: tl.constexpr):
+    """(BLOCK_R, BLOCK_D) fp32 rows from q or k; zero outside the rows and columns."""
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = (cols < d)[None, :]
+    from_q = (is_query & in_range)[:, None] & col_ok
+    from_k = ((~is_query) & in_range)[:, None] & col_ok
+    xq = tl.load(q_ptr + offset_q[:, None] + cols[None, :] * sq_d, mask=from_q, other=0.0)
+    xk = tl.load(k_ptr + offset_k[:, None] + cols[None, :] * sk_d, mask=from_k, other=0.0)
+    return xq.to(tl.float32) + xk.to(tl.float32)
+
+
+@triton.jit
+def _store_rows(gq_ptr, gk_ptr, value, is_query, in_range, offset_q, offset_k, d, sq_d, sk_d, BLOCK_D: tl.constexpr):
+    """Store (BLOCK_R, BLOCK_D) rows into gq or gk at the rows' offsets (the inverse of _load_rows)."""
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = (cols < d)[None, :]
+    to_q = (is_query & in_range)[:, None] & col_ok
+    to_k = ((~is_query) & in_range)[:, None] & col_ok
+    tl.store(gq_ptr + offset_q[:, None] + cols[None, :] * sq_d, value.to(gq_ptr.dtype.element_ty), mask=to_q)
+    tl.store(gk_ptr + offset_k[:, None] + cols[None, :] * sk_d, value.to(gk_ptr.dtype.element_ty), mask=to_k)
+
+
+@triton.jit
+def _load_weight_t(w_ptr, n_out, n_in, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr):
+    """nn.Linear weight W (n_out, n_in), row-major, as its transpose (BLOCK_IN, BLOCK_OUT) fp32, zero-padded."""
+    i = tl.arange(0, BLOCK_IN)
+    o = tl.arange(0, BLOCK_OUT)
+    mask = (i[:, None] < n_in) & (o[None, :] < n_out)
+    return tl.load(w_ptr + o[None, :] * n_in + i[:, None], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_vector(ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    return tl.load(ptr + i, mask=i < n, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_matrix(ptr, tile, n_rows, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Store a (BLOCK_ROWS, BLOCK_COLS) tile as a row-major (n_rows, n_cols) matrix."""
+    i = tl.arange(0, BLOCK_ROWS)
+    j = tl.arange(0, BLOCK_COLS)
+    tl.store(ptr + i[:, None] * n_cols + j[None, :], tile, mask=(i[:, None] < n_rows) & (j[None, :] < n_cols))
+
+
+@triton.jit
+def _store_vector(ptr, vector, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(ptr + i, vector, mask=i < n)
+
+
+@triton.jit
+def _mm(a, b, DOT: tl.constexpr):
+    """a @ b with operands in the compute dtype and an fp32 result (no TF32 for fp32 operands)."""
+    return tl.dot(a.to(DOT), b.to(DOT), input_precision="ieee")
+
+
+@triton.jit
+def _mm_acc(acc, a, b, DOT: tl.constexpr):
+    """acc + a @ b (fp32 accumulator)."""
+    return tl.dot(a.to(DOT), b.to(DOT), acc, input_precision="ieee")
+
+
+@triton.jit
+def _normalize(raw):
+    """Rows of raw (BLOCK_R, W) divided by max(|row|, eps), as F.normalize -> (unit, norm (BLOCK_R,))."""
+    norm = tl.sqrt(tl.sum(raw * raw, axis=1))
+    return raw / tl.maximum(norm, _EPS)[:, None], norm
+
+
+@triton.jit
+def _normalize_backward(grad_unit, unit, norm):
+    """Backward of _normalize: d raw = (g - y (y·g)) / |raw| (where |raw| > eps, else g / eps)."""
+    clamped = tl.maximum(norm, _EPS)
+    projection = tl.where(norm > _EPS, tl.sum(unit * grad_unit, axis=1), 0.0)
+    return (grad_unit - unit * projection[:, None]) / clamped[:, None]
+
+
+@triton.jit
+def _highway_forward(x, gate_w, gate_b, d, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """y = t ⊙ ReLU(W_h x) + (1 - t) ⊙ x, t = σ(W_t x); the gates' weight is (2d, d): rows [0, d)
+    transform, [d, 2d) carry gate (alignment.Highway). x (BLOCK_R, BLOCK_D) -> y, transform, t."""
+    transform = _mm(x, _load_weight_t(gate_w, d, d, BLOCK_D, BLOCK_D), DOT) + _load_vector(gate_b, d, BLOCK_D)[None, :]
+    gate_logit = _mm(x, _load_weight_t(gate_w + d * d, d, d, BLOCK_D, BLOCK_D), DOT)
+    gate = tl.sigmoid(gate_logit + _load_vector(gate_b + d, d, BLOCK_D)[None, :])
+    return gate * tl.maximum(transform, 0.0) + (1.0 - gate) * x, transform, gate
+
+
+@triton.jit
+def _highway_backward(grad_y, x, transform, gate):
+    """-> d transform, d gate logit, and the part of dx that skips the gates (the carry)."""
+    grad_transform = tl.where(transform > 0.0, grad_y * gate, 0.0)
+    grad_gate_logit = grad_y * (tl.maximum(transform, 0.0) - x) * gate * (1.0 - gate)
+    return grad_transform, grad_gate_logit, grad_y * (1.0 - gate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditional transport
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ct_helpers(
+    x, nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2,
+    d, hidden_nav, hidden_crit, r,
+    BLOCK_D: tl.constexpr, BLOCK_HN: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_OUT: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Navigator Linear-ReLU-Linear and critic Highway, Linear-ReLU-Linear of rows x (BLOCK_R, BLOCK_D),
+    both normalised -> nav, nav_norm, nav_hidden, crit, crit_norm, crit_hidden, highway, transform, gate."""
+    nav_hidden = _mm(x, _load_weight_t(nav_w1, hidden_nav, d, BLOCK_D, BLOCK_HN), DOT)
+    nav_hidden = tl.maximum(nav_hidden + _load_vector(nav_b1, hidden_nav, BLOCK_HN)[None, :], 0.0)  # (BR, HN)
+    nav_raw = _mm(nav_hidden, _load_weight_t(nav_w2, r, hidden_nav, BLOCK_HN, BLOCK_OUT), DOT)
+    nav, nav_norm = _normalize(nav_raw + _load_vector(nav_b2, r, BLOCK_OUT)[None, :])  # (BR, R), (BR,)
+    highway, transform, gate = _highway_forward(x, gate_w, gate_b, d, BLOCK_D, DOT)  # (BR, D) each
+    crit_hidden = _mm(highway, _load_weight_t(crit_w1, hidden_crit, d, BLOCK_D, BLOCK_HC), DOT)
+    crit_hidden = tl.maximum(crit_hidden + _load_vector(crit_b1, hidden_crit, BLOCK_HC)[None, :], 0.0)  # (BR, HC)
+    crit_raw = _mm(crit_hidden, _load_weight_t(crit_w2, r, hidden_crit, BLOCK_HC, BLOCK_OUT), DOT)
+    crit, crit_norm = _normalize(crit_raw + _load_vector(crit_b2, r, BLOCK_OUT)[None, :])  # (BR, R), (BR,)
+    return nav, nav_norm, nav_hidden, crit, crit_norm, crit_hidden, highway, transform, gate
+
+
+@triton.jit
+def _ct_helpers_forward_kernel(
+    q_ptr, k_ptr, nav_ptr, crit_ptr,
+    nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2,
+    n_query_rows, n_rows, heads, n_q, n_k,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
+    d, hidden_nav, hidden_crit, r,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HN: tl.constexpr, BLOCK_HC: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(R, BLOCK_R),): nav, crit (R, r) fp32 of the program's rows."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
+    is_query, in_range, offset_q, offset_k, _, _, _ = _row_offsets(
+        rows, n_query_rows, n_rows, heads, n_q, n_k, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n
+    )
+    x = _load_rows(q_ptr, k_ptr, is_query, in_range, offset_q, offset_k, d, sq_d, sk_d, BLOCK_D)  # (BR, D)
+    nav, _, _, crit, _, _, _, _, _ = _ct_helpers(
+        x, nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2,
+        d, hidden_nav, hidden_crit, r, BLOCK_D, BLOCK_HN, BLOCK_HC, BLOCK_OUT, DOT,
+    )  # fmt: skip
+    cols = tl.arange(0, BLOCK_OUT)
+    mask = in_range[:, None] & (cols < r)[None, :]
+    tl.store(nav_ptr + rows[:, None] * r + cols[None, :], nav, mask=mask)
+    tl.store(crit_ptr + rows[:, None] * r + cols[None, :], crit, mask=mask)
+
+
+@triton.jit
+def _ct_load_pair(
+    nav_ptr, crit_ptr, q_valid_ptr, k_valid_ptr, bh, heads, n_q, n_k, n_query_rows, r,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
+):  # fmt: skip
+    """One (sample, head)'s nav/crit rows and masks -> nav_q, crit_q (BQ, R), nav_k, crit_k (BK, R),
+    q_ok (BQ,), k_ok (BK,), their row indices."""
+    b = bh // heads
+    i = tl.arange(0, BLOCK_Q)
+    j = tl.arange(0, BLOCK_K)
+    c = tl.arange(0, BLOCK_OUT)
+    q_rows = bh * n_q + i
+    k_rows = n_query_rows + bh * n_k + j
+    q_mask = (i < n_q)[:, None] & (c < r)[None, :]
+    k_mask = (j < n_k)[:, None] & (c < r)[None, :]
+    nav_q = tl.load(nav_ptr + q_rows[:, None] * r + c[None, :], mask=q_mask, other=0.0)
+    crit_q = tl.load(crit_ptr + q_rows[:, None] * r + c[None, :], mask=q_mask, other=0.0)
+    nav_k = tl.load(nav_ptr + k_rows[:, None] * r + c[None, :], mask=k_mask, other=0.0)
+    crit_k = tl.load(crit_ptr + k_rows[:, None] * r + c[None, :], mask=k_mask, other=0.0)
+    q_ok = tl.load(q_valid_ptr + b * n_q + i, mask=i < n_q, other=0) != 0
+    k_ok = tl.load(k_valid_ptr + b * n_k + j, mask=j < n_k, other=0) != 0
+    return nav_q, crit_q, nav_k, crit_k, q_ok, k_ok, q_rows, k_rows
+
+
+@triton.jit
+def _ct_transport(nav_q, crit_q, nav_k, crit_k, q_ok, k_ok, DOT: tl.constexpr):
+    """E = exp(S) on valid pairs (S = nav_q nav_kᵀ in [-1, 1]), C = 1 - crit_q crit_kᵀ, and the
+    row / column sums and mean costs of both plans: fc_i = Σ_j π(k_j|q_i) C_ij, bc_j = Σ_i π(q_i|k_j) C_ij."""
+    logits = _mm(nav_q, tl.trans(nav_k), DOT)  # S (BQ, BK)
+    pair = q_ok[:, None] & k_ok[None, :]
+    e = tl.where(pair, tl.exp(logits), 0.0)
+    cost = 1.0 - _mm(crit_q, tl.trans(crit_k), DOT)  # C (BQ, BK)
+    row_sum = tl.maximum(tl.sum(e, axis=1), _TINY)  # 0 only at padded rows
+    col_sum = tl.maximum(tl.sum(e, axis=0), _TINY)
+    forward_cost = tl.sum(e * cost, axis=1) / row_sum  # (BQ,)
+    backward_cost = tl.sum(e * cost, axis=0) / col_sum  # (BK,)
+    return e, cost, row_sum, col_sum, forward_cost, backward_cost
+
+
+@triton.jit
+def _ct_direction_weights(q_ok, k_ok, rho):
+    """ρ/n on valid queries, (1-ρ)/m on valid keys (0 on padding)."""
+    n = tl.maximum(tl.sum(q_ok.to(tl.float32), axis=0), 1.0)
+    m = tl.maximum(tl.sum(k_ok.to(tl.float32), axis=0), 1.0)
+    return tl.where(q_ok, rho / n, 0.0), tl.where(k_ok, (1.0 - rho) / m, 0.0)
+
+
+@triton.jit
+def _ct_transport_forward_kernel(
+    nav_ptr, crit_ptr, q_valid_ptr, k_valid_ptr, out_ptr, heads, n_q, n_k, n_query_rows, r, rho,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Grid (B·H,): the CT distance of one (sample, head) -> out (B·H,) fp32."""
+    bh = tl.program_id(0)
+    nav_q, crit_q, nav_k, crit_k, q_ok, k_ok, _, _ = _ct_load_pair(
+        nav_ptr, crit_ptr, q_valid_ptr, k_valid_ptr, bh, heads, n_q, n_k, n_query_rows, r, BLOCK_Q, BLOCK_K, BLOCK_OUT
+    )
+    _, _, _, _, forward_cost, backward_cost = _ct_transport(nav_q, crit_q, nav_k, crit_k, q_ok, k_ok, DOT)
+    q_weight, k_weight = _ct_direction_weights(q_ok, k_ok, rho)
+    tl.store(out_ptr + bh, tl.sum(forward_cost * q_weight, axis=0) + tl.sum(backward_cost * k_weight, axis=0))
+
+
+@triton.jit
+def _ct_transport_backward_kernel(
+    nav_ptr, crit_ptr, q_valid_ptr, k_valid_ptr, grad_out_ptr, grad_nav_ptr, grad_crit_ptr,
+    heads, n_q, n_k, n_query_rows, r, rho,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Grid (B·H,): dD/dnav, dD/dcrit (R, r) of one (sample, head)'s rows, from g = dLoss/dD (B·H,).
+
+    With α_i = g·w_i / rowsum_i and β_j = g·w'_j / colsum_j:
+      dD/dC_ij = E_ij (α_i + β_j)                               (both plans, weighted)
+      dD/dS_ij = E_ij (α_i (C_ij - fc_i) + β_j (C_ij - bc_j))   (backward of both softmaxes)
+    and C = 1 - crit_q crit_kᵀ, S = nav_q nav_kᵀ.
+    """
+    bh = tl.program_id(0)
+    nav_q, crit_q, nav_k, crit_k, q_ok, k_ok, q_rows, k_rows = _ct_load_pair(
+        nav_ptr, crit_ptr, q_valid_ptr, k_valid_ptr, bh, heads, n_q, n_k, n_query_rows, r, BLOCK_Q, BLOCK_K, BLOCK_OUT
+    )
+    e, cost, row_sum, col_sum, forward_cost, backward_cost = _ct_transport(nav_q, crit_q, nav_k, crit_k, q_ok, k_ok, DOT)
+    q_weight, k_weight = _ct_direction_weights(q_ok, k_ok, rho)
+    upstream = tl.load(grad_out_ptr + bh).to(tl.float32)
+    alpha = upstream * q_weight / row_sum  # (BQ,)
+    beta = upstream * k_weight / col_sum  # (BK,)
+    grad_cost = e * (alpha[:, None] + beta[None, :])  # (BQ, BK)
+    grad_logits = e * (alpha[:, None] * (cost - forward_cost[:, None]) + beta[None, :] * (cost - backward_cost[None, :]))
+    c = tl.arange(0, BLOCK_OUT)
+    q_mask = (tl.arange(0, BLOCK_Q) < n_q)[:, None] & (c < r)[None, :]
+    k_mask = (tl.arange(0, BLOCK_K) < n_k)[:, None] & (c < r)[None, :]
+    tl.store(grad_nav_ptr + q_rows[:, None] * r + c[None, :], _mm(grad_logits, nav_k, DOT), mask=q_mask)
+    tl.store(grad_nav_ptr + k_rows[:, None] * r + c[None, :], _mm(tl.trans(grad_logits), nav_q, DOT), mask=k_mask)
+    tl.store(grad_crit_ptr + q_rows[:, None] * r + c[None, :], -_mm(grad_cost, crit_k, DOT), mask=q_mask)  # dC = -d(g·g)
+    tl.store(grad_crit_ptr + k_rows[:, None] * r + c[None, :], -_mm(tl.trans(grad_cost), crit_q, DOT), mask=k_mask)
+
+
+@triton.jit
+def _ct_helpers_backward_kernel(
+    q_ptr, k_ptr, grad_nav_ptr, grad_crit_ptr, grad_q_ptr, grad_k_ptr, partial_ptr,
+    nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2,
+    n_query_rows, n_rows, n_blocks, n_weights, heads, n_q, n_k,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
+    gq_b, gq_h, gq_n, gq_d, gk_b, gk_h, gk_n, gk_d,
+    d, hidden_nav, hidden_crit, r,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HN: tl.constexpr, BLOCK_HC: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Persistent grid (P,): every P-th block of BLOCK_R rows. From dD/dnav, dD/dcrit (R, r) ->
+    dD/dq, dD/dk (their own dense (B, H, N, d) layouts) and this program's weight-gradient sums,
+    stored flat in the order of the weights into partial_ptr[pid] (n_weights fp32)."""
+    pid = tl.program_id(0)
+    acc_nav_w1 = tl.zeros((BLOCK_HN, BLOCK_D), tl.float32)
+    acc_nav_b1 = tl.zeros((BLOCK_HN,), tl.float32)
+    acc_nav_w2 = tl.zeros((BLOCK_OUT, BLOCK_HN), tl.float32)
+    acc_nav_b2 = tl.zeros((BLOCK_OUT,), tl.float32)
+    acc_transform_w = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
+    acc_transform_b = tl.zeros((BLOCK_D,), tl.float32)
+    acc_gate_w = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
+    acc_gate_b = tl.zeros((BLOCK_D,), tl.float32)
+    acc_crit_w1 = tl.zeros((BLOCK_HC, BLOCK_D), tl.float32)
+    acc_crit_b1 = tl.zeros((BLOCK_HC,), tl.float32)
+    acc_crit_w2 = tl.zeros((BLOCK_OUT, BLOCK_HC), tl.float32)
+    acc_crit_b2 = tl.zeros((BLOCK_OUT,), tl.float32)
+    cols_out = tl.arange(0, BLOCK_OUT)
+    for block in range(pid, n_blocks, tl.num_programs(0)):
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        is_query, in_range, offset_q, offset_k, _, _, _ = _row_offsets(
+            rows, n_query_rows, n_rows, heads, n_q, n_k, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n
+        )
+        x = _load_rows(q_ptr, k_ptr, is_query, in_range, offset_q, offset_k, d, sq_d, sk_d, BLOCK_D)  # (BR, D)
+        nav, nav_norm, nav_hidden, crit, crit_norm, crit_hidden, highway, transform, gate = _ct_helpers(
+            x, nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2,
+            d, hidden_nav, hidden_crit, r, BLOCK_D, BLOCK_HN, BLOCK_HC, BLOCK_OUT, DOT,
+        )  # fmt: skip
+        out_mask = in_range[:, None] & (cols_out < r)[None, :]
+        grad_nav = tl.load(grad_nav_ptr + rows[:, None] * r + cols_out[None, :], mask=out_mask, other=0.0)
+        grad_crit = tl.load(grad_crit_ptr + rows[:, None] * r + cols_out[None, :], mask=out_mask, other=0.0)
+
+        # Navigator: normalise, Linear, ReLU, Linear.
+        grad_nav = _normalize_backward(grad_nav, nav, nav_norm)  # (BR, R)
+        acc_nav_b2 += tl.sum(grad_nav, axis=0)
+        acc_nav_w2 = _mm_acc(acc_nav_w2, tl.trans(grad_nav), nav_hidden, DOT)
+        grad_hidden = _mm(grad_nav, tl.trans(_load_weight_t(nav_w2, r, hidden_nav, BLOCK_HN, BLOCK_OUT)), DOT)
+        grad_hidden = tl.where(nav_hidden > 0.0, grad_hidden, 0.0)  # (BR, HN)
+        acc_nav_b1 += tl.sum(grad_hidden, axis=0)
+        acc_nav_w1 = _mm_acc(acc_nav_w1, tl.trans(grad_hidden), x, DOT)
+        grad_x = _mm(grad_hidden, tl.trans(_load_weight_t(nav_w1, hidden_nav, d, BLOCK_D, BLOCK_HN)), DOT)  # (BR, D)
+
+        # Critic: normalise, Linear, ReLU, Linear, highway.
+        grad_crit = _normalize_backward(grad_crit, crit, crit_norm)
+        acc_crit_b2 += tl.sum(grad_crit, axis=0)
+        acc_crit_w2 = _mm_acc(acc_crit_w2, tl.trans(grad_crit), crit_hidden, DOT)
+        grad_hidden = _mm(grad_crit, tl.trans(_load_weight_t(crit_w2, r, hidden_crit, BLOCK_HC, BLOCK_OUT)), DOT)
+        grad_hidden = tl.where(crit_hidden > 0.0, grad_hidden, 0.0)  # (BR, HC)
+        acc_crit_b1 += tl.sum(grad_hidden, axis=0)
+        acc_crit_w1 = _mm_acc(acc_crit_w1, tl.trans(grad_hidden), highway, DOT)
+        grad_highway = _mm(grad_hidden, tl.trans(_load_weight_t(crit_w1, hidden_crit, d, BLOCK_D, BLOCK_HC)), DOT)
+        grad_transform, grad_gate, grad_carry = _highway_backward(grad_highway, x, transform, gate)  # (BR, D) each
+        acc_transform_b += tl.sum(grad_transform, axis=0)
+        acc_gate_b += tl.sum(grad_gate, axis=0)
+        acc_transform_w = _mm_acc(acc_transform_w, tl.trans(grad_transform), x, DOT)
+        acc_gate_w = _mm_acc(acc_gate_w, tl.trans(grad_gate), x, DOT)
+        grad_x += grad_carry
+        grad_x = _mm_acc(grad_x, grad_transform, tl.trans(_load_weight_t(gate_w, d, d, BLOCK_D, BLOCK_D)), DOT)
+        grad_x = _mm_acc(grad_x, grad_gate, tl.trans(_load_weight_t(gate_w + d * d, d, d, BLOCK_D, BLOCK_D)), DOT)
+
+        _, _, out_q, out_k, _, _, _ = _row_offsets(
+            rows, n_query_rows, n_rows, heads, n_q, n_k, gq_b, gq_h, gq_n, gk_b, gk_h, gk_n
+        )
+        _store_rows(grad_q_ptr, grad_k_ptr, grad_x, is_query, in_range, out_q, out_k, d, gq_d, gk_d, BLOCK_D)
+
+    # This program's sums, flat in the order nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b,
+    # crit_w1, crit_b1, crit_w2, crit_b2 (the gates' weight and bias: transform rows, then gate rows).
+    out = partial_ptr + pid * n_weights
+    _store_matrix(out, acc_nav_w1, hidden_nav, d, BLOCK_HN, BLOCK_D)
+    out += hidden_nav * d
+    _store_vector(out, acc_nav_b1, hidden_nav, BLOCK_HN)
+    out += hidden_nav
+    _store_matrix(out, acc_nav_w2, r, hidden_nav, BLOCK_OUT, BLOCK_HN)
+    out += r * hidden_nav
+    _store_vector(out, acc_nav_b2, r, BLOCK_OUT)
+    out += r
+    _store_matrix(out, acc_transform_w, d, d, BLOCK_D, BLOCK_D)
+    _store_matrix(out + d * d, acc_gate_w, d, d, BLOCK_D, BLOCK_D)
+    out += 2 * d * d
+    _store_vector(out, acc_transform_b, d, BLOCK_D)
+    _store_vector(out + d, acc_gate_b, d, BLOCK_D)
+    out += 2 * d
+    _store_matrix(out, acc_crit_w1, hidden_crit, d, BLOCK_HC, BLOCK_D)
+    out += hidden_crit * d
+    _store_vector(out, acc_crit_b1, hidden_crit, BLOCK_HC)
+    out += hidden_crit
+    _store_matrix(out, acc_crit_w2, r, hidden_crit, BLOCK_OUT, BLOCK_HC)
+    out += r * hidden_crit
+    _store_vector(out, acc_crit_b2, r, BLOCK_OUT)
+
+
+# ----------------------------------------------------------------------------------------------
+# GAN
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _discriminator(x, gate_w, gate_b, w1, b1, w2, b2, d, hidden, slope, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                   DOT: tl.constexpr):
+    """Highway, Linear-LeakyReLU-Linear to one logit of rows x (BR, D) -> logit (BR,), pre-activation
+    (BR, H), hidden (BR, H), highway, transform, gate."""
+    highway, transform, gate = _highway_forward(x, gate_w, gate_b, d, BLOCK_D, DOT)
+    pre = _mm(highway, _load_weight_t(w1, hidden, d, BLOCK_D, BLOCK_H), DOT) + _load_vector(b1, hidden, BLOCK_H)[None, :]
+    hidden_act = tl.where(pre > 0.0, pre, slope * pre)
+    # One output unit: a row-wise dot product, not a matmul (tl.dot needs >= 16 columns).
+    logit = tl.sum(hidden_act * _load_vector(w2, hidden, BLOCK_H)[None, :], axis=1) + tl.load(b2).to(tl.float32)
+    return logit, pre, hidden_act, highway, transform, gate
+
+
+@triton.jit
+def _gan_row_weights(weight_q_ptr, weight_k_ptr, is_query, in_range, b, position, n_q, n_k):
+    """The row's weight in its masked mean: 1/n (queries) or 1/m (keys) if valid, else 0."""
+    w_q = tl.load(weight_q_ptr + b * n_q + position, mask=is_query & in_range, other=0.0)
+    w_k = tl.load(weight_k_ptr + b * n_k + position, mask=(~is_query) & in_range, other=0.0)
+    return w_q + w_k
+
+
+@triton.jit
+def _gan_forward_kernel(
+    q_ptr, k_ptr, weight_q_ptr, weight_k_ptr, terms_ptr, gate_w, gate_b, w1, b1, w2, b2,
+    n_query_rows, n_rows, heads, n_q, n_k, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, d, hidden, slope,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(R, BLOCK_R),): each row's term of L_D = mean BCE(D(k), 1) + mean BCE(D(q), 0),
+    i.e. w·softplus(D(q)) for a query and w·softplus(-D(k)) for a key -> terms (R,) fp32."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    is_query, in_range, offset_q, offset_k, b, position, _ = _row_offsets(
+        rows, n_query_rows, n_rows, heads, n_q, n_k, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n
+    )
+    x = _load_rows(q_ptr, k_ptr, is_query, in_range, offset_q, offset_k, d, sq_d, sk_d, BLOCK_D)
+    logit, _, _, _, _, _ = _discriminator(x, gate_w, gate_b, w1, b1, w2, b2, d, hidden, slope, BLOCK_D, BLOCK_H, DOT)
+    signed = tl.where(is_query, logit, -logit)
+    softplus = tl.maximum(signed, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(signed)))  # stable log(1 + e^x)
+    weight = _gan_row_weights(weight_q_ptr, weight_k_ptr, is_query, in_range, b, position, n_q, n_k)
+    tl.store(terms_ptr + rows, weight * softplus, mask=in_range)
+
+
+@triton.jit
+def _gan_backward_kernel(
+    q_ptr, k_ptr, weight_q_ptr, weight_k_ptr, grad_out_ptr, grad_q_ptr, grad_k_ptr, partial_ptr,
+    gate_w, gate_b, w1, b1, w2, b2,
+    n_query_rows, n_rows, n_blocks, n_weights, heads, n_q, n_k,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
+    gq_b, gq_h, gq_n, gq_d, gk_b, gk_h, gk_n, gk_d,
+    d, hidden, slope,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Persistent grid (P,): from g = dLoss/dL_D (B·H,) -> the reversed dL_D/dq, dL_D/dk (q and k
+    reach D through a gradient reversal: the projections ascend L_D) and this program's weight
+    gradients (D descends L_D), flat in the order gate_w, gate_b, w1, b1, w2, b2."""
+    pid = tl.program_id(0)
+    acc_transform_w = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
+    acc_transform_b = tl.zeros((BLOCK_D,), tl.float32)
+    acc_gate_w = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
+    acc_gate_b = tl.zeros((BLOCK_D,), tl.float32)
+    acc_w1 = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    acc_b1 = tl.zeros((BLOCK_H,), tl.float32)
+    acc_w2 = tl.zeros((BLOCK_H,), tl.float32)
+    acc_b2 = tl.zeros((BLOCK_R,), tl.float32)  # summed over its rows at the end
+    for block in range(pid, n_blocks, tl.num_programs(0)):
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        is_query, in_range, offset_q, offset_k, b, position, bh = _row_offsets(
+            rows, n_query_rows, n_rows, heads, n_q, n_k, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n
+        )
+        x = _load_rows(q_ptr, k_ptr, is_query, in_range, offset_q, offset_k, d, sq_d, sk_d, BLOCK_D)
+        logit, pre, hidden_act, highway, transform, gate = _discriminator(
+            x, gate_w, gate_b, w1, b1, w2, b2, d, hidden, slope, BLOCK_D, BLOCK_H, DOT
+        )
+        # d softplus(x)/dx = σ(x) (queries, target 0); d softplus(-x)/dx = σ(x) - 1 (keys, target 1).
+        weight = _gan_row_weights(weight_q_ptr, weight_k_ptr, is_query, in_range, b, position, n_q, n_k)
+        upstream = tl.load(grad_out_ptr + bh, mask=in_range, other=0.0).to(tl.float32)
+        grad_logit = upstream * weight * (tl.sigmoid(logit) - tl.where(is_query, 0.0, 1.0))  # (BR,)
+        acc_b2 += grad_logit
+        acc_w2 += tl.sum(grad_logit[:, None] * hidden_act, axis=0)
+        grad_pre = grad_logit[:, None] * _load_vector(w2, hidden, BLOCK_H)[None, :]
+        grad_pre = tl.where(pre > 0.0, grad_pre, slope * grad_pre)  # (BR, H)
+        acc_b1 += tl.sum(grad_pre, axis=0)
+        acc_w1 = _mm_acc(acc_w1, tl.trans(grad_pre), highway, DOT)
+        grad_highway = _mm(grad_pre, tl.trans(_load_weight_t(w1, hidden, d, BLOCK_D, BLOCK_H)), DOT)  # (BR, D)
+        grad_transform, grad_gate, grad_x = _highway_backward(grad_highway, x, transform, gate)
+        acc_transform_b += tl.sum(grad_transform, axis=0)
+        acc_gate_b += tl.sum(grad_gate, axis=0)
+        acc_transform_w = _mm_acc(acc_transform_w, tl.trans(grad_transform), x, DOT)
+        acc_gate_w = _mm_acc(acc_gate_w, tl.trans(grad_gate), x, DOT)
+        grad_x = _mm_acc(grad_x, grad_transform, tl.trans(_load_weight_t(gate_w, d, d, BLOCK_D, BLOCK_D)), DOT)
+        grad_x = _mm_acc(grad_x, grad_gate, tl.trans(_load_weight_t(gate_w + d * d, d, d, BLOCK_D, BLOCK_D)), DOT)
+        _, _, out_q, out_k, _, _, _ = _row_offsets(
+            rows, n_query_rows, n_rows, heads, n_q, n_k, gq_b, gq_h, gq_n, gk_b, gk_h, gk_n
+        )  # the reversal: the projections get -dL_D/dx
+        _store_rows(grad_q_ptr, grad_k_ptr, -grad_x, is_query, in_range, out_q, out_k, d, gq_d, gk_d, BLOCK_D)
+
+    out = partial_ptr + pid * n_weights
+    _store_matrix(out, acc_transform_w, d, d, BLOCK_D, BLOCK_D)
+    _store_matrix(out + d * d, acc_gate_w, d, d, BLOCK_D, BLOCK_D)
+    out += 2 * d * d
+    _store_vector(out, acc_transform_b, d, BLOCK_D)
+    _store_vector(out + d, acc_gate_b, d, BLOCK_D)
+    out += 2 * d
+    _store_matrix(out, acc_w1, hidden, d, BLOCK_H, BLOCK_D)
+    out += hidden * d
+    _store_vector(out, acc_b1, hidden, BLOCK_H)
+    out += hidden
+    _store_vector(out, acc_w2, hidden, BLOCK_H)
+    out += hidden
+    tl.store(out, tl.sum(acc_b2, axis=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: autograd functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _strides(x: Tensor) -> tuple[int, int, int, int]:
+    return tuple(x.stride())  # type: ignore[return-value]
+
+
+def _split_weight_grads(partials: Tensor, weights: tuple[Tensor, ...]) -> list[Tensor]:
+    """(P, n_weights) per-program sums -> one gradient per weight, in the weights' shapes (fp32)."""
+    flat = partials.sum(0)  # one fixed-order reduction: deterministic
+    return [g.view(w.shape) for g, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True)]
+
+
+def _ct_helper_rows(queries: Tensor, keys: Tensor, weights: tuple[Tensor, ...], dot) -> tuple[Tensor, Tensor]:
+    """Launch _ct_helpers_forward_kernel -> nav, crit (R, r) fp32."""
+    batch, heads, n_q, d = queries.shape
+    n_k = keys.shape[-2]
+    hidden_nav, hidden_crit, r = weights[0].shape[0], weights[6].shape[0], weights[2].shape[0]
+    n_query_rows = batch * heads * n_q
+    n_rows = n_query_rows + batch * heads * n_k
+    nav = torch.empty(n_rows, r, device=queries.device, dtype=torch.float32)
+    crit = torch.empty_like(nav)
+    grid = (triton.cdiv(n_rows, BLOCK_ROWS_FORWARD),)
+    _ct_helpers_forward_kernel[grid](
+        queries, keys, nav, crit, *weights, n_query_rows, n_rows, heads, n_q, n_k,
+        *_strides(queries), *_strides(keys), d, hidden_nav, hidden_crit, r,
+        BLOCK_R=BLOCK_ROWS_FORWARD, BLOCK_D=_block(d), BLOCK_HN=_block(hidden_nav), BLOCK_HC=_block(hidden_crit),
+        BLOCK_OUT=_block(r), DOT=dot, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return nav, crit
+
+
+class TritonConditionalTransport(torch.autograd.Function):
+    """CT of :class:`~vqa_align.alignment.HeadAligner`: same arguments and results as
+    ``alignment_kernels._FusedConditionalTransport`` (weights: nav_w1, nav_b1, nav_w2, nav_b2,
+    gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2) -> (B, H) fp32."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, q_valid, k_valid, rho, dtype, *weights):  # type: ignore[override]
+        batch, heads, n_q, _ = queries.shape
+        n_k = keys.shape[-2]
+        weights = tuple(w.contiguous() for w in weights)
+        q_valid, k_valid = q_valid.contiguous(), k_valid.contiguous()
+        dot = _dot_dtype(dtype)
+        nav, crit = _ct_helper_rows(queries, keys, weights, dot)  # (R, r) each
+        distance = torch.empty(batch, heads, device=queries.device, dtype=torch.float32)
+        _ct_transport_forward_kernel[(batch * heads,)](
+            nav, crit, q_valid, k_valid, distance, heads, n_q, n_k, batch * heads * n_q, nav.shape[1], float(rho),
+            BLOCK_Q=_block(n_q), BLOCK_K=_block(n_k), BLOCK_OUT=_block(nav.shape[1]), DOT=dot, num_warps=NUM_WARPS,
+        )  # fmt: skip
+        ctx.rho, ctx.dot = float(rho), dot
+        ctx.save_for_backward(queries, keys, q_valid, k_valid, *weights)  # activations are recomputed
+        return distance
+
+    @staticmethod
+    def backward(ctx, grad_distance):  # type: ignore[override]
+        _refuse_double_backward("CT")
+        queries, keys, q_valid, k_valid, *weights = ctx.saved_tensors
+        weights = tuple(weights)
+        batch, heads, n_q, d = queries.shape
+        n_k = keys.shape[-2]
+        hidden_nav, hidden_crit, r = weights[0].shape[0], weights[6].shape[0], weights[2].shape[0]
+        n_query_rows = batch * heads * n_q
+        n_rows = n_query_rows + batch * heads * n_k
+        dot = ctx.dot
+
+        nav, crit = _ct_helper_rows(queries, keys, weights, dot)  # recomputed (R, r)
+        grad_nav, grad_crit = torch.empty_like(nav), torch.empty_like(crit)
+        _ct_transport_backward_kernel[(batch * heads,)](
+            nav, crit, q_valid, k_valid, grad_distance.float().contiguous(), grad_nav, grad_crit,
+            heads, n_q, n_k, n_query_rows, r, ctx.rho,
+            BLOCK_Q=_block(n_q), BLOCK_K=_block(n_k), BLOCK_OUT=_block(r), DOT=dot, num_warps=NUM_WARPS,
+        )  # fmt: skip
+        del nav, crit
+
+        grad_q = torch.empty(queries.shape, device=queries.device, dtype=queries.dtype)
+        grad_k = torch.empty(keys.shape, device=keys.device, dtype=keys.dtype)
+        n_blocks = triton.cdiv(n_rows, BLOCK_ROWS_BACKWARD)
+        programs = _persistent_programs(n_blocks, queries.device)
+        n_weights = sum(w.numel() for w in weights)
+        partials = torch.empty(programs, n_weights, device=queries.device, dtype=torch.float32)
+        _ct_helpers_backward_kernel[(programs,)](
+            queries, keys, grad_nav, grad_crit, grad_q, grad_k, partials, *weights,
+            n_query_rows, n_rows, n_blocks, n_weights, heads, n_q, n_k,
+            *_strides(queries), *_strides(keys), *_strides(grad_q), *_strides(grad_k),
+            d, hidden_nav, hidden_crit, r,
+            BLOCK_R=BLOCK_ROWS_BACKWARD, BLOCK_D=_block(d), BLOCK_HN=_block(hidden_nav), BLOCK_HC=_block(hidden_crit),
+            BLOCK_OUT=_block(r), DOT=dot, num_warps=NUM_WARPS_BACKWARD,
+        )  # fmt: skip
+        weight_grads = _split_weight_grads(partials, weights)
+        # The critic ascends the cost: its parameter gradients are negated (ALIGNMENT.md).
+        weight_grads = weight_grads[:4] + [g.neg() for g in weight_grads[4:]]
+        return (grad_q, grad_k, None, None, None, None, *(g.to(w.dtype) for g, w in zip(weight_grads, weights, strict=True)))
+
+
+class TritonAdversarial(torch.autograd.Function):
+    """GAN loss of :class:`~vqa_align.alignment.HeadAligner`: same arguments and results as
+    ``alignment_kernels._FusedAdversarial`` (weights: gate_w, gate_b, w1, b1, w2, b2) -> (B, H) fp32."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, q_valid, k_valid, slope, dtype, *weights):  # type: ignore[override]
+        batch, heads, n_q, d = queries.shape
+        n_k = keys.shape[-2]
+        weights = tuple(w.contiguous() for w in weights)
+        hidden = weights[2].shape[0]
+        q_weight, k_weight = (w.squeeze(1).contiguous() for w in _direction_weights(q_valid, k_valid, 1.0, 1.0, torch.float32))
+        n_query_rows = batch * heads * n_q
+        n_rows = n_query_rows + batch * heads * n_k
+        terms = torch.empty(n_rows, device=queries.device, dtype=torch.float32)
+        dot = _dot_dtype(dtype)
+        _gan_forward_kernel[(triton.cdiv(n_rows, BLOCK_ROWS_FORWARD),)](
+            queries, keys, q_weight, k_weight, terms, *weights, n_query_rows, n_rows, heads, n_q, n_k,
+            *_strides(queries), *_strides(keys), d, hidden, float(slope),
+            BLOCK_R=BLOCK_ROWS_FORWARD, BLOCK_D=_block(d), BLOCK_H=_block(hidden), DOT=dot, num_warps=NUM_WARPS,
+        )  # fmt: skip
+        loss = terms[:n_query_rows].view(batch, heads, n_q).sum(-1) + terms[n_query_rows:].view(batch, heads, n_k).sum(-1)
+        ctx.slope, ctx.dot = float(slope), dot
+        ctx.save_for_backward(queries, keys, q_weight, k_weight, *weights)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        _refuse_double_backward("GAN")
+        queries, keys, q_weight, k_weight, *weights = ctx.saved_tensors
+        weights = tuple(weights)
+        batch, heads, n_q, d = queries.shape
+        n_k = keys.shape[-2]
+        hidden = weights[2].shape[0]
+        n_query_rows = batch * heads * n_q
+        n_rows = n_query_rows + batch * heads * n_k
+        grad_q = torch.empty(queries.shape, device=queries.device, dtype=queries.dtype)
+        grad_k = torch.empty(keys.shape, device=keys.device, dtype=keys.dtype)
+        n_blocks = triton.cdiv(n_rows, BLOCK_ROWS_BACKWARD)
+        programs = _persistent_programs(n_blocks, queries.device)
+        n_weights = sum(w.numel() for w in weights)
+        partials = torch.empty(programs, n_weights, device=queries.device, dtype=torch.float32)
+        _gan_backward_kernel[(programs,)](
+            queries, keys, q_weight, k_weight, grad_loss.float().contiguous(), grad_q, grad_k, partials, *weights,
+            n_query_rows, n_rows, n_blocks, n_weights, heads, n_q, n_k,
+            *_strides(queries), *_strides(keys), *_strides(grad_q), *_strides(grad_k), d, hidden, ctx.slope,
+            BLOCK_R=BLOCK_ROWS_BACKWARD, BLOCK_D=_block(d), BLOCK_H=_block(hidden), DOT=ctx.dot,
+            num_warps=NUM_WARPS_BACKWARD,
+        )  # fmt: skip
+        weight_grads = _split_weight_grads(partials, weights)
+        return (grad_q, grad_k, None, None, None, None, *(g.to(w.dtype) for g, w in zip(weight_grads, weights, strict=True)))
+
+
+def triton_conditional_transport(
+    queries: Tensor, keys: Tensor, q_valid: Tensor, k_valid: Tensor, navigator: nn.Sequential, critic: nn.Sequential,
+    rho: float, precision: str = "fp32",
+) -> Tensor:  # fmt: skip
+    """``alignment_kernels.fused_conditional_transport`` in Triton -> (B, H) fp32 (Nq, Nk <= 128)."""
+    nav_first, nav_second = navigator[0], navigator[2]
+    highway, (crit_first, _, crit_second) = critic[0], critic[1]
+    dtype = compute_dtype(precision, queries)
+    with torch.autocast(queries.device.type, enabled=False):
+        return TritonConditionalTransport.apply(
+            queries, keys, q_valid, k_valid, rho, dtype, nav_first.weight, nav_first.bias, nav_second.weight,
+            nav_second.bias, highway.gates.weight, highway.gates.bias, crit_first.weight, crit_first.bias,
+            crit_second.weight, crit_second.bias,
+        )  # fmt: skip
+
+
+def triton_adversarial_loss(
+    queries: Tensor, keys: Tensor, q_valid: Tensor, k_valid: Tensor, discriminator: nn.Sequential, precision: str = "fp32"
+) -> Tensor:
+    """``alignment_kernels.fused_adversarial_loss`` in Triton -> (B, H) fp32."""
+    highway, (first, activation, second) = discriminator[0], discriminator[1]
+    dtype = compute_dtype(precision, queries)
+    with torch.autocast(queries.device.type, enabled=False):
+        return TritonAdversarial.apply(
+            queries, keys, q_valid, k_valid, activation.negative_slope, dtype, highway.gates.weight,
+            highway.gates.bias, first.weight, first.bias, second.weight, second.bias,
+        )  # fmt: skip
