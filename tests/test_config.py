@@ -53,6 +53,7 @@ BAD = {
     "model.alignment.helper_hidden": ["0"],
     "model.alignment.helper_out": ["0", "-3"],
     "model.alignment.helper_precision": ["fp16"],
+    "model.alignment.kernels": ["cuda", "Triton", "null"],
     "model.alignment.ct_rho": ["-0.5", "1.01", ".nan"],
     "model.alignment.gan_leaky_slope": ["-0.2", "1", ".nan"],
     "model.alignment.ot_epsilon": ["0", "-1", ".inf"],

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqa_align.alignment_kernels import fused_adversarial_loss, fused_conditional_transport
+from vqa_align.alignment_kernels import fused_adversarial_loss, fused_conditional_transport, triton_kernels_for
 from vqa_align.config import AlignmentConfig
 
 # Large negative logit for masked positions; finite (unlike -inf) so that fully-masked rows of padded
@@ -400,14 +400,17 @@ class HeadAligner(nn.Module):
     the discriminator loss (it rises towards 2·log 2 as queries and keys become indistinguishable).
 
     ``fused`` (default True) runs CT and GAN through the hand-fused forward/backward of
-    :mod:`vqa_align.alignment_kernels`; False runs the plain modules under autograd (the
-    reference the fused path is tested against; same values and gradients).
+    :mod:`vqa_align.alignment_kernels`, or on CUDA through the Triton kernels of
+    :mod:`vqa_align.triton_kernels` (``config.kernels``: auto / triton / fused); False, or
+    ``config.kernels = "reference"``, runs the plain modules under autograd (the reference the
+    fast paths are tested against; same values and gradients).
     """
 
     def __init__(self, head_dim: int, config: AlignmentConfig, fused: bool = True):
         super().__init__()
         self.method = config.method
-        self.fused = fused
+        self.fused = fused and config.kernels != "reference"
+        self.kernels = config.kernels
         self.helper_precision = config.helper_precision
         self.rho = config.ct_rho
         self.ot_epsilon = config.ot_epsilon
@@ -430,9 +433,9 @@ class HeadAligner(nn.Module):
     def forward(self, queries: Tensor, keys: Tensor, q_valid: Tensor, k_valid: Tensor) -> Tensor:
         sizes = [queries.shape[-2], keys.shape[-2]]  # split() backward is one cat, not zeros + copies
         if self.method == "ct" and self.fused:
-            return fused_conditional_transport(
-                queries, keys, q_valid, k_valid, self.navigator, self.critic, self.rho, self.helper_precision
-            )
+            triton = triton_kernels_for(self.kernels, queries, keys, transport=True)
+            ct = triton.triton_conditional_transport if triton is not None else fused_conditional_transport
+            return ct(queries, keys, q_valid, k_valid, self.navigator, self.critic, self.rho, self.helper_precision)
         if self.method == "ct":
             # Queries and keys go through each helper in ONE call (concatenated along positions).
             both = torch.cat([queries, keys], dim=-2)  # (B, H, Nq + Nk, d)
@@ -441,7 +444,9 @@ class HeadAligner(nn.Module):
             (nav_q, nav_k), (crit_q, crit_k) = nav.split(sizes, dim=-2), crit.split(sizes, dim=-2)
             return conditional_transport(nav_q, nav_k, crit_q, crit_k, q_valid, k_valid, self.rho)
         if self.method == "gan" and self.fused:
-            return fused_adversarial_loss(queries, keys, q_valid, k_valid, self.discriminator, self.helper_precision)
+            triton = triton_kernels_for(self.kernels, queries, keys, transport=False)
+            gan = triton.triton_adversarial_loss if triton is not None else fused_adversarial_loss
+            return gan(queries, keys, q_valid, k_valid, self.discriminator, self.helper_precision)
         if self.method == "gan":
             logits = self.discriminator(reverse_gradient(torch.cat([queries, keys], dim=-2))).squeeze(-1)
             logits_q, logits_k = logits.split(sizes, dim=-1)

@@ -33,6 +33,7 @@ Shapes follow :mod:`vqa_align.alignment`: queries (B, H, Nq, d), keys (B, H, Nk,
 from __future__ import annotations
 
 import functools
+import warnings
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vqa_align.errors import UserError
 from vqa_align.native_kernels import (
     accumulation_dtype,
     cpu_flags,
@@ -56,7 +58,8 @@ def _refuse_double_backward(method: str) -> None:
         raise RuntimeError(
             f"the fused {method} aligner has no second-order gradient (backward with create_graph=True, e.g. a "
             "gradient penalty); run the plain aligners instead, which support it with the same values and "
-            "gradients: set `.fused = False` on every vqa_align.alignment.HeadAligner of the model"
+            "gradients: set `.fused = False` on every vqa_align.alignment.HeadAligner of the model (or "
+            "model.alignment.kernels: reference)"
             + (" and run under torch.nn.attention.sdpa_kernel(SDPBackend.MATH) (the fused attention kernels that the "
                "plain CT uses have no second-order gradient either)" if method == "CT" else "")
         )
@@ -413,3 +416,43 @@ def fused_adversarial_loss(
             queries, keys, q_valid, k_valid, activation.negative_slope, dtype, highway.gates.weight,
             highway.gates.bias, first.weight, first.bias, second.weight, second.bias,
         )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Which implementation runs: the Triton kernels on CUDA (vqa_align.triton_kernels)
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _import_triton_kernels():
+    """vqa_align.triton_kernels, imported on first use only (it imports triton) -> (module, None) or
+    (None, why not)."""
+    try:
+        from vqa_align import triton_kernels
+    except Exception as err:  # noqa: BLE001 - ImportError, or a Triton that fails to initialise
+        return None, f"{type(err).__name__}: {err}"
+    return triton_kernels, None
+
+
+def triton_kernels_for(kernels: str, queries: Tensor, keys: Tensor, transport: bool):
+    """:mod:`vqa_align.triton_kernels` if CT (``transport``) or GAN runs there, else None (the fused path).
+
+    ``kernels`` is ``AlignmentConfig.kernels``. Triton runs on CUDA only, for fp32/bf16/fp16 inputs
+    (an fp64 model asks for fp64 arithmetic, which the kernels do not do) and, for CT, when one
+    (sample, head)'s transport fits on-chip (``triton_kernels.MAX_TRANSPORT_POSITIONS``). Only
+    shapes and dtypes are read: no host sync, so the choice is the same inside a CUDA graph.
+    """
+    if kernels not in ("auto", "triton") or queries.device.type != "cuda" or queries.dtype == torch.float64:
+        return None
+    module, why = _import_triton_kernels()
+    if module is None:
+        if kernels == "triton":
+            raise UserError(
+                f"model.alignment.kernels is 'triton' but Triton cannot be used ({why}); install triton or set "
+                "model.alignment.kernels to auto or fused"
+            )
+        warnings.warn(f"Triton cannot be used ({why}): CT/GAN run on the fused PyTorch path", RuntimeWarning, stacklevel=3)
+        return None
+    if transport and not module.transport_fits(queries, keys):
+        return None
+    return module

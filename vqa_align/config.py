@@ -69,6 +69,12 @@ class AlignmentConfig:
     # model runs in fp64, else fp32. bf16 helpers changed neither accuracy nor key-query MMD on
     # easy-VQA (docs/results/helper_precision.md) and make CT/GAN ~1.5x cheaper on the CPU.
     helper_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Which implementation runs CT and GAN (same values and gradients, tested against each other):
+    # "auto" = the Triton kernels (vqa_align/triton_kernels.py) on CUDA when Triton imports, else
+    # "fused"; "triton" = Triton on CUDA or an error if it is missing (the CPU keeps "fused");
+    # "fused" = the hand-fused autograd functions (PyTorch ops, C++ kernels on the CPU);
+    # "reference" = the plain helper modules under autograd (slowest; has second-order gradients).
+    kernels: Literal["auto", "triton", "fused", "reference"] = "auto"
     ct_rho: float = 0.5  # weight of the forward (query -> key) transport direction
     gan_leaky_slope: float = 0.2
     ot_epsilon: float = 0.01  # entropic regularisation on a cost scaled to [0, 2]

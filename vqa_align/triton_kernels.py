@@ -41,6 +41,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 from torch import Tensor, nn
 
 from vqa_align.alignment_kernels import _direction_weights, _refuse_double_backward, compute_dtype
@@ -57,6 +58,10 @@ NORMALIZE_EPS = 1e-12  # F.normalize's eps
 # The same numbers as constexprs: a @triton.jit function may read only constexpr globals.
 _EPS = tl.constexpr(NORMALIZE_EPS)
 _TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # clamps sums that are 0 only at padding
+# Whether the kernels below are defined for Triton's CPU interpreter (TRITON_INTERPRET=1 when this
+# module was imported: the tests); read once, as triton.jit does.
+INTERPRETED = bool(knobs.runtime.interpret)
+_INTERPRETED = tl.constexpr(INTERPRETED)
 NUM_WARPS = 4
 NUM_WARPS_BACKWARD = 8  # the backward row kernels keep every weight gradient on-chip
 
@@ -166,15 +171,30 @@ def _store_vector(ptr, vector, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _operands(a, b, DOT: tl.constexpr):
+    """a, b rounded to the compute dtype. Triton's CPU interpreter multiplies bf16 operands wrongly
+    (checked with 3.8.0): there they go on as the fp32 values of the rounded numbers, which gives
+    the same products (exact in fp32) and fp32 sums, as the tensor cores do."""
+    a = a.to(DOT)
+    b = b.to(DOT)
+    if _INTERPRETED:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
 def _mm(a, b, DOT: tl.constexpr):
     """a @ b with operands in the compute dtype and an fp32 result (no TF32 for fp32 operands)."""
-    return tl.dot(a.to(DOT), b.to(DOT), input_precision="ieee")
+    a, b = _operands(a, b, DOT)
+    return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
 def _mm_acc(acc, a, b, DOT: tl.constexpr):
     """acc + a @ b (fp32 accumulator)."""
-    return tl.dot(a.to(DOT), b.to(DOT), acc, input_precision="ieee")
+    a, b = _operands(a, b, DOT)
+    return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit
