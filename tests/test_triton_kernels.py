@@ -1,0 +1,256 @@
+"""The Triton CT and GAN kernels (vqa_align/triton_kernels.py) against the plain modules, on the CPU.
+
+The kernels run in Triton's interpreter (TRITON_INTERPRET=1, numpy underneath): the same kernel
+code as on a GPU, with two differences stated here so that nobody reads more into these tests:
+the interpreter executes tl.dot with bf16 operands wrongly, so there the operands are rounded to
+bf16 and multiplied as fp32 (triton_kernels._operands; the same products), and nothing about GPU
+speed, register pressure or compilation is tested. Values and gradients (q, k and every helper
+weight) are compared with the plain helper modules under autograd in fp64 (test_fused_paths'
+references: separate helper calls, explicit (Nq, Nk) matrices, the critic behind
+call_with_reversed_parameters, the discriminator behind reverse_gradient), with padding, Nq != Nk,
+strided (attention-layout) inputs, widths that are not powers of two, and more row blocks than
+programs (the persistent backward loops). Skipped if Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_masks
+from test_fused_paths import plain_ct, plain_gan
+
+from vqa_align import alignment_kernels
+from vqa_align.alignment import HeadAligner, adversarial_loss, conditional_transport
+from vqa_align.config import AlignmentConfig
+from vqa_align.errors import UserError
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed: the Triton kernels cannot be tested", allow_module_level=True)
+
+# triton.jit reads TRITON_INTERPRET when a function is defined (Triton's own library functions
+# included, at `import triton`), so it must be set before triton is first imported in this process:
+# here, at collection, unless something imported triton earlier (then the tests run in a child
+# process, test_in_a_fresh_process). The interpreter reads it again while running: it stays set
+# during this module's tests (fixture tk) and is restored afterwards.
+INTERPRETER_ON = "triton" not in sys.modules
+_saved_env = os.environ.get("TRITON_INTERPRET")
+if INTERPRETER_ON:
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        triton_kernels = importlib.import_module("vqa_align.triton_kernels")
+        if not triton_kernels.INTERPRETED:  # imported before, without the interpreter
+            triton_kernels = importlib.reload(triton_kernels)
+    finally:
+        os.environ.pop("TRITON_INTERPRET") if _saved_env is None else os.environ.update(TRITON_INTERPRET=_saved_env)
+
+
+@pytest.fixture
+def tk(monkeypatch):
+    """vqa_align.triton_kernels with its kernels defined for the interpreter."""
+    if not INTERPRETER_ON:
+        pytest.skip("triton was imported before this module (not interpreted): test_in_a_fresh_process runs these")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_kernels.INTERPRETED
+    return triton_kernels
+
+
+def test_in_a_fresh_process():
+    """Where triton was imported before this module, run this file again in a child process."""
+    if INTERPRETER_ON:
+        return  # the tests below run here
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+# (batch, heads, Nq, Nk, head_dim, helper_hidden, helper_out, strided inputs)
+CASES = {
+    "padded": (3, 2, 7, 5, 16, 24, 12, False),
+    # d < 16 and odd widths (zero-padded blocks), Nk > 16 (a 32-wide key tile), 5 row blocks of 32
+    # over 3 programs in backward, q and k as transposed views of (B, N, H, d) like the attention's.
+    "strided": (2, 3, 4, 19, 8, 20, 9, True),
+}
+
+
+def _inputs(case: str, seed: int, method: str, precision: str = "fp32"):
+    batch, heads, nq, nk, d, hidden, out, strided = CASES[case]
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    config = AlignmentConfig(method=method, helper_hidden=hidden, helper_out=out, helper_precision=precision)
+    aligner = HeadAligner(d, config).double()
+    q_valid, k_valid = random_masks(batch, nq, nk, gen)
+    if strided:
+        q = torch.randn(batch, nq, heads, d, generator=gen, dtype=torch.float64).transpose(1, 2)
+        k = torch.randn(batch, nk, heads, d, generator=gen, dtype=torch.float64).transpose(1, 2)
+    else:
+        q = torch.randn(batch, heads, nq, d, generator=gen, dtype=torch.float64)
+        k = torch.randn(batch, heads, nk, d, generator=gen, dtype=torch.float64) + 0.3
+    upstream = torch.randn(batch, heads, generator=gen, dtype=torch.float64)  # a non-uniform dLoss/dD
+    return aligner, q, k, q_valid, k_valid, upstream
+
+
+def _triton(tk, aligner, q, k, q_valid, k_valid, method, precision):
+    if method == "ct":
+        return tk.triton_conditional_transport(q, k, q_valid, k_valid, aligner.navigator, aligner.critic, aligner.rho, precision)
+    return tk.triton_adversarial_loss(q, k, q_valid, k_valid, aligner.discriminator, precision)
+
+
+def _run_both(tk, case, seed, method, precision="fp32", input_dtype=torch.float32):
+    """-> Triton's value and gradients (q, k, every weight) and the fp64 reference's."""
+    aligner, q, k, qv, kv, upstream = _inputs(case, seed, method, precision)
+    q64, k64 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    ref = (plain_ct if method == "ct" else plain_gan)(aligner, q64, k64, qv, kv)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [q64, k64, *aligner.parameters()])
+
+    fast = aligner.float()  # parameters as a model keeps them (fp32)
+    qx = q.to(input_dtype).requires_grad_()  # keeps the strides of the transposed views
+    kx = k.to(input_dtype).requires_grad_()
+    got = _triton(tk, fast, qx, kx, qv, kv, method, precision)
+    got_grads = torch.autograd.grad((got * upstream.float()).sum(), [qx, kx, *fast.parameters()])
+    return got, got_grads, ref, ref_grads, [name for name, _ in fast.named_parameters()]
+
+
+@pytest.mark.parametrize("method", ["ct", "gan"])
+@pytest.mark.parametrize("case,seed", [("padded", 0), ("padded", 1), ("strided", 2)])
+def test_fp32_values_and_gradients_match_the_plain_modules(tk, method, case, seed):
+    got, got_grads, ref, ref_grads, names = _run_both(tk, case, seed, method)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(["q", "k", *names], got_grads, ref_grads, strict=True):
+        assert a.shape == b.shape, name
+        scale = b.abs().max().item()
+        assert scale > 0, name  # every gradient is exercised
+        assert (a.double() - b).abs().max().item() <= 1e-5 * scale + 1e-8, name
+
+
+@pytest.mark.parametrize("method", ["ct", "gan"])
+def test_bf16_helpers_and_bf16_inputs_stay_close_to_the_exact_values(tk, method):
+    """helper_precision bf16 with the bf16 q/k of an autocast model: the distance is fp32, the
+    q/k gradients come back bf16; bf16 keeps ~3 digits, so direction and size are compared
+    (a wrong sign or a missing term gives a cosine far below 0.99)."""
+    got, got_grads, ref, ref_grads, names = _run_both(tk, "padded", 3, method, "bf16", torch.bfloat16)
+    assert got.dtype == torch.float32
+    assert got_grads[0].dtype == got_grads[1].dtype == torch.bfloat16
+    assert (got.double() - ref).abs().max() <= 0.02 * ref.abs().max()
+    for name, a, b in zip(["q", "k", *names], got_grads, ref_grads, strict=True):
+        assert F.cosine_similarity(a.double().flatten(), b.flatten(), dim=0) > 0.99, name
+    for a, b in zip(got_grads[:2], ref_grads[:2], strict=True):
+        assert (a.double() - b).abs().max() <= 0.15 * b.abs().max()
+
+
+def test_gradient_directions_are_the_papers(tk):
+    """Against the UNreversed losses (no hooks, no reversal layer): CT's navigator and q/k descend
+    (same gradient), its critic ascends (negated); GAN's discriminator descends (same), q and k
+    ascend (negated)."""
+    for method in ("ct", "gan"):
+        aligner, q, k, qv, kv, upstream = _inputs("padded", 4, method)
+        q64, k64 = q.clone().requires_grad_(), k.clone().requires_grad_()
+        if method == "ct":
+            unit = lambda net, x: F.normalize(net(x), dim=-1)  # noqa: E731
+            nav, crit = aligner.navigator, aligner.critic
+            plain = conditional_transport(unit(nav, q64), unit(nav, k64), unit(crit, q64), unit(crit, k64), qv, kv, aligner.rho)
+            ascending = [name.startswith("critic") for name, _ in aligner.named_parameters()]
+        else:
+            disc = aligner.discriminator
+            plain = adversarial_loss(disc(q64).squeeze(-1), disc(k64).squeeze(-1), qv, kv)
+            ascending = [False for _ in aligner.parameters()]
+        plain_grads = torch.autograd.grad((plain * upstream).sum(), [q64, k64, *aligner.parameters()])
+        fast = aligner.float()
+        qx, kx = q.float().requires_grad_(), k.float().requires_grad_()
+        got = _triton(tk, fast, qx, kx, qv, kv, method, "fp32")
+        got_grads = torch.autograd.grad((got * upstream.float()).sum(), [qx, kx, *fast.parameters()])
+        signs = [-1.0 if method == "gan" else 1.0] * 2 + [-1.0 if up else 1.0 for up in ascending]
+        assert signs.count(-1.0) >= 2  # something is reversed in both methods
+        for sign, a, b in zip(signs, got_grads, plain_grads, strict=True):
+            assert (a.double() - sign * b).abs().max() <= 1e-5 * b.abs().max() + 1e-8
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # σ of the 1e3 padding: 0 or 1
+@pytest.mark.parametrize("method", ["ct", "gan"])
+def test_padded_positions_neither_count_nor_receive_gradient(tk, method):
+    aligner, q, k, qv, kv, _ = _inputs("padded", 5, method)
+    assert not qv.all() and not kv.all()
+    aligner = aligner.float()
+    q, k = q.float().requires_grad_(), k.float().requires_grad_()
+    got = _triton(tk, aligner, q, k, qv, kv, method, "fp32")
+    grad_q, grad_k = torch.autograd.grad(got.sum(), [q, k])
+    noisy_q = torch.where(qv[:, None, :, None], q.detach(), torch.full_like(q, 1e3))
+    noisy_k = torch.where(kv[:, None, :, None], k.detach(), torch.randn_like(k) * 50)
+    torch.testing.assert_close(_triton(tk, aligner, noisy_q, noisy_k, qv, kv, method, "fp32"), got.detach())
+    assert grad_q[~qv[:, None, :].expand(grad_q.shape[:3])].abs().max() == 0
+    assert grad_k[~kv[:, None, :].expand(grad_k.shape[:3])].abs().max() == 0
+    assert grad_q[qv[:, None, :].expand(grad_q.shape[:3])].abs().max() > 0
+
+
+@pytest.mark.parametrize("method", ["ct", "gan"])
+def test_second_order_gradients_are_refused(tk, method):
+    aligner, q, k, qv, kv, _ = _inputs("padded", 6, method)
+    aligner = aligner.float()
+    q = q.float().requires_grad_()
+    with pytest.raises(RuntimeError, match="no second-order gradient"):
+        torch.autograd.grad(_triton(tk, aligner, q, k.float(), qv, kv, method, "fp32").sum(), q, create_graph=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ct", "gan"])
+def test_mcan_shapes_match_the_fused_path(tk, method):
+    """MCAN-small's widths (d 64, helpers 64/32) and its guided attention (100 regions, 14 tokens)."""
+    torch.manual_seed(7)
+    gen = torch.Generator().manual_seed(7)
+    aligner = HeadAligner(64, AlignmentConfig(method=method, helper_precision="fp32"))
+    qv, kv = random_masks(2, 100, 14, gen)
+    q = torch.randn(2, 100, 4, 64, generator=gen).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 14, 4, 64, generator=gen).transpose(1, 2).requires_grad_()
+    params = [q, k, *aligner.parameters()]
+    got = _triton(tk, aligner, q, k, qv, kv, method, "fp32")
+    got_grads = torch.autograd.grad(got.sum(), params)
+    want = aligner(q, k, qv, kv)  # the fused path (CPU)
+    want_grads = torch.autograd.grad(want.sum(), params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-8
+
+
+def _stand_in(device: str, dtype=torch.bfloat16, nq: int = 100, nk: int = 14):
+    """What triton_kernels_for reads of q and k (device, dtype, shape), without a GPU."""
+    return (SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(4, 8, nq, 64)),
+            SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(4, 8, nk, 64)))  # fmt: skip
+
+
+def test_dispatch_picks_triton_on_cuda_only_when_asked_and_possible(tk, monkeypatch):
+    pick = alignment_kernels.triton_kernels_for
+    monkeypatch.setattr(alignment_kernels, "_import_triton_kernels", lambda: (tk, None))
+    assert pick("auto", *_stand_in("cuda"), transport=True) is tk
+    assert pick("triton", *_stand_in("cuda", torch.float32), transport=False) is tk
+    assert pick("auto", *_stand_in("cpu"), transport=True) is None  # the CPU keeps its kernels
+    assert pick("triton", *_stand_in("cpu"), transport=True) is None
+    assert pick("fused", *_stand_in("cuda"), transport=True) is None
+    assert pick("reference", *_stand_in("cuda"), transport=True) is None
+    assert pick("auto", *_stand_in("cuda", torch.float64), transport=True) is None  # fp64 asks for fp64
+    # CT's transport tile holds at most MAX_TRANSPORT_POSITIONS positions; GAN has no such tile.
+    assert pick("auto", *_stand_in("cuda", nq=tk.MAX_TRANSPORT_POSITIONS + 1), transport=True) is None
+    assert pick("auto", *_stand_in("cuda", nq=tk.MAX_TRANSPORT_POSITIONS + 1), transport=False) is tk
+
+    monkeypatch.setattr(alignment_kernels, "_import_triton_kernels", lambda: (None, "ImportError: no triton"))
+    with pytest.warns(RuntimeWarning, match="Triton cannot be used"):
+        assert pick("auto", *_stand_in("cuda"), transport=True) is None
+    with pytest.raises(UserError, match=r"model.alignment.kernels is 'triton'.*no triton"):
+        pick("triton", *_stand_in("cuda"), transport=True)
+
+
+def test_reference_setting_runs_the_plain_modules():
+    for kernels, fused in (("reference", False), ("fused", True), ("auto", True), ("triton", True)):
+        aligner = HeadAligner(8, AlignmentConfig(method="ct", helper_hidden=16, helper_out=8, kernels=kernels))
+        assert (aligner.fused, aligner.kernels) == (fused, kernels)
