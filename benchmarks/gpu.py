@@ -37,6 +37,11 @@ def parse_args(argv=None):
     p.add_argument("--regions", default="fixed100,adaptive")
     p.add_argument("--methods", default="none,ct,gan,ot")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument(
+        "--kernels", default="auto",
+        help="comma list of model.alignment.kernels values to time ct and gan with (auto, triton, fused, reference); "
+        "with more than one, rows are labelled method[kernels]",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--distinct-batches", type=int, default=6, help="batches kept on the GPU and cycled")
@@ -117,6 +122,17 @@ def main(argv=None) -> dict:
     out_path = args.out_json or (str(Path(os.environ["OUT"]) / "gpu.json") if os.environ.get("OUT") else None)
     overrides = list(args.overrides)
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    kernels = args.kernels.split(",")
+
+    def variants(names: list[str]) -> list[tuple[str, str, list[str]]]:
+        """(label, method, extra overrides): ct and gan once per --kernels value."""
+        out = []
+        for method in names:
+            for kern in kernels if method in ("ct", "gan") else [None]:
+                label = method if kern is None or len(kernels) == 1 else f"{method}[{kern}]"
+                out.append((label, method, [f"model.alignment.kernels={kern}"] if kern else []))
+        return out
+
     methods = args.methods.split(",")
     layouts = args.regions.split(",")
     steps, warmup = args.steps, args.warmup
@@ -138,8 +154,14 @@ def main(argv=None) -> dict:
         "precision": args.precision,
         "config": args.config,
         "overrides": overrides,
+        "kernels": kernels,
         "results": [],
     }
+    if device.type == "cuda":
+        from vqa_align.alignment_kernels import _import_triton_kernels
+
+        report["triton_importable"] = _import_triton_kernels()[0] is not None
+        report["triton_import_error"] = _import_triton_kernels()[1]
 
     def save() -> None:
         if out_path:
@@ -189,10 +211,18 @@ def main(argv=None) -> dict:
             stats = common.batch_stats(cpu_batches)
             batches = [common.to_device(b, device) for b in cpu_batches]
             base = None
-            for method in methods:
-                cfg = common.model_config(args.config, method, overrides)
-                trainer = common.Trainer.build(cfg, device, args.precision)
-                row = {"regions": layout, "batch_size": batch_size, "method": method, **stats, **measure(trainer, batches)}
+            for label, method, extra in variants(methods):
+                if out_of_time():
+                    break
+                cfg = common.model_config(args.config, method, overrides + extra)
+                try:
+                    trainer = common.Trainer.build(cfg, device, args.precision)
+                    row = {"regions": layout, "batch_size": batch_size, "method": label, **stats, **measure(trainer, batches)}
+                except Exception as err:  # noqa: BLE001 - report and keep the other rows
+                    report.setdefault("errors", []).append(f"{layout} {batch_size} {label}: {type(err).__name__}: {err}"[:2000])
+                    print(f"{label} failed: {report['errors'][-1][:300]}", flush=True)
+                    save()
+                    continue
                 flops = sum(step_flops(cfg, b) for b in batches[:steps]) / min(steps, len(batches))
                 row["model_tflops_per_s"] = flops / (row["ms_per_step"] / 1000) / 1e12
                 if method == "none":
@@ -202,37 +232,37 @@ def main(argv=None) -> dict:
                 save()
                 ratio = f"{row['ratio_vs_none']:.3f}" if row["ratio_vs_none"] else "-"
                 print(
-                    f"{layout:9} {batch_size:5d} {method:8} {row['ms_per_step']:8.1f} {row['samples_per_s']:10.0f} "
+                    f"{layout:9} {batch_size:5d} {label:8} {row['ms_per_step']:8.1f} {row['samples_per_s']:10.0f} "
                     f"{ratio:>8} {row['model_tflops_per_s']:8.1f} {row['peak_gpu_mem_gib']:8.2f}",
                     flush=True,
                 )
                 del trainer
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            for method in [m for m in args.graphs.split(",") if m] if device.type == "cuda" else []:
+            for label, method, extra in variants([m for m in args.graphs.split(",") if m]) if device.type == "cuda" else []:
                 if out_of_time():
                     break
                 try:
-                    cfg = common.model_config(args.config, method, overrides)
+                    cfg = common.model_config(args.config, method, overrides + extra)
                     trainer = common.Trainer.build(cfg, device, args.precision, capturable=True)
                     torch.cuda.reset_peak_memory_stats(device)
                     t0 = time.perf_counter()
                     graphed = GraphedSteps(trainer, batches)
                     warmup_capture_s = time.perf_counter() - t0
-                    row = {"regions": layout, "batch_size": batch_size, "method": f"{method}+graphs", **stats}
+                    row = {"regions": layout, "batch_size": batch_size, "method": f"{label}+graphs", **stats}
                     row.update(measure(graphed, batches), warmup_and_capture_s=warmup_capture_s, graphs=len(graphed.graphs))
                     row["ratio_vs_none"] = row["ms_per_step"] / base if base else None
                     report["results"].append(row)
                     print(
-                        f"{layout:9} {batch_size:5d} {method + '+graphs':8} {row['ms_per_step']:8.1f} "
+                        f"{layout:9} {batch_size:5d} {label + '+graphs':8} {row['ms_per_step']:8.1f} "
                         f"{row['samples_per_s']:10.0f} (warm-up + capture {warmup_capture_s:.1f} s, {len(graphed.graphs)} graphs) "
                         f"{row['peak_gpu_mem_gib']:8.2f}",
                         flush=True,
                     )
                     del graphed, trainer
                 except Exception as err:  # noqa: BLE001 - report and keep the eager results
-                    report.setdefault("graph_errors", []).append(f"{layout} {batch_size} {method}: {type(err).__name__}: {err}"[:2000])
-                    print(f"CUDA graphs failed for {method}: {report['graph_errors'][-1][:300]}", flush=True)
+                    report.setdefault("graph_errors", []).append(f"{layout} {batch_size} {label}: {type(err).__name__}: {err}"[:2000])
+                    print(f"CUDA graphs failed for {label}: {report['graph_errors'][-1][:300]}", flush=True)
                 save()
                 torch.cuda.empty_cache()
             del batches

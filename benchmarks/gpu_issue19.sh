@@ -1,57 +1,89 @@
 #!/usr/bin/env bash
-# Issue 19's GPU measurement in one run (one H100/H200, ~8-10 min): writes $OUT/issue19.json.
+# Issue 19's GPU measurement in one run (one H100/H200, < 10 min): writes $OUT/issue19.json.
 #
 #   OUT=/some/dir bash benchmarks/gpu_issue19.sh        # on the GPU machine, from the repo root
 #   SMOKE=1 OUT=/tmp/x bash benchmarks/gpu_issue19.sh   # CPU, tiny shapes: checks the script
+#   TRAIN=1 ...                                         # also `vqa-align train` on easy-VQA (+ ~8 min)
 #
-# 1. benchmarks/gpu.py: MCAN-small, bf16, adaptive regions, batch 512 and 1024, none/ct/gan/ot,
-#    eager and as CUDA graphs (train.cuda_graphs' mechanism), ms/step, ratio to none, peak memory
-#    -> $OUT/gpu_steps.json (written after every measurement: a run cut short keeps what it measured).
-# 2. `vqa-align train` on the easy-VQA store (the first run prepares it, ~15 s), the preset's seed,
-#    none and ct, eager -> final validation accuracy and samples/s (the issue's accuracy goal:
-#    the same validation accuracy as the CPU/earlier path, ±0.2) -> $OUT/train_<method>.jsonl.
-# 3. A summary of both -> $OUT/issue19.json.
+# 1. benchmarks/triton_check.py (~1 min): the Triton CT/GAN kernels against the plain modules in
+#    fp64 on the GPU (values, gradients of q, k and every weight; fp32 and bf16), a CUDA-graph
+#    replay of each, and one aligner alone (Triton vs the fused PyTorch path) -> triton_check.json.
+# 2. benchmarks/gpu.py (<= 7 min): MCAN-small, bf16, adaptive regions, batch 1024 then 512;
+#    none, ot, and ct/gan once per model.alignment.kernels value (fused = the PyTorch path the issue
+#    measured, triton = vqa_align/triton_kernels.py); eager and as CUDA graphs (train.cuda_graphs'
+#    mechanism); ms/step, peak memory -> gpu_steps.json (written after every measurement).
+# 3. A summary -> issue19.json: per batch and mode, each variant's step and peak memory over
+#    `none`'s (eager over eager none, graphs over none+graphs) and the issue's goals
+#    (CT <= 1.15x, GAN <= 1.10x, CT peak memory <= 1.2x).
 set -u
 export PYTHONUNBUFFERED=1
 OUT_DIR=${OUT:-/tmp/issue19}
 mkdir -p "$OUT_DIR"
 export VQA_ALIGN_CACHE=${VQA_ALIGN_CACHE:-/tmp/issue19_cache}
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" \
-  || python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+  || python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '(no triton)')"
 
 if [ "${SMOKE:-0}" = 1 ]; then
-  timeout 600 python3 benchmarks/gpu.py --smoke --out-json "$OUT_DIR/gpu_steps.json"
+  # The CPU runs the Triton kernels in Triton's interpreter.
+  TRITON_INTERPRET=1 timeout 300 python3 benchmarks/triton_check.py --smoke --out-json "$OUT_DIR/triton_check.json"
+  timeout 600 python3 benchmarks/gpu.py --smoke --kernels fused,triton --out-json "$OUT_DIR/gpu_steps.json"
   TRAIN_SET="--set train.device=cpu --set data.subset=64 --set data.eval_subset=64 --set train.epochs=1 --set data.easy_vqa_limit=200"
 else
-  timeout 480 python3 benchmarks/gpu.py --batch-sizes 512,1024 --regions adaptive --methods none,ct,gan,ot \
-    --graphs none,ct,gan,ot --compile off --budget-s 420 --out-json "$OUT_DIR/gpu_steps.json"
+  timeout 150 python3 benchmarks/triton_check.py --out-json "$OUT_DIR/triton_check.json" || echo "triton_check FAILED or timed out"
+  timeout 430 python3 benchmarks/gpu.py --batch-sizes 1024,512 --regions adaptive --methods none,ct,gan,ot \
+    --kernels fused,triton --graphs none,ct,gan --compile off --steps 10 --warmup 3 --budget-s 380 \
+    --out-json "$OUT_DIR/gpu_steps.json"
   TRAIN_SET="--set train.device=cuda"
 fi
 
-for method in none ct; do
-  run=/tmp/issue19_train_$method
-  timeout 240 python3 -m vqa_align.cli train --config configs/easy_vqa.yaml --out "$run" --overwrite $TRAIN_SET \
-    --set model.alignment.method=$method > "$OUT_DIR/train_$method.log" 2>&1 \
-    || { echo "train $method FAILED"; tail -5 "$OUT_DIR/train_$method.log"; continue; }
-  cp "$run/metrics.jsonl" "$OUT_DIR/train_$method.jsonl"
-done
+if [ "${TRAIN:-0}" = 1 ]; then
+  for method in none ct; do
+    run=/tmp/issue19_train_$method
+    timeout 240 python3 -m vqa_align.cli train --config configs/easy_vqa.yaml --out "$run" --overwrite $TRAIN_SET \
+      --set model.alignment.method=$method > "$OUT_DIR/train_$method.log" 2>&1 \
+      || { echo "train $method FAILED"; tail -5 "$OUT_DIR/train_$method.log"; continue; }
+    cp "$run/metrics.jsonl" "$OUT_DIR/train_$method.jsonl"
+  done
+fi
 
 python3 - "$OUT_DIR" <<'PY'
 import json, pathlib, statistics, sys
 out = pathlib.Path(sys.argv[1])
-summary = {"gpu_steps": None, "train": {}}
-steps = out / "gpu_steps.json"
-if steps.is_file():
-    summary["gpu_steps"] = json.loads(steps.read_text())
+summary = {"triton_check": None, "gpu_steps": None, "vs_none": [], "goals": {}, "train": {}}
+for key, name in (("triton_check", "triton_check.json"), ("gpu_steps", "gpu_steps.json")):
+    if (out / name).is_file():
+        summary[key] = json.loads((out / name).read_text())
+rows = (summary["gpu_steps"] or {}).get("results", [])
+for batch in sorted({r["batch_size"] for r in rows}):
+    for graphs in (False, True):
+        mode = [r for r in rows if r["batch_size"] == batch and r["method"].endswith("+graphs") == graphs]
+        base = next((r for r in mode if r["method"].removesuffix("+graphs") == "none"), None)
+        for r in mode:
+            if base is None or r is base:
+                continue
+            summary["vs_none"].append({
+                "batch_size": batch, "mode": "graphs" if graphs else "eager", "variant": r["method"].removesuffix("+graphs"),
+                "ms_per_step": r["ms_per_step"], "step_ratio": r["ms_per_step"] / base["ms_per_step"],
+                "peak_gib": r["peak_gpu_mem_gib"], "peak_ratio": r["peak_gpu_mem_gib"] / base["peak_gpu_mem_gib"],
+            })
+for v in summary["vs_none"]:
+    goal = {"ct": 1.15, "gan": 1.10}.get(v["variant"].split("[")[0])
+    if goal:
+        met = v["step_ratio"] <= goal and (v["variant"].startswith("gan") or v["peak_ratio"] <= 1.2)
+        summary["goals"][f"{v['variant']} b{v['batch_size']} {v['mode']}"] = {
+            "step_ratio": round(v["step_ratio"], 3), "peak_ratio": round(v["peak_ratio"], 3), "met": met}
 for path in sorted(out.glob("train_*.jsonl")):
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    epochs = [r for r in rows if r.get("kind") == "epoch"]
-    sps = [r["samples_per_s"] for r in rows if r.get("kind") == "train" and "samples_per_s" in r]
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    epochs = [r for r in lines if r.get("kind") == "epoch"]
+    sps = [r["samples_per_s"] for r in lines if r.get("kind") == "train" and "samples_per_s" in r]
     summary["train"][path.stem.removeprefix("train_")] = {
         "val_accuracy_per_epoch": [r.get("val_accuracy") for r in epochs],
-        "epoch_seconds": [r.get("epoch_seconds") for r in epochs],
         "median_samples_per_s_after_2_windows": statistics.median(sps[2:]) if len(sps) > 2 else None,
     }
 (out / "issue19.json").write_text(json.dumps(summary, indent=2) + "\n")
-print(json.dumps(summary["train"], indent=2))
+print("triton_check ok:", (summary["triton_check"] or {}).get("ok"))
+for v in summary["vs_none"]:
+    print(f"b{v['batch_size']:5d} {v['mode']:6} {v['variant']:12} {v['ms_per_step']:8.1f} ms  x{v['step_ratio']:.3f}  "
+          f"peak {v['peak_gib']:.2f} GiB x{v['peak_ratio']:.3f}")
+print(json.dumps(summary["goals"], indent=1))
 PY
