@@ -54,15 +54,15 @@ for key, name in (("triton_check", "triton_check.json"), ("gpu_steps", "gpu_step
     if (out / name).is_file():
         summary[key] = json.loads((out / name).read_text())
 rows = (summary["gpu_steps"] or {}).get("results", [])
-for batch in sorted({r["batch_size"] for r in rows}):
+for layout, batch in sorted({(r["regions"], r["batch_size"]) for r in rows}):
     for graphs in (False, True):
-        mode = [r for r in rows if r["batch_size"] == batch and r["method"].endswith("+graphs") == graphs]
+        mode = [r for r in rows if (r["regions"], r["batch_size"]) == (layout, batch) and r["method"].endswith("+graphs") == graphs]
         base = next((r for r in mode if r["method"].removesuffix("+graphs") == "none"), None)
         for r in mode:
             if base is None or r is base:
                 continue
             summary["vs_none"].append({
-                "batch_size": batch, "mode": "graphs" if graphs else "eager", "variant": r["method"].removesuffix("+graphs"),
+                "regions": layout, "batch_size": batch, "mode": "graphs" if graphs else "eager", "variant": r["method"].removesuffix("+graphs"),
                 "ms_per_step": r["ms_per_step"], "step_ratio": r["ms_per_step"] / base["ms_per_step"],
                 "peak_gib": r["peak_gpu_mem_gib"], "peak_ratio": r["peak_gpu_mem_gib"] / base["peak_gpu_mem_gib"],
             })
@@ -70,7 +70,7 @@ for v in summary["vs_none"]:
     goal = {"ct": 1.15, "gan": 1.10}.get(v["variant"].split("[")[0])
     if goal:
         met = v["step_ratio"] <= goal and (v["variant"].startswith("gan") or v["peak_ratio"] <= 1.2)
-        summary["goals"][f"{v['variant']} b{v['batch_size']} {v['mode']}"] = {
+        summary["goals"][f"{v['variant']} {v['regions']} b{v['batch_size']} {v['mode']}"] = {
             "step_ratio": round(v["step_ratio"], 3), "peak_ratio": round(v["peak_ratio"], 3), "met": met}
 for path in sorted(out.glob("train_*.jsonl")):
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -83,7 +83,7 @@ for path in sorted(out.glob("train_*.jsonl")):
 (out / "issue19.json").write_text(json.dumps(summary, indent=2) + "\n")
 print("triton_check ok:", (summary["triton_check"] or {}).get("ok"))
 for v in summary["vs_none"]:
-    print(f"b{v['batch_size']:5d} {v['mode']:6} {v['variant']:12} {v['ms_per_step']:8.1f} ms  x{v['step_ratio']:.3f}  "
+    print(f"{v['regions']:9} b{v['batch_size']:5d} {v['mode']:6} {v['variant']:12} {v['ms_per_step']:8.1f} ms  x{v['step_ratio']:.3f}  "
           f"peak {v['peak_gib']:.2f} GiB x{v['peak_ratio']:.3f}")
 print(json.dumps(summary["goals"], indent=1))
 PY
