@@ -17,13 +17,15 @@ CT, forward (2 launches):
      E = exp(S) on valid pairs (|S| <= 1: no max-subtraction), C = 1 - crit_q crit_kᵀ, both plans
      as E over its row / column sums, the distance. S, E, C stay on-chip (Nq, Nk <= 128).
   Saved for backward: q, k (the attention keeps them anyway), the masks and the weights.
-CT, backward (3 launches + one sum):
+CT, backward (4 launches + one sum):
   1. the helpers' forward again (recompute instead of storing activations);
   2. ``_ct_transport_backward_kernel`` per (sample, head): dD/dnav, dD/dcrit (R, r);
   3. ``_ct_helpers_backward_kernel``, persistent (a few programs per SM, each looping over row
-     blocks): recomputes each row's activations, backpropagates through normalisation, MLPs and
-     highway, writes dD/dq, dD/dk, and accumulates the weight gradients of its rows on-chip; the
-     per-program partial sums (P, n_weights) are added by one torch sum (deterministic, no atomics).
+     blocks), once for the navigator and once for the critic (so that only one network's weight
+     gradients are held on-chip): recomputes the network's activations per row, backpropagates
+     through normalisation, MLP (and highway), writes (navigator) or adds (critic) dD/dq, dD/dk,
+     and accumulates the weight gradients of its rows on-chip; the per-program partial sums
+     (P, n_weights) are added by one torch sum (deterministic, no atomics).
 GAN: forward, one row kernel (discriminator logit and the row's weighted BCE term) and a segment
 sum; backward, one persistent row kernel of the same shape as CT's.
 
@@ -46,8 +48,12 @@ from torch import Tensor, nn
 
 from vqa_align.alignment_kernels import _direction_weights, _refuse_double_backward, compute_dtype
 
+# Launch shapes, chosen from ptxas's register and spill counts for sm_90 (benchmarks/triton_compile.py;
+# compiled without a GPU, not timed): the forward kernels do not spill at 64 rows and 4 warps; the
+# backward kernels hold their weight gradients on-chip and spill least at 16 rows and 8 warps; the
+# transport kernels need 8 warps once a (sample, head)'s tile exceeds 128 x 16.
 BLOCK_ROWS_FORWARD = 64  # rows per program of the helper forward kernels
-BLOCK_ROWS_BACKWARD = 32  # rows per loop step of the backward kernels (they hold more tiles)
+BLOCK_ROWS_BACKWARD = 16  # rows per loop step of the backward kernels
 # One (sample, head)'s transport matrices are single on-chip tiles: MCAN has <= 100 regions and
 # 14 tokens. Longer sequences take the fused PyTorch path (see :func:`transport_fits`).
 MAX_TRANSPORT_POSITIONS = 128
@@ -62,8 +68,14 @@ _TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # clamps sums that are 0 
 # module was imported: the tests); read once, as triton.jit does.
 INTERPRETED = bool(knobs.runtime.interpret)
 _INTERPRETED = tl.constexpr(INTERPRETED)
+_FP32_DOT = tl.constexpr("ieee" if INTERPRETED else "tf32x3")  # the interpreter multiplies exactly anyway
 NUM_WARPS = 4
-NUM_WARPS_BACKWARD = 8  # the backward row kernels keep every weight gradient on-chip
+NUM_WARPS_BACKWARD = 8  # the backward row kernels keep their weight gradients on-chip
+SMALL_TRANSPORT_TILE = 128 * 16  # up to this many (query, key) pairs: 4 warps; above: 8
+
+
+def transport_warps(n_q: int, n_k: int) -> int:
+    return NUM_WARPS if _block(n_q) * _block(n_k) <= SMALL_TRANSPORT_TILE else 2 * NUM_WARPS
 
 
 def _block(n: int) -> int:
@@ -184,17 +196,20 @@ def _operands(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _mm(a, b, DOT: tl.constexpr):
-    """a @ b with operands in the compute dtype and an fp32 result (no TF32 for fp32 operands)."""
+def _mm_acc(acc, a, b, DOT: tl.constexpr):
+    """acc + a @ b, operands in the compute dtype, fp32 accumulator. fp32 operands go through the
+    tensor cores as three TF32 products ("tf32x3": about fp32's accuracy, unlike plain TF32; exact
+    "ieee" products compile to FMA loops that spill heavily, see benchmarks/triton_compile.py)."""
     a, b = _operands(a, b, DOT)
-    return tl.dot(a, b, input_precision="ieee")
+    if DOT == tl.float32:
+        return tl.dot(a, b, acc, input_precision=_FP32_DOT)
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
-def _mm_acc(acc, a, b, DOT: tl.constexpr):
-    """acc + a @ b (fp32 accumulator)."""
-    a, b = _operands(a, b, DOT)
-    return tl.dot(a, b, acc, input_precision="ieee")
+def _mm(a, b, DOT: tl.constexpr):
+    """a @ b with an fp32 result (see _mm_acc)."""
+    return _mm_acc(tl.zeros((a.shape[0], b.shape[1]), tl.float32), a, b, DOT)
 
 
 @triton.jit
@@ -236,23 +251,31 @@ def _highway_backward(grad_y, x, transform, gate):
 
 
 @triton.jit
-def _ct_helpers(
-    x, nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2,
-    d, hidden_nav, hidden_crit, r,
-    BLOCK_D: tl.constexpr, BLOCK_HN: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_OUT: tl.constexpr, DOT: tl.constexpr,
+def _navigator(
+    x, nav_w1, nav_b1, nav_w2, nav_b2, d, hidden_nav, r,
+    BLOCK_D: tl.constexpr, BLOCK_HN: tl.constexpr, BLOCK_OUT: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """Navigator Linear-ReLU-Linear and critic Highway, Linear-ReLU-Linear of rows x (BLOCK_R, BLOCK_D),
-    both normalised -> nav, nav_norm, nav_hidden, crit, crit_norm, crit_hidden, highway, transform, gate."""
-    nav_hidden = _mm(x, _load_weight_t(nav_w1, hidden_nav, d, BLOCK_D, BLOCK_HN), DOT)
-    nav_hidden = tl.maximum(nav_hidden + _load_vector(nav_b1, hidden_nav, BLOCK_HN)[None, :], 0.0)  # (BR, HN)
-    nav_raw = _mm(nav_hidden, _load_weight_t(nav_w2, r, hidden_nav, BLOCK_HN, BLOCK_OUT), DOT)
-    nav, nav_norm = _normalize(nav_raw + _load_vector(nav_b2, r, BLOCK_OUT)[None, :])  # (BR, R), (BR,)
+    """Navigator Linear-ReLU-Linear, normalised, of rows x (BLOCK_R, BLOCK_D) -> nav, nav_norm, hidden."""
+    hidden = _mm(x, _load_weight_t(nav_w1, hidden_nav, d, BLOCK_D, BLOCK_HN), DOT)
+    hidden = tl.maximum(hidden + _load_vector(nav_b1, hidden_nav, BLOCK_HN)[None, :], 0.0)  # (BR, HN)
+    raw = _mm(hidden, _load_weight_t(nav_w2, r, hidden_nav, BLOCK_HN, BLOCK_OUT), DOT)
+    nav, norm = _normalize(raw + _load_vector(nav_b2, r, BLOCK_OUT)[None, :])  # (BR, R), (BR,)
+    return nav, norm, hidden
+
+
+@triton.jit
+def _critic(
+    x, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2, d, hidden_crit, r,
+    BLOCK_D: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_OUT: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Critic Highway, Linear-ReLU-Linear, normalised, of rows x -> crit, crit_norm, hidden,
+    highway, transform, gate."""
     highway, transform, gate = _highway_forward(x, gate_w, gate_b, d, BLOCK_D, DOT)  # (BR, D) each
-    crit_hidden = _mm(highway, _load_weight_t(crit_w1, hidden_crit, d, BLOCK_D, BLOCK_HC), DOT)
-    crit_hidden = tl.maximum(crit_hidden + _load_vector(crit_b1, hidden_crit, BLOCK_HC)[None, :], 0.0)  # (BR, HC)
-    crit_raw = _mm(crit_hidden, _load_weight_t(crit_w2, r, hidden_crit, BLOCK_HC, BLOCK_OUT), DOT)
-    crit, crit_norm = _normalize(crit_raw + _load_vector(crit_b2, r, BLOCK_OUT)[None, :])  # (BR, R), (BR,)
-    return nav, nav_norm, nav_hidden, crit, crit_norm, crit_hidden, highway, transform, gate
+    hidden = _mm(highway, _load_weight_t(crit_w1, hidden_crit, d, BLOCK_D, BLOCK_HC), DOT)
+    hidden = tl.maximum(hidden + _load_vector(crit_b1, hidden_crit, BLOCK_HC)[None, :], 0.0)  # (BR, HC)
+    raw = _mm(hidden, _load_weight_t(crit_w2, r, hidden_crit, BLOCK_HC, BLOCK_OUT), DOT)
+    crit, norm = _normalize(raw + _load_vector(crit_b2, r, BLOCK_OUT)[None, :])  # (BR, R), (BR,)
+    return crit, norm, hidden, highway, transform, gate
 
 
 @triton.jit
@@ -271,10 +294,10 @@ def _ct_helpers_forward_kernel(
         rows, n_query_rows, n_rows, heads, n_q, n_k, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n
     )
     x = _load_rows(q_ptr, k_ptr, is_query, in_range, offset_q, offset_k, d, sq_d, sk_d, BLOCK_D)  # (BR, D)
-    nav, _, _, crit, _, _, _, _, _ = _ct_helpers(
-        x, nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2,
-        d, hidden_nav, hidden_crit, r, BLOCK_D, BLOCK_HN, BLOCK_HC, BLOCK_OUT, DOT,
-    )  # fmt: skip
+    nav, _, _ = _navigator(x, nav_w1, nav_b1, nav_w2, nav_b2, d, hidden_nav, r, BLOCK_D, BLOCK_HN, BLOCK_OUT, DOT)
+    crit, _, _, _, _, _ = _critic(
+        x, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2, d, hidden_crit, r, BLOCK_D, BLOCK_HC, BLOCK_OUT, DOT
+    )
     cols = tl.arange(0, BLOCK_OUT)
     mask = in_range[:, None] & (cols < r)[None, :]
     tl.store(nav_ptr + rows[:, None] * r + cols[None, :], nav, mask=mask)
@@ -385,96 +408,99 @@ def _ct_helpers_backward_kernel(
     gq_b, gq_h, gq_n, gq_d, gk_b, gk_h, gk_n, gk_d,
     d, hidden_nav, hidden_crit, r,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HN: tl.constexpr, BLOCK_HC: tl.constexpr,
-    BLOCK_OUT: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, DOT: tl.constexpr, CRITIC: tl.constexpr,
 ):  # fmt: skip
-    """Persistent grid (P,): every P-th block of BLOCK_R rows. From dD/dnav, dD/dcrit (R, r) ->
-    dD/dq, dD/dk (their own dense (B, H, N, d) layouts) and this program's weight-gradient sums,
-    stored flat in the order of the weights into partial_ptr[pid] (n_weights fp32)."""
+    """Persistent grid (P,): every P-th block of BLOCK_R rows. One helper network per launch, so
+    that only its weight gradients are held on-chip: CRITIC False, the navigator, from dD/dnav
+    (R, r), stores its part of dD/dq, dD/dk; CRITIC True, the critic, from dD/dcrit, adds its part.
+    The weight-gradient sums of the program's rows go flat, in the order of the ten weights, into
+    partial_ptr[pid] (n_weights fp32; each launch fills its own network's entries)."""
     pid = tl.program_id(0)
-    acc_nav_w1 = tl.zeros((BLOCK_HN, BLOCK_D), tl.float32)
-    acc_nav_b1 = tl.zeros((BLOCK_HN,), tl.float32)
-    acc_nav_w2 = tl.zeros((BLOCK_OUT, BLOCK_HN), tl.float32)
-    acc_nav_b2 = tl.zeros((BLOCK_OUT,), tl.float32)
-    acc_transform_w = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
+    # Accumulators of both networks are declared (the compiler drops the unused ones).
+    acc_w1 = tl.zeros((BLOCK_HC if CRITIC else BLOCK_HN, BLOCK_D), tl.float32)  # first Linear
+    acc_b1 = tl.zeros((BLOCK_HC if CRITIC else BLOCK_HN,), tl.float32)
+    acc_w2 = tl.zeros((BLOCK_OUT, BLOCK_HC if CRITIC else BLOCK_HN), tl.float32)  # second Linear
+    acc_b2 = tl.zeros((BLOCK_OUT,), tl.float32)
+    acc_transform_w = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)  # the critic's highway
     acc_transform_b = tl.zeros((BLOCK_D,), tl.float32)
     acc_gate_w = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
     acc_gate_b = tl.zeros((BLOCK_D,), tl.float32)
-    acc_crit_w1 = tl.zeros((BLOCK_HC, BLOCK_D), tl.float32)
-    acc_crit_b1 = tl.zeros((BLOCK_HC,), tl.float32)
-    acc_crit_w2 = tl.zeros((BLOCK_OUT, BLOCK_HC), tl.float32)
-    acc_crit_b2 = tl.zeros((BLOCK_OUT,), tl.float32)
     cols_out = tl.arange(0, BLOCK_OUT)
     for block in range(pid, n_blocks, tl.num_programs(0)):
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         is_query, in_range, offset_q, offset_k, _, _, _ = _row_offsets(
             rows, n_query_rows, n_rows, heads, n_q, n_k, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n
         )
-        x = _load_rows(q_ptr, k_ptr, is_query, in_range, offset_q, offset_k, d, sq_d, sk_d, BLOCK_D)  # (BR, D)
-        nav, nav_norm, nav_hidden, crit, crit_norm, crit_hidden, highway, transform, gate = _ct_helpers(
-            x, nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2,
-            d, hidden_nav, hidden_crit, r, BLOCK_D, BLOCK_HN, BLOCK_HC, BLOCK_OUT, DOT,
-        )  # fmt: skip
-        out_mask = in_range[:, None] & (cols_out < r)[None, :]
-        grad_nav = tl.load(grad_nav_ptr + rows[:, None] * r + cols_out[None, :], mask=out_mask, other=0.0)
-        grad_crit = tl.load(grad_crit_ptr + rows[:, None] * r + cols_out[None, :], mask=out_mask, other=0.0)
-
-        # Navigator: normalise, Linear, ReLU, Linear.
-        grad_nav = _normalize_backward(grad_nav, nav, nav_norm)  # (BR, R)
-        acc_nav_b2 += tl.sum(grad_nav, axis=0)
-        acc_nav_w2 = _mm_acc(acc_nav_w2, tl.trans(grad_nav), nav_hidden, DOT)
-        grad_hidden = _mm(grad_nav, tl.trans(_load_weight_t(nav_w2, r, hidden_nav, BLOCK_HN, BLOCK_OUT)), DOT)
-        grad_hidden = tl.where(nav_hidden > 0.0, grad_hidden, 0.0)  # (BR, HN)
-        acc_nav_b1 += tl.sum(grad_hidden, axis=0)
-        acc_nav_w1 = _mm_acc(acc_nav_w1, tl.trans(grad_hidden), x, DOT)
-        grad_x = _mm(grad_hidden, tl.trans(_load_weight_t(nav_w1, hidden_nav, d, BLOCK_D, BLOCK_HN)), DOT)  # (BR, D)
-
-        # Critic: normalise, Linear, ReLU, Linear, highway.
-        grad_crit = _normalize_backward(grad_crit, crit, crit_norm)
-        acc_crit_b2 += tl.sum(grad_crit, axis=0)
-        acc_crit_w2 = _mm_acc(acc_crit_w2, tl.trans(grad_crit), crit_hidden, DOT)
-        grad_hidden = _mm(grad_crit, tl.trans(_load_weight_t(crit_w2, r, hidden_crit, BLOCK_HC, BLOCK_OUT)), DOT)
-        grad_hidden = tl.where(crit_hidden > 0.0, grad_hidden, 0.0)  # (BR, HC)
-        acc_crit_b1 += tl.sum(grad_hidden, axis=0)
-        acc_crit_w1 = _mm_acc(acc_crit_w1, tl.trans(grad_hidden), highway, DOT)
-        grad_highway = _mm(grad_hidden, tl.trans(_load_weight_t(crit_w1, hidden_crit, d, BLOCK_D, BLOCK_HC)), DOT)
-        grad_transform, grad_gate, grad_carry = _highway_backward(grad_highway, x, transform, gate)  # (BR, D) each
-        acc_transform_b += tl.sum(grad_transform, axis=0)
-        acc_gate_b += tl.sum(grad_gate, axis=0)
-        acc_transform_w = _mm_acc(acc_transform_w, tl.trans(grad_transform), x, DOT)
-        acc_gate_w = _mm_acc(acc_gate_w, tl.trans(grad_gate), x, DOT)
-        grad_x += grad_carry
-        grad_x = _mm_acc(grad_x, grad_transform, tl.trans(_load_weight_t(gate_w, d, d, BLOCK_D, BLOCK_D)), DOT)
-        grad_x = _mm_acc(grad_x, grad_gate, tl.trans(_load_weight_t(gate_w + d * d, d, d, BLOCK_D, BLOCK_D)), DOT)
-
         _, _, out_q, out_k, _, _, _ = _row_offsets(
             rows, n_query_rows, n_rows, heads, n_q, n_k, gq_b, gq_h, gq_n, gk_b, gk_h, gk_n
         )
+        x = _load_rows(q_ptr, k_ptr, is_query, in_range, offset_q, offset_k, d, sq_d, sk_d, BLOCK_D)  # (BR, D)
+        out_mask = in_range[:, None] & (cols_out < r)[None, :]
+        if CRITIC:
+            # Normalise, Linear, ReLU, Linear, highway.
+            crit, crit_norm, hidden, highway, transform, gate = _critic(
+                x, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2, d, hidden_crit, r, BLOCK_D, BLOCK_HC, BLOCK_OUT, DOT
+            )
+            grad_out = tl.load(grad_crit_ptr + rows[:, None] * r + cols_out[None, :], mask=out_mask, other=0.0)
+            grad_out = _normalize_backward(grad_out, crit, crit_norm)  # (BR, R)
+            acc_b2 += tl.sum(grad_out, axis=0)
+            acc_w2 = _mm_acc(acc_w2, tl.trans(grad_out), hidden, DOT)
+            grad_hidden = _mm(grad_out, tl.trans(_load_weight_t(crit_w2, r, hidden_crit, BLOCK_HC, BLOCK_OUT)), DOT)
+            grad_hidden = tl.where(hidden > 0.0, grad_hidden, 0.0)  # (BR, HC)
+            acc_b1 += tl.sum(grad_hidden, axis=0)
+            acc_w1 = _mm_acc(acc_w1, tl.trans(grad_hidden), highway, DOT)
+            grad_highway = _mm(grad_hidden, tl.trans(_load_weight_t(crit_w1, hidden_crit, d, BLOCK_D, BLOCK_HC)), DOT)
+            grad_transform, grad_gate, grad_x = _highway_backward(grad_highway, x, transform, gate)  # (BR, D) each
+            acc_transform_b += tl.sum(grad_transform, axis=0)
+            acc_gate_b += tl.sum(grad_gate, axis=0)
+            acc_transform_w = _mm_acc(acc_transform_w, tl.trans(grad_transform), x, DOT)
+            acc_gate_w = _mm_acc(acc_gate_w, tl.trans(grad_gate), x, DOT)
+            grad_x = _mm_acc(grad_x, grad_transform, tl.trans(_load_weight_t(gate_w, d, d, BLOCK_D, BLOCK_D)), DOT)
+            grad_x = _mm_acc(grad_x, grad_gate, tl.trans(_load_weight_t(gate_w + d * d, d, d, BLOCK_D, BLOCK_D)), DOT)
+            # + the navigator's part, stored by the first launch.
+            grad_x += _load_rows(grad_q_ptr, grad_k_ptr, is_query, in_range, out_q, out_k, d, gq_d, gk_d, BLOCK_D)
+        else:
+            # Normalise, Linear, ReLU, Linear.
+            nav, nav_norm, hidden = _navigator(
+                x, nav_w1, nav_b1, nav_w2, nav_b2, d, hidden_nav, r, BLOCK_D, BLOCK_HN, BLOCK_OUT, DOT
+            )
+            grad_out = tl.load(grad_nav_ptr + rows[:, None] * r + cols_out[None, :], mask=out_mask, other=0.0)
+            grad_out = _normalize_backward(grad_out, nav, nav_norm)  # (BR, R)
+            acc_b2 += tl.sum(grad_out, axis=0)
+            acc_w2 = _mm_acc(acc_w2, tl.trans(grad_out), hidden, DOT)
+            grad_hidden = _mm(grad_out, tl.trans(_load_weight_t(nav_w2, r, hidden_nav, BLOCK_HN, BLOCK_OUT)), DOT)
+            grad_hidden = tl.where(hidden > 0.0, grad_hidden, 0.0)  # (BR, HN)
+            acc_b1 += tl.sum(grad_hidden, axis=0)
+            acc_w1 = _mm_acc(acc_w1, tl.trans(grad_hidden), x, DOT)
+            grad_x = _mm(grad_hidden, tl.trans(_load_weight_t(nav_w1, hidden_nav, d, BLOCK_D, BLOCK_HN)), DOT)
         _store_rows(grad_q_ptr, grad_k_ptr, grad_x, is_query, in_range, out_q, out_k, d, gq_d, gk_d, BLOCK_D)
 
-    # This program's sums, flat in the order nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b,
-    # crit_w1, crit_b1, crit_w2, crit_b2 (the gates' weight and bias: transform rows, then gate rows).
+    # Flat order: nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2
+    # (the gates' weight and bias: transform rows, then gate rows).
     out = partial_ptr + pid * n_weights
-    _store_matrix(out, acc_nav_w1, hidden_nav, d, BLOCK_HN, BLOCK_D)
-    out += hidden_nav * d
-    _store_vector(out, acc_nav_b1, hidden_nav, BLOCK_HN)
-    out += hidden_nav
-    _store_matrix(out, acc_nav_w2, r, hidden_nav, BLOCK_OUT, BLOCK_HN)
-    out += r * hidden_nav
-    _store_vector(out, acc_nav_b2, r, BLOCK_OUT)
-    out += r
-    _store_matrix(out, acc_transform_w, d, d, BLOCK_D, BLOCK_D)
-    _store_matrix(out + d * d, acc_gate_w, d, d, BLOCK_D, BLOCK_D)
-    out += 2 * d * d
-    _store_vector(out, acc_transform_b, d, BLOCK_D)
-    _store_vector(out + d, acc_gate_b, d, BLOCK_D)
-    out += 2 * d
-    _store_matrix(out, acc_crit_w1, hidden_crit, d, BLOCK_HC, BLOCK_D)
-    out += hidden_crit * d
-    _store_vector(out, acc_crit_b1, hidden_crit, BLOCK_HC)
-    out += hidden_crit
-    _store_matrix(out, acc_crit_w2, r, hidden_crit, BLOCK_OUT, BLOCK_HC)
-    out += r * hidden_crit
-    _store_vector(out, acc_crit_b2, r, BLOCK_OUT)
+    if CRITIC:
+        out += hidden_nav * d + hidden_nav + r * hidden_nav + r
+        _store_matrix(out, acc_transform_w, d, d, BLOCK_D, BLOCK_D)
+        _store_matrix(out + d * d, acc_gate_w, d, d, BLOCK_D, BLOCK_D)
+        out += 2 * d * d
+        _store_vector(out, acc_transform_b, d, BLOCK_D)
+        _store_vector(out + d, acc_gate_b, d, BLOCK_D)
+        out += 2 * d
+        _store_matrix(out, acc_w1, hidden_crit, d, BLOCK_HC, BLOCK_D)
+        out += hidden_crit * d
+        _store_vector(out, acc_b1, hidden_crit, BLOCK_HC)
+        out += hidden_crit
+        _store_matrix(out, acc_w2, r, hidden_crit, BLOCK_OUT, BLOCK_HC)
+        out += r * hidden_crit
+        _store_vector(out, acc_b2, r, BLOCK_OUT)
+    else:
+        _store_matrix(out, acc_w1, hidden_nav, d, BLOCK_HN, BLOCK_D)
+        out += hidden_nav * d
+        _store_vector(out, acc_b1, hidden_nav, BLOCK_HN)
+        out += hidden_nav
+        _store_matrix(out, acc_w2, r, hidden_nav, BLOCK_OUT, BLOCK_HN)
+        out += r * hidden_nav
+        _store_vector(out, acc_b2, r, BLOCK_OUT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,7 +669,8 @@ class TritonConditionalTransport(torch.autograd.Function):
         distance = torch.empty(batch, heads, device=queries.device, dtype=torch.float32)
         _ct_transport_forward_kernel[(batch * heads,)](
             nav, crit, q_valid, k_valid, distance, heads, n_q, n_k, batch * heads * n_q, nav.shape[1], float(rho),
-            BLOCK_Q=_block(n_q), BLOCK_K=_block(n_k), BLOCK_OUT=_block(nav.shape[1]), DOT=dot, num_warps=NUM_WARPS,
+            BLOCK_Q=_block(n_q), BLOCK_K=_block(n_k), BLOCK_OUT=_block(nav.shape[1]), DOT=dot,
+            num_warps=transport_warps(n_q, n_k),
         )  # fmt: skip
         ctx.rho, ctx.dot = float(rho), dot
         ctx.save_for_backward(queries, keys, q_valid, k_valid, *weights)  # activations are recomputed
@@ -666,7 +693,8 @@ class TritonConditionalTransport(torch.autograd.Function):
         _ct_transport_backward_kernel[(batch * heads,)](
             nav, crit, q_valid, k_valid, grad_distance.float().contiguous(), grad_nav, grad_crit,
             heads, n_q, n_k, n_query_rows, r, ctx.rho,
-            BLOCK_Q=_block(n_q), BLOCK_K=_block(n_k), BLOCK_OUT=_block(r), DOT=dot, num_warps=NUM_WARPS,
+            BLOCK_Q=_block(n_q), BLOCK_K=_block(n_k), BLOCK_OUT=_block(r), DOT=dot,
+            num_warps=transport_warps(n_q, n_k),
         )  # fmt: skip
         del nav, crit
 
@@ -676,14 +704,15 @@ class TritonConditionalTransport(torch.autograd.Function):
         programs = _persistent_programs(n_blocks, queries.device)
         n_weights = sum(w.numel() for w in weights)
         partials = torch.empty(programs, n_weights, device=queries.device, dtype=torch.float32)
-        _ct_helpers_backward_kernel[(programs,)](
-            queries, keys, grad_nav, grad_crit, grad_q, grad_k, partials, *weights,
-            n_query_rows, n_rows, n_blocks, n_weights, heads, n_q, n_k,
-            *_strides(queries), *_strides(keys), *_strides(grad_q), *_strides(grad_k),
-            d, hidden_nav, hidden_crit, r,
-            BLOCK_R=BLOCK_ROWS_BACKWARD, BLOCK_D=_block(d), BLOCK_HN=_block(hidden_nav), BLOCK_HC=_block(hidden_crit),
-            BLOCK_OUT=_block(r), DOT=dot, num_warps=NUM_WARPS_BACKWARD,
-        )  # fmt: skip
+        for critic in (False, True):  # the navigator's part of dD/dq, dD/dk, then the critic's added
+            _ct_helpers_backward_kernel[(programs,)](
+                queries, keys, grad_nav, grad_crit, grad_q, grad_k, partials, *weights,
+                n_query_rows, n_rows, n_blocks, n_weights, heads, n_q, n_k,
+                *_strides(queries), *_strides(keys), *_strides(grad_q), *_strides(grad_k),
+                d, hidden_nav, hidden_crit, r,
+                BLOCK_R=BLOCK_ROWS_BACKWARD, BLOCK_D=_block(d), BLOCK_HN=_block(hidden_nav),
+                BLOCK_HC=_block(hidden_crit), BLOCK_OUT=_block(r), DOT=dot, CRITIC=critic, num_warps=NUM_WARPS_BACKWARD,
+            )  # fmt: skip
         weight_grads = _split_weight_grads(partials, weights)
         # The critic ascends the cost: its parameter gradients are negated (ALIGNMENT.md).
         weight_grads = weight_grads[:4] + [g.neg() for g in weight_grads[4:]]
