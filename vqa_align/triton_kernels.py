@@ -19,7 +19,8 @@ CT, forward (2 launches):
   Saved for backward: q, k (the attention keeps them anyway), the masks and the weights.
 CT, backward (4 launches + one sum):
   1. the helpers' forward again (recompute instead of storing activations);
-  2. ``_ct_transport_backward_kernel`` per (sample, head): dD/dnav, dD/dcrit (R, r);
+  2. ``_ct_transport_backward_kernel`` per (sample, head): dD/dnav, dD/dcrit (R, r), written over
+     nav and crit;
   3. ``_ct_helpers_backward_kernel``, persistent (a few programs per SM, each looping over row
      blocks), once for the navigator and once for the critic (so that only one network's weight
      gradients are held on-chip): recomputes the network's activations per row, backpropagates
@@ -689,14 +690,16 @@ class TritonConditionalTransport(torch.autograd.Function):
         dot = ctx.dot
 
         nav, crit = _ct_helper_rows(queries, keys, weights, dot)  # recomputed (R, r)
-        grad_nav, grad_crit = torch.empty_like(nav), torch.empty_like(crit)
+        # In place: each program reads its (sample, head)'s rows of nav and crit before it writes
+        # their gradients there, and no other program touches those rows.
+        grad_nav, grad_crit = nav, crit
         _ct_transport_backward_kernel[(batch * heads,)](
             nav, crit, q_valid, k_valid, grad_distance.float().contiguous(), grad_nav, grad_crit,
             heads, n_q, n_k, n_query_rows, r, ctx.rho,
             BLOCK_Q=_block(n_q), BLOCK_K=_block(n_k), BLOCK_OUT=_block(r), DOT=dot,
             num_warps=transport_warps(n_q, n_k),
         )  # fmt: skip
-        del nav, crit
+        del nav, crit  # now dD/dnav, dD/dcrit
 
         grad_q = torch.empty(queries.shape, device=queries.device, dtype=queries.dtype)
         grad_k = torch.empty(keys.shape, device=keys.device, dtype=keys.dtype)
