@@ -27,8 +27,8 @@ CT, backward (4 launches + one sum):
      through normalisation, MLP (and highway), writes (navigator) or adds (critic) dD/dq, dD/dk,
      and accumulates the weight gradients of its rows on-chip; the per-program partial sums
      (P, n_weights) are added by one torch sum (deterministic, no atomics).
-GAN: forward, one row kernel (discriminator logit and the row's weighted BCE term) and a segment
-sum; backward, one persistent row kernel of the same shape as CT's.
+GAN: forward, one row kernel (discriminator logit and the row's BCE term) and one per (sample,
+head) for the masked means; backward, one persistent row kernel of the same shape as CT's.
 
 Numerics: matmul operands in the compute dtype (bf16 under ``helper_precision`` auto/bf16 on CUDA,
 else fp32 with ``input_precision="ieee"``, i.e. no TF32), accumulation and all elementwise work in
@@ -47,7 +47,7 @@ import triton.language as tl
 from triton import knobs
 from torch import Tensor, nn
 
-from vqa_align.alignment_kernels import _direction_weights, _refuse_double_backward, compute_dtype
+from vqa_align.alignment_kernels import _refuse_double_backward, compute_dtype
 
 # Launch shapes, chosen from ptxas's register and spill counts for sm_90 (benchmarks/triton_compile.py;
 # compiled without a GPU, not timed): the forward kernels do not spill at 64 rows and 4 warps; the
@@ -415,7 +415,8 @@ def _ct_helpers_backward_kernel(
     that only its weight gradients are held on-chip: CRITIC False, the navigator, from dD/dnav
     (R, r), stores its part of dD/dq, dD/dk; CRITIC True, the critic, from dD/dcrit, adds its part.
     The weight-gradient sums of the program's rows go flat, in the order of the ten weights, into
-    partial_ptr[pid] (n_weights fp32; each launch fills its own network's entries)."""
+    partial_ptr[pid] (n_weights fp32; each launch fills its own network's entries; the critic's
+    negated)."""
     pid = tl.program_id(0)
     # Accumulators of both networks are declared (the compiler drops the unused ones).
     acc_w1 = tl.zeros((BLOCK_HC if CRITIC else BLOCK_HN, BLOCK_D), tl.float32)  # first Linear
@@ -480,20 +481,21 @@ def _ct_helpers_backward_kernel(
     # (the gates' weight and bias: transform rows, then gate rows).
     out = partial_ptr + pid * n_weights
     if CRITIC:
+        # The critic ascends the cost (ALIGNMENT.md): its parameter gradients are stored negated.
         out += hidden_nav * d + hidden_nav + r * hidden_nav + r
-        _store_matrix(out, acc_transform_w, d, d, BLOCK_D, BLOCK_D)
-        _store_matrix(out + d * d, acc_gate_w, d, d, BLOCK_D, BLOCK_D)
+        _store_matrix(out, -acc_transform_w, d, d, BLOCK_D, BLOCK_D)
+        _store_matrix(out + d * d, -acc_gate_w, d, d, BLOCK_D, BLOCK_D)
         out += 2 * d * d
-        _store_vector(out, acc_transform_b, d, BLOCK_D)
-        _store_vector(out + d, acc_gate_b, d, BLOCK_D)
+        _store_vector(out, -acc_transform_b, d, BLOCK_D)
+        _store_vector(out + d, -acc_gate_b, d, BLOCK_D)
         out += 2 * d
-        _store_matrix(out, acc_w1, hidden_crit, d, BLOCK_HC, BLOCK_D)
+        _store_matrix(out, -acc_w1, hidden_crit, d, BLOCK_HC, BLOCK_D)
         out += hidden_crit * d
-        _store_vector(out, acc_b1, hidden_crit, BLOCK_HC)
+        _store_vector(out, -acc_b1, hidden_crit, BLOCK_HC)
         out += hidden_crit
-        _store_matrix(out, acc_w2, r, hidden_crit, BLOCK_OUT, BLOCK_HC)
+        _store_matrix(out, -acc_w2, r, hidden_crit, BLOCK_OUT, BLOCK_HC)
         out += r * hidden_crit
-        _store_vector(out, acc_b2, r, BLOCK_OUT)
+        _store_vector(out, -acc_b2, r, BLOCK_OUT)
     else:
         _store_matrix(out, acc_w1, hidden_nav, d, BLOCK_HN, BLOCK_D)
         out += hidden_nav * d
@@ -523,36 +525,70 @@ def _discriminator(x, gate_w, gate_b, w1, b1, w2, b2, d, hidden, slope, BLOCK_D:
 
 
 @triton.jit
-def _gan_row_weights(weight_q_ptr, weight_k_ptr, is_query, in_range, b, position, n_q, n_k):
-    """The row's weight in its masked mean: 1/n (queries) or 1/m (keys) if valid, else 0."""
-    w_q = tl.load(weight_q_ptr + b * n_q + position, mask=is_query & in_range, other=0.0)
-    w_k = tl.load(weight_k_ptr + b * n_k + position, mask=(~is_query) & in_range, other=0.0)
-    return w_q + w_k
+def _gan_row_weights(q_valid_ptr, k_valid_ptr, inv_count_ptr, is_query, in_range, b, position, n_q, n_k):
+    """The row's weight in its masked mean: 1/n (queries) or 1/m (keys) of its sample if the
+    position is valid, else 0. inv_count (B, 2) holds 1/n, 1/m (_gan_loss_kernel)."""
+    valid_q = tl.load(q_valid_ptr + b * n_q + position, mask=is_query & in_range, other=0) != 0
+    valid_k = tl.load(k_valid_ptr + b * n_k + position, mask=(~is_query) & in_range, other=0) != 0
+    inv_count = tl.load(inv_count_ptr + 2 * b + tl.where(is_query, 0, 1), mask=in_range, other=0.0)
+    return tl.where(valid_q | valid_k, inv_count, 0.0)
 
 
 @triton.jit
 def _gan_forward_kernel(
-    q_ptr, k_ptr, weight_q_ptr, weight_k_ptr, terms_ptr, gate_w, gate_b, w1, b1, w2, b2,
+    q_ptr, k_ptr, terms_ptr, gate_w, gate_b, w1, b1, w2, b2,
     n_query_rows, n_rows, heads, n_q, n_k, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, d, hidden, slope,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(R, BLOCK_R),): each row's term of L_D = mean BCE(D(k), 1) + mean BCE(D(q), 0),
-    i.e. w·softplus(D(q)) for a query and w·softplus(-D(k)) for a key -> terms (R,) fp32."""
+    """Grid (cdiv(R, BLOCK_R),): each row's BCE term, softplus(D(q)) = BCE(D(q), 0) for a query,
+    softplus(-D(k)) = BCE(D(k), 1) for a key -> terms (R,) fp32 (padding included; _gan_loss_kernel
+    averages the valid ones)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    is_query, in_range, offset_q, offset_k, b, position, _ = _row_offsets(
+    is_query, in_range, offset_q, offset_k, _, _, _ = _row_offsets(
         rows, n_query_rows, n_rows, heads, n_q, n_k, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n
     )
     x = _load_rows(q_ptr, k_ptr, is_query, in_range, offset_q, offset_k, d, sq_d, sk_d, BLOCK_D)
     logit, _, _, _, _, _ = _discriminator(x, gate_w, gate_b, w1, b1, w2, b2, d, hidden, slope, BLOCK_D, BLOCK_H, DOT)
     signed = tl.where(is_query, logit, -logit)
     softplus = tl.maximum(signed, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(signed)))  # stable log(1 + e^x)
-    weight = _gan_row_weights(weight_q_ptr, weight_k_ptr, is_query, in_range, b, position, n_q, n_k)
-    tl.store(terms_ptr + rows, weight * softplus, mask=in_range)
+    tl.store(terms_ptr + rows, softplus, mask=in_range)
+
+
+@triton.jit
+def _gan_loss_kernel(
+    terms_ptr, q_valid_ptr, k_valid_ptr, loss_ptr, inv_count_ptr, heads, n_q, n_k, n_query_rows,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (B·H,): L_D of one (sample, head) = mean of the valid queries' terms + mean of the valid
+    keys' terms -> loss (B·H,); the programs of head 0 also store 1/n, 1/m of their sample into
+    inv_count (B, 2) for the backward pass. Any Nq, Nk (chunks of BLOCK_N)."""
+    bh = tl.program_id(0)
+    b = bh // heads
+    sum_q = tl.zeros((BLOCK_N,), tl.float32)
+    count_q = tl.zeros((BLOCK_N,), tl.float32)
+    for start in range(0, n_q, BLOCK_N):
+        i = start + tl.arange(0, BLOCK_N)
+        ok = tl.load(q_valid_ptr + b * n_q + i, mask=i < n_q, other=0) != 0
+        sum_q += tl.load(terms_ptr + bh * n_q + i, mask=ok, other=0.0)
+        count_q += ok.to(tl.float32)
+    sum_k = tl.zeros((BLOCK_N,), tl.float32)
+    count_k = tl.zeros((BLOCK_N,), tl.float32)
+    for start in range(0, n_k, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        ok = tl.load(k_valid_ptr + b * n_k + j, mask=j < n_k, other=0) != 0
+        sum_k += tl.load(terms_ptr + n_query_rows + bh * n_k + j, mask=ok, other=0.0)
+        count_k += ok.to(tl.float32)
+    inv_n = 1.0 / tl.maximum(tl.sum(count_q, axis=0), 1.0)
+    inv_m = 1.0 / tl.maximum(tl.sum(count_k, axis=0), 1.0)
+    tl.store(loss_ptr + bh, tl.sum(sum_q, axis=0) * inv_n + tl.sum(sum_k, axis=0) * inv_m)
+    first_head = bh % heads == 0
+    tl.store(inv_count_ptr + 2 * b, inv_n, mask=first_head)
+    tl.store(inv_count_ptr + 2 * b + 1, inv_m, mask=first_head)
 
 
 @triton.jit
 def _gan_backward_kernel(
-    q_ptr, k_ptr, weight_q_ptr, weight_k_ptr, grad_out_ptr, grad_q_ptr, grad_k_ptr, partial_ptr,
+    q_ptr, k_ptr, q_valid_ptr, k_valid_ptr, inv_count_ptr, grad_out_ptr, grad_q_ptr, grad_k_ptr, partial_ptr,
     gate_w, gate_b, w1, b1, w2, b2,
     n_query_rows, n_rows, n_blocks, n_weights, heads, n_q, n_k,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
@@ -582,7 +618,7 @@ def _gan_backward_kernel(
             x, gate_w, gate_b, w1, b1, w2, b2, d, hidden, slope, BLOCK_D, BLOCK_H, DOT
         )
         # d softplus(x)/dx = σ(x) (queries, target 0); d softplus(-x)/dx = σ(x) - 1 (keys, target 1).
-        weight = _gan_row_weights(weight_q_ptr, weight_k_ptr, is_query, in_range, b, position, n_q, n_k)
+        weight = _gan_row_weights(q_valid_ptr, k_valid_ptr, inv_count_ptr, is_query, in_range, b, position, n_q, n_k)
         upstream = tl.load(grad_out_ptr + bh, mask=in_range, other=0.0).to(tl.float32)
         grad_logit = upstream * weight * (tl.sigmoid(logit) - tl.where(is_query, 0.0, 1.0))  # (BR,)
         acc_b2 += grad_logit
@@ -716,9 +752,7 @@ class TritonConditionalTransport(torch.autograd.Function):
                 BLOCK_R=BLOCK_ROWS_BACKWARD, BLOCK_D=_block(d), BLOCK_HN=_block(hidden_nav),
                 BLOCK_HC=_block(hidden_crit), BLOCK_OUT=_block(r), DOT=dot, CRITIC=critic, num_warps=NUM_WARPS_BACKWARD,
             )  # fmt: skip
-        weight_grads = _split_weight_grads(partials, weights)
-        # The critic ascends the cost: its parameter gradients are negated (ALIGNMENT.md).
-        weight_grads = weight_grads[:4] + [g.neg() for g in weight_grads[4:]]
+        weight_grads = _split_weight_grads(partials, weights)  # the critic's already negated
         return (grad_q, grad_k, None, None, None, None, *(g.to(w.dtype) for g, w in zip(weight_grads, weights, strict=True)))
 
 
@@ -732,25 +766,30 @@ class TritonAdversarial(torch.autograd.Function):
         n_k = keys.shape[-2]
         weights = tuple(w.contiguous() for w in weights)
         hidden = weights[2].shape[0]
-        q_weight, k_weight = (w.squeeze(1).contiguous() for w in _direction_weights(q_valid, k_valid, 1.0, 1.0, torch.float32))
+        q_valid, k_valid = q_valid.contiguous(), k_valid.contiguous()
         n_query_rows = batch * heads * n_q
         n_rows = n_query_rows + batch * heads * n_k
         terms = torch.empty(n_rows, device=queries.device, dtype=torch.float32)
         dot = _dot_dtype(dtype)
         _gan_forward_kernel[(triton.cdiv(n_rows, BLOCK_ROWS_FORWARD),)](
-            queries, keys, q_weight, k_weight, terms, *weights, n_query_rows, n_rows, heads, n_q, n_k,
+            queries, keys, terms, *weights, n_query_rows, n_rows, heads, n_q, n_k,
             *_strides(queries), *_strides(keys), d, hidden, float(slope),
             BLOCK_R=BLOCK_ROWS_FORWARD, BLOCK_D=_block(d), BLOCK_H=_block(hidden), DOT=dot, num_warps=NUM_WARPS,
         )  # fmt: skip
-        loss = terms[:n_query_rows].view(batch, heads, n_q).sum(-1) + terms[n_query_rows:].view(batch, heads, n_k).sum(-1)
+        loss = torch.empty(batch, heads, device=queries.device, dtype=torch.float32)
+        inv_count = torch.empty(batch, 2, device=queries.device, dtype=torch.float32)  # 1/n, 1/m per sample
+        _gan_loss_kernel[(batch * heads,)](
+            terms, q_valid, k_valid, loss, inv_count, heads, n_q, n_k, n_query_rows,
+            BLOCK_N=min(_block(max(n_q, n_k)), MAX_TRANSPORT_POSITIONS), num_warps=NUM_WARPS,
+        )  # fmt: skip
         ctx.slope, ctx.dot = float(slope), dot
-        ctx.save_for_backward(queries, keys, q_weight, k_weight, *weights)
+        ctx.save_for_backward(queries, keys, q_valid, k_valid, inv_count, *weights)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
         _refuse_double_backward("GAN")
-        queries, keys, q_weight, k_weight, *weights = ctx.saved_tensors
+        queries, keys, q_valid, k_valid, inv_count, *weights = ctx.saved_tensors
         weights = tuple(weights)
         batch, heads, n_q, d = queries.shape
         n_k = keys.shape[-2]
@@ -764,7 +803,7 @@ class TritonAdversarial(torch.autograd.Function):
         n_weights = sum(w.numel() for w in weights)
         partials = torch.empty(programs, n_weights, device=queries.device, dtype=torch.float32)
         _gan_backward_kernel[(programs,)](
-            queries, keys, q_weight, k_weight, grad_loss.float().contiguous(), grad_q, grad_k, partials, *weights,
+            queries, keys, q_valid, k_valid, inv_count, grad_loss.float().contiguous(), grad_q, grad_k, partials, *weights,
             n_query_rows, n_rows, n_blocks, n_weights, heads, n_q, n_k,
             *_strides(queries), *_strides(keys), *_strides(grad_q), *_strides(grad_k), d, hidden, ctx.slope,
             BLOCK_R=BLOCK_ROWS_BACKWARD, BLOCK_D=_block(d), BLOCK_H=_block(hidden), DOT=ctx.dot,
