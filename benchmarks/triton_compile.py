@@ -37,10 +37,10 @@ FLOATS = {"rho", "slope"}
 
 
 def signature(kernel, io: str, constexprs: dict) -> dict:
-    """Triton's signature of ``kernel``: q/k (and their gradients) in ``io``, masks bool, weights
+    """Triton's signature of ``kernel``: q/k (and their gradients) in ``io``, masks uint8, weights
     and scratch fp32, scalars i32 / fp32, constexprs as given."""
     types = {"q_ptr": f"*{io}", "k_ptr": f"*{io}", "grad_q_ptr": f"*{io}", "grad_k_ptr": f"*{io}",
-             "q_valid_ptr": "*i1", "k_valid_ptr": "*i1"}  # fmt: skip
+             "q_valid_ptr": "*u8", "k_valid_ptr": "*u8"}  # fmt: skip
     out = {}
     for name in kernel.arg_names:
         if name in constexprs:

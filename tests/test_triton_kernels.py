@@ -192,7 +192,9 @@ def test_padded_positions_neither_count_nor_receive_gradient(tk, method):
     aligner = aligner.float()
     q, k = q.float().requires_grad_(), k.float().requires_grad_()
     got = _triton(tk, aligner, q, k, qv, kv, method, "fp32")
-    grad_q, grad_k = torch.autograd.grad(got.sum(), [q, k])
+    grad_q, grad_k = torch.autograd.grad(got.sum(), [q, k], retain_graph=True)  # an expanded (stride 0) upstream
+    dense = torch.autograd.grad((got * torch.ones_like(got)).sum(), [q, k])
+    assert torch.equal(grad_q, dense[0]) and torch.equal(grad_k, dense[1])
     noisy_q = torch.where(qv[:, None, :, None], q.detach(), torch.full_like(q, 1e3))
     noisy_k = torch.where(kv[:, None, :, None], k.detach(), torch.randn_like(k) * 50)
     torch.testing.assert_close(_triton(tk, aligner, noisy_q, noisy_k, qv, kv, method, "fp32"), got.detach())

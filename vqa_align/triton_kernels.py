@@ -370,10 +370,11 @@ def _ct_transport_forward_kernel(
 @triton.jit
 def _ct_transport_backward_kernel(
     nav_ptr, crit_ptr, q_valid_ptr, k_valid_ptr, grad_out_ptr, grad_nav_ptr, grad_crit_ptr,
-    heads, n_q, n_k, n_query_rows, r, rho,
+    heads, n_q, n_k, n_query_rows, r, rho, sg_b, sg_h,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B·H,): dD/dnav, dD/dcrit (R, r) of one (sample, head)'s rows, from g = dLoss/dD (B·H,).
+    """Grid (B·H,): dD/dnav, dD/dcrit (R, r) of one (sample, head)'s rows, from g = dLoss/dD (B, H)
+    (strides sg_b, sg_h: an expanded gradient, e.g. of a mean, is read as it is).
 
     With α_i = g·w_i / rowsum_i and β_j = g·w'_j / colsum_j:
       dD/dC_ij = E_ij (α_i + β_j)                               (both plans, weighted)
@@ -386,7 +387,7 @@ def _ct_transport_backward_kernel(
     )
     e, cost, row_sum, col_sum, forward_cost, backward_cost = _ct_transport(nav_q, crit_q, nav_k, crit_k, q_ok, k_ok, DOT)
     q_weight, k_weight = _ct_direction_weights(q_ok, k_ok, rho)
-    upstream = tl.load(grad_out_ptr + bh).to(tl.float32)
+    upstream = tl.load(grad_out_ptr + (bh // heads) * sg_b + (bh % heads) * sg_h).to(tl.float32)
     alpha = upstream * q_weight / row_sum  # (BQ,)
     beta = upstream * k_weight / col_sum  # (BK,)
     grad_cost = e * (alpha[:, None] + beta[None, :])  # (BQ, BK)
@@ -593,10 +594,10 @@ def _gan_backward_kernel(
     n_query_rows, n_rows, n_blocks, n_weights, heads, n_q, n_k,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
     gq_b, gq_h, gq_n, gq_d, gk_b, gk_h, gk_n, gk_d,
-    d, hidden, slope,
+    d, hidden, slope, sg_b, sg_h,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """Persistent grid (P,): from g = dLoss/dL_D (B·H,) -> the reversed dL_D/dq, dL_D/dk (q and k
+    """Persistent grid (P,): from g = dLoss/dL_D (B, H) (strides sg_b, sg_h) -> the reversed dL_D/dq, dL_D/dk (q and k
     reach D through a gradient reversal: the projections ascend L_D) and this program's weight
     gradients (D descends L_D), flat in the order gate_w, gate_b, w1, b1, w2, b2."""
     pid = tl.program_id(0)
@@ -619,7 +620,7 @@ def _gan_backward_kernel(
         )
         # d softplus(x)/dx = σ(x) (queries, target 0); d softplus(-x)/dx = σ(x) - 1 (keys, target 1).
         weight = _gan_row_weights(q_valid_ptr, k_valid_ptr, inv_count_ptr, is_query, in_range, b, position, n_q, n_k)
-        upstream = tl.load(grad_out_ptr + bh, mask=in_range, other=0.0).to(tl.float32)
+        upstream = tl.load(grad_out_ptr + b * sg_b + (bh - b * heads) * sg_h, mask=in_range, other=0.0).to(tl.float32)
         grad_logit = upstream * weight * (tl.sigmoid(logit) - tl.where(is_query, 0.0, 1.0))  # (BR,)
         acc_b2 += grad_logit
         acc_w2 += tl.sum(grad_logit[:, None] * hidden_act, axis=0)
@@ -665,6 +666,11 @@ def _strides(x: Tensor) -> tuple[int, int, int, int]:
     return tuple(x.stride())  # type: ignore[return-value]
 
 
+def _mask_bytes(valid: Tensor) -> Tensor:
+    """(B, N) bool mask as uint8 (the same bytes, no copy unless it is strided): kernels read bytes."""
+    return valid.contiguous().view(torch.uint8)
+
+
 def _split_weight_grads(partials: Tensor, weights: tuple[Tensor, ...]) -> list[Tensor]:
     """(P, n_weights) per-program sums -> one gradient per weight, in the weights' shapes (fp32)."""
     flat = partials.sum(0)  # one fixed-order reduction: deterministic
@@ -700,7 +706,7 @@ class TritonConditionalTransport(torch.autograd.Function):
         batch, heads, n_q, _ = queries.shape
         n_k = keys.shape[-2]
         weights = tuple(w.contiguous() for w in weights)
-        q_valid, k_valid = q_valid.contiguous(), k_valid.contiguous()
+        q_valid, k_valid = _mask_bytes(q_valid), _mask_bytes(k_valid)
         dot = _dot_dtype(dtype)
         nav, crit = _ct_helper_rows(queries, keys, weights, dot)  # (R, r) each
         distance = torch.empty(batch, heads, device=queries.device, dtype=torch.float32)
@@ -730,8 +736,8 @@ class TritonConditionalTransport(torch.autograd.Function):
         # their gradients there, and no other program touches those rows.
         grad_nav, grad_crit = nav, crit
         _ct_transport_backward_kernel[(batch * heads,)](
-            nav, crit, q_valid, k_valid, grad_distance.float().contiguous(), grad_nav, grad_crit,
-            heads, n_q, n_k, n_query_rows, r, ctx.rho,
+            nav, crit, q_valid, k_valid, grad_distance, grad_nav, grad_crit,
+            heads, n_q, n_k, n_query_rows, r, ctx.rho, *grad_distance.stride(),
             BLOCK_Q=_block(n_q), BLOCK_K=_block(n_k), BLOCK_OUT=_block(r), DOT=dot,
             num_warps=transport_warps(n_q, n_k),
         )  # fmt: skip
@@ -766,7 +772,7 @@ class TritonAdversarial(torch.autograd.Function):
         n_k = keys.shape[-2]
         weights = tuple(w.contiguous() for w in weights)
         hidden = weights[2].shape[0]
-        q_valid, k_valid = q_valid.contiguous(), k_valid.contiguous()
+        q_valid, k_valid = _mask_bytes(q_valid), _mask_bytes(k_valid)
         n_query_rows = batch * heads * n_q
         n_rows = n_query_rows + batch * heads * n_k
         terms = torch.empty(n_rows, device=queries.device, dtype=torch.float32)
@@ -803,9 +809,10 @@ class TritonAdversarial(torch.autograd.Function):
         n_weights = sum(w.numel() for w in weights)
         partials = torch.empty(programs, n_weights, device=queries.device, dtype=torch.float32)
         _gan_backward_kernel[(programs,)](
-            queries, keys, q_valid, k_valid, inv_count, grad_loss.float().contiguous(), grad_q, grad_k, partials, *weights,
+            queries, keys, q_valid, k_valid, inv_count, grad_loss, grad_q, grad_k, partials, *weights,
             n_query_rows, n_rows, n_blocks, n_weights, heads, n_q, n_k,
             *_strides(queries), *_strides(keys), *_strides(grad_q), *_strides(grad_k), d, hidden, ctx.slope,
+            *grad_loss.stride(),
             BLOCK_R=BLOCK_ROWS_BACKWARD, BLOCK_D=_block(d), BLOCK_H=_block(hidden), DOT=ctx.dot,
             num_warps=NUM_WARPS_BACKWARD,
         )  # fmt: skip
