@@ -30,11 +30,13 @@ CT, backward (4 launches + one sum):
 GAN: forward, one row kernel (discriminator logit and the row's BCE term) and one per (sample,
 head) for the masked means; backward, one persistent row kernel of the same shape as CT's.
 
-Numerics: matmul operands in the compute dtype (bf16 under ``helper_precision`` auto/bf16 on CUDA,
-else fp32 with ``input_precision="ieee"``, i.e. no TF32), accumulation and all elementwise work in
-fp32; the distance is fp32. No host sync in any launch path (grids come from shapes, the SM count
-is cached), so the ops can be captured in CUDA graphs after one eager warm-up step compiled them.
-Weight gradients are summed in a fixed order: results are deterministic.
+Numerics: matmul operands in the compute dtype (bf16 under ``helper_precision`` auto/bf16 on CUDA;
+fp32 operands as "tf32x3", about fp32's accuracy on the tensor cores), accumulation and all
+elementwise work in fp32; the distance is fp32. No host sync in any launch path (grids come from
+shapes, the SM count is cached), so the ops can be captured in CUDA graphs after one eager warm-up
+step compiled them. Weight gradients are summed in a fixed order: results are deterministic.
+Launch shapes were chosen from ptxas's register and spill counts (benchmarks/triton_compile.py);
+their speed on a GPU is unmeasured.
 """
 
 from __future__ import annotations
