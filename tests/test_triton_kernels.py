@@ -283,3 +283,16 @@ def test_every_kernel_compiles_for_an_h100_class_gpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())["kernels"]
     assert len(rows) == 10 and all(row["registers"] > 0 for row in rows)
+
+
+def test_cuda_graph_preparation_covers_every_transport_tile(tk, monkeypatch):
+    """A kernel's first launch cannot happen inside a CUDA-graph capture, and a new batch shape may
+    need a new transport tile: prepare_transport_variants launches every tile _block() can give up
+    to MAX_TRANSPORT_POSITIONS before any capture, and refuses to start inside one."""
+    tiles = {tk._block(n) for n in range(1, tk.MAX_TRANSPORT_POSITIONS + 1)}
+    assert tiles == set(tk.TRANSPORT_BLOCKS)
+    tk.prepare_transport_variants(torch.device("cpu"), 8, None)  # nothing to load on the CPU
+    assert not tk._prepared_transport
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="inside a CUDA-graph capture.*kernels: fused"):
+        tk.prepare_transport_variants(torch.device("cuda"), 8, None)

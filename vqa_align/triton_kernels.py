@@ -42,6 +42,7 @@ their speed on a GPU is unmeasured.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import triton
@@ -106,6 +107,30 @@ def _persistent_programs(n_blocks: int, device: torch.device) -> int:
 def _dot_dtype(dtype: torch.dtype):
     """Triton dtype of the matmul operands for a compute dtype of :func:`compute_dtype`."""
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA graphs
+# ----------------------------------------------------------------------------------------------
+# A Triton kernel's first launch loads its binary (cuModuleLoadData), which the driver refuses while
+# a stream is being captured, and train.cuda_graphs captures each new batch shape without an eager
+# step of that shape first. So: (1) the integer arguments that change with the batch's shape are
+# not specialized on (Triton would compile a variant per divisibility-by-16 and value-1 pattern),
+# leaving one variant per model for every row kernel; (2) the transport kernels' tiles do change
+# with the shape (BLOCK_Q, BLOCK_K in 16..128), so all their variants are launched once on dummy
+# data at the first eager call (prepare_transport_variants; compiled once per machine, then read
+# from Triton's disk cache).
+SHAPE_ARGUMENTS = (
+    "n_query_rows", "n_rows", "n_blocks", "n_q", "n_k", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n",
+    "gq_b", "gq_h", "gq_n", "gk_b", "gk_h", "gk_n", "sg_b", "sg_h",
+)  # fmt: skip
+TRANSPORT_BLOCKS = (16, 32, 64, 128)  # every tile side _block() gives for 1..MAX_TRANSPORT_POSITIONS
+
+
+def _kernel(fn):
+    """triton.jit for a kernel, its shape-dependent integer arguments (SHAPE_ARGUMENTS) not specialized on."""
+    names = inspect.signature(fn).parameters
+    return triton.jit(do_not_specialize=[name for name in SHAPE_ARGUMENTS if name in names])(fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +306,7 @@ def _critic(
     return crit, norm, hidden, highway, transform, gate
 
 
-@triton.jit
+@_kernel
 def _ct_helpers_forward_kernel(
     q_ptr, k_ptr, nav_ptr, crit_ptr,
     nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2,
@@ -354,7 +379,7 @@ def _ct_direction_weights(q_ok, k_ok, rho):
     return tl.where(q_ok, rho / n, 0.0), tl.where(k_ok, (1.0 - rho) / m, 0.0)
 
 
-@triton.jit
+@_kernel
 def _ct_transport_forward_kernel(
     nav_ptr, crit_ptr, q_valid_ptr, k_valid_ptr, out_ptr, heads, n_q, n_k, n_query_rows, r, rho,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr, DOT: tl.constexpr,
@@ -369,7 +394,7 @@ def _ct_transport_forward_kernel(
     tl.store(out_ptr + bh, tl.sum(forward_cost * q_weight, axis=0) + tl.sum(backward_cost * k_weight, axis=0))
 
 
-@triton.jit
+@_kernel
 def _ct_transport_backward_kernel(
     nav_ptr, crit_ptr, q_valid_ptr, k_valid_ptr, grad_out_ptr, grad_nav_ptr, grad_crit_ptr,
     heads, n_q, n_k, n_query_rows, r, rho, sg_b, sg_h,
@@ -403,7 +428,7 @@ def _ct_transport_backward_kernel(
     tl.store(grad_crit_ptr + k_rows[:, None] * r + c[None, :], -_mm(tl.trans(grad_cost), crit_q, DOT), mask=k_mask)
 
 
-@triton.jit
+@_kernel
 def _ct_helpers_backward_kernel(
     q_ptr, k_ptr, grad_nav_ptr, grad_crit_ptr, grad_q_ptr, grad_k_ptr, partial_ptr,
     nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2,
@@ -537,7 +562,7 @@ def _gan_row_weights(q_valid_ptr, k_valid_ptr, inv_count_ptr, is_query, in_range
     return tl.where(valid_q | valid_k, inv_count, 0.0)
 
 
-@triton.jit
+@_kernel
 def _gan_forward_kernel(
     q_ptr, k_ptr, terms_ptr, gate_w, gate_b, w1, b1, w2, b2,
     n_query_rows, n_rows, heads, n_q, n_k, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, d, hidden, slope,
@@ -557,7 +582,7 @@ def _gan_forward_kernel(
     tl.store(terms_ptr + rows, softplus, mask=in_range)
 
 
-@triton.jit
+@_kernel
 def _gan_loss_kernel(
     terms_ptr, q_valid_ptr, k_valid_ptr, loss_ptr, inv_count_ptr, heads, n_q, n_k, n_query_rows,
     BLOCK_N: tl.constexpr,
@@ -589,7 +614,7 @@ def _gan_loss_kernel(
     tl.store(inv_count_ptr + 2 * b + 1, inv_m, mask=first_head)
 
 
-@triton.jit
+@_kernel
 def _gan_backward_kernel(
     q_ptr, k_ptr, q_valid_ptr, k_valid_ptr, inv_count_ptr, grad_out_ptr, grad_q_ptr, grad_k_ptr, partial_ptr,
     gate_w, gate_b, w1, b1, w2, b2,
@@ -698,6 +723,52 @@ def _ct_helper_rows(queries: Tensor, keys: Tensor, weights: tuple[Tensor, ...], 
     return nav, crit
 
 
+def _transport_forward(nav, crit, q_valid, k_valid, out, batch, heads, n_q, n_k, rho, dot) -> None:
+    """Launch _ct_transport_forward_kernel: one program per (sample, head) -> out (B, H)."""
+    r = nav.shape[1]
+    _ct_transport_forward_kernel[(batch * heads,)](
+        nav, crit, q_valid, k_valid, out, heads, n_q, n_k, batch * heads * n_q, r, rho,
+        BLOCK_Q=_block(n_q), BLOCK_K=_block(n_k), BLOCK_OUT=_block(r), DOT=dot, num_warps=transport_warps(n_q, n_k),
+    )  # fmt: skip
+
+
+def _transport_backward(nav, crit, q_valid, k_valid, grad_out, grad_nav, grad_crit, batch, heads, n_q, n_k, rho, dot):
+    """Launch _ct_transport_backward_kernel: dD/dnav, dD/dcrit from dLoss/dD (B, H), any strides."""
+    r = nav.shape[1]
+    _ct_transport_backward_kernel[(batch * heads,)](
+        nav, crit, q_valid, k_valid, grad_out, grad_nav, grad_crit, heads, n_q, n_k, batch * heads * n_q, r, rho,
+        *grad_out.stride(), BLOCK_Q=_block(n_q), BLOCK_K=_block(n_k), BLOCK_OUT=_block(r), DOT=dot,
+        num_warps=transport_warps(n_q, n_k),
+    )  # fmt: skip
+
+
+_prepared_transport: set[tuple] = set()
+
+
+def prepare_transport_variants(device: torch.device, r: int, dot) -> None:
+    """Launch both transport kernels once on dummy data for every tile (TRANSPORT_BLOCKS²), so that
+    all their binaries are loaded before a CUDA graph is captured ("CUDA graphs" above). Once per
+    process, device, width and dtype; CUDA only (the interpreter loads nothing)."""
+    key = (device, r, str(dot))
+    if device.type != "cuda" or key in _prepared_transport:
+        return
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "the Triton CT kernels were first called inside a CUDA-graph capture; run one step eagerly first "
+            "(train.cuda_graphs does), or set model.alignment.kernels: fused"
+        )
+    for n_q in TRANSPORT_BLOCKS:
+        for n_k in TRANSPORT_BLOCKS:
+            nav = torch.zeros(n_q + n_k, r, device=device)
+            crit = torch.zeros_like(nav)
+            q_valid = torch.ones(1, n_q, device=device, dtype=torch.uint8)
+            k_valid = torch.ones(1, n_k, device=device, dtype=torch.uint8)
+            out = torch.zeros(1, 1, device=device)
+            _transport_forward(nav, crit, q_valid, k_valid, out, 1, 1, n_q, n_k, 0.5, dot)
+            _transport_backward(nav, crit, q_valid, k_valid, out, nav, crit, 1, 1, n_q, n_k, 0.5, dot)
+    _prepared_transport.add(key)
+
+
 class TritonConditionalTransport(torch.autograd.Function):
     """CT of :class:`~vqa_align.alignment.HeadAligner`: same arguments and results as
     ``alignment_kernels._FusedConditionalTransport`` (weights: nav_w1, nav_b1, nav_w2, nav_b2,
@@ -711,12 +782,9 @@ class TritonConditionalTransport(torch.autograd.Function):
         q_valid, k_valid = _mask_bytes(q_valid), _mask_bytes(k_valid)
         dot = _dot_dtype(dtype)
         nav, crit = _ct_helper_rows(queries, keys, weights, dot)  # (R, r) each
+        prepare_transport_variants(queries.device, nav.shape[1], dot)
         distance = torch.empty(batch, heads, device=queries.device, dtype=torch.float32)
-        _ct_transport_forward_kernel[(batch * heads,)](
-            nav, crit, q_valid, k_valid, distance, heads, n_q, n_k, batch * heads * n_q, nav.shape[1], float(rho),
-            BLOCK_Q=_block(n_q), BLOCK_K=_block(n_k), BLOCK_OUT=_block(nav.shape[1]), DOT=dot,
-            num_warps=transport_warps(n_q, n_k),
-        )  # fmt: skip
+        _transport_forward(nav, crit, q_valid, k_valid, distance, batch, heads, n_q, n_k, float(rho), dot)
         ctx.rho, ctx.dot = float(rho), dot
         ctx.save_for_backward(queries, keys, q_valid, k_valid, *weights)  # activations are recomputed
         return distance
@@ -737,12 +805,9 @@ class TritonConditionalTransport(torch.autograd.Function):
         # In place: each program reads its (sample, head)'s rows of nav and crit before it writes
         # their gradients there, and no other program touches those rows.
         grad_nav, grad_crit = nav, crit
-        _ct_transport_backward_kernel[(batch * heads,)](
-            nav, crit, q_valid, k_valid, grad_distance, grad_nav, grad_crit,
-            heads, n_q, n_k, n_query_rows, r, ctx.rho, *grad_distance.stride(),
-            BLOCK_Q=_block(n_q), BLOCK_K=_block(n_k), BLOCK_OUT=_block(r), DOT=dot,
-            num_warps=transport_warps(n_q, n_k),
-        )  # fmt: skip
+        _transport_backward(
+            nav, crit, q_valid, k_valid, grad_distance, grad_nav, grad_crit, batch, heads, n_q, n_k, ctx.rho, dot
+        )
         del nav, crit  # now dD/dnav, dD/dcrit
 
         grad_q = torch.empty(queries.shape, device=queries.device, dtype=queries.dtype)
