@@ -67,7 +67,7 @@ def launches(io: str) -> list[tuple[str, str, dict, int]]:
                     dict(ct, BLOCK_R=tk.BLOCK_ROWS_BACKWARD, CRITIC=critic), tk.NUM_WARPS_BACKWARD))  # fmt: skip
     gan = dict(rows, BLOCK_H=64)
     out.append(("_gan_forward_kernel", "GAN", dict(gan, BLOCK_R=tk.BLOCK_ROWS_FORWARD), tk.NUM_WARPS))
-    out.append(("_gan_loss_kernel", "GAN", dict(BLOCK_N=tk._block(100)), tk.NUM_WARPS))
+    out.append(("_gan_loss_kernel", "GAN", dict(BLOCK_N=tk.MEAN_BLOCK), tk.NUM_WARPS))
     out.append(("_gan_backward_kernel", "GAN", dict(gan, BLOCK_R=tk.BLOCK_ROWS_BACKWARD), tk.NUM_WARPS_BACKWARD))
     return out
 

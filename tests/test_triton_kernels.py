@@ -84,7 +84,7 @@ CASES = {
     # d < 16 and odd widths (zero-padded blocks), Nk > 16 (a 32-wide key tile), 5 row blocks of 32
     # over 3 programs in backward, q and k as transposed views of (B, N, H, d) like the attention's.
     "strided": (2, 3, 4, 19, 8, 20, 9, True),
-    # GAN only (CT's transport tile holds <= 128 positions): the masked means in chunks of 128.
+    # GAN only (CT's transport tile holds <= 128 positions): the masked means in 3 chunks of 64.
     "long": (2, 1, 140, 6, 8, 16, 8, False),
 }
 

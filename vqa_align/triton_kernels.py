@@ -121,10 +121,11 @@ def _dot_dtype(dtype: torch.dtype):
 # data at the first eager call (prepare_transport_variants; compiled once per machine, then read
 # from Triton's disk cache).
 SHAPE_ARGUMENTS = (
-    "n_query_rows", "n_rows", "n_blocks", "n_q", "n_k", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n",
+    "heads", "n_query_rows", "n_rows", "n_blocks", "n_q", "n_k", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n",
     "gq_b", "gq_h", "gq_n", "gk_b", "gk_h", "gk_n", "sg_b", "sg_h",
 )  # fmt: skip
 TRANSPORT_BLOCKS = (16, 32, 64, 128)  # every tile side _block() gives for 1..MAX_TRANSPORT_POSITIONS
+MEAN_BLOCK = 64  # positions per step of the GAN's masked means (a loop: one variant for every shape)
 
 
 def _kernel(fn):
@@ -853,7 +854,7 @@ class TritonAdversarial(torch.autograd.Function):
         inv_count = torch.empty(batch, 2, device=queries.device, dtype=torch.float32)  # 1/n, 1/m per sample
         _gan_loss_kernel[(batch * heads,)](
             terms, q_valid, k_valid, loss, inv_count, heads, n_q, n_k, n_query_rows,
-            BLOCK_N=min(_block(max(n_q, n_k)), MAX_TRANSPORT_POSITIONS), num_warps=NUM_WARPS,
+            BLOCK_N=MEAN_BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
         ctx.slope, ctx.dot = float(slope), dot
         ctx.save_for_backward(queries, keys, q_valid, k_valid, inv_count, *weights)
