@@ -5,10 +5,10 @@
 #   SMOKE=1 OUT=/tmp/x bash benchmarks/gpu_issue19.sh   # CPU, tiny shapes: checks the script
 #   TRAIN=1 ...                                         # also `vqa-align train` on easy-VQA (+ ~8 min)
 #
-# 1. benchmarks/triton_check.py (~1 min): the Triton CT/GAN kernels against the plain modules in
+# 1. benchmarks/triton_check.py (1-3 min, most of it compiling on a fresh machine): the Triton CT/GAN kernels against the plain modules in
 #    fp64 on the GPU (values, gradients of q, k and every weight; fp32 and bf16), a CUDA-graph
 #    replay of each, and one aligner alone (Triton vs the fused PyTorch path) -> triton_check.json.
-# 2. benchmarks/gpu.py (<= 7 min): MCAN-small, bf16, adaptive regions, batch 1024 then 512;
+# 2. benchmarks/gpu.py (<= 6.5 min): MCAN-small, bf16, adaptive regions, batch 1024 then 512;
 #    none, ot, and ct/gan once per model.alignment.kernels value (fused = the PyTorch path the issue
 #    measured, triton = vqa_align/triton_kernels.py); eager and as CUDA graphs (train.cuda_graphs'
 #    mechanism); ms/step, peak memory -> gpu_steps.json (written after every measurement).
@@ -29,9 +29,9 @@ if [ "${SMOKE:-0}" = 1 ]; then
   timeout 600 python3 benchmarks/gpu.py --smoke --kernels fused,triton --out-json "$OUT_DIR/gpu_steps.json"
   TRAIN_SET="--set train.device=cpu --set data.subset=64 --set data.eval_subset=64 --set train.epochs=1 --set data.easy_vqa_limit=200"
 else
-  timeout 150 python3 benchmarks/triton_check.py --out-json "$OUT_DIR/triton_check.json" || echo "triton_check FAILED or timed out"
-  timeout 430 python3 benchmarks/gpu.py --batch-sizes 1024,512 --regions adaptive --methods none,ct,gan,ot \
-    --kernels fused,triton --graphs none,ct,gan --compile off --steps 10 --warmup 3 --budget-s 380 \
+  timeout 200 python3 benchmarks/triton_check.py --out-json "$OUT_DIR/triton_check.json" || echo "triton_check FAILED or timed out"
+  timeout 380 python3 benchmarks/gpu.py --batch-sizes 1024,512 --regions adaptive --methods none,ct,gan,ot \
+    --kernels fused,triton --graphs none,ct,gan --compile off --steps 10 --warmup 3 --budget-s 330 \
     --out-json "$OUT_DIR/gpu_steps.json"
   TRAIN_SET="--set train.device=cuda"
 fi
