@@ -205,6 +205,9 @@ def _schedule(config: dict[str, Any], key: str) -> Any:
     return config["train"].get(key, config.get("run", {}).get(key))
 
 
+OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW"}  # train.optimizer -> how the report names it
+
+
 def render(results: dict[str, Any], metrics: Sequence[Metric], notes: str | None) -> str:
     methods, summary = results["methods"], results["summary"]
     lines = ["# Alignment attention on real sentences: MiniLM, binary sentiment, four domains", ""]
@@ -222,9 +225,11 @@ def render(results: dict[str, Any], metrics: Sequence[Metric], notes: str | None
                   f"(negative/positive): " + ", ".join(f"{k} {v['negative']}/{v['positive']}" for k, v in d["splits"].items()) + ".", ""]
     if results.get("config"):
         c = results["config"]
-        lines += [f"Schedule: batch {c['train']['batch_size']}, AdamW lr {c['train']['lr']}, warm-up "
-                  f"{_schedule(c, 'warmup_steps')} steps, at most {c['train']['max_steps']} steps / {c['train']['epochs']} "
-                  f"epoch(s), dev check every {_schedule(c, 'eval_every_steps')} steps, patience {_schedule(c, 'patience')}; "
+        lines += [f"Schedule: batch {c['train']['batch_size']}, {OPTIMIZER_NAMES[c['train'].get('optimizer', 'adamw')]} "
+                  f"lr {c['train']['lr']}, warm-up "
+                  f"{_schedule(c, 'warmup_steps')} steps, "
+                  + (f"at most {c['train']['max_steps']} steps / " if c['train'].get('max_steps') is not None else "")
+                  + f"{c['train']['epochs']} epoch(s), dev check every {_schedule(c, 'eval_every_steps')} steps, patience {_schedule(c, 'patience')}; "
                   f"max {c['model']['max_tokens']} tokens; λ = {c['model']['alignment']['weight']}; "
                   f"MC dropout {c['run']['mc_samples']} samples"
                   + (f" on {c['run']['mc_max_sentences']} sentences per split" if c['run'].get('mc_max_sentences') else "")
