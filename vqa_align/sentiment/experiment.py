@@ -205,6 +205,12 @@ def _schedule(config: dict[str, Any], key: str) -> Any:
     return config["train"].get(key, config.get("run", {}).get(key))
 
 
+def _threads(results: dict[str, Any], machine: dict[str, Any]) -> str:
+    """The runs' torch threads ("1", "1 or 2"); reports written before this was recorded: the report process's."""
+    threads = results.get("run_threads")
+    return " or ".join(map(str, threads)) if threads else str(machine.get("torch_threads"))
+
+
 OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW"}  # train.optimizer -> how the report names it
 
 
@@ -215,7 +221,7 @@ def render(results: dict[str, Any], metrics: Sequence[Metric], notes: str | None
     m = results["machine"]
     lines += [f"Machine: {m.get('processor')}, {m.get('cpu_count')} CPU cores shared with other jobs "
               f"(load average {m.get('load_average_1m', math.nan):.1f} when the report was written), torch threads "
-              f"{m.get('torch_threads')}, torch {m.get('torch')}, no GPU. Times are noisy for that reason.", ""]
+              f"{_threads(results, m)}, torch {m.get('torch')}, no GPU. Times are noisy for that reason.", ""]
     seeds = summary["seeds"]
     lines += ["Runs finished: " + ", ".join(f"{k}: seeds {v}" for k, v in seeds.items()) + ".", ""]
     if results.get("data"):
@@ -322,6 +328,8 @@ def write_report(out: Path, methods: Sequence[str], command: str, data: dict[str
     metrics = metrics_for(splits)
     summary = summarize(runs, methods, metrics)
     results = {"command": command, "machine": machine_info(), "methods": list(methods), "data": data, "config": config,
+               # the runs' own torch threads (the report may be written by a process with another count)
+               "run_threads": sorted({r["threads"] for r in runs if r.get("threads") is not None}),
                "summary": summary, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     results["figures"] = plot_figures(summary, runs, methods, splits, out) if runs else []
     (out / REPORT_JSON).write_text(json.dumps(results, indent=2, default=float))
