@@ -323,11 +323,21 @@ def fused_conditional_transport(
     ``HeadAligner``; equals ``conditional_transport`` on their L2-normalised outputs, with the
     critic's parameter gradients negated. ``precision``: see :func:`compute_dtype`.
     """
+    return apply_conditional_transport(_FusedConditionalTransport, queries, keys, q_valid, k_valid, navigator, critic,
+                                       rho, precision)
+
+
+def apply_conditional_transport(
+    function: type[torch.autograd.Function], queries: Tensor, keys: Tensor, q_valid: Tensor, k_valid: Tensor,
+    navigator: nn.Sequential, critic: nn.Sequential, rho: float, precision: str,
+) -> Tensor:  # fmt: skip
+    """Run a fused CT autograd ``function`` (this module's, or the Triton one) on ``HeadAligner``'s
+    helpers: their parameters in the flat order both take, autocast off (they pick their dtype)."""
     nav_first, nav_second = navigator[0], navigator[2]
     highway, (crit_first, _, crit_second) = critic[0], critic[1]
     dtype = compute_dtype(precision, queries)
     with torch.autocast(queries.device.type, enabled=False):
-        return _FusedConditionalTransport.apply(
+        return function.apply(
             queries, keys, q_valid, k_valid, rho, dtype, nav_first.weight, nav_first.bias, nav_second.weight,
             nav_second.bias, highway.gates.weight, highway.gates.bias, crit_first.weight, crit_first.bias,
             crit_second.weight, crit_second.bias,
@@ -409,10 +419,19 @@ def fused_adversarial_loss(
     ``discriminator`` = (Highway, Linear-LeakyReLU-Linear to one logit), as built by ``HeadAligner``;
     equals ``adversarial_loss`` of its logits with q and k behind a gradient reversal.
     """
+    return apply_adversarial(_FusedAdversarial, queries, keys, q_valid, k_valid, discriminator, precision)
+
+
+def apply_adversarial(
+    function: type[torch.autograd.Function], queries: Tensor, keys: Tensor, q_valid: Tensor, k_valid: Tensor,
+    discriminator: nn.Sequential, precision: str,
+) -> Tensor:  # fmt: skip
+    """Run a fused GAN autograd ``function`` (this module's, or the Triton one) on ``HeadAligner``'s
+    discriminator: its slope and parameters in the order both take, autocast off."""
     highway, (first, activation, second) = discriminator[0], discriminator[1]
     dtype = compute_dtype(precision, queries)
     with torch.autocast(queries.device.type, enabled=False):
-        return _FusedAdversarial.apply(
+        return function.apply(
             queries, keys, q_valid, k_valid, activation.negative_slope, dtype, highway.gates.weight,
             highway.gates.bias, first.weight, first.bias, second.weight, second.bias,
         )  # fmt: skip

@@ -50,7 +50,7 @@ import triton.language as tl
 from triton import knobs
 from torch import Tensor, nn
 
-from vqa_align.alignment_kernels import _refuse_double_backward, compute_dtype
+from vqa_align.alignment_kernels import _refuse_double_backward, apply_adversarial, apply_conditional_transport
 
 # Launch shapes, chosen from ptxas's register and spill counts for sm_90 (benchmarks/triton_compile.py;
 # compiled without a GPU, not timed): the forward kernels do not spill at 64 rows and 4 warps; the
@@ -893,25 +893,12 @@ def triton_conditional_transport(
     rho: float, precision: str = "fp32",
 ) -> Tensor:  # fmt: skip
     """``alignment_kernels.fused_conditional_transport`` in Triton -> (B, H) fp32 (Nq, Nk <= 128)."""
-    nav_first, nav_second = navigator[0], navigator[2]
-    highway, (crit_first, _, crit_second) = critic[0], critic[1]
-    dtype = compute_dtype(precision, queries)
-    with torch.autocast(queries.device.type, enabled=False):
-        return TritonConditionalTransport.apply(
-            queries, keys, q_valid, k_valid, rho, dtype, nav_first.weight, nav_first.bias, nav_second.weight,
-            nav_second.bias, highway.gates.weight, highway.gates.bias, crit_first.weight, crit_first.bias,
-            crit_second.weight, crit_second.bias,
-        )  # fmt: skip
+    return apply_conditional_transport(TritonConditionalTransport, queries, keys, q_valid, k_valid, navigator, critic,
+                                       rho, precision)
 
 
 def triton_adversarial_loss(
     queries: Tensor, keys: Tensor, q_valid: Tensor, k_valid: Tensor, discriminator: nn.Sequential, precision: str = "fp32"
 ) -> Tensor:
     """``alignment_kernels.fused_adversarial_loss`` in Triton -> (B, H) fp32."""
-    highway, (first, activation, second) = discriminator[0], discriminator[1]
-    dtype = compute_dtype(precision, queries)
-    with torch.autocast(queries.device.type, enabled=False):
-        return TritonAdversarial.apply(
-            queries, keys, q_valid, k_valid, activation.negative_slope, dtype, highway.gates.weight,
-            highway.gates.bias, first.weight, first.bias, second.weight, second.bias,
-        )  # fmt: skip
+    return apply_adversarial(TritonAdversarial, queries, keys, q_valid, k_valid, discriminator, precision)
