@@ -257,6 +257,23 @@ def _normalize_backward(grad_unit, unit, norm):
 
 
 @triton.jit
+def _head_backward(grad_unit, unit, norm, hidden, inputs, w1, w2, acc_b1, acc_w1, acc_b2, acc_w2, d, width, r,
+                   BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr, DOT: tl.constexpr):
+    """Backward of normalise(Linear(ReLU(Linear(inputs)))), the navigator and the critic's MLP, for a
+    block of rows: adds the rows' weight and bias gradients to the accumulators, returns d inputs
+    (BLOCK_R, BLOCK_D) and the accumulators. ``width``: the hidden width."""
+    grad_out = _normalize_backward(grad_unit, unit, norm)  # (BR, R)
+    acc_b2 += tl.sum(grad_out, axis=0)
+    acc_w2 = _mm_acc(acc_w2, tl.trans(grad_out), hidden, DOT)
+    grad_hidden = _mm(grad_out, tl.trans(_load_weight_t(w2, r, width, BLOCK_H, BLOCK_OUT)), DOT)
+    grad_hidden = tl.where(hidden > 0.0, grad_hidden, 0.0)  # (BR, H)
+    acc_b1 += tl.sum(grad_hidden, axis=0)
+    acc_w1 = _mm_acc(acc_w1, tl.trans(grad_hidden), inputs, DOT)
+    grad_inputs = _mm(grad_hidden, tl.trans(_load_weight_t(w1, width, d, BLOCK_D, BLOCK_H)), DOT)
+    return grad_inputs, acc_b1, acc_w1, acc_b2, acc_w2
+
+
+@triton.jit
 def _highway_forward(x, gate_w, gate_b, d, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
     """y = t ⊙ ReLU(W_h x) + (1 - t) ⊙ x, t = σ(W_t x); the gates' weight is (2d, d): rows [0, d)
     transform, [d, 2d) carry gate (alignment.Highway). x (BLOCK_R, BLOCK_D) -> y, transform, t."""
@@ -472,15 +489,11 @@ def _ct_helpers_backward_kernel(
             crit, crit_norm, hidden, highway, transform, gate = _critic(
                 x, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2, d, hidden_crit, r, BLOCK_D, BLOCK_HC, BLOCK_OUT, DOT
             )
-            grad_out = tl.load(grad_crit_ptr + rows[:, None] * r + cols_out[None, :], mask=out_mask, other=0.0)
-            grad_out = _normalize_backward(grad_out, crit, crit_norm)  # (BR, R)
-            acc_b2 += tl.sum(grad_out, axis=0)
-            acc_w2 = _mm_acc(acc_w2, tl.trans(grad_out), hidden, DOT)
-            grad_hidden = _mm(grad_out, tl.trans(_load_weight_t(crit_w2, r, hidden_crit, BLOCK_HC, BLOCK_OUT)), DOT)
-            grad_hidden = tl.where(hidden > 0.0, grad_hidden, 0.0)  # (BR, HC)
-            acc_b1 += tl.sum(grad_hidden, axis=0)
-            acc_w1 = _mm_acc(acc_w1, tl.trans(grad_hidden), highway, DOT)
-            grad_highway = _mm(grad_hidden, tl.trans(_load_weight_t(crit_w1, hidden_crit, d, BLOCK_D, BLOCK_HC)), DOT)
+            grad_crit = tl.load(grad_crit_ptr + rows[:, None] * r + cols_out[None, :], mask=out_mask, other=0.0)
+            grad_highway, acc_b1, acc_w1, acc_b2, acc_w2 = _head_backward(
+                grad_crit, crit, crit_norm, hidden, highway, crit_w1, crit_w2, acc_b1, acc_w1, acc_b2, acc_w2, d,
+                hidden_crit, r, BLOCK_D, BLOCK_HC, BLOCK_OUT, DOT
+            )
             grad_transform, grad_gate, grad_x = _highway_backward(grad_highway, x, transform, gate)  # (BR, D) each
             acc_transform_b += tl.sum(grad_transform, axis=0)
             acc_gate_b += tl.sum(grad_gate, axis=0)
@@ -495,15 +508,11 @@ def _ct_helpers_backward_kernel(
             nav, nav_norm, hidden = _navigator(
                 x, nav_w1, nav_b1, nav_w2, nav_b2, d, hidden_nav, r, BLOCK_D, BLOCK_HN, BLOCK_OUT, DOT
             )
-            grad_out = tl.load(grad_nav_ptr + rows[:, None] * r + cols_out[None, :], mask=out_mask, other=0.0)
-            grad_out = _normalize_backward(grad_out, nav, nav_norm)  # (BR, R)
-            acc_b2 += tl.sum(grad_out, axis=0)
-            acc_w2 = _mm_acc(acc_w2, tl.trans(grad_out), hidden, DOT)
-            grad_hidden = _mm(grad_out, tl.trans(_load_weight_t(nav_w2, r, hidden_nav, BLOCK_HN, BLOCK_OUT)), DOT)
-            grad_hidden = tl.where(hidden > 0.0, grad_hidden, 0.0)  # (BR, HN)
-            acc_b1 += tl.sum(grad_hidden, axis=0)
-            acc_w1 = _mm_acc(acc_w1, tl.trans(grad_hidden), x, DOT)
-            grad_x = _mm(grad_hidden, tl.trans(_load_weight_t(nav_w1, hidden_nav, d, BLOCK_D, BLOCK_HN)), DOT)
+            grad_nav = tl.load(grad_nav_ptr + rows[:, None] * r + cols_out[None, :], mask=out_mask, other=0.0)
+            grad_x, acc_b1, acc_w1, acc_b2, acc_w2 = _head_backward(
+                grad_nav, nav, nav_norm, hidden, x, nav_w1, nav_w2, acc_b1, acc_w1, acc_b2, acc_w2, d, hidden_nav, r,
+                BLOCK_D, BLOCK_HN, BLOCK_OUT, DOT
+            )
         _store_rows(grad_q_ptr, grad_k_ptr, grad_x, is_query, in_range, out_q, out_k, d, gq_d, gk_d, BLOCK_D)
 
     # Flat order: nav_w1, nav_b1, nav_w2, nav_b2, gate_w, gate_b, crit_w1, crit_b1, crit_w2, crit_b2
