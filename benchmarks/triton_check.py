@@ -6,8 +6,10 @@
 1. Correctness, per method (ct, gan) at MCAN shapes (64-d heads, helpers 64/32; image self-attention
    100 x 100 and guided attention 100 regions x 14 tokens, padded samples): values and gradients
    (q, k, every helper weight) of vqa_align.triton_kernels against the plain modules in fp64 on the
-   same device, with helper_precision fp32 (max error relative to the largest entry) and bf16
-   (cosine of each gradient with the exact one). Pass thresholds are the CPU tests' (tests/test_triton_kernels.py).
+   same device, with helper_precision fp32 (max error relative to the largest entry, 1e-4) and bf16
+   (cosine of each gradient with the exact one: > 0.999 as in the CPU tests, or no more than 0.005
+   below the fused PyTorch path's in bf16 on the same inputs). In the interpreter (--smoke on the
+   CPU) bf16 casts round to nearest even as on the GPU (triton_kernels.gpu_rounding_in_interpreter).
 2. CUDA graphs: forward + backward of each Triton aligner captured for a batch shape that never ran
    eagerly (as train.cuda_graphs captures new shapes; a kernel binary loaded during capture would
    fail) and replayed; the replay must give the eager gradients bit for bit.
@@ -19,6 +21,7 @@ Writes everything to --out-json and exits 1 if a check failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -36,7 +39,9 @@ from vqa_align.alignment_kernels import fused_adversarial_loss, fused_conditiona
 from vqa_align.config import AlignmentConfig  # noqa: E402
 
 FP32_REL_TOL = 1e-4  # fp32 kernels vs fp64 reference, relative to the largest entry
-BF16_COSINE = 0.98  # bf16 q/k and helpers: ~3 digits; a sign or term error gives far less
+BF16_COSINE = 0.999  # bf16 q/k and helpers: ~3 digits; a sign or term error gives far less
+BF16_COSINE_SLACK = 0.005  # ... or within this of the fused path's cosine in bf16 (same rounding)
+BF16_VALUE_REL_TOL = 0.01  # bf16 distance vs exact, relative to the largest (or twice the fused path's error)
 
 
 def plain(aligner: HeadAligner, q, k, qv, kv):
@@ -96,16 +101,23 @@ def correctness(method: str, shape: dict, device) -> dict:
     ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), [q64, k64, *exact.parameters()])
     names = ["q", "k", *(n for n, _ in aligner.named_parameters())]
     row: dict = {"method": method, **shape}
-    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    def against_exact(call, precision: str, dtype: torch.dtype):
         qx, kx = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
-        got = triton_call(aligner, qx, kx, qv, kv, precision)
+        got = call(aligner, qx, kx, qv, kv, precision)
         grads = torch.autograd.grad((got * upstream).sum(), [qx, kx, *aligner.parameters()])
         value_err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
         rel = {n: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for n, a, b in zip(names, grads, ref_grads)}
         cos = {n: F.cosine_similarity(a.double().flatten(), b.flatten(), dim=0).item() for n, a, b in zip(names, grads, ref_grads)}
-        ok = (value_err <= FP32_REL_TOL and max(rel.values()) <= FP32_REL_TOL) if precision == "fp32" else (
-            value_err <= 0.02 and min(cos.values()) >= BF16_COSINE)
-        row[precision] = {"value_rel_err": value_err, "grad_rel_err": rel, "grad_cosine": cos, "ok": bool(ok)}
+        return {"value_rel_err": value_err, "grad_rel_err": rel, "grad_cosine": cos}
+
+    row["fp32"] = against_exact(triton_call, "fp32", torch.float32)
+    row["fp32"]["ok"] = row["fp32"]["value_rel_err"] <= FP32_REL_TOL and max(row["fp32"]["grad_rel_err"].values()) <= FP32_REL_TOL
+    # bf16: as close to the exact gradients as the fused path in bf16 (a kink of a LeakyReLU that
+    # bf16 moves can cost both a few percent on small inputs), or closer than BF16_COSINE.
+    row["bf16"], fused = against_exact(triton_call, "bf16", torch.bfloat16), against_exact(fused_call, "bf16", torch.bfloat16)
+    row["bf16"]["fused_grad_cosine"] = fused["grad_cosine"]
+    row["bf16"]["ok"] = row["bf16"]["value_rel_err"] <= max(BF16_VALUE_REL_TOL, 2 * fused["value_rel_err"]) and all(
+        cos >= min(BF16_COSINE, fused["grad_cosine"][n] - BF16_COSINE_SLACK) for n, cos in row["bf16"]["grad_cosine"].items())
     row["ok"] = row["fp32"]["ok"] and row["bf16"]["ok"]
     return row
 
@@ -185,13 +197,17 @@ def main(argv=None) -> int:
             Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out_json).write_text(json.dumps(report, indent=2) + "\n")
 
+    # The interpreter truncates fp32 -> bf16 casts; the GPU rounds to nearest even: round like it.
+    rounding = triton_kernels.gpu_rounding_in_interpreter if triton_kernels.INTERPRETED else contextlib.nullcontext
     for method in ("ct", "gan"):
         for shape in shapes:
-            row = correctness(method, shape, device)
+            with rounding():
+                row = correctness(method, shape, device)
             report["correctness"].append(row)
             ok &= row["ok"]
             print(f"{method} {shape['nq']}x{shape['nk']}: fp32 value {row['fp32']['value_rel_err']:.1e}, worst grad "
                   f"{max(row['fp32']['grad_rel_err'].values()):.1e}; bf16 worst cosine {min(row['bf16']['grad_cosine'].values()):.5f}"
+                  f" (fused {min(row['bf16']['fused_grad_cosine'].values()):.5f})"
                   f" -> {'ok' if row['ok'] else 'FAILED'}", flush=True)
             save()
         if device.type == "cuda":

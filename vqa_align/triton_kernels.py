@@ -41,6 +41,7 @@ their speed on a GPU is unmeasured.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -102,6 +103,37 @@ def _persistent_programs(n_blocks: int, device: torch.device) -> int:
     else:
         cap = INTERPRETER_PROGRAMS
     return max(1, min(n_blocks, cap))
+
+
+@contextlib.contextmanager
+def gpu_rounding_in_interpreter():
+    """Within this context Triton's CPU interpreter rounds fp32 -> bf16 casts to nearest even, as
+    the GPU does (``cvt.rn.bf16.f32``); as shipped (3.8.0) it truncates, which shrinks every rounded
+    unit vector and biases CT's cost 1 - g(q)·g(k) upwards by up to bf16's step near 1. For the
+    tests and benchmarks that run these kernels on the CPU; only that cast changes."""
+    if not INTERPRETED:
+        raise RuntimeError(
+            "gpu_rounding_in_interpreter: these kernels were compiled, not interpreted (set TRITON_INTERPRET=1 "
+            "before triton is imported)"
+        )
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    truncating_cast = builder.cast_impl
+
+    @functools.wraps(truncating_cast)
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)  # to nearest even
+            return interpreter.TensorHandle(rounded.view(torch.uint16).numpy().reshape(src.data.shape), dst_type.scalar)
+        return truncating_cast(self, src, dst_type)
+
+    builder.cast_impl = cast_impl
+    try:
+        yield
+    finally:
+        builder.cast_impl = truncating_cast
 
 
 def _dot_dtype(dtype: torch.dtype):
