@@ -124,6 +124,8 @@ def main() -> None:
     device = torch.device("cpu" if interpreted or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not interpreted:
         raise SystemExit("no CUDA device: run with TRITON_INTERPRET=1 to run the Triton kernels in the interpreter")
+    if args.train_steps and not interpreted:
+        raise SystemExit("--train-steps compares the interpreted kernels: run with TRITON_INTERPRET=1")
     fused_fn = fused_conditional_transport if args.method == "ct" else fused_adversarial_loss
     triton_fn = (triton_kernels.triton_conditional_transport if args.method == "ct"
                  else triton_kernels.triton_adversarial_loss)  # fmt: skip
@@ -158,8 +160,6 @@ def main() -> None:
     result = {"machine": common.machine_info(), "device": str(device), "interpreted": interpreted,
               "config": args.config, "method": args.method, "aligners": rows, "training": None}  # fmt: skip
     if args.train_steps:
-        if not interpreted:
-            raise SystemExit("--train-steps compares the interpreted kernels: run with TRITON_INTERPRET=1")
         fused = train(args.config, args.method, "cpu", args.train_steps)
         triton = train_in_interpreter(args.config, args.method, args.train_steps, triton_kernels)
         result["training"] = [

@@ -101,6 +101,7 @@ def correctness(method: str, shape: dict, device) -> dict:
     ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), [q64, k64, *exact.parameters()])
     names = ["q", "k", *(n for n, _ in aligner.named_parameters())]
     row: dict = {"method": method, **shape}
+
     def against_exact(call, precision: str, dtype: torch.dtype):
         qx, kx = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
         got = call(aligner, qx, kx, qv, kv, precision)
