@@ -316,11 +316,20 @@ def _highway_forward(x, gate_w, gate_b, d, BLOCK_D: tl.constexpr, DOT: tl.conste
 
 
 @triton.jit
-def _highway_backward(grad_y, x, transform, gate):
-    """-> d transform, d gate logit, and the part of dx that skips the gates (the carry)."""
-    grad_transform = tl.where(transform > 0.0, grad_y * gate, 0.0)
-    grad_gate_logit = grad_y * (tl.maximum(transform, 0.0) - x) * gate * (1.0 - gate)
-    return grad_transform, grad_gate_logit, grad_y * (1.0 - gate)
+def _highway_backward(grad_y, x, transform, gate, gate_w, acc_transform_w, acc_transform_b, acc_gate_w, acc_gate_b,
+                      d, BLOCK_D: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
+    """Backward of :func:`_highway_forward` for one block of rows: adds this block's gradients of the
+    gates' weight and bias to the on-chip accumulators -> dx (BLOCK_R, BLOCK_D) and the accumulators."""
+    grad_transform = tl.where(transform > 0.0, grad_y * gate, 0.0)  # (BR, D)
+    grad_gate = grad_y * (tl.maximum(transform, 0.0) - x) * gate * (1.0 - gate)  # d gate logit (BR, D)
+    acc_transform_b += tl.sum(grad_transform, axis=0)
+    acc_gate_b += tl.sum(grad_gate, axis=0)
+    acc_transform_w = _mm_acc(acc_transform_w, tl.trans(grad_transform), x, DOT)
+    acc_gate_w = _mm_acc(acc_gate_w, tl.trans(grad_gate), x, DOT)
+    grad_x = grad_y * (1.0 - gate)  # the carry
+    grad_x = _mm_acc(grad_x, grad_transform, tl.trans(_load_weight_t(gate_w, d, d, BLOCK_D, BLOCK_D)), DOT)
+    grad_x = _mm_acc(grad_x, grad_gate, tl.trans(_load_weight_t(gate_w + d * d, d, d, BLOCK_D, BLOCK_D)), DOT)
+    return grad_x, acc_transform_w, acc_transform_b, acc_gate_w, acc_gate_b
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,13 +535,10 @@ def _ct_helpers_backward_kernel(
                 grad_crit, crit, crit_norm, hidden, highway, crit_w1, crit_w2, acc_b1, acc_w1, acc_b2, acc_w2, d,
                 hidden_crit, r, BLOCK_D, BLOCK_HC, BLOCK_OUT, DOT
             )
-            grad_transform, grad_gate, grad_x = _highway_backward(grad_highway, x, transform, gate)  # (BR, D) each
-            acc_transform_b += tl.sum(grad_transform, axis=0)
-            acc_gate_b += tl.sum(grad_gate, axis=0)
-            acc_transform_w = _mm_acc(acc_transform_w, tl.trans(grad_transform), x, DOT)
-            acc_gate_w = _mm_acc(acc_gate_w, tl.trans(grad_gate), x, DOT)
-            grad_x = _mm_acc(grad_x, grad_transform, tl.trans(_load_weight_t(gate_w, d, d, BLOCK_D, BLOCK_D)), DOT)
-            grad_x = _mm_acc(grad_x, grad_gate, tl.trans(_load_weight_t(gate_w + d * d, d, d, BLOCK_D, BLOCK_D)), DOT)
+            grad_x, acc_transform_w, acc_transform_b, acc_gate_w, acc_gate_b = _highway_backward(
+                grad_highway, x, transform, gate, gate_w, acc_transform_w, acc_transform_b, acc_gate_w, acc_gate_b,
+                d, BLOCK_D, DOT
+            )  # (BR, D)
             # + the navigator's part, stored by the first launch.
             grad_x += _load_rows(grad_q_ptr, grad_k_ptr, is_query, in_range, out_q, out_k, d, gq_d, gk_d, BLOCK_D)
         else:
@@ -698,13 +704,10 @@ def _gan_backward_kernel(
         acc_b1 += tl.sum(grad_pre, axis=0)
         acc_w1 = _mm_acc(acc_w1, tl.trans(grad_pre), highway, DOT)
         grad_highway = _mm(grad_pre, tl.trans(_load_weight_t(w1, hidden, d, BLOCK_D, BLOCK_H)), DOT)  # (BR, D)
-        grad_transform, grad_gate, grad_x = _highway_backward(grad_highway, x, transform, gate)
-        acc_transform_b += tl.sum(grad_transform, axis=0)
-        acc_gate_b += tl.sum(grad_gate, axis=0)
-        acc_transform_w = _mm_acc(acc_transform_w, tl.trans(grad_transform), x, DOT)
-        acc_gate_w = _mm_acc(acc_gate_w, tl.trans(grad_gate), x, DOT)
-        grad_x = _mm_acc(grad_x, grad_transform, tl.trans(_load_weight_t(gate_w, d, d, BLOCK_D, BLOCK_D)), DOT)
-        grad_x = _mm_acc(grad_x, grad_gate, tl.trans(_load_weight_t(gate_w + d * d, d, d, BLOCK_D, BLOCK_D)), DOT)
+        grad_x, acc_transform_w, acc_transform_b, acc_gate_w, acc_gate_b = _highway_backward(
+            grad_highway, x, transform, gate, gate_w, acc_transform_w, acc_transform_b, acc_gate_w, acc_gate_b,
+            d, BLOCK_D, DOT
+        )  # (BR, D)
         _, _, out_q, out_k, _, _, _ = _row_offsets(
             rows, n_query_rows, n_rows, heads, n_q, n_k, gq_b, gq_h, gq_n, gk_b, gk_h, gk_n
         )  # the reversal: the projections get -dL_D/dx
