@@ -34,7 +34,6 @@ import torch  # noqa: E402
 
 from vqa_align import alignment, cli  # noqa: E402
 from vqa_align.alignment import HeadAligner  # noqa: E402
-from vqa_align.alignment_kernels import fused_adversarial_loss, fused_conditional_transport  # noqa: E402
 from vqa_align.config import load_config  # noqa: E402
 
 STEP_QUESTIONS = 64  # one batch of the preset
@@ -103,13 +102,6 @@ def aligner_for(record: dict, config_path: str, method: str, precision: str, dev
     return aligner.to(device=device, dtype=dtype)
 
 
-def call(fn, aligner: HeadAligner, q, k, q_valid, k_valid, precision: str):
-    """A fused or Triton CT/GAN function on ``aligner``'s helpers -> (B, H)."""
-    if aligner.method == "ct":
-        return fn(q, k, q_valid, k_valid, aligner.navigator, aligner.critic, aligner.rho, precision)
-    return fn(q, k, q_valid, k_valid, aligner.discriminator, precision)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/easy_vqa.yaml")
@@ -118,7 +110,9 @@ def main() -> None:
     parser.add_argument("--out-json", type=Path)
     args = parser.parse_args()
 
-    from vqa_align import triton_kernels  # after torch; TRITON_INTERPRET decides how its kernels run
+    from triton_check import fused_call, triton_call  # after torch; TRITON_INTERPRET decides how kernels run
+
+    from vqa_align import triton_kernels
 
     interpreted = triton_kernels.INTERPRETED
     device = torch.device("cpu" if interpreted or not torch.cuda.is_available() else "cuda")
@@ -126,16 +120,13 @@ def main() -> None:
         raise SystemExit("no CUDA device: run with TRITON_INTERPRET=1 to run the Triton kernels in the interpreter")
     if args.train_steps and not interpreted:
         raise SystemExit("--train-steps compares the interpreted kernels: run with TRITON_INTERPRET=1")
-    fused_fn = fused_conditional_transport if args.method == "ct" else fused_adversarial_loss
-    triton_fn = (triton_kernels.triton_conditional_transport if args.method == "ct"
-                 else triton_kernels.triton_adversarial_loss)  # fmt: skip
-    variants = [("fused", "fp32", fused_fn, nullcontext), ("fused", "bf16", fused_fn, nullcontext),
-                ("triton", "fp32", triton_fn, nullcontext)]  # fmt: skip
+    variants = [("fused", "fp32", fused_call, nullcontext), ("fused", "bf16", fused_call, nullcontext),
+                ("triton", "fp32", triton_call, nullcontext)]  # fmt: skip
     if interpreted:
-        variants += [("triton truncating", "bf16", triton_fn, nullcontext),
-                     ("triton", "bf16", triton_fn, triton_kernels.gpu_rounding_in_interpreter)]  # fmt: skip
+        variants += [("triton truncating", "bf16", triton_call, nullcontext),
+                     ("triton", "bf16", triton_call, triton_kernels.gpu_rounding_in_interpreter)]  # fmt: skip
     else:
-        variants += [("triton", "bf16", triton_fn, nullcontext)]
+        variants += [("triton", "bf16", triton_call, nullcontext)]
 
     records = record_first_inputs(args.config, args.method, device.type)
     rows = []
@@ -148,7 +139,7 @@ def main() -> None:
         for name, precision, fn, context in variants:
             aligner = aligner_for(record, args.config, args.method, precision, device, torch.float32)
             with torch.no_grad(), context():
-                got = call(fn, aligner, q.to(device), k.to(device), qv.to(device), kv.to(device), precision)
+                got = fn(aligner, q.to(device), k.to(device), qv.to(device), kv.to(device), precision)
             got = got.double().cpu()
             row["errors"][f"{name} {precision}"] = {
                 "sum": (got.sum().item() - row["exact_sum"]) / row["exact_sum"],
