@@ -1,8 +1,8 @@
 """The Gradio app (``vqa-align demo``): layout and wiring only.
 
-Everything the app computes lives in the library: :class:`vqa_align.inference.Predictor` answers,
-:func:`vqa_align.inference.render_views` turns a prediction and a (module, layer, head) selection
-into figures drawn by :mod:`vqa_align.visualization`. Handlers here catch every error and show it
+Everything the app computes lives in the library: :class:`vqa_align.serve.predictor.Predictor` answers,
+:func:`vqa_align.serve.predictor.render_views` turns a prediction and a (module, layer, head) selection
+into figures drawn by :mod:`vqa_align.serve.figures`. Handlers here catch every error and show it
 in the message area (never a traceback), so the app keeps serving the next request.
 
 Events (also the HTTP / ``gradio_client`` API):
@@ -26,9 +26,9 @@ from typing import Any
 
 import gradio as gr
 
-from vqa_align.checkpoint import WEIGHTS_FILE, CheckpointError, resolve_checkpoint
+from vqa_align.runs.checkpoint import WEIGHTS_FILE, CheckpointError, resolve_checkpoint
 from vqa_align.errors import UserError
-from vqa_align.inference import (
+from vqa_align.serve.predictor import (
     KIND_LABELS,
     METRICS,
     Example,

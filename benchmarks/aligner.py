@@ -4,7 +4,7 @@
 
 Shapes per module kind (MCAN-small: 8 heads of 64, 14 question tokens, 100 regions):
 ``sa_image`` (100 queries, 100 keys), ``sga_guided`` (100 region queries, 14 token keys),
-``sa_question`` (14, 14). Implementations (see vqa_align/native_kernels.py), timed interleaved, one
+``sa_question`` (14, 14). Implementations (see vqa_align/align/kernels/native.py), timed interleaved, one
 call each per round, the median over rounds reported:
 
 - ``blocks``: the cache-blocked AMX kernels (csrc/aligner_blocks.cpp), forward then backward; only
@@ -18,7 +18,7 @@ call each per round, the median over rounds reported:
 ``per_step_s`` is what one MCAN-small training step spends in them: six layers of each kind.
 ``median_cpu_ms`` is the process's CPU time (all threads) per call: on a CPU shared with other
 jobs it is less inflated by waiting than the wall time. The
-trainer's allocator setting (vqa_align/host_memory.py) is applied, as in training.
+trainer's allocator setting (vqa_align/train/host_memory.py) is applied, as in training.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from vqa_align import native_kernels  # noqa: E402
-from vqa_align.alignment import HeadAligner  # noqa: E402
-from vqa_align.alignment_kernels import compute_dtype  # noqa: E402
+from vqa_align.align.kernels import native as native_kernels  # noqa: E402
+from vqa_align.align.aligner import HeadAligner  # noqa: E402
+from vqa_align.align.kernels.fused import compute_dtype  # noqa: E402
 from vqa_align.config import AlignmentConfig  # noqa: E402
-from vqa_align.host_memory import keep_freed_memory  # noqa: E402
+from vqa_align.train.host_memory import keep_freed_memory  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info  # noqa: E402

@@ -32,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402 - puts the repository on sys.path
 import torch  # noqa: E402
 
-from vqa_align import alignment, cli  # noqa: E402
-from vqa_align.alignment import HeadAligner  # noqa: E402
+from vqa_align.align import aligner as alignment
+
+from vqa_align import cli  # noqa: E402
+from vqa_align.align.aligner import HeadAligner  # noqa: E402
 from vqa_align.config import load_config  # noqa: E402
 
 STEP_QUESTIONS = 64  # one batch of the preset
@@ -112,7 +114,7 @@ def main() -> None:
 
     from triton_check import fused_call, triton_call  # after torch; TRITON_INTERPRET decides how kernels run
 
-    from vqa_align import triton_kernels
+    from vqa_align.align.kernels import triton as triton_kernels
 
     interpreted = triton_kernels.INTERPRETED
     device = torch.device("cpu" if interpreted or not torch.cuda.is_available() else "cuda")

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vqa_align.extractors.bottom_up import (  # noqa: E402
+from vqa_align.extract.backbones.bottom_up import (  # noqa: E402
     BottomUpConfig,
     BottomUpDetector,
     _detect_prepared,

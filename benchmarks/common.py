@@ -1,6 +1,6 @@
 """Shared pieces of the training-step benchmarks (CPU: train_step.py, CUDA: gpu.py).
 
-Synthetic inputs that follow the batch contract of ``vqa_align.model.MCAN``:
+Synthetic inputs that follow the batch contract of ``vqa_align.model.mcan.MCAN``:
 tokens (B, T) long with 0 = padding, question_lengths (B,), features (B, N, D), boxes (B, N, 4)
 normalised x1 y1 x2 y2, region_counts (B,). One training step is what the trainer does:
 forward, loss = BCE-with-logits(sum) + λ·B·alignment_loss (the trainer's ``task_loss`` and scale),
@@ -31,9 +31,9 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from vqa_align.config import ModelConfig, load_config  # noqa: E402
-from vqa_align.host_memory import keep_freed_memory  # noqa: E402
-from vqa_align.model import MCAN  # noqa: E402
-from vqa_align.training import task_loss  # noqa: E402
+from vqa_align.train.host_memory import keep_freed_memory  # noqa: E402
+from vqa_align.model.mcan import MCAN  # noqa: E402
+from vqa_align.train.trainer import task_loss  # noqa: E402
 
 VOCAB_SIZE = 20_000
 NUM_ANSWERS = 3_129
@@ -64,7 +64,7 @@ def adaptive_region_counts(n: int, gen: torch.Generator) -> torch.Tensor:
 def bucketed_batches(counts: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
     """Index batches of images with similar region counts (the data layer's sampler if present)."""
     try:  # the engine's real batching, once the data layer provides it
-        from vqa_align.data import RegionBucketBatchSampler  # type: ignore
+        from vqa_align.data.loaders import RegionBucketBatchSampler  # type: ignore
 
         sampler = RegionBucketBatchSampler(counts.tolist(), batch_size=batch_size, shuffle=True, seed=0)
         batches = [torch.as_tensor(list(b)) for b in sampler]

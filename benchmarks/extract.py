@@ -2,7 +2,7 @@
 
 Pictures: synthetic 640 x 480 JPEGs (smooth colour fields with a few shapes, ~30 kB each) written
 to a temporary folder, deleted afterwards. Every run goes through the real pipeline
-(``vqa_align.extraction.extract_images``: list, DataLoader decoding workers, backbone, resumable
+(``vqa_align.extract.pipeline.extract_images``: list, DataLoader decoding workers, backbone, resumable
 parts, merged store).
 
     python benchmarks/extract.py                                # images/s of every backbone, 64 pictures
@@ -39,9 +39,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from vqa_align.extraction import ExtractOptions, extract_images, list_images  # noqa: E402
-from vqa_align.experiment import machine_info  # noqa: E402
-from vqa_align.extractors import build_backbone  # noqa: E402
+from vqa_align.extract.pipeline import ExtractOptions, extract_images, list_images  # noqa: E402
+from vqa_align.experiments.vqa import machine_info  # noqa: E402
+from vqa_align.extract.backbones import build_backbone  # noqa: E402
 
 PICTURE_SIZE = (640, 480)
 
@@ -110,7 +110,7 @@ def bottom_up_folder(tmp: Path) -> Path:
     """Random weights of the bottom-up detector's shapes saved like a downloaded folder (same compute)."""
     from safetensors.torch import save_file
 
-    from vqa_align.extractors.bottom_up import random_state_dict
+    from vqa_align.extract.backbones.bottom_up import random_state_dict
 
     folder = tmp / "bottom-up-random"
     folder.mkdir(exist_ok=True)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from vqa_align.cuda_graphs import WARMUP_STEPS, GraphedTrainStep  # noqa: E402
+from vqa_align.train.cuda_graphs import WARMUP_STEPS, GraphedTrainStep  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -76,7 +76,7 @@ def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
 
 class GraphedSteps:
     """The benchmark trainer's step as CUDA graphs through the trainer's own mechanism,
-    :class:`vqa_align.cuda_graphs.GraphedTrainStep` (what ``train.cuda_graphs`` uses): the first
+    :class:`vqa_align.train.cuda_graphs.GraphedTrainStep` (what ``train.cuda_graphs`` uses): the first
     steps eager, then one graph per distinct batch shape, all in one shared memory pool."""
 
     def __init__(self, trainer: common.Trainer, batches: list[dict]):
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
         "results": [],
     }
     if device.type == "cuda":
-        from vqa_align.alignment_kernels import _import_triton_kernels
+        from vqa_align.align.kernels.fused import _import_triton_kernels
 
         report["triton_importable"] = _import_triton_kernels()[0] is not None
         report["triton_import_error"] = _import_triton_kernels()[1]

@@ -29,13 +29,13 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vqa_align.inference import (  # noqa: E402
+from vqa_align.serve.predictor import (  # noqa: E402
     Predictor,
     default_checkpoint_path,
     freeze_startup_objects,
     render_views,
 )
-from vqa_align.visualization import figure_to_png  # noqa: E402
+from vqa_align.serve.figures import figure_to_png  # noqa: E402
 
 EASY_VQA_QUESTIONS = [
     "what shape is in the image?", "what is the color of the shape?", "is there a red circle?",
@@ -59,19 +59,19 @@ def _shape(seed: int) -> np.ndarray:
 def random_checkpoint(folder: Path) -> Path:
     """An untrained model of the quickstart's preset, on the prepared easy-VQA store when there is
     one (else a 16-image store made by the built-in extractor in ``folder``)."""
-    from vqa_align.checkpoint import save_checkpoint
+    from vqa_align.runs.checkpoint import save_checkpoint
     from vqa_align.config import load_config
-    from vqa_align.inference import features_path
-    from vqa_align.model import MCAN
-    from vqa_align.regions import extract_regions
-    from vqa_align.store import FeatureStoreWriter
-    from vqa_align.vqa_data import build_tokenizer
+    from vqa_align.serve.predictor import features_path
+    from vqa_align.model.mcan import MCAN
+    from vqa_align.extract.regions import extract_regions
+    from vqa_align.data.feature_store import FeatureStoreWriter
+    from vqa_align.data.vqa_v2 import build_tokenizer
 
     config = load_config(REPO_ROOT / "configs" / "easy_vqa.yaml")
     prepared = features_path(config)
     if prepared is None or not prepared.is_file():
         store = folder / "features.h5"
-        with FeatureStoreWriter(store, source="easy_vqa regions (vqa_align.regions)") as writer:
+        with FeatureStoreWriter(store, source="easy_vqa regions (vqa_align.extract.regions)") as writer:
             for i in range(16):
                 regions = extract_regions(_shape(i))
                 writer.add(i, regions.features, regions.boxes, regions.image_size)

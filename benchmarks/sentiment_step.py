@@ -18,7 +18,7 @@ import torch
 
 
 def main() -> None:
-    from vqa_align.experiment import machine_info
+    from vqa_align.experiments.vqa import machine_info
     from vqa_align.sentiment.runner import SentimentRunner, load_sentiment_config
 
     parser = argparse.ArgumentParser()

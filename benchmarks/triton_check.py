@@ -5,7 +5,7 @@
 
 1. Correctness, per method (ct, gan) at MCAN shapes (64-d heads, helpers 64/32; image self-attention
    100 x 100 and guided attention 100 regions x 14 tokens, padded samples): values and gradients
-   (q, k, every helper weight) of vqa_align.triton_kernels against the plain modules in fp64 on the
+   (q, k, every helper weight) of vqa_align.align.kernels.triton against the plain modules in fp64 on the
    same device, with helper_precision fp32 (max error relative to the largest entry, 1e-4) and bf16
    (cosine of each gradient with the exact one: > 0.999 as in the CPU tests, or no more than 0.005
    below the fused PyTorch path's in bf16 on the same inputs). In the interpreter (--smoke on the
@@ -33,9 +33,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402, F401 - puts the repository on sys.path
-from vqa_align import triton_kernels  # noqa: E402
-from vqa_align.alignment import HeadAligner, call_with_reversed_parameters, reverse_gradient, adversarial_loss  # noqa: E402
-from vqa_align.alignment_kernels import fused_adversarial_loss, fused_conditional_transport  # noqa: E402
+from vqa_align.align.kernels import triton as triton_kernels  # noqa: E402
+from vqa_align.align.aligner import HeadAligner, call_with_reversed_parameters, reverse_gradient, adversarial_loss  # noqa: E402
+from vqa_align.align.kernels.fused import fused_adversarial_loss, fused_conditional_transport  # noqa: E402
 from vqa_align.config import AlignmentConfig  # noqa: E402
 
 FP32_REL_TOL = 1e-4  # fp32 kernels vs fp64 reference, relative to the largest entry

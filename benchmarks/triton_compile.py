@@ -3,7 +3,7 @@
     python benchmarks/triton_compile.py                      # sm_90 (H100/H200), MCAN-small widths
     python benchmarks/triton_compile.py --arch 80 --out-json /tmp/triton_compile.json
 
-Each kernel of vqa_align/triton_kernels.py is compiled (Triton -> PTX) with the launch shapes the
+Each kernel of vqa_align/align/kernels/triton.py is compiled (Triton -> PTX) with the launch shapes the
 module uses for MCAN-small (head dim 64, helpers 64/32; transport tiles of image self-attention,
 128 x 128, and guided attention, 128 x 16) in bf16 and fp32, and the PTX is assembled by the
 ptxas shipped with Triton (`ptxas -v`). What it shows: that every kernel compiles for the GPU,
@@ -29,7 +29,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from vqa_align import triton_kernels as tk  # noqa: E402
+from vqa_align.align.kernels import triton as tk  # noqa: E402
 
 WEIGHTS = {"nav_w1", "nav_b1", "nav_w2", "nav_b2", "gate_w", "gate_b", "crit_w1", "crit_b1", "crit_w2", "crit_b2",
            "w1", "b1", "w2", "b2"}  # fmt: skip

@@ -71,7 +71,7 @@ EASY_VQA_TEST_LIMIT = 60  # images per split: enough for a few batches, prepared
 @pytest.fixture(scope="session")
 def easy_vqa_cache(tmp_path_factory):
     """A small easy-VQA preparation shared by the tests of the whole session."""
-    from vqa_align_prep.easy_vqa import prepare_easy_vqa
+    from vqa_align.data.easy_vqa import prepare_easy_vqa
 
     cache = tmp_path_factory.mktemp("easy_vqa_cache")
     prepare_easy_vqa(cache, limit=EASY_VQA_TEST_LIMIT, progress=False)
@@ -107,7 +107,7 @@ def tiny_run_overrides(cache, **extra) -> list[str]:
 def require_native_kernels() -> None:
     """Skip when there is no C++ compiler (the PyTorch fallbacks run); where there is one, the C++
     kernels must build: a build error is a test failure, not a silent fallback."""
-    from vqa_align import native_kernels
+    from vqa_align.align.kernels import native as native_kernels
 
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the PyTorch versions run instead")

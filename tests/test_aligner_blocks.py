@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from conftest import random_masks, require_native_kernels
 from test_fused_paths import plain_ct, plain_gan
 
-from vqa_align import native_kernels as nk
-from vqa_align.alignment import HeadAligner
+from vqa_align.align.kernels import native as nk
+from vqa_align.align.aligner import HeadAligner
 from vqa_align.config import AlignmentConfig
 
 WIDTHS = (64, 64, 96, 32)  # d, navigator hidden, critic hidden, out: multiples of 32, hidden widths differ

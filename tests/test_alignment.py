@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_masks as _masks
-from vqa_align.alignment import (
+from vqa_align.align.aligner import (
     HeadAligner,
     adversarial_loss,
     conditional_transport,

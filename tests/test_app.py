@@ -13,7 +13,7 @@ import pytest
 
 from test_inference import IMAGE_IDS, _one_thread, _shape_image, build_tiny_checkpoint  # noqa: F401
 from vqa_align.errors import UserError
-from vqa_align.inference import Predictor
+from vqa_align.serve.predictor import Predictor
 
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")

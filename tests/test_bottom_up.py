@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vqa_align.errors import DataFormatError, InputFileNotFoundError, UserError
-from vqa_align.extractors import bottom_up_boxes as B
-from vqa_align.extractors.bottom_up import (
+from vqa_align.extract.backbones import bottom_up_boxes as B
+from vqa_align.extract.backbones.bottom_up import (
     BottomUpConfig,
     BottomUpDetector,
     batch_images,
@@ -371,7 +371,7 @@ def test_detects_10_to_100_boxes_of_2048_d_on_a_photo(detector, small_config, mo
     image = data.astronaut()  # 512 x 512 RGB
     vocab_objects = [f"o{i}" for i in range(1600)]
     vocab_attrs = [f"a{i}" for i in range(400)]
-    from vqa_align.extractors.bottom_up import Vocabulary
+    from vqa_align.extract.backbones.bottom_up import Vocabulary
 
     adaptive = detect(detector, [image], vocab=Vocabulary(vocab_objects, vocab_attrs))[0]
     n = len(adaptive.boxes)
@@ -390,7 +390,7 @@ def test_detects_10_to_100_boxes_of_2048_d_on_a_photo(detector, small_config, mo
     # Features belong to their boxes, and the fixed-count flavour on the same network outputs:
     # re-run the network once (res5 in chunks of 5 boxes this time), select with both rules'
     # settings, compare.
-    import vqa_align.extractors.bottom_up as bottom_up
+    import vqa_align.extract.backbones.bottom_up as bottom_up
 
     monkeypatch.setattr(bottom_up, "RES5_CHUNK", 5)
     p = preprocess(image, small_config)
@@ -404,7 +404,7 @@ def test_detects_10_to_100_boxes_of_2048_d_on_a_photo(detector, small_config, mo
     fixed = postprocess(raw, p, BottomUpConfig.fixed(12, min_size=160, max_size=224, post_nms_topk=12))
     assert fixed.features.shape == (12, 2048) and fixed.boxes.shape == (12, 4)
     # Batched per-class NMS (as detect() runs it for several images) = one image at a time.
-    from vqa_align.extractors.bottom_up import RawOutputs, batch_confidence
+    from vqa_align.extract.backbones.bottom_up import RawOutputs, batch_confidence
 
     short = RawOutputs(*(t[:7] for t in (raw.proposals, raw.features, raw.class_logits, raw.attr_logits, raw.box_deltas)))
     confs = batch_confidence([raw, short], small_config.nms_thresh)
@@ -422,10 +422,10 @@ def test_backbone_from_a_weights_folder(tmp_path, random_weights):
     from safetensors.torch import save_file
     from skimage import data
 
-    from vqa_align.extractors import build_backbone, make_params
+    from vqa_align.extract.backbones import build_backbone, make_params
 
     params = {"weights": str(tmp_path), "min_size": "160", "max_size": "224", "proposals": "12", "mode": "fixed", "boxes": "11"}
-    from vqa_align.extractors import backbone_class
+    from vqa_align.extract.backbones import backbone_class
 
     missing = backbone_class("bottom-up").missing(make_params("bottom-up", params))
     assert missing is not None and "--download --backbone bottom-up" in missing.fix
@@ -435,8 +435,8 @@ def test_backbone_from_a_weights_folder(tmp_path, random_weights):
     backbone = build_backbone("bottom-up", params)
     # Through the real pipeline (decoding, store), the picture downscaled while decoding: the boxes
     # must still come back in the original file's pixels.
-    from vqa_align.extraction import ExtractOptions, extract_images, list_images
-    from vqa_align.store import FeatureStore
+    from vqa_align.extract.pipeline import ExtractOptions, extract_images, list_images
+    from vqa_align.data.feature_store import FeatureStore
 
     pics = tmp_path / "pics"
     pics.mkdir()

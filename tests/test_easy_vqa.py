@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from vqa_align.config import DataConfig
-from vqa_align.data import build_data, make_loader
-from vqa_align.regions import REGION_FEATURE_DIM
-from vqa_align.store import FeatureStore
-from vqa_align.vqa_data import load_split
-from vqa_align_prep.easy_vqa import (
+from vqa_align.data.loaders import build_data, make_loader
+from vqa_align.extract.regions import REGION_FEATURE_DIM
+from vqa_align.data.feature_store import FeatureStore
+from vqa_align.data.vqa_v2 import load_split
+from vqa_align.data.easy_vqa import (
     TEST_IMAGE_ID_OFFSET,
     cache_root,
     easy_vqa_image_path,

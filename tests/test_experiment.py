@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import tiny_run_overrides
-from vqa_align import experiment, training
+from vqa_align.experiments import vqa as experiment
+from vqa_align.train import trainer as training
 from vqa_align.cli import main as cli_main
 from vqa_align.errors import UserError
-from vqa_align.experiment import (
+from vqa_align.experiments.vqa import (
     Metric,
     aggregate,
     clear_difference,

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 
 from vqa_align.errors import UserError
-from vqa_align.extraction import (
+from vqa_align.extract.pipeline import (
     HASH_ID_BASE, HASH_ID_BITS, BadImage, ExtractOptions, decode_image, extract_images, extract_parts,
     image_id_for, list_images, merge_parts, parts_dir,
 )
-from vqa_align.extractors import (
+from vqa_align.extract.backbones import (
     Backbone, ExtractorInfo, ImageRegions, backbone_for, build_backbone, grid_boxes, missing_for,
 )
-from vqa_align.store import FeatureStore
+from vqa_align.data.feature_store import FeatureStore
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -290,7 +290,7 @@ def test_efficientnet_lite0_knows_a_cat_from_a_coffee_cup():
 
 
 def test_efficientnet_input_scaling_is_tflite():
-    from vqa_align.extractors import build_backbone
+    from vqa_align.extract.backbones import build_backbone
 
     x = build_backbone("efficientnet-lite0").preprocessor()(Image.new("RGB", (5, 5), (0, 127, 255)))
     assert x.shape == (3, 224, 224)
@@ -369,8 +369,8 @@ def test_cli_errors_are_one_line_and_list_names_every_backbone(tmp_path, capsys)
 
 
 def test_store_labels_arriving_late_backfill_earlier_rows(tmp_path, monkeypatch):
-    from vqa_align import store as store_module
-    from vqa_align.store import FeatureStoreWriter
+    from vqa_align.data import feature_store as store_module
+    from vqa_align.data.feature_store import FeatureStoreWriter
 
     monkeypatch.setattr(store_module, "WRITE_BUFFER_ROWS", 2)  # flush between images
     box = np.array([[0, 0, 1, 1]], np.float32)

@@ -1,6 +1,6 @@
 """Every fast path against the plain path it replaces, on random inputs (values and gradients).
 
-- CT and GAN: the hand-fused forward/backward of ``vqa_align.alignment_kernels`` (the default
+- CT and GAN: the hand-fused forward/backward of ``vqa_align.align.kernels.fused`` (the default
   ``HeadAligner`` path) vs. the helper modules called separately on q and k under autograd, with
   explicit (Nq, Nk) plan and cost matrices; in fp64 to rounding, in bf16 helper precision to bf16
   accuracy; the unfused module path (``fused=False``) against the same reference.
@@ -19,8 +19,8 @@ from conftest import random_masks as _masks
 from conftest import require_native_kernels
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vqa_align import native_kernels
-from vqa_align.alignment import (
+from vqa_align.align.kernels import native as native_kernels
+from vqa_align.align.aligner import (
     HeadAligner,
     adversarial_loss,
     call_with_reversed_parameters,
@@ -30,7 +30,7 @@ from vqa_align.alignment import (
     sinkhorn_plan,
 )
 from vqa_align.config import AlignmentConfig
-from vqa_align.model import MultiHeadAttention
+from vqa_align.align.attention import MultiHeadAttention
 
 
 def plain_ct(aligner, q, k, qv, kv):
@@ -122,7 +122,7 @@ def test_bf16_helper_precision_stays_close_to_the_exact_values_and_gradients(met
 
 
 def test_helper_precision_resolution(monkeypatch):
-    from vqa_align import alignment_kernels
+    from vqa_align.align.kernels import fused as alignment_kernels
 
     q32 = torch.zeros(1, 1, 1, 4)
     assert alignment_kernels.compute_dtype("fp32", q32) == torch.float32

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_run_overrides
 
 from vqa_align.config import load_config
-from vqa_align.training import Trainer
+from vqa_align.train.trainer import Trainer
 
 PRESET = "configs/easy_vqa.yaml"
 BATCH, ACCUM = 8, 3

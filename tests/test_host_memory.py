@@ -13,7 +13,7 @@ import pytest
 STEP_FAULTS = textwrap.dedent(
     """
     import resource, sys, torch
-    from vqa_align.host_memory import keep_freed_memory
+    from vqa_align.train.host_memory import keep_freed_memory
     if sys.argv[1] == "keep":
         assert keep_freed_memory() is True
     def step():

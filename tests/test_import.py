@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from vqa_align.checkpoint import CheckpointError, load_checkpoint
+from vqa_align.runs.checkpoint import CheckpointError, load_checkpoint
 from vqa_align.config import Config
 from vqa_align.errors import UserError
 from vqa_align.cli import main as cli_main
 from vqa_align.importers import ImportFailure, import_checkpoint, read_state_dict
-from vqa_align.model import MCANLayerNorm
-from vqa_align.store import FeatureStoreWriter
+from vqa_align.model.mcan import MCANLayerNorm
+from vqa_align.data.feature_store import FeatureStoreWriter
 
 HIDDEN, HEADS, FFN, LAYERS, FLAT_MLP, FLAT_OUT, FEAT, EMBED = 32, 4, 64, 2, 16, 48, 12, 16
 ANSWERS = ["yes", "no", "2", "red", "cat"]
@@ -253,7 +253,7 @@ def test_import_matches_the_reference_forward(files, flavour, data_parallel, leg
     assert torch.allclose(torch.sigmoid(logits), scores, atol=1e-5, rtol=0)
     from dataclasses import replace
 
-    from vqa_align.model import MCAN
+    from vqa_align.model.mcan import MCAN
 
     # The padded question path (CUDA's default) agrees too; the packed one ran above (CPU, padding present).
     padded = MCAN(replace(loaded.model.config, pack_questions="never"))
@@ -410,7 +410,7 @@ def _reference_for(imported, question_ids: list[int], image_id: int):
 
 
 def test_predict_and_app_views_on_an_imported_model(imported_run, capsys):
-    from vqa_align.inference import Predictor, render_views
+    from vqa_align.serve.predictor import Predictor, render_views
 
     capsys.readouterr()
     question = "what color is the umbrella?"
@@ -438,7 +438,7 @@ def test_eval_runs_on_an_imported_model(imported_run, capsys):
     metrics = json.loads(capsys.readouterr().out)
     # Worked out from the reference: each val question's predicted answer vs its (uniform) annotation.
     val = json.loads(imported_run["files"]["questions"][1].read_text())["questions"]
-    from vqa_align.vqa_data import tokenize_question
+    from vqa_align.data.vqa_v2 import tokenize_question
 
     right = 0
     for i, q in enumerate(val):
@@ -449,7 +449,7 @@ def test_eval_runs_on_an_imported_model(imported_run, capsys):
 
 def test_init_from_keeps_the_imported_logits_and_adds_fresh_aligners(imported_run, capsys):
     from vqa_align.config import load_config
-    from vqa_align.training import Trainer
+    from vqa_align.train.trainer import Trainer
 
     run = imported_run["run"]
     imported = load_checkpoint(run)
@@ -489,8 +489,8 @@ def test_init_from_keeps_the_imported_logits_and_adds_fresh_aligners(imported_ru
 def test_init_from_refuses_weights_that_do_not_fit(imported_run):
     from safetensors.torch import load_file, save_file
 
-    from vqa_align.model import MCAN
-    from vqa_align.warm_start import load_initial_weights, load_warm_start
+    from vqa_align.model.mcan import MCAN
+    from vqa_align.train.warm_start import load_initial_weights, load_warm_start
 
     weights = imported_run["run"] / "checkpoints" / "last" / "model.safetensors"
     state = load_file(str(weights))
@@ -532,8 +532,8 @@ def test_init_from_an_aligned_run_keeps_same_helpers_and_refreshes_resized_ones(
     """Source CT helpers of the same width are kept; other widths start fresh; other weights must fit."""
     from conftest import tiny_model_config
 
-    from vqa_align.model import MCAN
-    from vqa_align.warm_start import WarmStart, load_initial_weights
+    from vqa_align.model.mcan import MCAN
+    from vqa_align.train.warm_start import WarmStart, load_initial_weights
 
     torch.manual_seed(0)
     source = MCAN(tiny_model_config("ct"))

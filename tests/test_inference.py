@@ -12,9 +12,9 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from vqa_align.checkpoint import CheckpointError, save_checkpoint
+from vqa_align.runs.checkpoint import CheckpointError, save_checkpoint
 from vqa_align.config import AlignmentConfig, Config, DataConfig, ModelConfig
-from vqa_align.inference import (
+from vqa_align.serve.predictor import (
     InputError,
     Predictor,
     default_checkpoint_path,
@@ -24,9 +24,9 @@ from vqa_align.inference import (
     run_predict,
 )
 from vqa_align.errors import UserError
-from vqa_align.regions import REGION_FEATURE_DIM, extract_regions
-from vqa_align.store import FeatureStoreWriter
-from vqa_align.vqa_data import build_tokenizer
+from vqa_align.extract.regions import REGION_FEATURE_DIM, extract_regions
+from vqa_align.data.feature_store import FeatureStoreWriter
+from vqa_align.data.vqa_v2 import build_tokenizer
 
 QUESTIONS = [
     "what shape is in the image?",
@@ -65,7 +65,7 @@ def build_tiny_checkpoint(root: Path, *, feature_dim: int = REGION_FEATURE_DIM, 
     images = {i: _shape_image(i) for i in IMAGE_IDS}
     store_path = root / "features.h5"
     builtin = feature_dim == REGION_FEATURE_DIM and source is None
-    with FeatureStoreWriter(store_path, source=source or "easy_vqa regions (vqa_align.regions)") as writer:
+    with FeatureStoreWriter(store_path, source=source or "easy_vqa regions (vqa_align.extract.regions)") as writer:
         for image_id, img in images.items():
             regions = extract_regions(img)
             feats = regions.features if builtin else np.random.default_rng(image_id).normal(size=(5, feature_dim))
@@ -83,7 +83,7 @@ def build_tiny_checkpoint(root: Path, *, feature_dim: int = REGION_FEATURE_DIM, 
     config = Config(model=model_cfg, data=DataConfig(dataset=dataset, features=str(store_path), max_regions=24),
                     name="tiny")
     config.validate()
-    from vqa_align.model import MCAN
+    from vqa_align.model.mcan import MCAN
 
     model = MCAN(model_cfg)
     return save_checkpoint(root / "run" / "checkpoints" / "best", model, config, ANSWERS, tokenizer,

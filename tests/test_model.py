@@ -8,7 +8,8 @@ from torch import nn
 
 from conftest import random_batch, tiny_model_config
 from vqa_align.config import load_config
-from vqa_align.model import MCAN, MultiHeadAttention, TokenPacking
+from vqa_align.align.attention import MultiHeadAttention, TokenPacking
+from vqa_align.model.mcan import MCAN
 
 
 def _copy_to_torch_mha(ours: MultiHeadAttention, dim: int, heads: int) -> nn.MultiheadAttention:
@@ -193,7 +194,7 @@ def test_lstm_encoder_equals_packed_lstm_at_real_positions():
     """The unpacked LSTM (no host sync) gives the packed result at real positions, zeros elsewhere."""
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-    from vqa_align.model import LSTMQuestionEncoder
+    from vqa_align.model.mcan import LSTMQuestionEncoder
 
     torch.manual_seed(0)
     encoder = LSTMQuestionEncoder(vocab_size=50, embed_dim=12, hidden_size=16)

@@ -1,4 +1,4 @@
-"""The C++ glue kernels of the fused aligners against their PyTorch versions (vqa_align.native_kernels).
+"""The C++ glue kernels of the fused aligners against their PyTorch versions (vqa_align.align.kernels.native).
 
 The PyTorch versions are themselves checked against plain autograd through the fused aligners in
 test_fused_paths.py (which runs both glues); here each kernel is compared with its PyTorch twin on
@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import require_native_kernels
 
-from vqa_align import native_kernels as nk
+from vqa_align.align.kernels import native as nk
 
 
 @pytest.fixture(autouse=True)

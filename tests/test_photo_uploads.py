@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from vqa_align.checkpoint import checkpoint_extractor, save_checkpoint
+from vqa_align.runs.checkpoint import checkpoint_extractor, save_checkpoint
 from vqa_align.config import AlignmentConfig, Config, DataConfig, ModelConfig
-from vqa_align.data import check_same_extractor
+from vqa_align.data.loaders import check_same_extractor
 from vqa_align.errors import UserError
-from vqa_align.extraction import ExtractOptions, extract_images, list_images
-from vqa_align.extractors import ExtractorInfo, build_backbone
-from vqa_align.inference import InputError, Predictor, folder_image_loader, load_predictor
-from vqa_align.model import MCAN
-from vqa_align.store import FeatureStore, FeatureStoreWriter
-from vqa_align.vqa_data import build_tokenizer
+from vqa_align.extract.pipeline import ExtractOptions, extract_images, list_images
+from vqa_align.extract.backbones import ExtractorInfo, build_backbone
+from vqa_align.serve.predictor import InputError, Predictor, folder_image_loader, load_predictor
+from vqa_align.model.mcan import MCAN
+from vqa_align.data.feature_store import FeatureStore, FeatureStoreWriter
+from vqa_align.data.vqa_v2 import build_tokenizer
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -149,7 +149,7 @@ def _easy_vqa_photo_config(cache: Path, store: Path, **extra):
     from conftest import tiny_run_overrides
 
     from vqa_align.config import load_config
-    from vqa_align_prep.easy_vqa import FOLDER
+    from vqa_align.data.easy_vqa import FOLDER
 
     folder = cache / FOLDER
     values = {"data.features": str(store), "data.train_questions": [str(folder / "train_questions.json")],
@@ -163,8 +163,8 @@ def _easy_vqa_photo_config(cache: Path, store: Path, **extra):
 def test_training_records_the_extractor_and_refuses_mixed_stores(easy_vqa_cache, tmp_path):
     from conftest import EASY_VQA_TEST_LIMIT
 
-    from vqa_align.training import train_from_config
-    from vqa_align_prep.easy_vqa import easy_vqa_images
+    from vqa_align.train.trainer import train_from_config
+    from vqa_align.data.easy_vqa import easy_vqa_images
 
     items = easy_vqa_images(EASY_VQA_TEST_LIMIT)
     opts = ExtractOptions(batch_size=32, num_workers=0, progress=False)
@@ -192,7 +192,7 @@ def test_easy_vqa_backbone_preset_end_to_end(easy_vqa_cache, tmp_path):
     from conftest import EASY_VQA_TEST_LIMIT, tiny_run_overrides
 
     from vqa_align.config import load_config
-    from vqa_align.training import train_from_config
+    from vqa_align.train.trainer import train_from_config
 
     overrides = tiny_run_overrides(easy_vqa_cache, **{"train.max_steps": 2, "train.epochs": 1,
                                                       "data.easy_vqa_limit": EASY_VQA_TEST_LIMIT})

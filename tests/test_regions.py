@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from vqa_align.regions import POOL_SIZE, REGION_FEATURE_DIM, connected_components, extract_regions
+from vqa_align.extract.regions import POOL_SIZE, REGION_FEATURE_DIM, connected_components, extract_regions
 
 BG, RED = (245, 238, 230), (220, 20, 20)
 

@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_run_overrides
 
 from vqa_align.config import load_config
-from vqa_align.data import build_data, collate_batch
-from vqa_align.resident import ResidentSplit
-from vqa_align.training import train_from_config
+from vqa_align.data.loaders import build_data, collate_batch
+from vqa_align.data.resident import ResidentSplit
+from vqa_align.train.trainer import train_from_config
 
 PRESET = "configs/easy_vqa.yaml"
 

@@ -19,13 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_run_overrides
-from vqa_align import checkpoint, training
-from vqa_align.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, resolve_checkpoint
+from vqa_align.runs import checkpoint
+from vqa_align.train import trainer as training
+from vqa_align.runs.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, resolve_checkpoint
 from vqa_align.cli import main as cli_main
 from vqa_align.config import load_config
 from vqa_align.errors import DataFormatError, UserError
-from vqa_align.run_folder import RUN_MARKER
-from vqa_align.training import TrainingError, train_from_config
+from vqa_align.runs.run_folder import RUN_MARKER
+from vqa_align.train.trainer import TrainingError, train_from_config
 
 PRESET = "configs/easy_vqa.yaml"
 # On the CPU wherever the suite runs: CUDA backward passes (atomics) are not bitwise repeatable.
@@ -336,7 +337,7 @@ def test_inf_features_in_the_training_store_name_the_image_and_what_is_kept(easy
 
 
 def test_a_kill_between_the_renames_of_an_overwrite_is_repaired(tmp_path, capsys):
-    from vqa_align.run_folder import mark_run_folder, recover_run_swap
+    from vqa_align.runs.run_folder import mark_run_folder, recover_run_swap
 
     out, old, new = tmp_path / "run", tmp_path / "run.old", tmp_path / "run.new"
     for folder, text in ((old, "old"), (new, "new")):

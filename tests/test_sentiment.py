@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from vqa_align.errors import UserError
-from vqa_align_prep import sentiment as prep
+from vqa_align.sentiment import data as prep
 
 POSITIVE = ["a wonderful film", "great acting and a moving story", "i loved it", "brilliant and funny",
             "a joy to watch", "superb", "the best movie of the year", "charming and warm"]

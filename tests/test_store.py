@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from vqa_align.store import (
+from vqa_align.data.feature_store import (
     FORMAT_VERSION,
     DataFormatError,
     FeatureStore,

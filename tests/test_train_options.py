@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_run_overrides
 
 from vqa_align.config import load_config
-from vqa_align.training import VQATask, train_from_config
+from vqa_align.train.trainer import VQATask, train_from_config
 
 PRESET = "configs/easy_vqa.yaml"
 

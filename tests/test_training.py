@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_run_overrides
-from vqa_align import training
+from vqa_align.train import trainer as training
 from vqa_align.cli import main as cli_main
 from vqa_align.config import ConfigError, load_config
-from vqa_align.evaluation import evaluate_checkpoint
-from vqa_align.training import TrainingError, learning_rate, train_from_config
+from vqa_align.evaluate.evaluator import evaluate_checkpoint
+from vqa_align.train.trainer import TrainingError, learning_rate, train_from_config
 
 PRESET = "configs/easy_vqa.yaml"
 

@@ -1,4 +1,4 @@
-"""The Triton CT and GAN kernels (vqa_align/triton_kernels.py) against the plain modules, on the CPU.
+"""The Triton CT and GAN kernels (vqa_align/align/kernels/triton.py) against the plain modules, on the CPU.
 
 The kernels run in Triton's interpreter (TRITON_INTERPRET=1, numpy underneath): the same kernel
 code as on a GPU, with two differences stated here so that nobody reads more into these tests:
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from conftest import random_masks
 from test_fused_paths import plain_ct, plain_gan
 
-from vqa_align import alignment_kernels
-from vqa_align.alignment import HeadAligner, adversarial_loss, conditional_transport
+from vqa_align.align.kernels import fused as alignment_kernels
+from vqa_align.align.aligner import HeadAligner, adversarial_loss, conditional_transport
 from vqa_align.config import AlignmentConfig
 from vqa_align.errors import UserError
 
@@ -53,7 +53,7 @@ _saved_env = os.environ.get("TRITON_INTERPRET")
 if INTERPRETER_ON:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        triton_kernels = importlib.import_module("vqa_align.triton_kernels")
+        triton_kernels = importlib.import_module("vqa_align.align.kernels.triton")
         if not triton_kernels.INTERPRETED:  # imported before, without the interpreter
             triton_kernels = importlib.reload(triton_kernels)
     finally:
@@ -62,7 +62,7 @@ if INTERPRETER_ON:
 
 @pytest.fixture
 def tk(monkeypatch):
-    """vqa_align.triton_kernels with its kernels defined for the interpreter, which rounds bf16 like the GPU."""
+    """vqa_align.align.kernels.triton with its kernels defined for the interpreter, which rounds bf16 like the GPU."""
     if not INTERPRETER_ON:
         pytest.skip("triton was imported before this module (not interpreted): test_in_a_fresh_process runs these")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

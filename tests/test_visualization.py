@@ -8,7 +8,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from vqa_align.visualization import (
+from vqa_align.serve.figures import (
     attention_map,
     figure_to_png,
     pca_project,

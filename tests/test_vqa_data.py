@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from vqa_align.config import DataConfig
-from vqa_align.data import RegionBucketBatchSampler, build_data, collate_batch, make_loader
+from vqa_align.data.loaders import RegionBucketBatchSampler, build_data, collate_batch, make_loader
 from vqa_align.errors import UserError
-from vqa_align.store import DataFormatError, FeatureStoreWriter
-from vqa_align.vqa_data import (
+from vqa_align.data.feature_store import DataFormatError, FeatureStoreWriter
+from vqa_align.data.vqa_v2 import (
     OfficialScores,
     QuestionRecord,
     answer_targets,
@@ -24,7 +24,7 @@ from vqa_align.vqa_data import (
     soft_score,
     tokenize_question,
 )
-from vqa_align.vqa_eval import normalize_answer, question_accuracy
+from vqa_align.metrics.vqa_accuracy import normalize_answer, question_accuracy
 
 D = 6
 
@@ -345,8 +345,8 @@ def test_plain_dataloader_with_collate_batch_is_float32(tmp_path):
     with FeatureStoreWriter(tmp_path / "f.h5") as w:  # float16 store
         for i in range(4):
             w.add(i, np.full((i + 1, D), 0.5, np.float32), np.tile([0, 0, 1, 1], (i + 1, 1)).astype(np.float32), (2, 2))
-    from vqa_align.store import FeatureStore
-    from vqa_align.data import VQADataset
+    from vqa_align.data.feature_store import FeatureStore
+    from vqa_align.data.loaders import VQADataset
 
     recs = [QuestionRecord(i, i, "what is it?", "q.json") for i in range(4)]
     tok = build_tokenizer([r.question for r in recs], 14)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from vqa_align.cli import UserError, main
-from vqa_align.store import DataFormatError
-from vqa_align.vqa_eval import (
+from vqa_align.data.feature_store import DataFormatError
+from vqa_align.metrics.vqa_accuracy import (
     CONTRACTIONS,
     PUNCTUATION,
     answer_record_accuracy,

@@ -1,6 +1,6 @@
 """VQA v2-format files whose answers are full of the variants the official metric cares about.
 
-Used by tests/test_vqa_eval.py, and to check ``vqa_align.vqa_eval`` against the official
+Used by tests/test_vqa_eval.py, and to check ``vqa_align.metrics.vqa_accuracy`` against the official
 vqaEval.py beside it (docs/vqa_metric.md):
 
     python tests/vqa_metric_variants.py OUT_DIR [--questions 4000] [--seed 0]

@@ -81,14 +81,14 @@ def _add_prep(sub: argparse._SubParsersAction) -> None:
     easy.add_argument("--cache-dir", help="output folder (default: $VQA_ALIGN_CACHE or ~/.cache/vqa_align)")
     easy.add_argument("--overwrite", action="store_true", help="rebuild even if prepared data exist")
     easy.add_argument("--backbone", help="also extract the pictures with this `vqa-align extract` backbone")
-    easy.set_defaults(func=_handler("vqa_align_prep.easy_vqa", "run_prep"))
+    easy.set_defaults(func=_handler("vqa_align.data.easy_vqa", "run_prep"))
 
     sentiment = kinds.add_parser(
         "sentiment", help="prepare the human-rated sentences of the vaderSentiment 3.3.2 sdist (4 domains)")
     sentiment.add_argument("--sdist", help="vaderSentiment-3.3.2.tar.gz (default: pip download it from PyPI)")
     sentiment.add_argument("--cache-dir", help="output folder (default: $VQA_ALIGN_CACHE or ~/.cache/vqa_align)")
     sentiment.add_argument("--overwrite", action="store_true", help="rebuild even if prepared data exist")
-    sentiment.set_defaults(func=_handler("vqa_align_prep.sentiment", "run_prep"))
+    sentiment.set_defaults(func=_handler("vqa_align.sentiment.data", "run_prep"))
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="output HDF5 feature store")
@@ -132,7 +132,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--download", action="store_true",
                    help="fetch the backbone's weights (needs internet) for later offline runs, then exit")
     p.add_argument("--weights-dir", help="with --download: where to put the weights")
-    p.set_defaults(func=_handler("vqa_align.extraction", "run_extract"))
+    p.set_defaults(func=_handler("vqa_align.extract.pipeline", "run_extract"))
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -145,7 +145,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--init-from", metavar="RUN", help="start from this run's (e.g. an imported model's) weights, "
                    "architecture, tokenizer and answers; new alignment helpers start fresh (train.init_from)")
-    p.set_defaults(func=_handler("vqa_align.training", "run_train"))
+    p.set_defaults(func=_handler("vqa_align.train.trainer", "run_train"))
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -157,7 +157,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mc-samples", type=_mc_samples, default=0, help="MC-dropout samples for PAvPU (paper: 20)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=256)
     p.add_argument("--out", help="folder for the metrics JSON and the reliability diagram")
-    p.set_defaults(func=_handler("vqa_align.evaluation", "run_eval"))
+    p.set_defaults(func=_handler("vqa_align.evaluate.evaluator", "run_eval"))
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -168,7 +168,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--image", help="a picture file; its features come from the extractor the model was trained on")
     p.add_argument("--question", required=True, type=_non_empty)
     p.add_argument("--top-k", type=POSITIVE_INT, default=5, help="answers listed (>= 1)")
-    p.set_defaults(func=_handler("vqa_align.inference", "run_predict"))
+    p.set_defaults(func=_handler("vqa_align.serve.predictor", "run_predict"))
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
@@ -176,7 +176,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--questions", required=True, help="VQA questions JSON")
     p.add_argument("--annotations", required=True, help="VQA annotations JSON")
     p.add_argument("--results", required=True, help='results JSON: [{"question_id": int, "answer": str}]')
-    p.set_defaults(func=_handler("vqa_align.vqa_eval", "run_score"))
+    p.set_defaults(func=_handler("vqa_align.metrics.vqa_accuracy", "run_score"))
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -194,7 +194,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default: the cache's quickstart run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_handler("vqa_align.training", "run_quickstart"))
+    p.set_defaults(func=_handler("vqa_align.experiments.quickstart", "run_quickstart"))
 
 
 def _add_experiment(sub: argparse._SubParsersAction) -> None:
@@ -204,7 +204,7 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", required=True, help="report folder")
-    p.set_defaults(func=_handler("vqa_align.experiment", "run_experiment"))
+    p.set_defaults(func=_handler("vqa_align.experiments.vqa", "run_experiment"))
 
 
 def _add_import(sub: argparse._SubParsersAction) -> None:

@@ -70,7 +70,7 @@ class AlignmentConfig:
     # easy-VQA (docs/results/helper_precision.md) and make CT/GAN ~1.5x cheaper on the CPU.
     helper_precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Which implementation runs CT and GAN (same values and gradients, tested against each other):
-    # "auto" = the Triton kernels (vqa_align/triton_kernels.py) on CUDA when Triton imports, else
+    # "auto" = the Triton kernels (vqa_align/align/kernels/triton.py) on CUDA when Triton imports, else
     # "fused"; "triton" = Triton on CUDA or an error if it is missing (the CPU keeps "fused");
     # "fused" = the hand-fused autograd functions (PyTorch ops, C++ kernels on the CPU);
     # "reference" = the plain helper modules under autograd (slowest; has second-order gradients).
@@ -175,7 +175,7 @@ class DataConfig:
     bucket_by_regions: bool = True  # batch images of similar region counts to cut padding
     pin_memory: bool = True
     # Hold each split's features, boxes and questions in the training device's memory and form
-    # batches there (vqa_align/resident.py): no loader workers, no per-step feature copies.
+    # batches there (vqa_align/data/resident.py): no loader workers, no per-step feature copies.
     resident: bool = False
     skip_missing: bool = False  # drop questions whose image lacks features, with a counted warning
 
@@ -188,7 +188,7 @@ class DataConfig:
             value = getattr(self, key)
             _require(value is None or value.strip() != "", f"{where}.{key}", value, "a path or null")
         if self.easy_vqa_backbone is not None:
-            from vqa_align.extractors import BACKBONES  # the registry: names only, no backbone is imported
+            from vqa_align.extract.backbones import BACKBONES  # the registry: names only, no backbone is imported
 
             _require(self.easy_vqa_backbone in BACKBONES, f"{where}.easy_vqa_backbone", self.easy_vqa_backbone,
                      f"one of {sorted(BACKBONES)} or null")
@@ -227,11 +227,11 @@ class TrainConfig:
     # Start from the weights of this run or checkpoint folder (e.g. an imported mcan-vqa model):
     # its architecture, tokenizer and answers are kept; alignment helpers it lacks start fresh.
     init_from: str | None = None
-    # Capture each training step as a CUDA graph per batch shape (vqa_align/cuda_graphs.py): one
+    # Capture each training step as a CUDA graph per batch shape (vqa_align/train/cuda_graphs.py): one
     # CUDA device, no DDP, grad_accumulation 1.
     cuda_graphs: bool = False
     # CPU: let glibc keep freed memory for the next step instead of returning it to the kernel and
-    # page-faulting it back (vqa_align/host_memory.py; measured -5 % on an MCAN-small CT step).
+    # page-faulting it back (vqa_align/train/host_memory.py; measured -5 % on an MCAN-small CT step).
     keep_freed_memory: bool = True
     # "adam": fused Adam, weight decay added to the gradient (MCAN). "adamw": torch.optim.AdamW with
     # decoupled weight decay (BERT-style fine-tuning, the sentence runs), in torch's default
@@ -420,11 +420,39 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return from_dict(Config, _fix_yaml_floats(data)).validate()
 
 
+PRESETS_PACKAGE = "vqa_align_configs"  # configs/*.yaml, shipped as package data (pyproject.toml)
+
+
+def preset_path(name: str) -> Path:
+    """A preset shipped with vqa-align, by name (``easy_vqa``, ``easy_vqa.yaml`` or
+    ``configs/easy_vqa.yaml``): found in the installed package, so it works from any folder."""
+    from importlib import resources
+
+    stem = Path(name).name
+    stem = stem if stem.endswith(".yaml") else stem + ".yaml"
+    folder = resources.files(PRESETS_PACKAGE)
+    path = Path(str(folder.joinpath(stem)))
+    if not path.is_file():
+        shipped = sorted(p.name for p in Path(str(folder)).glob("*.yaml"))
+        raise ConfigError(f"no preset {name!r}; shipped presets: {', '.join(shipped)}")
+    return path
+
+
+def _resolve_config_path(path: Path) -> Path:
+    """A file that exists as given, else a shipped preset named like ``configs/NAME.yaml``."""
+    if path.is_file() or path.is_absolute() or path.parent not in (Path("."), Path("configs")):
+        return path
+    try:
+        return preset_path(path.name)
+    except ConfigError:
+        return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML preset (or the defaults) and apply ``--set`` overrides."""
+    """Load a YAML file or shipped preset (or the defaults) and apply ``--set`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = _resolve_config_path(Path(path))
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:

@@ -6,7 +6,7 @@ MILVLG/openvqa; none of their code is used here):
 * the file is ``torch.save({'state_dict', 'optimizer', 'lr_base'[, 'epoch']})``; under
   DataParallel mcan-vqa's parameter names start with ``module.``. It is read with
   ``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code.
-* the network is MCAN as in :mod:`vqa_align.model` with four differences, all handled here:
+* the network is MCAN as in :mod:`vqa_align.model.mcan` with four differences, all handled here:
   separate ``linear_q/k/v`` (fused into ``in_proj``), the LayerNorm ``a_2·(x−mean)/(std+eps)+b_2``
   with the unbiased std (``model.layer_norm: mcan``), no box features (``use_box_embedding: false``)
   and sigmoid scores (vqa-align keeps logits; the sigmoid of them is the original's output).
@@ -36,9 +36,9 @@ from torch import Tensor
 
 from vqa_align.config import Config, ConfigError, apply_overrides, config_from_dict, save_config
 from vqa_align.errors import UserError
-from vqa_align.extractors.base import sha256_of_file
-from vqa_align.vqa_data import PAD_TOKEN, UNK_TOKEN, tokenize_question, word_level_tokenizer
-from vqa_align.run_folder import check_replaceable, mark_run_folder
+from vqa_align.extract.backbones.base import sha256_of_file
+from vqa_align.data.vqa_v2 import PAD_TOKEN, UNK_TOKEN, tokenize_question, word_level_tokenizer
+from vqa_align.runs.run_folder import check_replaceable, mark_run_folder
 
 MAX_TOKENS = 14  # MAX_TOKEN of both code bases: questions are cut after 14 words
 MAX_REGIONS = 100  # IMG_FEAT_PAD_SIZE: at most 100 regions per image
@@ -418,7 +418,7 @@ def convert_checkpoint(
 
 def build_model(imported: ImportedModel) -> torch.nn.Module:
     """vqa-align's MCAN holding the imported weights (eval mode); shape mismatches are errors."""
-    from vqa_align.model import MCAN
+    from vqa_align.model.mcan import MCAN
 
     model = MCAN(imported.config.model)
     try:
@@ -444,7 +444,7 @@ def import_checkpoint(
     The folder is built beside ``out`` and moved into place at the end, so a failed import leaves
     whatever ``out`` held untouched; an existing ``out`` needs ``overwrite``.
     """
-    from vqa_align.checkpoint import save_checkpoint
+    from vqa_align.runs.checkpoint import save_checkpoint
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -496,7 +496,7 @@ def run_import(args: Any) -> int:
         num_heads=args.num_heads, data_overrides=data_overrides, overwrite=args.overwrite,
     )
     meta = json.loads((out / "checkpoints" / "last" / "meta.json").read_text())["imported_from"]
-    from vqa_align.checkpoint import load_config_of
+    from vqa_align.runs.checkpoint import load_config_of
 
     model = load_config_of(out).model
     print(json.dumps({

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vqa_align.errors import UserError
-from vqa_align.experiment import machine_info, mean_std, parse_methods, parse_seeds
+from vqa_align.experiments.vqa import machine_info, mean_std, parse_methods, parse_seeds
 
 RUNS_FOLDER = "runs"
 REPORT_JSON = "results.json"
@@ -341,8 +341,8 @@ def write_report(out: Path, methods: Sequence[str], command: str, data: dict[str
 def run_grid(config_path: str, methods: Sequence[str], seeds: Sequence[int], overrides: Sequence[str], out: Path,
              runs_dir: Path, command: str) -> dict[str, Any]:
     from vqa_align.sentiment.runner import load_sentiment_config, run_one
-    from vqa_align_prep.easy_vqa import cache_root
-    from vqa_align_prep.sentiment import FOLDER, MANIFEST, load_sentences
+    from vqa_align.paths import cache_root
+    from vqa_align.sentiment.data import FOLDER, MANIFEST, load_sentences
 
     base = load_sentiment_config(config_path, overrides)  # fails early on a bad config
     folder = cache_root(base.data.cache_dir) / FOLDER
@@ -373,7 +373,7 @@ def run_grid(config_path: str, methods: Sequence[str], seeds: Sequence[int], ove
 
 
 def run_experiment(args: argparse.Namespace) -> int:
-    from vqa_align_prep.easy_vqa import cache_root
+    from vqa_align.paths import cache_root
 
     methods = parse_methods(args.methods)
     seeds = parse_seeds(args.seeds)

@@ -3,12 +3,12 @@
 ``SentenceClassifier`` = encoder (pretrained all-MiniLM-L6-v2, or a small random BERT for tests)
 -> mean over the valid token states (the pooling all-MiniLM-L6-v2 was trained with) -> dropout ->
 Linear to the classes. Every self-attention module of the encoder is converted with
-:func:`vqa_align.conversion.convert_to_alignment`, so the alignment terms, their helper networks
+:func:`vqa_align.align.conversion.convert_to_alignment`, so the alignment terms, their helper networks
 and the per-head diagnostics come from exactly the code the VQA model uses.
 
 Robustness probe: ``word_noise_std`` adds N(0, std²) to the word-embedding vectors of the valid
 positions (before position/type embeddings and LayerNorm), through
-:func:`vqa_align.calibration.noise_features`, the function that perturbs VQA region features.
+:func:`vqa_align.metrics.calibration.noise_features`, the function that perturbs VQA region features.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from vqa_align.config import AlignmentConfig, ConfigError
-from vqa_align.conversion import AlignmentHandle, convert_to_alignment
+from vqa_align.align.conversion import AlignmentHandle, convert_to_alignment
 
 TEXT_KIND = "sa_text"  # diagnostics kind of the encoder's self-attention heads
 LABELS = ["negative", "positive"]
@@ -63,7 +63,7 @@ def build_encoder(config: SentenceModelConfig) -> nn.Module:
     if config.encoder == "minilm":
         from transformers.utils import logging as hf_logging
 
-        from vqa_align.question_encoders import minilm_path
+        from vqa_align.model.question_encoders import minilm_path
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "pooler weights not used" is expected: we drop the pooler
@@ -110,7 +110,7 @@ class SentenceClassifier(nn.Module):
     def _add_word_noise(self, module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
         if self.word_noise_std == 0.0 or self._lengths is None:
             return None
-        from vqa_align.calibration import noise_features
+        from vqa_align.metrics.calibration import noise_features
 
         # Valid positions are the first `length` ones (right padding), as noise_features expects.
         return noise_features(output, self._lengths, self.word_noise_std, self.noise_generator)

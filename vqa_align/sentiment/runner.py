@@ -1,13 +1,13 @@
 """Fine-tune and evaluate one sentence classifier: the VQA trainer, with a sentence task.
 
-Training is :class:`vqa_align.training.Trainer` itself: :class:`SentenceTask` is its
-:class:`~vqa_align.training.TrainingTask` for sentences (data, model, cross-entropy, the dev check),
+Training is :class:`vqa_align.train.trainer.Trainer` itself: :class:`SentenceTask` is its
+:class:`~vqa_align.train.trainer.TrainingTask` for sentences (data, model, cross-entropy, the dev check),
 so the loop, the optimizer step, gradient accumulation, finiteness checks, ``metrics.jsonl``,
 tensorboard, progress lines, ``checkpoints/best`` + ``last`` and exact kill-and-resume are the ones
 VQA runs use. Shared too: the typed config (``train:`` is :class:`vqa_align.config.TrainConfig`,
 ``model.alignment:`` is :class:`vqa_align.config.AlignmentConfig`, the strict YAML/``--set``
 machinery), the loss ``L = L_task + λ·L_align`` with a per-sample mean task loss
-(``loss_reduction: mean``) and :mod:`vqa_align.calibration` for ECE, MC-dropout PAvPU and the
+(``loss_reduction: mean``) and :mod:`vqa_align.metrics.calibration` for ECE, MC-dropout PAvPU and the
 noise probe.
 
 Schedule (TrainConfig options, generic): AdamW (``train.optimizer: adamw``) at ``train.lr`` after
@@ -44,7 +44,7 @@ from vqa_align.errors import UserError
 from vqa_align.sentiment.model import LABELS, SentenceClassifier, SentenceModelConfig
 
 if TYPE_CHECKING:
-    from vqa_align.training import TaskData, Trainer
+    from vqa_align.train.trainer import TaskData, Trainer
 
 RESULT_FILE = "result.json"
 # TrainConfig options that were sentence-runner options (run.*) before the runner became the Trainer.
@@ -216,7 +216,7 @@ def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict[str, float]:
     """Accuracy (%), ECE (%) of the top-1 class, NLL of the true class. probs: (N, C)."""
-    from vqa_align.calibration import expected_calibration_error
+    from vqa_align.metrics.calibration import expected_calibration_error
 
     predicted = probs.argmax(1)
     correct = (predicted == labels).astype(np.float64)
@@ -259,7 +259,7 @@ class SentenceBatches:
 
 
 class SentenceTask:
-    """Sentence classification as a :class:`vqa_align.training.TrainingTask`: MiniLM (or a tiny
+    """Sentence classification as a :class:`vqa_align.train.trainer.TrainingTask`: MiniLM (or a tiny
     BERT) converted to alignment attention, cross-entropy on the movie-train split, dev accuracy
     picks ``best``; after training, the test-split evaluation of :func:`run_one`."""
 
@@ -270,8 +270,8 @@ class SentenceTask:
         self.sentences = sentences
 
     def build(self, trainer: Trainer, resume: bool) -> TaskData:
-        from vqa_align.question_encoders import load_minilm_tokenizer
-        from vqa_align.training import TaskData
+        from vqa_align.model.question_encoders import load_minilm_tokenizer
+        from vqa_align.train.trainer import TaskData
 
         config = self.config
         if trainer.dist.world_size > 1:
@@ -279,8 +279,8 @@ class SentenceTask:
         self.trainer, self.device = trainer, trainer.device
         sentences = self.sentences
         if sentences is None:
-            from vqa_align_prep.easy_vqa import cache_root
-            from vqa_align_prep.sentiment import FOLDER, load_sentences
+            from vqa_align.paths import cache_root
+            from vqa_align.sentiment.data import FOLDER, load_sentences
 
             sentences = load_sentences(cache_root(config.data.cache_dir) / FOLDER)
         self.tokenizer = load_minilm_tokenizer()
@@ -359,7 +359,7 @@ class SentenceTask:
 
     def load_best(self, run_dir: Path) -> None:
         """The weights of the best dev check (``checkpoints/best``) into the model."""
-        from vqa_align.checkpoint import WEIGHTS_FILE, read_weights
+        from vqa_align.runs.checkpoint import WEIGHTS_FILE, read_weights
 
         weights, _ = read_weights(Path(run_dir) / "checkpoints" / "best" / WEIGHTS_FILE, self.device)
         self.model.load_state_dict(weights)
@@ -385,7 +385,7 @@ class SentenceTask:
 
     def evaluate_split(self, name: str) -> dict[str, Any]:
         """Accuracy, ECE, NLL; accuracy under word-embedding noise; MC-dropout PAvPU."""
-        from vqa_align.calibration import pavpu
+        from vqa_align.metrics.calibration import pavpu
 
         r = self.config.run
         data = self.encoded[name]
@@ -440,7 +440,7 @@ def run_one(config: SentimentConfig, run_dir: Path, sentences: dict[str, list[An
     """Train (early-stopped on dev) with the Trainer, evaluate the best dev check's weights; writes
     ``result.json`` and returns it. ``resume``: continue a stopped run in ``run_dir`` exactly (the
     step times then cover the resumed part only)."""
-    from vqa_align.training import train_from_config
+    from vqa_align.train.trainer import train_from_config
 
     wall = time.perf_counter()
     task = SentenceTask(config, sentences)

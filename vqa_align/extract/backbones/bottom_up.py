@@ -1,0 +1,703 @@
+"""The bottom-up-attention detector (Anderson et al., CVPR 2018) in plain PyTorch.
+
+The Visual Genome Faster R-CNN whose region features most published VQA v2 models read:
+ResNet-101 C4 with a Caffe-style stem, an RPN on the stride-16 res4 map, RoI max pooling 14 x 14,
+res5 (stride 1, dilation 2) and a mean pool -> one 2048-d feature per box, per-class box regression
+over 1,600 object classes and an attribute head over 400 attributes. Only torchvision's ``nms`` and
+``roi_pool`` are used beyond PyTorch.
+
+Weights: the public conversion ``unc-nlp/frcnn-vg-finetuned`` (the one the Hugging Face LXMERT demo
+loads), read as tensors only (safetensors, or ``torch.load(weights_only=True)``) and loaded strictly
+under its own parameter names. Every setting below and where it comes from: docs/extract.md
+("bottom-up").
+
+Use::
+
+    detector = BottomUpDetector.from_file("pytorch_model.bin")      # download_bottom_up() fetches it
+    vocab = load_vocabulary("objects_vocab.txt", "attributes_vocab.txt")
+    dets = detect(detector, [rgb_uint8_array], vocab=vocab)[0]      # Detections of one image
+
+``BACKBONE`` (class ``BottomUp``, end of file) is the same detector as the ``bottom-up`` backbone of
+``vqa-align extract``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_pool
+
+from vqa_align.errors import DataFormatError, InputFileNotFoundError, UserError
+from vqa_align.extract.backbones import bottom_up_boxes as B
+from vqa_align.extract.backbones.base import Backbone, ExtractorInfo, ImageRegions, Missing, sha256_of_file
+
+HUB_REPO = "unc-nlp/frcnn-vg-finetuned"
+HUB_WEIGHTS = "pytorch_model.bin"
+# The vocabularies of bottom-up attention's 1600-400-20 Visual Genome split, as published with the
+# detectron2 port whose weights this conversion is (only fetched by download_bottom_up()).
+VOCAB_URLS = {
+    "objects_vocab.txt": "https://raw.githubusercontent.com/airsplay/py-bottom-up-attention/master/demo/data/genome/1600-400-20/objects_vocab.txt",
+    "attributes_vocab.txt": "https://raw.githubusercontent.com/airsplay/py-bottom-up-attention/master/demo/data/genome/1600-400-20/attributes_vocab.txt",
+}
+FEATURE_DIM = 2048
+RES4_STRIDE = 16  # stem /4, res3 /2, res4 /2
+RES4_CHANNELS = 1024  # what the RPN and the RoI pooling read
+RESNET101_RES4_BLOCKS = (3, 4, 23)  # res2, res3, res4; res5 (3 blocks) runs per box in the RoI head
+RES5_CHUNK = 1024  # boxes per res5 call: ~0.8 GB of bf16 activations per 14 x 14 x 2048 output
+
+
+@dataclass
+class BottomUpConfig:
+    """Test-time settings; the defaults are those of the published model (docs/extract.md)."""
+
+    # Preprocessing: shortest side -> min_size, longest <= max_size; BGR, mean-subtracted, std 1.
+    min_size: int = 800
+    max_size: int = 1333
+    pixel_mean_bgr: tuple[float, float, float] = (102.9801, 115.9465, 122.7717)
+    # Architecture (fixed by the weights).
+    num_classes: int = 1600
+    num_attributes: int = 400
+    anchor_sizes: tuple[float, ...] = (64, 128, 256, 512)
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_hidden: int = 512
+    pool_size: int = 14
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    bn_eps: float = 1e-5
+    # RPN at test time.
+    pre_nms_topk: int = 6000
+    post_nms_topk: int = 300
+    rpn_nms_thresh: float = 0.7
+    rpn_min_size: float = 0.0
+    # Final boxes: "bottom-up" = the feature TSVs' rule (adaptive: 0.2, 10..100; fixed: 36..36);
+    # "hf-demo" = the Hugging Face LXMERT demo's rule (used to compare against it).
+    selection: Literal["bottom-up", "hf-demo"] = "bottom-up"
+    conf_thresh: float = 0.2
+    nms_thresh: float = 0.3  # per-class NMS of the "bottom-up" rule
+    hf_nms_threshs: tuple[float, ...] = (0.5, 0.6, 0.7)  # tried in turn by the "hf-demo" rule
+    min_boxes: int = 10
+    max_boxes: int = 100
+
+    def validate(self) -> "BottomUpConfig":
+        if self.selection not in ("bottom-up", "hf-demo"):
+            raise UserError(f"bottom-up selection: {self.selection!r} is not 'bottom-up' or 'hf-demo'")
+        if not 1 <= self.min_boxes <= self.max_boxes:
+            raise UserError(f"bottom-up boxes: need 1 <= min_boxes <= max_boxes, got {self.min_boxes}, {self.max_boxes}")
+        if not 0 < self.min_size <= self.max_size:
+            raise UserError(f"bottom-up image size: need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
+        return self
+
+    @classmethod
+    def fixed(cls, count: int = 36, **kw) -> "BottomUpConfig":
+        """The fixed-count flavour (e.g. the 36-box TSVs)."""
+        return cls(min_boxes=count, max_boxes=count, **kw).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+@dataclass
+class Prepared:
+    """One preprocessed image: the network input and the sizes needed to map boxes back."""
+
+    pixels: torch.Tensor  # (3, h, w) float32, BGR, mean subtracted
+    resized_hw: tuple[int, int]
+    original_hw: tuple[int, int]
+
+
+def preprocess(rgb: np.ndarray, config: BottomUpConfig) -> Prepared:
+    """uint8 RGB (H, W, 3) -> the detector's input: resized (bilinear, no antialias), BGR, minus mean."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise DataFormatError(f"bottom-up detector: expected a uint8 RGB array (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    height, width = rgb.shape[:2]
+    new_h, new_w = B.resized_shape(height, width, config.min_size, config.max_size)
+    bgr = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1])).permute(2, 0, 1).float()  # (3, H, W)
+    resized = F.interpolate(bgr[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+    mean = torch.tensor(config.pixel_mean_bgr, dtype=torch.float32).view(3, 1, 1)
+    return Prepared(pixels=resized - mean, resized_hw=(new_h, new_w), original_hw=(height, width))
+
+
+def batch_images(prepared: Sequence[Prepared]) -> torch.Tensor:
+    """Stack images of different sizes into (B, 3, H_max, W_max), zero-padded at the bottom/right."""
+    h = max(p.resized_hw[0] for p in prepared)
+    w = max(p.resized_hw[1] for p in prepared)
+    out = torch.zeros(len(prepared), 3, h, w)
+    for i, p in enumerate(prepared):
+        out[i, :, : p.resized_hw[0], : p.resized_hw[1]] = p.pixels
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The network. Module and attribute names follow the checkpoint's parameter names exactly
+# (backbone.stem.conv1.norm.weight, proposal_generator.rpn_head.conv.weight, ...).
+
+
+class ConvNorm(nn.Conv2d):
+    """A bias-free convolution followed by batch norm (inference statistics), as one named unit."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1, eps: float = 1e-5):
+        super().__init__(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, bias=False)
+        self.norm = nn.BatchNorm2d(cout, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(super().forward(x))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck, MSRA style: the stride sits on the first 1x1 conv (the Caffe model's layout)."""
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int, dilation: int = 1, eps: float = 1e-5):
+        super().__init__()
+        self.shortcut = ConvNorm(cin, cout, 1, stride=stride, eps=eps) if cin != cout else None
+        self.conv1 = ConvNorm(cin, mid, 1, stride=stride, eps=eps)
+        self.conv2 = ConvNorm(mid, mid, 3, padding=dilation, dilation=dilation, eps=eps)
+        self.conv3 = ConvNorm(mid, cout, 1, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.conv1(x))
+        out = F.relu(self.conv2(out))
+        out = self.conv3(out)
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+def _stage(blocks: int, cin: int, mid: int, cout: int, stride: int, dilation: int = 1, eps: float = 1e-5) -> nn.Sequential:
+    layers = [Bottleneck(cin, mid, cout, stride, dilation, eps)]
+    layers += [Bottleneck(cout, mid, cout, 1, dilation, eps) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class Stem(nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.conv1 = ConvNorm(3, 64, 7, stride=2, padding=3, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Caffe's max pool: no padding, output size rounded up (ceil_mode).
+        return F.max_pool2d(F.relu(self.conv1(x)), kernel_size=3, stride=2, padding=0, ceil_mode=True)
+
+
+class ResNetTrunk(nn.Module):
+    """Stem + res2..res4 of ResNet-101: (B, 3, H, W) -> (B, 1024, ~H/16, ~W/16)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.stem = Stem(eps)
+        n2, n3, n4 = RESNET101_RES4_BLOCKS
+        self.res2 = _stage(n2, 64, 64, 256, 1, eps=eps)
+        self.res3 = _stage(n3, 256, 128, 512, 2, eps=eps)
+        self.res4 = _stage(n4, 512, 256, 1024, 2, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res4(self.res3(self.res2(self.stem(x))))
+
+
+class _CellAnchors(nn.Module):
+    """Holds the checkpoint's anchor tensor under the name ``cell_anchors.0``."""
+
+    def __init__(self, anchors: torch.Tensor):
+        super().__init__()
+        self.register_buffer("0", anchors)
+
+
+class AnchorGenerator(nn.Module):
+    def __init__(self, config: BottomUpConfig):
+        super().__init__()
+        self.cell_anchors = _CellAnchors(B.cell_anchors(config.anchor_sizes, config.anchor_ratios))
+
+    @property
+    def cells(self) -> torch.Tensor:
+        return getattr(self.cell_anchors, "0")  # (A, 4)
+
+
+class RPNHead(nn.Module):
+    def __init__(self, cin: int, hidden: int, num_anchors: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, hidden, 3, padding=1)
+        self.objectness_logits = nn.Conv2d(hidden, num_anchors, 1)
+        self.anchor_deltas = nn.Conv2d(hidden, num_anchors * 4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = F.relu(self.conv(x))
+        return self.objectness_logits(t), self.anchor_deltas(t)  # (B, A, h, w), (B, 4A, h, w)
+
+
+class ProposalGenerator(nn.Module):
+    def __init__(self, config: BottomUpConfig):
+        super().__init__()
+        self.anchor_generator = AnchorGenerator(config)
+        num_anchors = len(config.anchor_sizes) * len(config.anchor_ratios)
+        self.rpn_head = RPNHead(RES4_CHANNELS, config.rpn_hidden, num_anchors)
+
+
+class BoxPredictor(nn.Module):
+    """Class scores, per-class box deltas and attribute scores from one 2048-d box feature."""
+
+    def __init__(self, dim: int, num_classes: int, num_attributes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(dim, num_classes + 1)  # + background (the last column)
+        self.bbox_pred = nn.Linear(dim, num_classes * 4)
+        # The attribute head sees the feature and an embedding of the predicted class.
+        self.cls_embedding = nn.Embedding(num_classes + 1, dim // 8)
+        self.fc_attr = nn.Linear(dim + dim // 8, dim // 4)
+        self.attr_score = nn.Linear(dim // 4, num_attributes + 1)  # + "no attribute" (the last column)
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = self.cls_score(feats)  # (R, C+1)
+        deltas = self.bbox_pred(feats)  # (R, 4C)
+        # The class fed to the attribute head is the argmax over all C+1 scores, background included.
+        emb = self.cls_embedding(scores.argmax(dim=-1))  # (R, dim/8)
+        attr = self.attr_score(F.relu(self.fc_attr(torch.cat([feats, emb], dim=-1))))  # (R, A+1)
+        return scores, attr, deltas
+
+
+class RoIHeads(nn.Module):
+    def __init__(self, config: BottomUpConfig):
+        super().__init__()
+        # res5 per box: stride 1 and dilation 2 (the model keeps the 14 x 14 pooled grid).
+        self.res5 = _stage(3, RES4_CHANNELS, 512, FEATURE_DIM, 1, dilation=2, eps=config.bn_eps)
+        self.box_predictor = BoxPredictor(FEATURE_DIM, config.num_classes, config.num_attributes)
+
+
+@dataclass
+class RawOutputs:
+    """Network outputs of one image, before the final box selection (resized-image pixels)."""
+
+    proposals: torch.Tensor  # (R, 4)
+    features: torch.Tensor  # (R, 2048) mean-pooled res5
+    class_logits: torch.Tensor  # (R, C+1)
+    attr_logits: torch.Tensor  # (R, A+1)
+    box_deltas: torch.Tensor  # (R, 4C)
+
+
+class BottomUpDetector(nn.Module):
+    """The detector: images -> per-image proposals, box features and head outputs."""
+
+    def __init__(self, config: BottomUpConfig | None = None):
+        super().__init__()
+        self.config = (config or BottomUpConfig()).validate()
+        self.backbone = ResNetTrunk(self.config.bn_eps)
+        self.proposal_generator = ProposalGenerator(self.config)
+        self.roi_heads = RoIHeads(self.config)
+        self.eval()
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], config: BottomUpConfig | None = None, source: str = "state dict") -> "BottomUpDetector":
+        """Build and load strictly, skipping the random initialisation the weights replace anyway."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        model.load_weights(state, source=source)
+        return model
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, config: BottomUpConfig | None = None) -> "BottomUpDetector":
+        return cls.from_state_dict(load_weights_file(path), config, source=str(path))
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Strict load under the checkpoint's own names; a mismatch is one line naming the keys.
+
+        Batch-norm ``num_batches_tracked`` counters may be absent (older checkpoints; PyTorch's own
+        loader fills them in the same way): they are training bookkeeping, unused at inference.
+        """
+        own = self.state_dict()
+        state = dict(state)
+        for key in own:
+            if key.endswith(".num_batches_tracked") and key not in state:
+                state[key] = torch.zeros((), dtype=torch.long)
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        bad_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or bad_shape:
+            def show(keys: list[str]) -> str:
+                return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)}: {show(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)}: {show(unexpected)}")
+            if bad_shape:
+                k = bad_shape[0]
+                parts.append(f"shape of {k}: {tuple(state[k].shape)} != {tuple(own[k].shape)} ({len(bad_shape)} such)")
+            raise DataFormatError(f"{source}: not the bottom-up-attention detector's weights: " + "; ".join(parts))
+        self.load_state_dict(state, strict=True)
+
+    def forward(self, images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[RawOutputs]:
+        """(B, 3, H, W) padded batch, each image's (h, w) -> one :class:`RawOutputs` per image."""
+        cfg = self.config
+        feats = self.backbone(images)  # (B, 1024, h16, w16)
+        logits, deltas = self.proposal_generator.rpn_head(feats)
+        n, a, fh, fw = logits.shape
+        anchors = B.grid_anchors(self.proposal_generator.anchor_generator.cells, fh, fw, RES4_STRIDE)  # (fh*fw*A, 4)
+        logits = logits.permute(0, 2, 3, 1).reshape(n, -1).float()  # (B, fh*fw*A)
+        deltas = deltas.reshape(n, a, 4, fh, fw).permute(0, 3, 4, 1, 2).reshape(n, -1, 4).float()  # (B, fh*fw*A, 4)
+        proposals = []
+        for i, (h, w) in enumerate(sizes):
+            boxes = B.apply_deltas(deltas[i], anchors, (1.0, 1.0, 1.0, 1.0))
+            boxes, _ = B.select_proposals(boxes, logits[i], h, w, cfg.pre_nms_topk, cfg.post_nms_topk, cfg.rpn_nms_thresh, cfg.rpn_min_size)
+            proposals.append(boxes)
+        rois = torch.cat([torch.cat([p.new_full((len(p), 1), i), p], dim=1) for i, p in enumerate(proposals)])  # (R, 5)
+        # Pool in float32 (box coordinates up to ~1333 px lose whole pixels in bf16), res5 in chunks
+        # of boxes so a large batch does not hold every box's 14 x 14 x 2048 map at once.
+        feats32 = feats.float()
+        box_feats = torch.cat(
+            [
+                self.roi_heads.res5(roi_pool(feats32, chunk, cfg.pool_size, 1.0 / RES4_STRIDE)).mean(dim=(2, 3))
+                for chunk in rois.split(RES5_CHUNK)
+            ]
+        )  # (R, 2048)
+        cls, attr, box_deltas = self.roi_heads.box_predictor(box_feats)
+        out, start = [], 0
+        for p in proposals:
+            sl = slice(start, start + len(p))
+            out.append(RawOutputs(p, box_feats[sl].float(), cls[sl].float(), attr[sl].float(), box_deltas[sl].float()))
+            start += len(p)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights and vocabularies
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or PyTorch file, never executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileNotFoundError(f"{path}: bottom-up weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
+            raise DataFormatError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataFormatError(f"{path}: refused or unreadable as tensors only (weights_only=True): {first}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataFormatError(f"{path}: expected a dict of tensors (a state dict)")
+    return dict(state)
+
+
+@dataclass
+class Vocabulary:
+    objects: list[str] = field(default_factory=list)  # index = object class id
+    attributes: list[str] = field(default_factory=list)  # index = attribute id
+
+
+def _read_vocab(path: str | os.PathLike, expected: int, what: str) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileNotFoundError(f"{path}: {what} vocabulary not found")
+    # A line may list synonyms separated by commas; the first is the name.
+    names = [line.split(",")[0].strip().lower() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(names) != expected:
+        raise DataFormatError(f"{path}: {what} vocabulary has {len(names)} names, the detector has {expected}")
+    return names
+
+
+def load_vocabulary(objects: str | os.PathLike, attributes: str | os.PathLike, config: BottomUpConfig | None = None) -> Vocabulary:
+    cfg = config or BottomUpConfig()
+    return Vocabulary(_read_vocab(objects, cfg.num_classes, "object"), _read_vocab(attributes, cfg.num_attributes, "attribute"))
+
+
+def download_bottom_up(dest: str | os.PathLike) -> dict[str, Path]:  # pragma: no cover - needs internet
+    """Fetch the weights (Hugging Face hub) and the vocabularies into ``dest``; returns their paths.
+
+    Only for machines with internet (``vqa-align extract --download bottom-up``); nothing else here
+    downloads.
+    """
+    import urllib.request
+
+    from huggingface_hub import hf_hub_download
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = {"weights": Path(hf_hub_download(HUB_REPO, HUB_WEIGHTS, local_dir=dest))}
+    for name, url in VOCAB_URLS.items():
+        target = dest / name
+        if not target.exists():
+            urllib.request.urlretrieve(url, target)
+        paths[name.split("_")[0]] = target
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Detections
+
+
+@dataclass
+class Detections:
+    """Boxes of one image; boxes are x1, y1, x2, y2 in pixels of the original image."""
+
+    features: np.ndarray  # (n, 2048) float32
+    boxes: np.ndarray  # (n, 4) float32
+    object_ids: np.ndarray  # (n,) int64
+    object_scores: np.ndarray  # (n,) float32
+    attribute_ids: np.ndarray  # (n,) int64
+    attribute_scores: np.ndarray  # (n,) float32
+    image_size: tuple[int, int]  # (width, height)
+    object_names: list[str] | None = None
+    attribute_names: list[str] | None = None
+
+    def labels(self) -> list[str]:
+        """'red umbrella'-style labels (attribute + object) when the vocabulary is known."""
+        if self.object_names is None or self.attribute_names is None:
+            return [f"obj{o}" for o in self.object_ids]
+        return [f"{a} {o}" for a, o in zip(self.attribute_names, self.object_names)]
+
+
+def postprocess(
+    raw: RawOutputs,
+    prepared: Prepared,
+    config: BottomUpConfig,
+    vocab: Vocabulary | None = None,
+    confidence: torch.Tensor | None = None,
+) -> Detections:
+    """Final box selection for one image and mapping back to the original image.
+
+    ``confidence``: the per-class-NMS confidences of the proposals when already computed for the
+    batch (:func:`batch_confidence`).
+    """
+    h, w = prepared.resized_hw
+    class_probs = raw.class_logits.softmax(dim=-1)[:, :-1]  # (R, C) background (last) dropped
+    # Attribute probabilities: softmax over the attributes without the "no attribute" column.
+    attr_probs, attr_ids = raw.attr_logits[:, :-1].softmax(dim=-1).max(dim=-1)  # (R,)
+    if config.selection == "bottom-up":
+        sel = B.select_bottom_up(
+            raw.proposals, class_probs, config.nms_thresh, config.conf_thresh, config.min_boxes, config.max_boxes, confidence
+        )
+    else:
+        class_boxes = B.apply_deltas(raw.box_deltas, raw.proposals, config.bbox_reg_weights)  # (R, 4C)
+        sel = B.select_hf_demo(class_boxes, class_probs, h, w, config.hf_nms_threshs, config.min_boxes, config.max_boxes)
+    boxes = B.to_original(sel.boxes, prepared.original_hw, prepared.resized_hw)
+    obj = sel.object_ids.cpu().numpy().astype(np.int64)
+    att = attr_ids[sel.index].cpu().numpy().astype(np.int64)
+    return Detections(
+        features=raw.features[sel.index].cpu().numpy().astype(np.float32),
+        boxes=boxes.cpu().numpy().astype(np.float32),
+        object_ids=obj,
+        object_scores=sel.object_scores.cpu().numpy().astype(np.float32),
+        attribute_ids=att,
+        attribute_scores=attr_probs[sel.index].cpu().numpy().astype(np.float32),
+        image_size=(prepared.original_hw[1], prepared.original_hw[0]),
+        object_names=[vocab.objects[i] for i in obj] if vocab else None,
+        attribute_names=[vocab.attributes[i] for i in att] if vocab else None,
+    )
+
+
+def batch_confidence(raws: Sequence[RawOutputs], nms_thresh: float) -> list[torch.Tensor]:
+    """Per-class-NMS confidences of every image's proposals in one batched pass (padded to the longest)."""
+    longest = max(len(r.proposals) for r in raws)
+    boxes = raws[0].proposals.new_zeros(len(raws), longest, 4)
+    probs = raws[0].class_logits.new_full((len(raws), longest, raws[0].class_logits.shape[1] - 1), -1.0)
+    for i, r in enumerate(raws):
+        boxes[i, : len(r.proposals)] = r.proposals
+        probs[i, : len(r.proposals)] = r.class_logits.softmax(dim=-1)[:, :-1]
+    conf = B.per_class_nms_confidence(boxes, probs, nms_thresh)  # (N, longest)
+    return [conf[i, : len(r.proposals)] for i, r in enumerate(raws)]
+
+
+@torch.no_grad()
+def detect(
+    detector: BottomUpDetector,
+    images: Sequence[np.ndarray],
+    vocab: Vocabulary | None = None,
+    config: BottomUpConfig | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[Detections]:
+    """Detections of a batch of uint8 RGB images, run as one padded batch on the detector's device.
+
+    ``config`` overrides the detector's selection settings (the architecture is the detector's).
+    ``autocast_dtype`` (e.g. torch.bfloat16 on a GPU) runs the convolutions in that precision; box
+    arithmetic and selection stay float32.
+    """
+    cfg = (config or detector.config).validate()
+    return _detect_prepared(detector, [preprocess(im, cfg) for im in images], cfg, vocab, autocast_dtype)
+
+
+RANDOM_BRANCH_SCALE = 0.2  # batch-norm scale of each residual branch's last conv (random weights)
+RANDOM_HEAD_STD = 0.01  # std of the RPN and box-predictor weights (random weights)
+RANDOM_PIXEL_STD = 60.0  # roughly the std of mean-subtracted 0-255 pixels
+
+
+def random_state_dict(config: BottomUpConfig | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict with the published names and shapes and random values that keep activations sane.
+
+    For tests and benchmarks without the real weights: convolutions ~ He-normal, batch-norm scale
+    small on the last conv of a residual branch (so 30+ blocks do not blow up), running stats 0 / 1,
+    small head weights.
+    """
+    cfg = config or BottomUpConfig()
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation cost
+        model = BottomUpDetector(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, value in model.state_dict().items():
+        if name.endswith("cell_anchors.0"):
+            state[name] = B.cell_anchors(cfg.anchor_sizes, cfg.anchor_ratios)
+        elif name.endswith("num_batches_tracked"):
+            state[name] = torch.zeros((), dtype=torch.long)
+        elif name.endswith("running_mean"):
+            state[name] = torch.zeros(value.shape)
+        elif name.endswith("running_var"):
+            state[name] = torch.ones(value.shape)
+        elif ".norm." in name and name.endswith("weight"):
+            scale = RANDOM_BRANCH_SCALE if ".conv3.norm" in name else 1.0
+            state[name] = torch.full(value.shape, scale)
+        elif ".norm." in name and name.endswith("bias"):
+            state[name] = 0.1 * torch.randn(value.shape, generator=gen)
+        elif value.ndim >= 2 and (name.startswith("proposal_generator") or "box_predictor" in name):
+            # Heads: small weights (as detectors are initialised) keep boxes near their anchors.
+            state[name] = torch.randn(value.shape, generator=gen) * RANDOM_HEAD_STD
+        elif value.ndim >= 2:
+            fan_in = value[0].numel()
+            std = (2.0 / fan_in) ** 0.5
+            if name == "backbone.stem.conv1.weight":
+                std /= RANDOM_PIXEL_STD  # the input is raw 0-255 pixels minus the mean
+            state[name] = torch.randn(value.shape, generator=gen) * std
+        else:
+            state[name] = 0.1 * torch.randn(value.shape, generator=gen)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The ``bottom-up`` backbone of ``vqa-align extract``
+
+WEIGHT_FILES = ("model.safetensors", HUB_WEIGHTS)  # looked for, in this order, in a weights folder
+OBJECTS_VOCAB, ATTRIBUTES_VOCAB = "objects_vocab.txt", "attributes_vocab.txt"
+
+
+def default_weights_dir() -> Path:
+    """Where ``--download bottom-up`` puts the weights and vocabularies unless told otherwise."""
+    from vqa_align.paths import cache_root
+
+    return cache_root() / "weights" / "bottom-up"
+
+
+@dataclass
+class Params:
+    # A weights file (.bin / .safetensors) or a folder holding one plus the two vocabulary files;
+    # default: the folder `vqa-align extract --download --backbone bottom-up` fills.
+    weights: str | None = None
+    mode: str = "adaptive"  # "adaptive": conf >= conf_thresh, min_boxes..max_boxes; "fixed": `boxes` boxes
+    boxes: int = 36  # fixed mode: boxes per image (the 36-box TSV flavour)
+    min_boxes: int = 10
+    max_boxes: int = 100
+    conf_thresh: float = 0.2
+    min_size: int = 800  # shortest side after resizing
+    max_size: int = 1333  # longest side at most
+    proposals: int = 300  # RPN proposals kept after NMS (boxes are chosen among them)
+    selection: str = "bottom-up"  # or "hf-demo" (the Hugging Face LXMERT demo's rule)
+
+    def config(self) -> BottomUpConfig:
+        if self.mode not in ("adaptive", "fixed"):
+            raise UserError(f"backbone bottom-up: mode {self.mode!r} is not 'adaptive' or 'fixed'")
+        lo, hi = (self.boxes, self.boxes) if self.mode == "fixed" else (self.min_boxes, self.max_boxes)
+        return BottomUpConfig(
+            min_size=self.min_size, max_size=self.max_size, post_nms_topk=self.proposals,
+            selection=self.selection,  # type: ignore[arg-type]
+            conf_thresh=self.conf_thresh, min_boxes=lo, max_boxes=hi,
+        ).validate()
+
+
+def _weights_file(params: Params) -> Path:
+    where = Path(params.weights).expanduser() if params.weights else default_weights_dir()
+    if where.is_dir() or where.suffix not in (".bin", ".pt", ".pth", ".safetensors"):  # a folder
+        for name in WEIGHT_FILES:
+            if (where / name).is_file():
+                return where / name
+        return where / HUB_WEIGHTS  # absent: missing() reports it
+    return where
+
+
+class Preprocess:
+    """PIL RGB image -> :class:`Prepared` (picklable, no weights; runs in DataLoader workers)."""
+
+    def __init__(self, config: BottomUpConfig):
+        self.config = config
+
+    def __call__(self, image) -> Prepared:  # PIL.Image.Image
+        return preprocess(np.asarray(image.convert("RGB"), dtype=np.uint8), self.config)
+
+
+@torch.no_grad()
+def _detect_prepared(
+    detector: BottomUpDetector,
+    prepared: Sequence[Prepared],
+    cfg: BottomUpConfig,
+    vocab: Vocabulary | None,
+    autocast_dtype: torch.dtype | None,
+) -> list[Detections]:
+    device = next(detector.parameters()).device
+    batch = batch_images(prepared).to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        raws = detector(batch, [p.resized_hw for p in prepared])
+    confs: list[torch.Tensor | None] = [None] * len(raws)
+    if cfg.selection == "bottom-up" and len(raws) > 1:
+        confs = list(batch_confidence(raws, cfg.nms_thresh))
+    return [postprocess(r, p, cfg, vocab, c) for r, p, c in zip(raws, prepared, confs)]
+
+
+class BottomUp(Backbone):
+    name = "bottom-up"
+    Params = Params
+    summary = "bottom-up-attention VG Faster R-CNN: 10-100 (or 36) boxes, 2048-d + object/attribute labels"
+
+    def __init__(self, params: Params, device: torch.device | str = "cpu") -> None:
+        super().__init__(params, device)
+        self.config = params.config()
+        path = _weights_file(params)
+        self.detector = BottomUpDetector.from_file(path, self.config).to(self.device)
+        self._sha = sha256_of_file(path)
+        self._source = str(path)
+        folder = path.parent
+        self.vocab = None
+        if (folder / OBJECTS_VOCAB).is_file() and (folder / ATTRIBUTES_VOCAB).is_file():
+            self.vocab = load_vocabulary(folder / OBJECTS_VOCAB, folder / ATTRIBUTES_VOCAB, self.config)
+
+    @classmethod
+    def missing(cls, params: Params) -> Missing | None:
+        path = _weights_file(params)
+        if not path.is_file():
+            fix = "vqa-align extract --download --backbone bottom-up"
+            if params.weights:
+                fix += f" --weights-dir {params.weights}"
+            return Missing(f"the bottom-up weights {path} are not on this machine", fix)
+        return None
+
+    @classmethod
+    def download(cls, params: Params, dest: Path | None) -> Path | None:  # pragma: no cover - internet
+        folder = Path(dest) if dest else (Path(params.weights) if params.weights else default_weights_dir())
+        download_bottom_up(folder)
+        return folder
+
+    def preprocessor(self):
+        return Preprocess(self.config)
+
+    def extract(self, inputs: list[Prepared], sizes: list[tuple[int, int]]) -> list[ImageRegions]:
+        # Boxes go back to the sizes given (the original files), even if the pictures were
+        # downscaled before preprocessing: only the aspect ratio must agree.
+        prepared = [Prepared(p.pixels, p.resized_hw, (h, w)) for p, (w, h) in zip(inputs, sizes)]
+        dets = _detect_prepared(self.detector, prepared, self.config, self.vocab, self.autocast_dtype())
+        return [ImageRegions(d.features, d.boxes, d.labels() if self.vocab else None) for d in dets]
+
+    @property
+    def info(self) -> ExtractorInfo:
+        params = {k: v for k, v in self.params.__dict__.items() if k != "weights"}
+        return ExtractorInfo(self.name, params, self._sha, FEATURE_DIM, self._source)
+
+
+BACKBONE = BottomUp
