@@ -35,17 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from vqa_align.errors import UserError
 from vqa_align.extract.backbones import Backbone, ExtractorInfo, build_backbone
+from vqa_align.extract.images import DEFAULT_MAX_SIDE, BadImage, decode_image
 from vqa_align.data.feature_store import FeatureStore, FeatureStoreWriter
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-DEFAULT_MAX_SIDE = 2048  # decoded pictures are downscaled to this longest side (no backbone needs more)
 DEFAULT_PART_SIZE = 256  # images per part: the most an interruption can cost per rank
 HASH_ID_BASE = 10**15  # ids of non-COCO names: HASH_ID_BASE + 48-bit hash (< 2**53: exact in JSON/float64)
 HASH_ID_BITS = 48
@@ -55,13 +54,6 @@ MANIFEST = "manifest.json"
 # COCO_train2014_000000123456.jpg -> 123456 (and 000000123456.jpg, as in COCO 2017)
 _COCO_RE = re.compile(r"^(?:COCO_[A-Za-z]+\d*_)?(\d+)\.[A-Za-z]+$")
 
-EXIF_ORIENTATION = 0x0112  # EXIF tag: how the camera was held
-ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # orientations that swap width and height
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error (skipped), never half a picture
-
-
-class BadImage(Exception):
-    """A file that cannot be used as a picture; the message says why (one line)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,59 +123,6 @@ def list_images(inputs: Sequence[str | Path]) -> list[tuple[int, Path]]:
                             "pass their parent folder instead so their relative paths tell them apart")
         by_id[image_id] = path
     return sorted(by_id.items(), key=lambda kv: str(kv[1]))
-
-
-# ----------------------------------------------------------------------------------------------
-# Decoding
-# ----------------------------------------------------------------------------------------------
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: 16-bit/float scaled to 8 bits by their range, alpha over white, CMYK converted."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo if hi > lo else 1.0) * 255.0
-        image = Image.fromarray(arr.round().astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    return image.convert("RGB")
-
-
-def decode_image(path: str | Path, max_side: int = DEFAULT_MAX_SIDE) -> tuple[Image.Image, tuple[int, int]]:
-    """(RGB picture, (width, height) of the original after EXIF rotation); raises BadImage.
-
-    The picture is at most ``max_side`` on its longest side; boxes are reported in the original
-    size, so a store of a downscaled picture looks the same as one of the full picture.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            w0, h0 = im.size  # before draft(), which shrinks the decoded size of JPEGs
-            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-            im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale, much faster
-            oriented = ImageOps.exif_transpose(im)
-            oriented.load()
-            image = to_rgb(oriented)
-    except FileNotFoundError:
-        raise BadImage("file not found") from None
-    except Image.DecompressionBombError as err:
-        raise BadImage(f"too large to decode safely ({err})") from None
-    except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError, truncated data ...
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if "cannot identify image file" in msg:
-            msg = "not an image file"
-        raise BadImage(msg) from None
-    if image.width < 1 or image.height < 1:
-        raise BadImage("empty picture")
-    full = (h0, w0) if orientation in ROTATING_ORIENTATIONS else (w0, h0)
-    if max(image.size) > max_side:
-        scale = max_side / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.BILINEAR, reducing_gap=2.0)
-    return image, full
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
 
+from vqa_align.extract.images import to_rgb_array
+
 POOL_SIZE = 7  # roi_align output is POOL_SIZE x POOL_SIZE per channel (as in Faster R-CNN heads)
 MAP_CHANNELS = 4  # R, G, B, foreground mask: the channels pooled into the descriptor
 REGION_FEATURE_DIM = MAP_CHANNELS * POOL_SIZE * POOL_SIZE + 3 + 3 + 1  # = 203
@@ -50,30 +52,6 @@ class Regions:
     boxes: np.ndarray  # (K, 4) float32
     image_size: tuple[int, int]  # (width, height) of the original image
     num_foreground: int  # the first num_foreground regions are foreground components
-
-
-def to_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
-    """Any PIL image or uint8 array (H, W), (H, W, 1|3|4) -> uint8 (H, W, 3).
-
-    Alpha is composited over white (transparent PNG backgrounds are usually meant as blank).
-    """
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.dtype != np.uint8:
-            raise ValueError(f"image array must be uint8, got {arr.dtype}")
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-            raise ValueError(f"image array must have shape (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
-        image = Image.fromarray(arr)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise ValueError(f"image is empty: shape {rgb.shape}")
-    return rgb
 
 
 def foreground_mask(rgb: np.ndarray, threshold: float = FOREGROUND_THRESHOLD) -> np.ndarray:
