@@ -200,6 +200,18 @@ def test_config_file_that_is_not_yaml_text(tmp_path):
         load_config(tmp_path)  # a folder
 
 
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("5E-3", 5e-3), (".5e-3", 5e-4), ("+2.5e-4", 2.5e-4)])
+def test_yaml_11_float_strings_read_alike_from_a_file_and_from_set(tmp_path, text, value):
+    # PyYAML leaves "1e-4" a string (YAML 1.1 wants "1.0e-4"): one rule turns it into the number,
+    # whether it comes from a config file or from --set.
+    path = tmp_path / "lr.yaml"
+    path.write_text(f"train:\n  lr: {text}\n  betas: [{text}, 0.98]\n")
+    from_file = load_config(path).train
+    from_set = load_config(None, [f"train.lr={text}", f"train.betas=[{text}, 0.98]"]).train
+    assert from_file.lr == from_set.lr == value and from_file.betas == from_set.betas == [value, 0.98]
+    assert load_config(None, ["name=v1.e"]).name == "v1.e"  # not a number: stays a string
+
+
 @pytest.mark.parametrize("override,message", [
     ("=3", "dotted key"), ("train..lr=1", "dotted key"), ("train.lr", "expected KEY=VALUE"),
     ("train.lr=[1", "not valid YAML"), ("train=5", "train: expected a mapping"),

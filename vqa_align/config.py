@@ -379,13 +379,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text!r}: value is not valid YAML ({' '.join(str(err).split())})") from None
-    # YAML 1.1 reads "1e-4" as a string; accept it as the number the user meant.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") else value
-        except ValueError:
-            pass
-    return [part.strip() for part in key.split(".")], value
+    return [part.strip() for part in key.split(".")], _fix_yaml_floats(value)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -402,15 +396,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _fix_yaml_floats(data: Any) -> Any:
-    """PyYAML (YAML 1.1) parses ``1e-4`` as a string; turn such strings back into floats."""
+    """PyYAML (YAML 1.1) reads ``1e-4`` and ``.5e3`` as strings (it wants ``1.0e-4``, ``.5e+3``); turn
+    strings that Python reads as a number with a point or an exponent back into floats, in nested
+    dicts and lists too. Files and ``--set`` values go through this one rule."""
     if isinstance(data, dict):
         return {k: _fix_yaml_floats(v) for k, v in data.items()}
     if isinstance(data, list):
         return [_fix_yaml_floats(v) for v in data]
-    if isinstance(data, str):
+    if isinstance(data, str) and any(c in data.lower() for c in "e."):
         try:
-            if any(c in data.lower() for c in "e.") and data.strip().lstrip("+-")[:1].isdigit():
-                return float(data)
+            return float(data)
         except ValueError:
             return data
     return data
