@@ -46,11 +46,15 @@ PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
 PAD_ID, UNK_ID = 0, 1
 NUM_HUMAN_ANSWERS = 10
 SOFT_SCORES = np.array([0.0, 0.3, 0.6, 0.9, 1.0], dtype=np.float32)  # index: min(matches, 4)
-# MCAN's question clean-up: these characters are deleted, '-' and '/' separate words.
-QUESTION_STRIP = r"[.,'!?\"()*#:;]"
-QUESTION_SPLIT = r"[-/]"
-_STRIP_RE = re.compile(QUESTION_STRIP)
-_SPLIT_RE = re.compile(QUESTION_SPLIT)
+# MCAN's question clean-up: lower-case, these rewrites in order, split on white space. The one
+# definition of the rule: tokenize_question applies it with Python's re (the vocabulary's words,
+# MCAN's own code for imported models) and word_level_tokenizer as a `tokenizers` normaliser (so a
+# saved tokenizer.json carries it); tests/test_vqa_data.py checks that the two agree.
+QUESTION_REWRITES = (
+    (r"[.,'!?\"()*#:;]", ""),  # deleted
+    (r"[-/]", " "),  # separate words
+)
+_QUESTION_REWRITES_RE = tuple((re.compile(pattern), replacement) for pattern, replacement in QUESTION_REWRITES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +173,10 @@ def tokenize_question(text: str, max_tokens: int | None = None) -> list[str]:
     >>> tokenize_question("What's the man-made object?")
     ['whats', 'the', 'man', 'made', 'object']
     """
-    words = _SPLIT_RE.sub(" ", _STRIP_RE.sub("", text.lower())).split()
+    text = text.lower()
+    for pattern, replacement in _QUESTION_REWRITES_RE:
+        text = pattern.sub(replacement, text)
+    words = text.split()
     return words if max_tokens is None else words[:max_tokens]
 
 
@@ -198,11 +205,9 @@ def word_level_tokenizer(vocab: dict[str, int], max_tokens: int) -> Any:
     if vocab.get(PAD_TOKEN) != PAD_ID or vocab.get(UNK_TOKEN) != UNK_ID:
         raise ValueError(f"a word-level vocabulary needs {PAD_TOKEN} = {PAD_ID} and {UNK_TOKEN} = {UNK_ID}")
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    tok.normalizer = normalizers.Sequence([
-        normalizers.Lowercase(),
-        normalizers.Replace(Regex(QUESTION_STRIP), ""),
-        normalizers.Replace(Regex(QUESTION_SPLIT), " "),
-    ])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Lowercase()] + [normalizers.Replace(Regex(p), r) for p, r in QUESTION_REWRITES]
+    )
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token=UNK_TOKEN, pad_token=PAD_TOKEN,
