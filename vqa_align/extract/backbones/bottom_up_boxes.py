@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torchvision.ops import nms
+from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 # Deltas dw, dh are clamped so that exp() cannot blow up: no box grows more than 1000/16 times
 # (a 16-pixel anchor to a 1000-pixel box), the Detectron/bottom-up-attention convention.
@@ -102,13 +102,6 @@ def apply_deltas(deltas: torch.Tensor, boxes: torch.Tensor, weights: tuple[float
     return out.reshape(deltas.shape)
 
 
-def clip_boxes(boxes: torch.Tensor, height: int | float, width: int | float) -> torch.Tensor:
-    """(..., 4) boxes clamped into [0, width] x [0, height] (a new tensor)."""
-    x = boxes[..., 0::2].clamp(min=0, max=width)
-    y = boxes[..., 1::2].clamp(min=0, max=height)
-    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
-
-
 def select_proposals(
     proposals: torch.Tensor,
     logits: torch.Tensor,
@@ -125,7 +118,7 @@ def select_proposals(
     ``min_size`` dropped, NMS at ``nms_thresh``, and the best ``post_nms_topk`` kept.
     """
     order = torch.sort(logits, descending=True).indices[:pre_nms_topk]  # (k0,)
-    boxes = clip_boxes(proposals[order], height, width)
+    boxes = clip_boxes_to_image(proposals[order], (height, width))
     scores = logits[order]
     nonempty = ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
     boxes, scores = boxes[nonempty], scores[nonempty]
@@ -144,14 +137,14 @@ def per_class_nms_confidence(boxes: torch.Tensor, class_scores: torch.Tensor, io
     A leading batch dimension is allowed, (N, R, 4) and (N, R, C) -> (N, R), so a batch of images
     costs R steps, not N * R (pad shorter images with zero boxes and scores of -1: a zero box
     overlaps nothing, so it suppresses nothing).
-    Slow obvious version: :func:`per_class_nms_confidence_reference`.
+    Slow obvious version (one torchvision ``nms`` per class): tests/test_bottom_up.py.
     """
     if boxes.dim() == 2:
         return per_class_nms_confidence(boxes[None], class_scores[None], iou_thresh)[0]
     num_images, num_boxes, num_classes = class_scores.shape
     if num_boxes == 0:
         return class_scores.new_zeros(num_images, 0)
-    overlaps = _iou(boxes, boxes) > iou_thresh  # (N, R, R) bool; NaN (zero boxes) compares False
+    overlaps = torch.stack([box_iou(b, b) for b in boxes]) > iou_thresh  # (N, R, R); NaN (zero boxes) is False
     # Stable sort: among equal scores the lower index goes first, as torchvision's nms does.
     order = torch.sort(class_scores.transpose(1, 2), dim=2, descending=True, stable=True).indices  # (N, C, R)
     suppressed = torch.zeros(num_images, num_classes, num_boxes, dtype=torch.bool, device=boxes.device)
@@ -164,26 +157,6 @@ def per_class_nms_confidence(boxes: torch.Tensor, class_scores: torch.Tensor, io
         suppressed |= keep_now & overlaps[images, candidate[..., 0]]  # (N, C, R)
     confidence = torch.where(kept.transpose(1, 2), class_scores, torch.zeros_like(class_scores))  # (N, R, C)
     return confidence.max(dim=2).values
-
-
-def per_class_nms_confidence_reference(boxes: torch.Tensor, class_scores: torch.Tensor, iou_thresh: float) -> torch.Tensor:
-    """The same as :func:`per_class_nms_confidence`, one torchvision ``nms`` call per class."""
-    confidence = torch.zeros(boxes.shape[0], dtype=class_scores.dtype)
-    for c in range(class_scores.shape[1]):
-        scores = class_scores[:, c]
-        keep = nms(boxes.float(), scores.float(), iou_thresh)
-        confidence[keep] = torch.maximum(confidence[keep], scores[keep])
-    return confidence
-
-
-def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(..., N, M) intersection over union of (..., N, 4) and (..., M, 4) boxes (no +1, as torchvision)."""
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])  # (..., N)
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # (..., M)
-    top_left = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])  # (..., N, M, 2)
-    bottom_right = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)  # (..., N, M)
-    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter)
 
 
 def keep_by_confidence(confidence: torch.Tensor, threshold: float, min_boxes: int, max_boxes: int) -> torch.Tensor:
@@ -248,7 +221,7 @@ def select_hf_demo(
     kept (fewer than ``min_boxes``).
     """
     num_classes = class_probs.shape[1]
-    boxes = clip_boxes(class_boxes.reshape(-1, num_classes, 4), height, width)  # (R, C, 4)
+    boxes = clip_boxes_to_image(class_boxes.reshape(-1, num_classes, 4), (height, width))  # (R, C, 4)
     scores, ids = class_probs.max(dim=1)  # (R,)
     best_boxes = boxes[torch.arange(boxes.shape[0], device=boxes.device), ids]  # (R, 4)
     keep = best_boxes.new_zeros(0, dtype=torch.long)
