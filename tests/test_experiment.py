@@ -13,20 +13,16 @@ from vqa_align.experiments import vqa as experiment
 from vqa_align.train import trainer as training
 from vqa_align.cli import main as cli_main
 from vqa_align.errors import UserError
-from vqa_align.experiments.vqa import (
+from vqa_align.experiments import vqa_report
+from vqa_align.experiments.grid import config_signature, parse_methods, parse_seeds
+from vqa_align.experiments.stats import aggregate, clear_difference, mean_std
+from vqa_align.experiments.vqa import experiment_command, seconds_per_step
+from vqa_align.experiments.vqa_report import (
     Metric,
-    aggregate,
-    clear_difference,
-    config_signature,
-    experiment_command,
     findings,
     flat_metrics,
-    mean_std,
-    parse_methods,
-    parse_seeds,
     render_table,
     report_metrics,
-    seconds_per_step,
 )
 
 PRESET = "configs/easy_vqa.yaml"
@@ -169,6 +165,21 @@ def test_experiment_writes_report_and_a_rerun_resumes(easy_vqa_cache, tmp_path, 
     for name in ("fig1_alignment.png", "mmd_per_layer.png", "curves.png", "reliability_none.png", "reliability_ct.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
 
+    # The report is drawn from results.json alone: no checkpoint is opened, and it comes out the same.
+    drawn = {name: (out / name).read_bytes() for name in ("report.md", "fig1_alignment.png", "curves.png",
+                                                          "mmd_per_layer.png")}
+    for name in drawn:
+        (out / name).unlink()
+
+    def no_checkpoints(*args, **kwargs):
+        raise AssertionError("the report loaded a checkpoint")
+
+    real_example = experiment.alignment_example
+    monkeypatch.setattr(experiment, "alignment_example", no_checkpoints)
+    vqa_report.write_report(out)
+    assert {name: (out / name).read_bytes() for name in drawn} == drawn
+    monkeypatch.setattr(experiment, "alignment_example", real_example)
+
     # Rerun: nothing is trained again. Run "none" lost its done.json after training finished (only
     # evaluated again); run "ct" looks interrupted mid-training (resumed, not restarted).
     metrics_before = {p: p.read_bytes() for p in out.glob("runs/*/metrics.jsonl")}
@@ -195,3 +206,14 @@ def test_experiment_writes_report_and_a_rerun_resumes(easy_vqa_cache, tmp_path, 
 
     with pytest.raises(UserError, match="different config"):
         experiment.run_experiment_grid(PRESET, ["none"], [0], [*overrides, "train.lr=0.5"], out, progress=False)
+
+
+@pytest.mark.parametrize("name", ["easy_vqa", "easy_vqa_minilm"])
+def test_published_reports_regenerate_from_their_results_json(tmp_path, name):
+    """docs/results/<name>/report.md is a pure function of the results.json next to it."""
+    from pathlib import Path
+
+    published = Path(__file__).resolve().parents[1] / "docs" / "results" / name
+    (tmp_path / "results.json").write_text((published / "results.json").read_text())
+    vqa_report.write_report(tmp_path)
+    assert (tmp_path / "report.md").read_text() == (published / "report.md").read_text()

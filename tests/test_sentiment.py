@@ -264,7 +264,8 @@ def test_run_one_end_to_end(tmp_path: Path, prepared: Path) -> None:
 def test_paired_test_matches_scipy_and_verdicts() -> None:
     from scipy import stats
 
-    from vqa_align.sentiment.experiment import Metric, paired_test, verdict
+    from vqa_align.experiments.stats import paired_test
+    from vqa_align.sentiment.experiment import Metric, verdict
 
     a, b = [80.0, 81.0, 82.5, 79.0, 80.5], [79.0, 80.5, 81.0, 78.0, 80.0]
     t = paired_test(a, b)
@@ -332,3 +333,53 @@ def test_report_from_finished_runs(tmp_path: Path) -> None:
     text = (tmp_path / REPORT_MD).read_text()
     assert "the command" in text and "| movie_test accuracy (%) | 81.00 ± 1.00 | 82.00 ± 1.32 | 79.00 (1 run) |" in text
     assert "| higher in-domain accuracy | no clear difference (Δ +1.00, p 0.074, n = 3) | n = 1: Δ -1.00, too few pairs for a test |" in text
+
+
+def test_grid_keeps_finished_runs_resumes_interrupted_ones_and_refuses_other_configs(tmp_path: Path, monkeypatch) -> None:
+    """The shared grid policy, on the sentence grid (run_one faked: no training)."""
+    from vqa_align.config import save_config
+    from vqa_align.experiments.grid import Cell
+    from vqa_align.runs.run_folder import mark_run_folder
+    from vqa_align.sentiment import runner
+    from vqa_align.sentiment.experiment import run_cell
+    from vqa_align.sentiment.runner import RESULT_FILE, load_sentiment_config
+
+    calls: list[tuple[str, bool]] = []
+
+    def fake_run_one(config, run_dir, sentences=None, resume=False):
+        calls.append((run_dir.name, resume))
+        return {"method": config.model.alignment.method, "seed": config.train.seed, "wall_seconds": 1.0,
+                "splits": {"movie_test": {"accuracy": 50.0}}}
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    config, other = (load_sentiment_config(None, [f"train.max_steps={n}"]) for n in (8, 9))
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    (out / "runs").mkdir(parents=True)
+
+    def interrupted(name: str, made_with, step: int) -> Path:
+        run_dir = runs / name
+        (run_dir / "checkpoints" / "last").mkdir(parents=True)
+        mark_run_folder(run_dir)
+        save_config(made_with, run_dir / "config.yaml")
+        (run_dir / "checkpoints" / "last" / "meta.json").write_text(json.dumps({"epoch": 0, "global_step": step}))
+        return run_dir
+
+    def cell(seed: int, made_with=config) -> bool:
+        return run_cell(Cell("none", seed), lambda message: None, made_with, out, runs, {})
+
+    assert cell(0) and calls == [("none_seed0", False)]  # new: trained
+    assert not cell(0) and len(calls) == 1  # finished: kept
+    with pytest.raises(UserError, match="different config"):
+        cell(0, other)  # finished with another config: refused
+    interrupted("none_seed1", config, 4)
+    assert cell(1) and calls[-1] == ("none_seed1", True)  # stopped after a checkpoint: resumed
+    kept = interrupted("none_seed2", other, 4)
+    with pytest.raises(UserError, match="different config"):
+        cell(2)  # stopped, made with another config: refused, nothing deleted
+    assert (kept / "config.yaml").is_file() and not (out / "runs" / "none_seed2.json").exists()
+    trained = interrupted("none_seed3", config, 8)
+    assert cell(3) and calls[-1] == ("none_seed3", False) and not trained.exists()  # trained, not evaluated: again
+    finished = interrupted("none_seed4", config, 8)
+    (finished / RESULT_FILE).write_text(json.dumps(fake_run_one(config, finished)))
+    calls.clear()
+    assert cell(4) and calls == [] and json.loads((out / "runs" / "none_seed4.json").read_text())["seed"] == 0

@@ -3,14 +3,18 @@
 ``vqa-align sentiment experiment --config configs/sentiment_minilm.yaml --methods none,ct,gan
 --seeds 0-4 --out docs/results/sentiment`` runs, seed by seed, every method (so an interrupted grid
 still holds complete pairs), writes each finished run's result to ``<out>/runs/<method>_seed<k>.json``
-at once, skips runs whose result is already there (rerun the command to continue), and rewrites the
-report after every run. Checkpoints and JSONL logs go to ``--runs-dir`` (default
-``<cache>/runs/sentiment``), not into the report folder. ``vqa-align sentiment report --out DIR``
-rewrites the report from whatever runs exist.
+at once, and rewrites the report after every run. Checkpoints and JSONL logs go to ``--runs-dir``
+(default ``<cache>/runs/sentiment``), not into the report folder. Rerunning the command continues
+the grid by the policy of :mod:`vqa_align.experiments.grid`: finished runs are kept, a run stopped
+after a checkpoint is resumed, anything made with another config is refused, never deleted. (The
+sentence runner evaluates only right after training, so a run killed between its last training
+step and its result is trained again from scratch.) ``vqa-align sentiment report --out DIR``
+rewrites the report from whatever runs exist, reading only the files in DIR.
 
-Statistics: mean ± sample std over seeds; for each aligned method against ``none`` the seeds both
-have are paired: mean difference, paired t-test and Wilcoxon signed-rank p-values (two-sided,
-scipy). With 5 pairs the smallest Wilcoxon p is 0.0625, so only the t-test can reach 0.05.
+Statistics (:mod:`vqa_align.experiments.stats`): mean ± sample std over seeds; for each aligned
+method against ``none`` the seeds both have are paired: mean difference, paired t-test and
+Wilcoxon signed-rank p-values (two-sided). With 5 pairs the smallest Wilcoxon p is 0.0625, so only
+the t-test can reach 0.05.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +33,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from vqa_align.errors import UserError
-from vqa_align.experiments.vqa import machine_info, mean_std, parse_methods, parse_seeds
+from vqa_align.experiments.grid import (
+    Cell, Log, config_signature, check_same_config, finished_result, grid_cells, machine_info, parse_methods,
+    parse_seeds, run_grid as run_cells, unfinished_run_state,
+)
+from vqa_align.experiments.stats import mean_std, paired_test
 
 RUNS_FOLDER = "runs"
 REPORT_JSON = "results.json"
@@ -87,25 +95,6 @@ def with_derived(result: dict[str, Any]) -> dict[str, Any]:
         result["cross_domain_accuracy"] = float(np.mean([splits[s]["accuracy"] for s in present]))
         result["cross_domain_ece"] = float(np.mean([splits[s]["ece"] for s in present]))
     return result
-
-
-def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float | int]:
-    """Aligned (a) minus baseline (b) over paired seeds: mean difference, paired t and Wilcoxon p."""
-    from scipy import stats
-
-    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    out: dict[str, float | int] = {"n": int(len(diff)), "mean_diff": float(diff.mean()) if len(diff) else math.nan,
-                                   "t_p": math.nan, "wilcoxon_p": math.nan}
-    # Differences equal up to rounding (e.g. 4 points in every pair of 100-sentence sets) have no
-    # variance: the t statistic is infinite and says nothing; report no p-value then.
-    spread = float(np.ptp(diff)) if len(diff) else 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        if len(diff) >= 2 and spread > 1e-9 * max(1.0, abs(float(diff.mean()))):
-            out["t_p"] = float(stats.ttest_rel(a, b).pvalue)
-        if len(diff) >= 2 and np.any(np.abs(diff) > 1e-12):
-            out["wilcoxon_p"] = float(stats.wilcoxon(a, b).pvalue)
-    return out
 
 
 def load_runs(out: Path) -> list[dict[str, Any]]:
@@ -322,12 +311,18 @@ def _claims(summary: dict[str, Any], methods: Sequence[str], metrics: Sequence[M
 
 
 def write_report(out: Path, methods: Sequence[str], command: str, data: dict[str, Any] | None,
-                 config: dict[str, Any] | None) -> dict[str, Any]:
+                 config: dict[str, Any] | None, machine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """results.json, README.md and the figures from the run results in ``out/runs`` (only from
+    files: no model, no torch). ``machine``: where the runs ran, as the grid measured it (None:
+    the one recorded in the previous results.json, so a rewritten report states the same)."""
     runs = load_runs(out)
+    if machine is None:
+        previous = json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).is_file() else {}
+        machine = previous.get("machine", {})
     splits = config["run"]["test_splits"] if config else ["movie_test", *CROSS]
     metrics = metrics_for(splits)
     summary = summarize(runs, methods, metrics)
-    results = {"command": command, "machine": machine_info(), "methods": list(methods), "data": data, "config": config,
+    results = {"command": command, "machine": machine, "methods": list(methods), "data": data, "config": config,
                # the runs' own torch threads (the report may be written by a process with another count)
                "run_threads": sorted({r["threads"] for r in runs if r.get("threads") is not None}),
                "summary": summary, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -338,11 +333,51 @@ def write_report(out: Path, methods: Sequence[str], command: str, data: dict[str
     return results
 
 
+def _restart(run_dir: Path) -> None:
+    """Clear an unfinished run folder so it can be trained again; only one that vqa-align made and
+    that holds nothing else (a finished run has its result.json and is never cleared)."""
+    from vqa_align.runs.run_folder import check_replaceable, holds_run
+
+    if holds_run(run_dir):
+        check_replaceable(run_dir, option="sentiment experiment")
+        shutil.rmtree(run_dir)
+
+
+def run_cell(cell: Cell, log: Log, config: Any, out: Path, runs_dir: Path,
+             sentences: dict[str, list[Any]]) -> bool:
+    """Train (or resume, or reuse) and evaluate one grid cell into ``out/runs/<name>.json``;
+    False when it was finished before (nothing new for the report)."""
+    from vqa_align.sentiment.runner import RESULT_FILE, run_one
+
+    signature = config_signature(config)
+    target, run_dir = out / RUNS_FOLDER / f"{cell.name}.json", runs_dir / cell.name
+    if finished_result(target, signature, target) is not None:
+        log(f"{cell.name}: done before, kept")
+        return False
+    if (run_dir / RESULT_FILE).is_file():  # finished in --runs-dir; its result never reached --out
+        check_same_config(run_dir, signature, "--runs-dir")
+        log(f"{cell.name}: finished earlier in {run_dir}, kept")
+        result = json.loads((run_dir / RESULT_FILE).read_text())
+    elif unfinished_run_state(run_dir, signature, config.train.epochs, config.train.max_steps,
+                              "--runs-dir") == "partial":
+        log(f"{cell.name}: resuming training from {run_dir / 'checkpoints/last'}")
+        result = run_one(config, run_dir, sentences, resume=True)
+    else:  # no checkpoint, or trained but not evaluated: the sentence runner trains again
+        _restart(run_dir)
+        log(f"{cell.name}: training in {run_dir}")
+        result = run_one(config, run_dir, sentences)
+    target.write_text(json.dumps({**result, "config": signature}, indent=2))
+    log(f"{cell.name}: movie test {result['splits'].get('movie_test', {}).get('accuracy', math.nan):.2f}% "
+        f"in {result['wall_seconds']:.0f} s")
+    return True
+
+
 def run_grid(config_path: str, methods: Sequence[str], seeds: Sequence[int], overrides: Sequence[str], out: Path,
-             runs_dir: Path, command: str) -> dict[str, Any]:
-    from vqa_align.sentiment.runner import load_sentiment_config, run_one
+             runs_dir: Path, command: str, progress: bool = True) -> dict[str, Any]:
+    """Every (method, seed), seed by seed; the report is rewritten after each newly finished run."""
     from vqa_align.paths import cache_root
     from vqa_align.sentiment.data import FOLDER, MANIFEST, load_sentences
+    from vqa_align.sentiment.runner import load_sentiment_config
 
     base = load_sentiment_config(config_path, overrides)  # fails early on a bad config
     folder = cache_root(base.data.cache_dir) / FOLDER
@@ -350,26 +385,16 @@ def run_grid(config_path: str, methods: Sequence[str], seeds: Sequence[int], ove
     data = json.loads((folder / MANIFEST).read_text())
     (out / RUNS_FOLDER).mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
-    for seed in seeds:
-        for method in methods:
-            name = f"{method}_seed{seed}"
-            target = out / RUNS_FOLDER / f"{name}.json"
-            if target.is_file():
-                print(f"[sentiment] {name}: done before, kept", flush=True)
-                continue
-            config = load_sentiment_config(config_path, [*overrides, f"model.alignment.method={method}", f"train.seed={seed}"])
-            run_dir = runs_dir / name
-            if run_dir.exists():
-                import shutil
 
-                shutil.rmtree(run_dir)  # an unfinished run of this grid: start it again
-            print(f"[sentiment] {name}: training in {run_dir}", flush=True)
-            result = run_one(config, run_dir, sentences)
-            target.write_text(json.dumps(result, indent=2))
-            print(f"[sentiment] {name}: movie test {result['splits'].get('movie_test', {}).get('accuracy', math.nan):.2f}% "
-                  f"in {result['wall_seconds']:.0f} s", flush=True)
-            results = write_report(out, methods, command, data, base.to_dict())
-    return results or write_report(out, methods, command, data, base.to_dict())
+    def run_and_report(cell: Cell, log: Log) -> None:
+        nonlocal results
+        config = load_sentiment_config(config_path, [*overrides, f"model.alignment.method={cell.method}",
+                                                     f"train.seed={cell.seed}"])
+        if run_cell(cell, log, config, out, runs_dir, sentences):
+            results = write_report(out, methods, command, data, base.to_dict(), machine_info())
+
+    run_cells(grid_cells(methods, seeds, seed_major=True), run_and_report, progress)
+    return results or write_report(out, methods, command, data, base.to_dict(), machine_info())
 
 
 def run_experiment(args: argparse.Namespace) -> int:
