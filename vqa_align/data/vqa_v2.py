@@ -44,7 +44,6 @@ from vqa_align.metrics.vqa_accuracy import (
 
 PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
 PAD_ID, UNK_ID = 0, 1
-NUM_HUMAN_ANSWERS = 10
 SOFT_SCORES = np.array([0.0, 0.3, 0.6, 0.9, 1.0], dtype=np.float32)  # index: min(matches, 4)
 # MCAN's question clean-up: lower-case, these rewrites in order, split on white space. The one
 # definition of the rule: tokenize_question applies it with Python's re (the vocabulary's words,

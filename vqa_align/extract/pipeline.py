@@ -33,14 +33,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from vqa_align.errors import UserError
-from vqa_align.extract.backbones import Backbone, ExtractorInfo, build_backbone
+from vqa_align.extract.backbones import Backbone, ExtractorInfo, ImageRegions, build_backbone
 from vqa_align.extract.images import DEFAULT_MAX_SIDE, BadImage, decode_image
 from vqa_align.data.feature_store import FeatureStore, FeatureStoreWriter
 
@@ -209,6 +209,62 @@ def _part_paths(folder: Path, k: int) -> tuple[Path, Path]:
     return folder / f"part-{k:06d}.h5", folder / f"part-{k:06d}.json"
 
 
+class _PartWriter:
+    """Writes this rank's parts, one open at a time: a part's store, then its marker (written last,
+    so a part with a marker is complete). Images arrive in part order."""
+
+    def __init__(self, folder: Path, options: ExtractOptions, info: ExtractorInfo, num_items: int) -> None:
+        self.folder, self.options, self.info, self.num_items = folder, options, info, num_items
+        self.writer: FeatureStoreWriter | None = None
+        self.k, self.ids, self.skipped, self.left = -1, [], [], 0
+
+    def start(self, k: int) -> None:
+        h5, _ = _part_paths(self.folder, k)
+        self.writer = FeatureStoreWriter(h5, dtype=self.options.dtype, source=f"vqa-align extract {self.info.name}",
+                                         overwrite=True, extractor=self.info)
+        self.k, self.ids, self.skipped = k, [], []
+        size = self.options.part_size
+        self.left = min((k + 1) * size, self.num_items) - k * size
+
+    def add(self, k: int, image_id: int, path: Path, regions: ImageRegions, size: tuple[int, int]) -> None:
+        self._enter(k)
+        assert self.writer is not None
+        self.writer.add(image_id, regions.features, regions.boxes, size, record=str(path), labels=regions.labels)
+        self.ids.append(image_id)
+        self._leave()
+
+    def skip(self, k: int, path: Path, reason: str) -> None:
+        self._enter(k)
+        self.skipped.append([str(path), reason])
+        self._leave()
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    def _enter(self, k: int) -> None:
+        if k != self.k:
+            self.start(k)
+
+    def _leave(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self._finish()
+
+    def _finish(self) -> None:
+        h5, marker = _part_paths(self.folder, self.k)
+        assert self.writer is not None
+        if self.ids:
+            self.writer.close()
+        else:
+            self.writer.abort()  # every file of the part was skipped: the marker alone records that
+            h5.unlink(missing_ok=True)
+        self.writer = None
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(json.dumps({"ids": self.ids, "skipped": self.skipped, "store": h5.name if self.ids else None}))
+        os.replace(tmp, marker)  # written last: the part is done
+
+
 def extract_parts(
     items: list[tuple[int, Path]],
     backbone: Backbone,
@@ -232,8 +288,7 @@ def extract_parts(
     todo_items = [(k, j) for k in todo for j in range(k * options.part_size, min((k + 1) * options.part_size, len(items)))]
     if result.parts_reused and options.progress:
         print(f"resuming: {result.parts_reused} finished part(s) of this run are kept", file=sys.stderr)
-    preprocess = backbone.preprocessor()
-    dataset = ImageFiles([items[j] for _, j in todo_items], preprocess, options.max_side)
+    dataset = ImageFiles([items[j] for _, j in todo_items], backbone.preprocessor(), options.max_side)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=options.batch_size, num_workers=options.num_workers, collate_fn=_as_list,
         pin_memory=backbone.device.type == "cuda", persistent_workers=False,
@@ -241,31 +296,7 @@ def extract_parts(
     )
     bar = tqdm(total=len(dataset), unit="img", desc=f"extract {info.name}" + (f" [rank {rank}]" if world_size > 1 else ""),
                disable=not options.progress, dynamic_ncols=True)
-    writer: FeatureStoreWriter | None = None
-    part_k, part_ids, part_skipped, part_left = -1, [], [], 0
-
-    def open_part(k: int) -> None:
-        nonlocal writer, part_k, part_ids, part_skipped, part_left
-        h5, _ = _part_paths(folder, k)
-        writer = FeatureStoreWriter(h5, dtype=options.dtype, source=f"vqa-align extract {info.name}",
-                                    overwrite=True, extractor=info)
-        part_k, part_ids, part_skipped = k, [], []
-        part_left = min((k + 1) * options.part_size, len(items)) - k * options.part_size
-
-    def finish_part() -> None:
-        nonlocal writer
-        h5, marker = _part_paths(folder, part_k)
-        assert writer is not None
-        if part_ids:
-            writer.close()
-        else:
-            writer.abort()  # every file of the part was skipped: the marker alone records that
-            h5.unlink(missing_ok=True)
-        writer = None
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(json.dumps({"ids": part_ids, "skipped": part_skipped, "store": h5.name if part_ids else None}))
-        os.replace(tmp, marker)  # written last: the part is done
-
+    parts = _PartWriter(folder, options, info, len(items))
     try:
         for batch in loader:
             good = [(i, x, size) for i, x, size, err in batch if err is None]
@@ -273,27 +304,19 @@ def extract_parts(
             by_index = {i: (r, size) for (i, _, size), r in zip(good, regions)}
             for i, _, _, err in batch:
                 k, j = todo_items[i]
-                if k != part_k:
-                    open_part(k)
                 image_id, path = items[j]
                 if err is not None:
                     bar.write(f"skipped {path}: {err}", file=sys.stderr)
-                    part_skipped.append([str(path), err])
+                    parts.skip(k, path, err)
                     result.skipped.append((str(path), err))
                 else:
                     r, size = by_index[i]
-                    assert writer is not None
-                    writer.add(image_id, r.features, r.boxes, size, record=str(path), labels=r.labels)
-                    part_ids.append(image_id)
+                    parts.add(k, image_id, path, r, size)
                     result.images += 1
                     result.regions += len(r.features)
-                part_left -= 1
-                if part_left == 0:
-                    finish_part()
             bar.update(len(batch))
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        parts.abort()
         raise
     finally:
         bar.close()
