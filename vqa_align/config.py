@@ -19,7 +19,6 @@ from typing import Any, Literal
 import yaml
 
 ALIGNMENT_METHODS = ("none", "ct", "gan", "ot")
-HELPER_PRECISIONS = ("auto", "fp32", "bf16")
 ALIGNMENT_MODULES = ("sa_question", "sa_image", "sga_guided")
 
 
