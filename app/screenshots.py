@@ -69,7 +69,7 @@ def take_screenshots(url: str, out: Path, example: int = 2, question: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vqa_align.serve.predictor import configure_threads, load_predictor
+    from vqa_align.serve.startup import configure_threads, load_predictor
     from vqa_align_app.main import build_app, launch_kwargs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -29,12 +29,10 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vqa_align.serve.predictor import (  # noqa: E402
-    Predictor,
-    default_checkpoint_path,
-    freeze_startup_objects,
-    render_views,
-)
+from vqa_align.paths import default_checkpoint_path  # noqa: E402
+from vqa_align.serve.predictor import Predictor  # noqa: E402
+from vqa_align.serve.startup import freeze_startup_objects  # noqa: E402
+from vqa_align.serve.views import render_views  # noqa: E402
 from vqa_align.serve.figures import figure_to_png  # noqa: E402
 
 EASY_VQA_QUESTIONS = [
@@ -61,14 +59,14 @@ def random_checkpoint(folder: Path) -> Path:
     one (else a 16-image store made by the built-in extractor in ``folder``)."""
     from vqa_align.runs.checkpoint import save_checkpoint
     from vqa_align.config import load_config
-    from vqa_align.serve.predictor import features_path
+    from vqa_align.data.loaders import feature_store_path
     from vqa_align.model.mcan import MCAN
     from vqa_align.extract.regions import extract_regions
     from vqa_align.data.feature_store import FeatureStoreWriter
     from vqa_align.data.vqa_v2 import build_tokenizer
 
     config = load_config(REPO_ROOT / "configs" / "easy_vqa.yaml")
-    prepared = features_path(config)
+    prepared = feature_store_path(config.data)
     if prepared is None or not prepared.is_file():
         store = folder / "features.h5"
         with FeatureStoreWriter(store, source="easy_vqa regions (vqa_align.extract.regions)") as writer:

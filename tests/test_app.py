@@ -205,7 +205,7 @@ def test_messages_do_not_show_server_paths(client, app_server):
 
 
 def test_public_text():
-    from vqa_align_app.main import public_text
+    from vqa_align_app.handlers import public_text
 
     assert public_text("Image 3 is not in /home/u/.cache/vqa_align/easy_vqa/features.h5.") == \
         "Image 3 is not in features.h5."
@@ -245,7 +245,7 @@ def test_compare_models_unit(tmp_path):
     import gc
     import time as _time
 
-    from vqa_align_app.main import CompareModels
+    from vqa_align_app.handlers import CompareModels
 
     ckpt = build_tiny_checkpoint(tmp_path / "a")
     models = CompareModels()

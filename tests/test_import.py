@@ -410,7 +410,8 @@ def _reference_for(imported, question_ids: list[int], image_id: int):
 
 
 def test_predict_and_app_views_on_an_imported_model(imported_run, capsys):
-    from vqa_align.serve.predictor import Predictor, render_views
+    from vqa_align.serve.predictor import Predictor
+    from vqa_align.serve.views import render_views
 
     capsys.readouterr()
     question = "what color is the umbrella?"

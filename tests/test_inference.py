@@ -14,15 +14,12 @@ from PIL import Image
 
 from vqa_align.runs.checkpoint import CheckpointError, save_checkpoint
 from vqa_align.config import AlignmentConfig, Config, DataConfig, ModelConfig
-from vqa_align.serve.predictor import (
-    InputError,
-    Predictor,
-    default_checkpoint_path,
-    load_upload,
-    region_and_word_weights,
-    render_views,
-    run_predict,
-)
+from vqa_align.paths import default_checkpoint_path
+from vqa_align.serve.images import load_upload
+from vqa_align.serve.predict_cli import run_predict
+from vqa_align.serve.prediction import InputError
+from vqa_align.serve.predictor import Predictor
+from vqa_align.serve.views import region_and_word_weights, render_views
 from vqa_align.errors import UserError
 from vqa_align.extract.regions import REGION_FEATURE_DIM, extract_regions
 from vqa_align.data.feature_store import FeatureStoreWriter
@@ -187,6 +184,22 @@ def test_unknown_words_are_listed(predictor):
     assert pred.oov == [False, True, False, False, False, True]
     assert any("“zebra”" in n and "“xylophone”" in n for n in pred.notes)
     assert pred.answer in ANSWERS
+
+
+@pytest.mark.parametrize("question", [
+    "What's the man-made   zebra/colour?", "is there a red circle", "IS THERE (A) BLUE-RECTANGLE?!",
+    " ".join(["what shape is in the image"] * 5), "xylophone zebra",
+])
+def test_question_ids_are_the_vocabulary_words_of_the_question(predictor, question):
+    """The tokenizer gives each MCAN word its vocabulary id ([UNK] when unknown), truncated as in training."""
+    from vqa_align.data.vqa_v2 import UNK_ID, tokenize_question
+
+    vocab = predictor.tokenizer.get_vocab()
+    words = tokenize_question(question)[:14]
+    encoded = predictor.encode_question(question)
+    assert encoded.words == words
+    assert encoded.ids == [vocab.get(w, UNK_ID) for w in words]
+    assert encoded.oov == [w not in vocab for w in words]
 
 
 def test_image_choice_errors(predictor):

@@ -17,7 +17,10 @@ from vqa_align.data.loaders import check_same_extractor
 from vqa_align.errors import UserError
 from vqa_align.extract.pipeline import ExtractOptions, extract_images, list_images
 from vqa_align.extract.backbones import ExtractorInfo, build_backbone
-from vqa_align.serve.predictor import InputError, Predictor, folder_image_loader, load_predictor
+from vqa_align.serve.gallery import folder_image_loader
+from vqa_align.serve.prediction import InputError
+from vqa_align.serve.predictor import Predictor
+from vqa_align.serve.startup import load_predictor
 from vqa_align.model.mcan import MCAN
 from vqa_align.data.feature_store import FeatureStore, FeatureStoreWriter
 from vqa_align.data.vqa_v2 import build_tokenizer

@@ -168,7 +168,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--image", help="a picture file; its features come from the extractor the model was trained on")
     p.add_argument("--question", required=True, type=_non_empty)
     p.add_argument("--top-k", type=POSITIVE_INT, default=5, help="answers listed (>= 1)")
-    p.set_defaults(func=_handler("vqa_align.serve.predictor", "run_predict"))
+    p.set_defaults(func=_handler("vqa_align.serve.predict_cli", "run_predict"))
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:

@@ -318,6 +318,23 @@ class DataBundle:
     files: dict[str, dict[str, list[Path]]] = field(default_factory=dict)  # split -> questions/annotations
 
 
+def feature_store_path(cfg: DataConfig) -> Path | None:
+    """The feature store a data config reads, without preparing anything (None: it names none).
+
+    An explicit ``features`` wins; easy-VQA otherwise lives in the prepared cache
+    (``<cache>/easy_vqa/features.h5``, or the store of ``easy_vqa_backbone`` beside it).
+    """
+    if cfg.features:
+        return Path(cfg.features).expanduser()
+    if cfg.dataset == "easy_vqa":
+        from vqa_align.data.easy_vqa import FEATURES, FOLDER, backbone_features_file
+        from vqa_align.paths import cache_root
+
+        name = backbone_features_file(cfg.easy_vqa_backbone) if cfg.easy_vqa_backbone else FEATURES
+        return cache_root(cfg.cache_dir) / FOLDER / name
+    return None
+
+
 def resolve_files(cfg: DataConfig) -> tuple[Path, dict[str, dict[str, list[Path]]]]:
     """(feature store path, split -> {"questions": [...], "annotations": [...]}) of a config.
 
