@@ -15,15 +15,9 @@ from vqa_align.cli import main as cli_main
 from vqa_align.errors import UserError
 from vqa_align.experiments import vqa_report
 from vqa_align.experiments.grid import config_signature, parse_methods, parse_seeds
-from vqa_align.experiments.stats import aggregate, clear_difference, mean_std
+from vqa_align.experiments.stats import Metric, aggregate, clear_difference, mean_std
 from vqa_align.experiments.vqa import experiment_command, seconds_per_step
-from vqa_align.experiments.vqa_report import (
-    Metric,
-    findings,
-    flat_metrics,
-    render_table,
-    report_metrics,
-)
+from vqa_align.experiments.vqa_report import findings, flat_metrics, render_table, report_metrics
 
 PRESET = "configs/easy_vqa.yaml"
 ACC = Metric("accuracy", "accuracy", True)

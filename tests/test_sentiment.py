@@ -264,8 +264,8 @@ def test_run_one_end_to_end(tmp_path: Path, prepared: Path) -> None:
 def test_paired_test_matches_scipy_and_verdicts() -> None:
     from scipy import stats
 
-    from vqa_align.experiments.stats import paired_test
-    from vqa_align.sentiment.experiment import Metric, verdict
+    from vqa_align.experiments.stats import Metric, paired_test
+    from vqa_align.sentiment.experiment import verdict
 
     a, b = [80.0, 81.0, 82.5, 79.0, 80.5], [79.0, 80.5, 81.0, 78.0, 80.0]
     t = paired_test(a, b)
@@ -383,3 +383,17 @@ def test_grid_keeps_finished_runs_resumes_interrupted_ones_and_refuses_other_con
     (finished / RESULT_FILE).write_text(json.dumps(fake_run_one(config, finished)))
     calls.clear()
     assert cell(4) and calls == [] and json.loads((out / "runs" / "none_seed4.json").read_text())["seed"] == 0
+
+
+@pytest.mark.parametrize("name", ["sentiment", "sentiment_64steps", "sentiment_full"])
+def test_published_report_regenerates_from_its_files(tmp_path: Path, name: str) -> None:
+    """`vqa-align sentiment report` rewrites a published README.md from the folder's files alone
+    (run results, notes, the machine recorded by the grid): the same text."""
+    import shutil
+
+    from vqa_align.cli import main
+
+    published = Path(__file__).resolve().parents[1] / "docs" / "results" / name
+    shutil.copytree(published, tmp_path / name)
+    assert main(["sentiment", "report", "--out", str(tmp_path / name)]) == 0
+    assert (tmp_path / name / "README.md").read_text() == (published / "README.md").read_text()

@@ -11,9 +11,21 @@ import math
 import statistics
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 Stat = dict[str, float | int]  # {"mean": float, "std": float, "n": int}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One measured quantity of a report: where it is, its label, which direction is better, format."""
+
+    key: str  # VQA: a key of the flat per-run metrics; sentences: a "/"-separated path in a run result
+    label: str
+    higher_is_better: bool | None  # None: no "best" (e.g. parameter counts)
+    digits: int = 2
+    kind: str = "number"  # "number" | "count" (parameters: 1.23M)
 
 
 def mean_std(values: Iterable[float | None]) -> Stat:

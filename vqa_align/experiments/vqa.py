@@ -112,6 +112,7 @@ def seconds_per_step(records: Sequence[dict[str, Any]], samples_per_step: int) -
 # One run: train (or resume, or skip), evaluate
 # ----------------------------------------------------------------------------------------------
 
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []

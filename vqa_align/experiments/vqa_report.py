@@ -21,13 +21,12 @@ import json
 import math
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vqa_align.config import ALIGNMENT_MODULES
 from vqa_align.experiments.results import restore_nan
-from vqa_align.experiments.stats import Stat, clear_difference
+from vqa_align.experiments.stats import Metric, Stat, clear_difference
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -41,17 +40,6 @@ Aggregates = dict[str, dict[str, Stat]]  # {method: {metric key: mean_std}}
 # ----------------------------------------------------------------------------------------------
 # Columns, table, findings
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One column of the report: its key in the flat metrics, header, direction and format."""
-
-    key: str
-    label: str
-    higher_is_better: bool | None  # None: no "best" (e.g. parameter counts)
-    digits: int = 2
-    kind: str = "number"  # "number" | "count" (parameters: 1.23M)
 
 
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:

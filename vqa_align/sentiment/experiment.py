@@ -26,7 +26,6 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,7 +36,7 @@ from vqa_align.experiments.grid import (
     Cell, Log, config_signature, check_same_config, finished_result, grid_cells, machine_info, parse_methods,
     parse_seeds, run_grid as run_cells, unfinished_run_state,
 )
-from vqa_align.experiments.stats import mean_std, paired_test
+from vqa_align.experiments.stats import Metric, mean_std, paired_test
 
 RUNS_FOLDER = "runs"
 REPORT_JSON = "results.json"
@@ -46,14 +45,6 @@ NOTES_MD = "notes.md"  # hand-written reading of the results, included in the re
 SIGNIFICANCE = 0.05
 MIN_PAIRS = 3  # seeds both methods have, before a verdict is given
 CROSS = ("amazon", "tweets", "nyt")
-
-
-@dataclass(frozen=True)
-class Metric:
-    key: str  # path in a run result, "/"-separated
-    label: str
-    higher_is_better: bool
-    digits: int = 2
 
 
 def metrics_for(splits: Sequence[str]) -> list[Metric]:
