@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from vqa_align.config import ModelConfig, load_config  # noqa: E402
 from vqa_align.train.host_memory import keep_freed_memory  # noqa: E402
 from vqa_align.model.mcan import MCAN  # noqa: E402
-from vqa_align.train.trainer import task_loss  # noqa: E402
+from vqa_align.train.vqa_task import task_loss  # noqa: E402
 
 VOCAB_SIZE = 20_000
 NUM_ANSWERS = 3_129

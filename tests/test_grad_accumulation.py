@@ -50,8 +50,8 @@ def test_each_window_steps_with_the_gradient_of_one_big_batch(easy_vqa_cache, tm
 
     for window, samples in ((stepped[0], big_slice(big, 0, 24)), (stepped[1], big_slice(big, 24, 36))):
         trainer.optimizer.zero_grad(set_to_none=True)
-        inputs, targets = trainer._inputs(samples), samples["targets"]
-        loss, _, _ = trainer._losses(trainer.ddp_model, inputs, targets)
+        inputs, targets = trainer.task.inputs(samples), samples["targets"]
+        loss, _, _ = trainer.objective(trainer.ddp_model, inputs, targets)
         scale = BATCH / targets.shape[0] if reduction == "sum" else 1.0
         (loss * scale).backward()
         for got, p in zip(window, params, strict=True):

@@ -20,13 +20,15 @@ from safetensors.torch import load_file
 
 from conftest import tiny_run_overrides
 from vqa_align.runs import checkpoint
+from vqa_align.train import progress, rng, vqa_task
 from vqa_align.train import trainer as training
 from vqa_align.runs.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, resolve_checkpoint
 from vqa_align.cli import main as cli_main
 from vqa_align.config import load_config
 from vqa_align.errors import DataFormatError, UserError
 from vqa_align.runs.run_folder import RUN_MARKER
-from vqa_align.train.trainer import TrainingError, train_from_config
+from vqa_align.train.task import TrainingError
+from vqa_align.train.trainer import train_from_config
 
 PRESET = "configs/easy_vqa.yaml"
 # On the CPU wherever the suite runs: CUDA backward passes (atomics) are not bitwise repeatable.
@@ -84,18 +86,18 @@ def _copy_run(reference: Path, tmp_path: Path) -> Path:
 
 def test_killed_twice_and_resumed_equals_the_uninterrupted_run(easy_vqa_cache, reference, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    real_log, real_replace = training.Trainer._log, checkpoint._replace_dir
+    real_log, real_replace = training.Trainer.log, checkpoint._replace_dir
 
     def log_then_die(self, record):  # kill 1: step 3 is logged, the last checkpoint is step 2 (mid-epoch)
         real_log(self, record)
         if record["kind"] == "train" and record["step"] == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.Trainer, "_log", log_then_die)
+    monkeypatch.setattr(training.Trainer, "log", log_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_from_config(_config(easy_vqa_cache), out)
     assert [r["step"] for r in _records(out) if r["kind"] == "train"][-1] == 3
-    monkeypatch.setattr(training.Trainer, "_log", real_log)
+    monkeypatch.setattr(training.Trainer, "log", real_log)
 
     def die_mid_swap(tmp, final):  # kill 2: between the renames of the end-of-epoch-1 `last`
         meta = json.loads((tmp / "meta.json").read_text())
@@ -157,11 +159,11 @@ def test_trainer_state_holds_only_tensors_and_plain_values(reference):
 
 
 def test_rng_state_round_trips_through_tensors():
-    state = training.rng_state()
+    state = rng.rng_state()
     expected = (np.random.rand(), torch.rand(1).item(), __import__("random").random())
     for _ in range(3):
         np.random.rand(), torch.rand(1), __import__("random").random()
-    training.set_rng_state(state)
+    rng.set_rng_state(state)
     assert (np.random.rand(), torch.rand(1).item(), __import__("random").random()) == expected
 
 
@@ -231,8 +233,8 @@ def test_overwrite_with_a_bad_data_path_keeps_the_old_run(easy_vqa_cache, refere
 def test_overwrite_failing_in_the_first_epoch_keeps_the_old_run(easy_vqa_cache, reference, tmp_path, monkeypatch):
     run = _copy_run(reference, tmp_path)
     before = _snapshot(run)
-    real = training.task_loss
-    monkeypatch.setattr(training, "task_loss", lambda *a: real(*a) * float("nan"))
+    real = vqa_task.task_loss
+    monkeypatch.setattr(vqa_task, "task_loss", lambda *a: real(*a) * float("nan"))
     with pytest.raises(TrainingError, match=r"images .*nothing was replaced: the previous run in .* is kept"):
         train_from_config(_config(easy_vqa_cache, **{"train.epochs": 1}), run, overwrite=True)
     assert _snapshot(run) == before and not (tmp_path / "run.new").exists()
@@ -241,7 +243,7 @@ def test_overwrite_failing_in_the_first_epoch_keeps_the_old_run(easy_vqa_cache, 
 def test_overwrite_replaces_a_marked_run_and_prints_progress_without_a_tty(easy_vqa_cache, reference, tmp_path,
                                                                            monkeypatch, capsys):
     run = _copy_run(reference, tmp_path)
-    monkeypatch.setattr(training, "PROGRESS_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_SECONDS", 0.0)
     train_from_config(_config(easy_vqa_cache, **{"train.epochs": 1}), run, overwrite=True)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "samples/s" in line]

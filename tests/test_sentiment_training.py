@@ -75,7 +75,7 @@ def reference_fit(config, sentences) -> dict:
     from vqa_align.sentiment.model import SentenceClassifier
     from vqa_align.sentiment.runner import (_subset, classification_metrics, collate, encode, eval_batches,
                                             sortish_batches)
-    from vqa_align.train.trainer import seed_everything
+    from vqa_align.train.rng import seed_everything
 
     t, r = config.train, config.run
     seed_everything(t.seed)
@@ -159,17 +159,17 @@ def test_killed_and_resumed_sentence_run_equals_the_uninterrupted_one(sentences,
 
     extra = ("train.epochs=2", "train.eval_every_steps=3", "train.checkpoint_every_steps=2", "train.warmup_steps=2")
     reference = run_one(_config(*extra), tmp_path / "reference", sentences)
-    real_log = training.Trainer._log
+    real_log = training.Trainer.log
 
     def log_then_die(self, record):
         real_log(self, record)
         if record["kind"] == "train" and record["step"] == 7:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.Trainer, "_log", log_then_die)
+    monkeypatch.setattr(training.Trainer, "log", log_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_one(_config(*extra), tmp_path / "run", sentences)
-    monkeypatch.setattr(training.Trainer, "_log", real_log)
+    monkeypatch.setattr(training.Trainer, "log", real_log)
     meta = json.loads((tmp_path / "run/checkpoints/last/meta.json").read_text())
     assert meta["global_step"] == 6 and not (tmp_path / "run/result.json").exists()
 
@@ -191,8 +191,8 @@ def test_early_stopping_after_patience_checks_and_the_best_checks_weights_are_ev
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
     evaluated: list[dict[str, torch.Tensor]] = []
 
-    def scripted_dev(self, dataset=None, batch_size=None):
-        snapshots[self.trainer.global_step] = {k: v.clone() for k, v in self.model.state_dict().items()}
+    def scripted_dev(self, dataset=None, batch_size=None):  # a check after every step: check k is at step k
+        snapshots[len(snapshots) + 1] = {k: v.clone() for k, v in self.model.state_dict().items()}
         return {"dev_accuracy": next(scripted)}
 
     real_load = SentenceTask.load_best
@@ -226,7 +226,7 @@ def test_old_run_option_names_are_read_as_train_options():
 
 
 def test_step_warmup_by_hand():
-    from vqa_align.train.trainer import learning_rate, warmup_factor
+    from vqa_align.train.schedule import learning_rate, warmup_factor
 
     assert [warmup_factor(k, 3) for k in (1, 2, 3, 4, 9)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert warmup_factor(1, 0) == 1.0
@@ -236,14 +236,16 @@ def test_step_warmup_by_hand():
 
 def test_a_non_finite_loss_names_the_sentences_and_keeps_the_last_checkpoint(sentences, tmp_path, monkeypatch):
     from vqa_align.sentiment.runner import SentenceTask, run_one
-    from vqa_align.train.trainer import TrainingError
+    from vqa_align.train.task import TrainingError
 
     real_losses = SentenceTask.losses
     seen: list[list[str]] = []
+    forwards = {"n": 0}  # training forwards so far: one per step (no accumulation)
 
     def nan_at_step_3(self, output, targets, reduction):
         task, align = real_losses(self, output, targets, reduction)
-        if self.trainer.global_step == 2:  # the forward of step 3
+        forwards["n"] += 1
+        if forwards["n"] == 3:  # the forward of step 3
             seen.append([self.train_set.names[i] for i in self._batch])
             return task * float("nan"), align
         return task, align

@@ -11,7 +11,8 @@ import torch
 from conftest import tiny_run_overrides
 
 from vqa_align.config import load_config
-from vqa_align.train.trainer import VQATask, train_from_config
+from vqa_align.train.trainer import train_from_config
+from vqa_align.train.vqa_task import VQATask
 
 PRESET = "configs/easy_vqa.yaml"
 

@@ -12,10 +12,13 @@ from safetensors.torch import load_file
 
 from conftest import tiny_run_overrides
 from vqa_align.train import trainer as training
+from vqa_align.train import vqa_task
 from vqa_align.cli import main as cli_main
 from vqa_align.config import ConfigError, load_config
 from vqa_align.evaluate.evaluator import evaluate_checkpoint
-from vqa_align.train.trainer import TrainingError, learning_rate, train_from_config
+from vqa_align.train.schedule import learning_rate
+from vqa_align.train.task import TrainingError
+from vqa_align.train.trainer import train_from_config
 
 PRESET = "configs/easy_vqa.yaml"
 
@@ -56,7 +59,7 @@ def test_training_logs_task_and_alignment_loss(easy_vqa_cache, tmp_path):
 
 @pytest.mark.parametrize("log_every", [1, 100])  # 100: the check is deferred to the epoch end
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(easy_vqa_cache, tmp_path, monkeypatch, log_every):
-    real = training.task_loss
+    real = vqa_task.task_loss
     calls = {"n": 0}
 
     def poisoned(logits, targets, reduction):
@@ -64,7 +67,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(easy_vqa_cach
         loss = real(logits, targets, reduction)
         return loss * float("nan") if calls["n"] > 4 else loss  # 3 training batches + 1 eval batch
 
-    monkeypatch.setattr(training, "task_loss", poisoned)
+    monkeypatch.setattr(vqa_task, "task_loss", poisoned)
     with pytest.raises(TrainingError, match=r"non-finite loss .* epoch 2, step 4"):
         train_from_config(_config(easy_vqa_cache, **{"train.log_every_steps": log_every}), tmp_path / "run")
     meta = json.loads((tmp_path / "run/checkpoints/last/meta.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ import torch
 from vqa_align.metrics.calibration import calibration_table, noise_features, pavpu, reliability_diagram
 from vqa_align.runs.checkpoint import load_checkpoint
 from vqa_align.errors import UserError
+from vqa_align.evaluate.loop import forward_batches
 from vqa_align.model.finite import check_output
-from vqa_align.model.mcan import MODEL_INPUTS
 from vqa_align.metrics.vqa_accuracy import evaluate as official_evaluate
 from vqa_align.metrics.vqa_accuracy import question_accuracy
 
@@ -59,6 +60,15 @@ def dropout_rates(model: torch.nn.Module) -> list[float]:
     return rates
 
 
+@dataclass
+class Answers:
+    """What checkpoint evaluation collects from the model over a split."""
+
+    results: list[dict[str, Any]] = field(default_factory=list)  # {"question_id", "answer"}, the official format
+    confidences: list[float] = field(default_factory=list)  # top-1 softmax probability per question
+    pavpu_counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("n_ac", "n_au", "n_ic", "n_iu", "n"), 0.0))
+
+
 @torch.no_grad()
 def evaluate_checkpoint(
     checkpoint: str | Path,
@@ -76,12 +86,11 @@ def evaluate_checkpoint(
     Returns a dict with ``accuracy`` (official overall, %), ``perAnswerType``, ``ece`` (%, 15 bins,
     top-1 confidence), and with ``mc_samples > 0`` ``pavpu`` (%) from MC-dropout samples.
     """
-    from vqa_align.data.loaders import build_data, make_loader
+    from vqa_align.data.loaders import build_data
 
     check_eval_options(batch_size=batch_size, noise_std=noise_std, mc_samples=mc_samples)
     ckpt = load_checkpoint(checkpoint, device=device)
-    model, answers = ckpt.model, ckpt.answers
-    if mc_samples > 0 and max(dropout_rates(model), default=0.0) == 0.0:
+    if mc_samples > 0 and max(dropout_rates(ckpt.model), default=0.0) == 0.0:
         # Refused rather than reported: every sample would be the same prediction, so the t-test
         # never finds an answer certain and PAvPU would only be the error rate under another name.
         raise UserError(
@@ -89,30 +98,49 @@ def evaluate_checkpoint(
             f"{ckpt.config.model.dropout}), so all MC-dropout samples are identical and PAvPU is meaningless; "
             "leave --mc-samples out for this model"
         )
-    bundle = build_data(ckpt.config.data, [split], tokenizer=ckpt.tokenizer, answers=answers)
+    bundle = build_data(ckpt.config.data, [split], tokenizer=ckpt.tokenizer, answers=ckpt.answers)
     dataset = bundle.datasets[split]
+    answers = _answer(ckpt, dataset, batch_size, device, noise_std, mc_samples if dataset.has_targets else 0, seed)
+    metrics: dict[str, Any] = {"split": split, "questions": len(answers.results), "noise_std": noise_std}
+    if results_out is not None:
+        Path(results_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(results_out).write_text(json.dumps(answers.results))
+        metrics["results_file"] = str(results_out)
+    if dataset.has_targets and answers.results:
+        metrics.update(_scores(dataset.records, answers, mc_samples, split, out_dir))
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _answer(ckpt: Any, dataset: Any, batch_size: int, device: str, noise_std: float, mc_samples: int,
+            seed: int) -> Answers:
+    """The top-1 answers of every question of ``dataset`` (with ``noise_std``: under feature noise)
+    and, with ``mc_samples``, the PAvPU counts of that many MC-dropout samples per question."""
+    from vqa_align.data.loaders import make_loader
+
+    model, answers = ckpt.model, ckpt.answers
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=0, bucket=True, pin_memory=False)
     by_id = {r.question_id: r for r in dataset.records}
     generator = torch.Generator(device=device).manual_seed(seed)  # noise is drawn on the model's device
 
-    results: list[dict[str, Any]] = []
-    confidences: list[float] = []
-    pavpu_counts = {"n_ac": 0.0, "n_au": 0.0, "n_ic": 0.0, "n_iu": 0.0, "n": 0.0}
-    for batch in loader:
-        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
+    def add_noise(batch: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if noise_std > 0:
             inputs["features"] = noise_features(inputs["features"], inputs["region_counts"], noise_std, generator)
-        model.eval()
-        logits = model(**inputs).logits
-        check_output(logits, model, inputs["features"], inputs["region_counts"], batch["image_ids"].tolist(),
+        return inputs
+
+    out = Answers()
+    for forward in forward_batches(model, loader, device, prepare=add_noise):
+        inputs, logits = forward.inputs, forward.logits
+        check_output(logits, model, inputs["features"], inputs["region_counts"], forward.batch["image_ids"].tolist(),
                      ckpt.path, ckpt.config.data.features)
-        probs = logits.float().softmax(-1)  # (B, A)
-        confidence, top = probs.max(-1)
-        predicted = [answers[i] for i in top.tolist()]
-        ids = batch["question_ids"].tolist()
-        results += [{"question_id": q, "answer": a} for q, a in zip(ids, predicted)]
-        confidences += confidence.tolist()
-        if mc_samples > 0 and dataset.has_targets:
+        confidence, top = logits.softmax(-1).max(-1)  # (B,) of the probabilities (B, A)
+        ids = forward.batch["question_ids"].tolist()
+        out.results += [{"question_id": q, "answer": answers[i]} for q, i in zip(ids, top.tolist())]
+        out.confidences += confidence.tolist()
+        if mc_samples > 0:
             # MC dropout: dropout on, alignment off (it does not change the prediction).
             model.train()
             samples = torch.stack([model(**inputs, compute_alignment=False).logits.float().softmax(-1)
@@ -121,33 +149,31 @@ def evaluate_checkpoint(
             mean_top = samples.mean(0).argmax(-1).tolist()
             accuracy_of_mean = np.array([question_accuracy(answers[i], by_id[q].answers) for q, i in zip(ids, mean_top)])
             counts = pavpu(samples.cpu().numpy(), accuracy_of_mean, PAVPU_P_THRESHOLD)
-            for key in pavpu_counts:
-                pavpu_counts[key] += counts[key]
+            for key in out.pavpu_counts:
+                out.pavpu_counts[key] += counts[key]
+    return out
 
-    metrics: dict[str, Any] = {"split": split, "questions": len(results), "noise_std": noise_std}
-    if results_out is not None:
-        Path(results_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(results_out).write_text(json.dumps(results))
-        metrics["results_file"] = str(results_out)
-    if dataset.has_targets and results:
-        questions, annotations = _official_inputs(dataset.records, results)
-        scores = official_evaluate(questions, annotations, results)
-        correct = np.array([question_accuracy(r["answer"], by_id[r["question_id"]].answers) for r in results])
-        table = calibration_table(np.array(confidences), correct, ECE_BINS)
-        metrics.update(accuracy=scores["overall"], perAnswerType=scores["perAnswerType"], ece=100.0 * table.ece)
-        if mc_samples > 0:
-            n = max(pavpu_counts["n"], 1.0)
-            metrics.update(pavpu=100.0 * (pavpu_counts["n_ac"] + pavpu_counts["n_iu"]) / n, mc_samples=mc_samples)
-        if out_dir is not None:
-            out = Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            reliability_diagram(np.array(confidences), correct, ECE_BINS, path=out / "reliability.png",
-                                title=f"{split}: ECE {100 * table.ece:.2f}%")
-            metrics["perQuestionType"] = scores["perQuestionType"]
+
+def _scores(records: list[Any], answers: Answers, mc_samples: int, split: str,
+            out_dir: str | Path | None) -> dict[str, Any]:
+    """Official accuracy, ECE and (MC dropout) PAvPU of ``answers``; with ``out_dir`` the
+    reliability diagram there and the per-question-type accuracies."""
+    results, confidences = answers.results, np.array(answers.confidences)
+    by_id = {r.question_id: r for r in records}
+    questions, annotations = _official_inputs(records, results)
+    scores = official_evaluate(questions, annotations, results)
+    correct = np.array([question_accuracy(r["answer"], by_id[r["question_id"]].answers) for r in results])
+    table = calibration_table(confidences, correct, ECE_BINS)
+    metrics = {"accuracy": scores["overall"], "perAnswerType": scores["perAnswerType"], "ece": 100.0 * table.ece}
+    if mc_samples > 0:
+        counts = answers.pavpu_counts
+        metrics.update(pavpu=100.0 * (counts["n_ac"] + counts["n_iu"]) / max(counts["n"], 1.0), mc_samples=mc_samples)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        reliability_diagram(confidences, correct, ECE_BINS, path=out / "reliability.png",
+                            title=f"{split}: ECE {100 * table.ece:.2f}%")
+        metrics["perQuestionType"] = scores["perQuestionType"]
     return metrics
 
 

@@ -1,7 +1,7 @@
 """Fine-tune and evaluate one sentence classifier: the VQA trainer, with a sentence task.
 
 Training is :class:`vqa_align.train.trainer.Trainer` itself: :class:`SentenceTask` is its
-:class:`~vqa_align.train.trainer.TrainingTask` for sentences (data, model, cross-entropy, the dev check),
+:class:`~vqa_align.train.task.TrainingTask` for sentences (data, model, cross-entropy, the dev check),
 so the loop, the optimizer step, gradient accumulation, finiteness checks, ``metrics.jsonl``,
 tensorboard, progress lines, ``checkpoints/best`` + ``last`` and exact kill-and-resume are the ones
 VQA runs use. Shared too: the typed config (``train:`` is :class:`vqa_align.config.TrainConfig`,
@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from vqa_align.errors import UserError
 from vqa_align.sentiment.model import LABELS, SentenceClassifier, SentenceModelConfig
 
 if TYPE_CHECKING:
-    from vqa_align.train.trainer import TaskData, Trainer
+    from vqa_align.train.task import TaskContext, TaskData
 
 RESULT_FILE = "result.json"
 # TrainConfig options that were sentence-runner options (run.*) before the runner became the Trainer.
@@ -259,7 +259,7 @@ class SentenceBatches:
 
 
 class SentenceTask:
-    """Sentence classification as a :class:`vqa_align.train.trainer.TrainingTask`: MiniLM (or a tiny
+    """Sentence classification as a :class:`vqa_align.train.task.TrainingTask`: MiniLM (or a tiny
     BERT) converted to alignment attention, cross-entropy on the movie-train split, dev accuracy
     picks ``best``; after training, the test-split evaluation of :func:`run_one`."""
 
@@ -269,14 +269,14 @@ class SentenceTask:
         self.config = config
         self.sentences = sentences
 
-    def build(self, trainer: Trainer, resume: bool) -> TaskData:
+    def build(self, context: TaskContext, resume: bool) -> TaskData:
         from vqa_align.model.question_encoders import load_minilm_tokenizer
-        from vqa_align.train.trainer import TaskData
+        from vqa_align.train.task import TaskData
 
         config = self.config
-        if trainer.dist.world_size > 1:
+        if context.dist.world_size > 1:
             raise UserError("sentence runs train in one process (no torchrun with several processes)")
-        self.trainer, self.device = trainer, trainer.device
+        self.device = context.device
         sentences = self.sentences
         if sentences is None:
             from vqa_align.paths import cache_root
@@ -346,8 +346,8 @@ class SentenceTask:
         metrics = classification_metrics(probs, data.labels, self.config.run.calibration_bins)
         return {f"dev_{k}": v for k, v in metrics.items()}
 
-    def checkpoint_meta(self) -> dict[str, Any]:
-        return {"best_dev_accuracy": self.trainer.best_accuracy, "best_step": self.trainer.best_step}
+    def checkpoint_meta(self, best_score: float, best_step: int | None) -> dict[str, Any]:
+        return {"best_dev_accuracy": best_score, "best_step": best_step}
 
     def check_resume(self, checkpoint: Path) -> None:
         return None  # the sentences are fixed by the prep's checked split digest
@@ -425,12 +425,13 @@ class SentenceTask:
         return {"mmd2_per_layer": (totals / heads).tolist(), "mmd2_sum_heads_layers": float(totals.sum()),
                 "mmd_sentences": len(ids)}
 
-    def evaluate_tests(self) -> dict[str, Any]:
-        """Every test split and the alignment statistics; each split's metrics logged as kind "test"."""
+    def evaluate_tests(self, log: Callable[[dict[str, Any]], None], step: int) -> dict[str, Any]:
+        """Every test split and the alignment statistics; each split's metrics go to ``log`` as
+        kind "test" of step ``step``."""
         result: dict[str, Any] = {"splits": {}}
         for name in self.config.run.test_splits:
             result["splits"][name] = self.evaluate_split(name)
-            self.trainer._log({"kind": "test", "step": self.trainer.global_step, "split": name, **result["splits"][name]})
+            log({"kind": "test", "step": step, "split": name, **result["splits"][name]})
         result["alignment"] = self.alignment_statistics()
         return result
 
@@ -448,7 +449,7 @@ def run_one(config: SentimentConfig, run_dir: Path, sentences: dict[str, list[An
     if trainer.best_step is None:
         raise UserError(f"{run_dir}: no dev check was made (no training step), so there are no best weights")
     task.load_best(trainer.run_dir)
-    evaluation = task.evaluate_tests()
+    evaluation = task.evaluate_tests(trainer.log, trainer.global_step)
     steps = np.array(trainer.step_seconds)
     result = {
         "method": config.model.alignment.method,

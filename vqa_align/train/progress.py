@@ -1,0 +1,170 @@
+"""What a run reports: ``metrics.jsonl`` (and the same scalars to tensorboard), ``curves.png``, and
+progress on stderr (a tqdm bar on a terminal, plain lines every PROGRESS_EVERY_SECONDS without one).
+
+``metrics.jsonl`` holds one JSON record a line, each with ``time``, ``kind`` ("train": a log
+step; "eval": an evaluation after a step; "epoch": an epoch's end; "test": a task's evaluation
+after training) and ``step``. A resumed run cuts it back to its length at the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+# Without a terminal (a log file, a job scheduler) a plain progress line replaces the tqdm bar.
+PROGRESS_EVERY_SECONDS = 30.0
+
+
+def open_tensorboard(folder: Path, purge_step: int | None = None) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder), purge_step=purge_step)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` and tensorboard of the run folder ``run_dir`` (main process only)."""
+
+    def __init__(self, run_dir: Path, tensorboard_purge_step: int | None):
+        self.run_dir = run_dir
+        # A resumed run rewrites the steps after its checkpoint: drop the stopped run's events there.
+        self.tensorboard = open_tensorboard(run_dir / "tensorboard", tensorboard_purge_step)
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / METRICS_FILE
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {"time": time.time(), **record}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("time", "step", "epoch"):
+                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def moved_to(self, run_dir: Path) -> None:
+        """The run folder was renamed (a staged run swapped in)."""
+        self.run_dir = run_dir
+        if self.tensorboard is not None:  # its open event file moved with the folder; new ones go there too
+            self.tensorboard.close()
+            self.tensorboard = open_tensorboard(run_dir / "tensorboard")
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def plot(self, metric: str) -> None:
+        plot_curves(self.path, self.run_dir / CURVES_FILE, metric)
+
+
+def truncate_metrics(path: Path, size: int) -> list[dict[str, Any]]:
+    """Cut ``metrics.jsonl`` back to its length at the checkpoint (the stopped run may have logged
+    steps after it, which the resumed run logs again); returns its epoch records (the history)."""
+    if not path.is_file():
+        return []
+    if path.stat().st_size > size:
+        with open(path, "r+b") as handle:
+            handle.truncate(size)
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill mid-write (not before a checkpoint: ignored)
+    return [r for r in records if isinstance(r, dict) and r.get("kind") == "epoch"]
+
+
+class EpochProgress:
+    """An epoch's batches with progress on stderr: a tqdm bar on a terminal (or with
+    VQA_ALIGN_PROGRESS set), else :class:`ProgressLines`; nothing off the main process."""
+
+    def __init__(self, loader: Any, done: int, epoch: int, epochs: int, max_batches: int | None, is_main: bool):
+        """``done``: batches of the epoch already trained (a resume); ``max_batches``: the run's cap
+        (train.max_steps x accumulation), if any."""
+        from tqdm import tqdm
+
+        use_bar = is_main and (sys.stderr.isatty() or "VQA_ALIGN_PROGRESS" in os.environ)
+        self.epoch_batches = len(loader) + done
+        self.bar = tqdm(loader, total=self.epoch_batches, initial=done, desc=f"epoch {epoch + 1}/{epochs}",
+                        disable=not use_bar, dynamic_ncols=True)
+        self.lines = ProgressLines(self.epoch_batches, epochs, max_batches) if is_main and not use_bar else None
+
+    def __iter__(self) -> Any:
+        return iter(self.bar)
+
+    def step(self, batch_size: int, epoch: int, batches_done: int, global_step: int) -> None:
+        if self.lines is not None:
+            self.lines.step(batch_size, epoch, batches_done, global_step)
+
+    def show(self, record: dict[str, Any]) -> None:
+        """A logged training record's numbers next to the bar."""
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", align=f"{record['alignment_loss']:.3f}",
+                             lr=f"{record['lr']:.1e}", sps=f"{record['samples_per_s']:.0f}")
+
+
+class ProgressLines:
+    """Plain progress lines on stderr for logs without a terminal (every PROGRESS_EVERY_SECONDS):
+    epoch, step, samples/s and the ETA of the run's remaining training batches."""
+
+    def __init__(self, epoch_batches: int, epochs: int, max_batches: int | None):
+        self.epoch_batches, self.epochs = epoch_batches, epochs
+        self.total = epochs * epoch_batches if max_batches is None else min(epochs * epoch_batches, max_batches)
+        self.start = self.last = time.perf_counter()
+        self.batches = self.samples = 0
+        self.first = True
+
+    def step(self, batch_size: int, epoch: int, batches_done: int, global_step: int) -> None:
+        self.batches += 1
+        self.samples += batch_size
+        now = time.perf_counter()
+        if not self.first and now - self.last < PROGRESS_EVERY_SECONDS:
+            return
+        self.first, self.last = False, now
+        elapsed = max(now - self.start, 1e-9)
+        done = epoch * self.epoch_batches + batches_done
+        eta = (self.total - done) * elapsed / self.batches
+        print(
+            f"epoch {epoch + 1}/{self.epochs} batch {batches_done}/{self.epoch_batches} "
+            f"step {global_step} | {self.samples / elapsed:.1f} samples/s | ETA {_clock(max(eta, 0.0))}",
+            file=sys.stderr, flush=True,
+        )
+
+
+def _clock(seconds: float) -> str:
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def plot_curves(metrics_file: Path, out: Path, metric: str = "val_accuracy") -> None:
+    """Training loss, alignment loss and the selection metric (validation accuracy) against steps, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_file.is_file():
+        return
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    train = [r for r in records if r["kind"] == "train"]
+    epochs = [r for r in records if r["kind"] in ("epoch", "eval") and metric in r]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot([r["step"] for r in train], [r["task_loss"] for r in train])
+    axes[0].set(title="task loss (per sample)", xlabel="step")
+    axes[1].plot([r["step"] for r in train], [r["alignment_loss"] for r in train], color="tab:orange")
+    axes[1].set(title="alignment loss", xlabel="step")
+    axes[2].plot([r["step"] for r in epochs], [r[metric] for r in epochs], marker="o", color="tab:green")
+    axes[2].set(title=f"{metric.replace('_', ' ')} (%)", xlabel="step")
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out)
