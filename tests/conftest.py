@@ -105,10 +105,10 @@ def tiny_run_overrides(cache, **extra) -> list[str]:
 
 
 def require_native_kernels() -> None:
-    """Skip when there is no C++ compiler (the PyTorch fallbacks run); where there is one, the C++
-    kernels must build: a build error is a test failure, not a silent fallback."""
-    from vqa_align.align.kernels import native as native_kernels
+    """Skip when there is no C++ compiler (torch's dropout runs); where there is one, the C++
+    counter-based dropout must build: a build error is a test failure, not a silent fallback."""
+    from vqa_align.model import native_dropout
 
     if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: the PyTorch versions run instead")
-    assert native_kernels.load_native(), "a C++ compiler exists but vqa_align's C++ kernels did not build"
+        pytest.skip("no C++ compiler: torch's dropout runs instead")
+    assert native_dropout.load_native(), "a C++ compiler exists but vqa_align's C++ dropout kernel did not build"

@@ -10,15 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_masks as _masks
-from vqa_align.align.aligner import (
-    HeadAligner,
-    adversarial_loss,
-    conditional_transport,
-    gaussian_mmd2,
-    optimal_transport,
-    reverse_gradient,
-    sinkhorn_plan,
-)
+from vqa_align.align.aligner import HeadAligner, gaussian_mmd2
+from vqa_align.align.distances.ct import conditional_transport
+from vqa_align.align.distances.gan import adversarial_loss
+from vqa_align.align.distances.layers import reverse_gradient
+from vqa_align.align.distances.ot import optimal_transport, sinkhorn_plan
 from vqa_align.config import AlignmentConfig
 
 

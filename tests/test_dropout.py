@@ -1,14 +1,17 @@
 """Counter-based dropout (vqa_align.model.dropout): the distribution of F.dropout, a mask the backward
-pass reproduces without storing it, repeatable under torch.manual_seed."""
+pass reproduces without storing it, repeatable under torch.manual_seed; and the build cache of its
+C++ kernel (vqa_align.model.native_dropout)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import require_native_kernels
 
-from vqa_align.align.kernels import native as native_kernels
+from vqa_align.model import native_dropout as nk
 from vqa_align.model.dropout import Dropout, dropout
 
 
@@ -74,7 +77,7 @@ def test_module_matches_nn_dropout_outside_training_and_at_the_edges(monkeypatch
     assert torch.equal(module.eval()(x), x)
     assert torch.equal(dropout(x, 0.0, True), x)
     assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))  # p = 1: F.dropout's zeros
-    monkeypatch.setenv(native_kernels.ENV_SWITCH, "0")  # off: exactly F.dropout
+    monkeypatch.setenv(nk.ENV_SWITCH, "0")  # off: exactly F.dropout
     torch.manual_seed(4)
     got = dropout(x, 0.4, True)
     torch.manual_seed(4)
@@ -89,4 +92,79 @@ def test_non_contiguous_input_and_bad_p():
     kept = y != 0
     torch.testing.assert_close(y[kept], x[kept] / 0.75, rtol=1e-6, atol=0)
     with pytest.raises(RuntimeError, match="p must be in"):
-        torch.ops.vqa_align_glue.counter_dropout(x, 1.5, 0)
+        nk.counter_dropout(x, 1.5, 0)
+
+
+# ---- the build cache: keyed by content and flags, not by the checkout's location ---------------
+
+
+class _FakeCppExtension:
+    """Records what load() was asked to compile and 'builds' the library file like torch does."""
+
+    def __init__(self):
+        self.calls = []
+
+    def load(self, name, sources, build_directory, **kwargs):
+        import sysconfig
+        from pathlib import Path
+
+        self.calls.append((name, list(sources), build_directory, kwargs["extra_cflags"]))
+        suffix = sysconfig.get_config_var("SHLIB_SUFFIX") or ".so"
+        (Path(build_directory) / f"{name}{suffix}").write_bytes(b"built")
+
+
+def test_extension_name_keys_sources_and_flags_not_paths():
+    sources = {"a.cpp": b"int f() { return 1; }", "b.cpp": b"int g();"}
+    name = nk.extension_name(sources, ["-O3"], ("avx2",))
+    assert name == nk.extension_name(dict(reversed(list(sources.items()))), ["-O3"], ("avx2",))
+    assert name != nk.extension_name({**sources, "a.cpp": b"int f() { return 2; }"}, ["-O3"], ("avx2",))
+    assert name != nk.extension_name({"c.cpp": sources["a.cpp"], "b.cpp": sources["b.cpp"]}, ["-O3"], ("avx2",))
+    assert name != nk.extension_name(sources, ["-O2"], ("avx2",))
+    assert name != nk.extension_name(sources, ["-O3"], ("avx512f",))
+    assert name.startswith("vqa_align_dropout_")
+
+
+def test_two_checkouts_share_one_build_and_the_compile_is_announced(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    fake, said = _FakeCppExtension(), []
+    checkouts = []
+    for where in ("one", "two"):  # the same sources read from two checkouts
+        folder = tmp_path / where / "csrc"
+        folder.mkdir(parents=True)
+        for path in nk.SOURCES:
+            (folder / path.name).write_bytes(path.read_bytes())
+        checkouts.append({p.name: p.read_bytes() for p in sorted(folder.iterdir())})
+    names = [nk.extension_name(src, nk._CFLAGS, nk.cpu_flags()) for src in checkouts]
+    assert names[0] == names[1]
+    for sources in checkouts:
+        nk.build_and_load(fake, names[0], sources, echo=said.append)
+    # Identical compile commands (same staged source paths, same build folder): ninja has nothing to redo.
+    assert fake.calls[0] == fake.calls[1]
+    assert all(str(tmp_path / "ext") in p and "/one/" not in p for p in fake.calls[0][1])
+    assert len(said) == 2  # only the first, which compiled, spoke
+    assert "compiling the C++ CPU kernels" in said[0] and "first use only" in said[0]
+    assert re.match(r"vqa_align: C\+\+ CPU kernels built in \d+ s ", said[1])
+
+
+def test_changed_sources_get_their_own_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    fake = _FakeCppExtension()
+    old = {"a.cpp": b"// one"}
+    new = {"a.cpp": b"// two"}
+    for sources in (old, new):
+        nk.build_and_load(fake, nk.extension_name(sources, nk._CFLAGS), sources, echo=lambda _: None)
+    (_, [old_src], old_dir, _), (_, [new_src], new_dir, _) = fake.calls
+    assert old_dir != new_dir
+    from pathlib import Path
+
+    assert Path(old_src).read_bytes() == b"// one" and Path(new_src).read_bytes() == b"// two"
+
+
+def test_the_real_build_compiles_the_staged_sources():
+    from torch.utils import cpp_extension
+
+    sources = {path.name: path.read_bytes() for path in nk.SOURCES}
+    build = nk._build_directory(cpp_extension, nk.extension_name(sources, nk._CFLAGS, nk.cpu_flags()))
+    assert sorted(p.name for p in (build / "sources").iterdir()) == sorted(sources)
+    assert str(build / "sources") in (build / "build.ninja").read_text()
+    assert not any(str(p.parent) in (build / "build.ninja").read_text() for p in nk.SOURCES)

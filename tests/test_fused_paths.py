@@ -3,7 +3,7 @@
 - CT and GAN: the hand-fused forward/backward of ``vqa_align.align.kernels.fused`` (the default
   ``HeadAligner`` path) vs. the helper modules called separately on q and k under autograd, with
   explicit (Nq, Nk) plan and cost matrices; in fp64 to rounding, in bf16 helper precision to bf16
-  accuracy; the unfused module path (``fused=False``) against the same reference.
+  accuracy; the plain module path (``kernels="reference"``) against the same reference.
 - CT transport directions as fused attention (the unfused path) vs. the explicit matrices.
 - OT: the stabilised exp-domain Sinkhorn (absorption, vector-matrix products, tolerance check)
   vs. the plain log-domain Sinkhorn; exact zeros on padding; small ε without under/overflow.
@@ -16,19 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_masks as _masks
-from conftest import require_native_kernels
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vqa_align.align.kernels import native as native_kernels
-from vqa_align.align.aligner import (
-    HeadAligner,
-    adversarial_loss,
-    call_with_reversed_parameters,
-    conditional_transport,
-    cosine_cost,
-    reverse_gradient,
-    sinkhorn_plan,
-)
+from vqa_align.align.aligner import HeadAligner
+from vqa_align.align.distances.ct import conditional_transport
+from vqa_align.align.distances.gan import adversarial_loss
+from vqa_align.align.distances.layers import call_with_reversed_parameters, reverse_gradient
+from vqa_align.align.distances.ot import cosine_cost, sinkhorn_plan
 from vqa_align.config import AlignmentConfig
 from vqa_align.align.attention import MultiHeadAttention
 
@@ -74,8 +68,9 @@ def _aligner_case(method: str, seed: int, precision: str = "fp32", fused: bool =
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     d, heads, nq, nk = 16, 3, 7, 5
-    config = AlignmentConfig(method=method, helper_hidden=24, helper_out=12, helper_precision=precision)
-    aligner = HeadAligner(d, config, fused=fused).double()
+    config = AlignmentConfig(method=method, helper_hidden=24, helper_out=12, helper_precision=precision,
+                             kernels="fused" if fused else "reference")
+    aligner = HeadAligner(d, config).double()
     qv, kv = _masks(4, nq, nk, gen)
     q = torch.randn(4, heads, nq, d, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(4, heads, nk, d, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -88,19 +83,10 @@ def _aligner_case(method: str, seed: int, precision: str = "fp32", fused: bool =
     return got, got_grads, ref, ref_grads
 
 
-@pytest.fixture(params=["native", "torch"])
-def glue(request, monkeypatch):
-    """Run a fused-aligner test with the C++ glue kernels and with their PyTorch versions."""
-    if request.param == "native":
-        require_native_kernels()
-    monkeypatch.setenv(native_kernels.ENV_SWITCH, "1" if request.param == "native" else "0")
-    return request.param
-
-
 @pytest.mark.parametrize("method", ["ct", "gan"])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("fused", [True, False])
-def test_aligner_matches_separate_helper_calls_and_explicit_matrices(method, seed, fused, glue):
+def test_aligner_matches_separate_helper_calls_and_explicit_matrices(method, seed, fused):
     got, got_grads, ref, ref_grads = _aligner_case(method, seed, fused=fused)
     assert got.dtype == torch.float64
     assert torch.allclose(got, ref, atol=1e-10)
@@ -109,7 +95,7 @@ def test_aligner_matches_separate_helper_calls_and_explicit_matrices(method, see
 
 
 @pytest.mark.parametrize("method", ["ct", "gan"])
-def test_bf16_helper_precision_stays_close_to_the_exact_values_and_gradients(method, glue):
+def test_bf16_helper_precision_stays_close_to_the_exact_values_and_gradients(method):
     got, got_grads, ref, ref_grads = _aligner_case(method, 2, precision="bf16")
     assert got.dtype == torch.float32  # the distance itself is accumulated in fp32
     assert (got.double() - ref).abs().max() <= 0.02 * ref.abs().max()
@@ -122,7 +108,7 @@ def test_bf16_helper_precision_stays_close_to_the_exact_values_and_gradients(met
 
 
 def test_helper_precision_resolution(monkeypatch):
-    from vqa_align.align.kernels import fused as alignment_kernels
+    from vqa_align.align.kernels import common as alignment_kernels
 
     q32 = torch.zeros(1, 1, 1, 4)
     assert alignment_kernels.compute_dtype("fp32", q32) == torch.float32
@@ -204,7 +190,7 @@ def test_sdpa_path_matches_explicit_attention_with_gradients(cross):
 @pytest.mark.parametrize("method", ["ct", "gan"])
 def test_fused_aligners_refuse_second_order_gradients_and_the_plain_ones_give_them(method):
     """Under create_graph=True (a gradient penalty) the fused backward would return gradients with no
-    graph of their own: it raises, naming the remedy. The plain modules (fused = False; CT's SDPA on
+    graph of their own: it raises, naming the remedy. The plain modules (kernels = "reference"; CT's SDPA on
     its math backend) give a second-order gradient, checked by finite differences of the first-order
     one along a direction."""
     torch.manual_seed(0)
@@ -213,11 +199,11 @@ def test_fused_aligners_refuse_second_order_gradients_and_the_plain_ones_give_th
     q = torch.randn(2, 2, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 2, 4, 8, generator=gen, dtype=torch.float64)
     qv, kv = _masks(2, 5, 4, gen)
-    with pytest.raises(RuntimeError, match=r"no second-order gradient.*\.fused = False"):
+    with pytest.raises(RuntimeError, match=r"no second-order gradient.*\.kernels = \"reference\""):
         torch.autograd.grad(aligner(q, k, qv, kv).sum(), q, create_graph=True)
     torch.autograd.grad(aligner(q, k, qv, kv).sum(), q)  # first order: fine
 
-    aligner.fused = False
+    aligner.kernels = "reference"
 
     def penalty(x):  # |dD/dq|², the gradient penalty's term
         (grad,) = torch.autograd.grad(aligner(x, k, qv, kv).sum(), x, create_graph=True)

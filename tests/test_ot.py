@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from conftest import random_masks
 
-from vqa_align.align import aligner as alignment
-from vqa_align.align.aligner import HeadAligner, cosine_cost, optimal_transport, ot_cost_matrix, sinkhorn_plan
+from vqa_align.align.aligner import HeadAligner
+from vqa_align.align.distances import ot as alignment
+from vqa_align.align.distances.ot import cosine_cost, optimal_transport, ot_cost_matrix, sinkhorn_plan
 from vqa_align.config import AlignmentConfig, ConfigError
 
 EPSILON = 0.01

@@ -1,9 +1,9 @@
-"""The Triton CT and GAN kernels (vqa_align/align/kernels/triton.py) against the plain modules, on the CPU.
+"""The Triton CT and GAN kernels (vqa_align/align/kernels/triton_*.py) against the plain modules, on the CPU.
 
 The kernels run in Triton's interpreter (TRITON_INTERPRET=1, numpy underneath): the same kernel
 code as on a GPU, with two differences stated here so that nobody reads more into these tests:
 the interpreter executes tl.dot with bf16 operands wrongly, so there the operands are rounded to
-bf16 and multiplied as fp32 (triton_kernels._operands; the same products), and nothing about GPU
+bf16 and multiplied as fp32 (triton_common._operands; the same products), and nothing about GPU
 speed, register pressure or compilation is tested. The interpreter's fp32 -> bf16 cast truncates,
 where the GPU's rounds to nearest even (cvt.rn.bf16.f32, checked below): truncation shrinks every
 unit vector, which biases CT's cost 1 - g(q)·g(k) upwards by about bf16's step near 1 (2^-8) and
@@ -34,9 +34,14 @@ import torch
 import torch.nn.functional as F
 from conftest import random_masks
 from test_fused_paths import plain_ct, plain_gan
+from triton_interpreter import gpu_rounding_in_interpreter
 
-from vqa_align.align.kernels import fused as alignment_kernels
-from vqa_align.align.aligner import HeadAligner, adversarial_loss, conditional_transport
+from vqa_align.align import distances
+from vqa_align.align.aligner import HeadAligner
+from vqa_align.align.distances import ct as ct_distance
+from vqa_align.align.distances import gan as gan_distance
+from vqa_align.align.distances.ct import conditional_transport
+from vqa_align.align.distances.gan import adversarial_loss
 from vqa_align.config import AlignmentConfig
 from vqa_align.errors import UserError
 
@@ -49,26 +54,28 @@ if importlib.util.find_spec("triton") is None:
 # process, test_in_a_fresh_process). The interpreter reads it again while running: it stays set
 # during this module's tests (fixture tk) and is restored afterwards.
 INTERPRETER_ON = "triton" not in sys.modules
+TRITON_MODULES = ("common", "ct", "gan")  # vqa_align.align.kernels.triton_<name>, common first
 _saved_env = os.environ.get("TRITON_INTERPRET")
 if INTERPRETER_ON:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        triton_kernels = importlib.import_module("vqa_align.align.kernels.triton")
-        if not triton_kernels.INTERPRETED:  # imported before, without the interpreter
-            triton_kernels = importlib.reload(triton_kernels)
+        triton_kernels = {name: importlib.import_module(f"vqa_align.align.kernels.triton_{name}") for name in TRITON_MODULES}
+        if not triton_kernels["common"].INTERPRETED:  # imported before, without the interpreter
+            triton_kernels = {name: importlib.reload(module) for name, module in triton_kernels.items()}
     finally:
         os.environ.pop("TRITON_INTERPRET") if _saved_env is None else os.environ.update(TRITON_INTERPRET=_saved_env)
 
 
 @pytest.fixture
 def tk(monkeypatch):
-    """vqa_align.align.kernels.triton with its kernels defined for the interpreter, which rounds bf16 like the GPU."""
+    """The Triton kernel modules (tk.common, tk.ct, tk.gan) with their kernels defined for the
+    interpreter, which rounds bf16 like the GPU."""
     if not INTERPRETER_ON:
         pytest.skip("triton was imported before this module (not interpreted): test_in_a_fresh_process runs these")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert triton_kernels.INTERPRETED
-    with triton_kernels.gpu_rounding_in_interpreter():
-        yield triton_kernels
+    assert triton_kernels["common"].INTERPRETED
+    with gpu_rounding_in_interpreter():
+        yield SimpleNamespace(**triton_kernels)
 
 
 # Tests that compile for the GPU in a child process without the interpreter (not interpreter tests).
@@ -118,8 +125,9 @@ def _inputs(case: str, seed: int, method: str, precision: str = "fp32"):
 
 def _triton(tk, aligner, q, k, q_valid, k_valid, method, precision):
     if method == "ct":
-        return tk.triton_conditional_transport(q, k, q_valid, k_valid, aligner.navigator, aligner.critic, aligner.rho, precision)
-    return tk.triton_adversarial_loss(q, k, q_valid, k_valid, aligner.discriminator, precision)
+        return tk.ct.triton_conditional_transport(q, k, q_valid, k_valid, aligner.navigator, aligner.critic, aligner.rho,
+                                                  precision)
+    return tk.gan.triton_adversarial_loss(q, k, q_valid, k_valid, aligner.discriminator, precision)
 
 
 def _run_both(tk, case, seed, method, precision="fp32", input_dtype=torch.float32):
@@ -189,7 +197,7 @@ def test_bf16_ct_stays_unbiased_when_keys_and_queries_are_aligned(tk, seed):
 def test_the_interpreter_rounds_bf16_like_the_gpu(tk):
     """The fixture's cast rounds to nearest even bit for bit as torch does, ties and carries into
     the exponent included; without it the interpreter truncates (if a Triton release fixes that,
-    this fails: drop gpu_rounding_in_interpreter)."""
+    this fails: drop tests/triton_interpreter.py)."""
     import triton
     import triton.language as tl
 
@@ -322,36 +330,39 @@ def test_mcan_shapes_match_the_fused_path(tk, method):
 
 
 def _stand_in(device: str, dtype=torch.bfloat16, nq: int = 100, nk: int = 14):
-    """What triton_kernels_for reads of q and k (device, dtype, shape), without a GPU."""
+    """What the dispatch table reads of q and k (device, dtype, shape), without a GPU."""
     return (SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(4, 8, nq, 64)),
             SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(4, 8, nk, 64)))  # fmt: skip
 
 
 def test_dispatch_picks_triton_on_cuda_only_when_asked_and_possible(tk, monkeypatch):
-    pick = alignment_kernels.triton_kernels_for
-    monkeypatch.setattr(alignment_kernels, "_import_triton_kernels", lambda: (tk, None))
-    assert pick("auto", *_stand_in("cuda"), transport=True) is tk
-    assert pick("triton", *_stand_in("cuda", torch.float32), transport=False) is tk
-    assert pick("auto", *_stand_in("cpu"), transport=True) is None  # the CPU keeps its kernels
-    assert pick("triton", *_stand_in("cpu"), transport=True) is None
-    assert pick("fused", *_stand_in("cuda"), transport=True) is None
-    assert pick("reference", *_stand_in("cuda"), transport=True) is None
-    assert pick("auto", *_stand_in("cuda", torch.float64), transport=True) is None  # fp64 asks for fp64
+    pick = distances.implementation
+    ct, gan = ct_distance, gan_distance
+    monkeypatch.setattr(distances, "import_failure", lambda module: None)
+    assert pick("ct", "auto", *_stand_in("cuda")) is ct.triton
+    assert pick("gan", "triton", *_stand_in("cuda", torch.float32)) is gan.triton
+    assert pick("ct", "auto", *_stand_in("cpu")) is ct.fused  # the CPU keeps its kernels
+    assert pick("ct", "triton", *_stand_in("cpu")) is ct.fused
+    assert pick("ct", "fused", *_stand_in("cuda")) is ct.fused
+    assert pick("ct", "reference", *_stand_in("cuda")) is ct.reference
+    assert pick("ct", "auto", *_stand_in("cuda", torch.float64)) is ct.fused  # fp64 asks for fp64
     # CT's transport tile holds at most MAX_TRANSPORT_POSITIONS positions; GAN has no such tile.
-    assert pick("auto", *_stand_in("cuda", nq=tk.MAX_TRANSPORT_POSITIONS + 1), transport=True) is None
-    assert pick("auto", *_stand_in("cuda", nq=tk.MAX_TRANSPORT_POSITIONS + 1), transport=False) is tk
+    assert pick("ct", "auto", *_stand_in("cuda", nq=tk.ct.MAX_TRANSPORT_POSITIONS + 1)) is ct.fused
+    assert pick("gan", "auto", *_stand_in("cuda", nq=tk.ct.MAX_TRANSPORT_POSITIONS + 1)) is gan.triton
+    assert pick("ot", "auto", *_stand_in("cuda")).__name__ == "reference"  # OT has no kernels of its own
 
-    monkeypatch.setattr(alignment_kernels, "_import_triton_kernels", lambda: (None, "ImportError: no triton"))
+    monkeypatch.setattr(distances, "import_failure", lambda module: "ImportError: no triton")
     with pytest.warns(RuntimeWarning, match="Triton cannot be used"):
-        assert pick("auto", *_stand_in("cuda"), transport=True) is None
+        assert pick("ct", "auto", *_stand_in("cuda")) is ct.fused
     with pytest.raises(UserError, match=r"model.alignment.kernels is 'triton'.*no triton"):
-        pick("triton", *_stand_in("cuda"), transport=True)
+        pick("ct", "triton", *_stand_in("cuda"))
 
 
 def test_reference_setting_runs_the_plain_modules():
-    for kernels, fused in (("reference", False), ("fused", True), ("auto", True), ("triton", True)):
+    for kernels, runs in (("reference", "reference"), ("fused", "fused"), ("auto", "fused"), ("triton", "fused")):
         aligner = HeadAligner(8, AlignmentConfig(method="ct", helper_hidden=16, helper_out=8, kernels=kernels))
-        assert (aligner.fused, aligner.kernels) == (fused, kernels)
+        assert aligner.kernels == kernels
+        assert distances.implementation("ct", aligner.kernels, *_stand_in("cpu")) is getattr(ct_distance, runs)
 
 
 def test_every_kernel_compiles_for_an_h100_class_gpu(tmp_path):
@@ -378,10 +389,10 @@ def test_cuda_graph_preparation_covers_every_transport_tile(tk, monkeypatch):
     """A kernel's first launch cannot happen inside a CUDA-graph capture, and a new batch shape may
     need a new transport tile: prepare_transport_variants launches every tile _block() can give up
     to MAX_TRANSPORT_POSITIONS before any capture, and refuses to start inside one."""
-    tiles = {tk._block(n) for n in range(1, tk.MAX_TRANSPORT_POSITIONS + 1)}
-    assert tiles == set(tk.TRANSPORT_BLOCKS)
-    tk.prepare_transport_variants(torch.device("cpu"), 8, None)  # nothing to load on the CPU
-    assert not tk._prepared_transport
+    tiles = {tk.common._block(n) for n in range(1, tk.ct.MAX_TRANSPORT_POSITIONS + 1)}
+    assert tiles == set(tk.ct.TRANSPORT_BLOCKS)
+    tk.ct.prepare_transport_variants(torch.device("cpu"), 8, None)  # nothing to load on the CPU
+    assert not tk.ct._prepared_transport
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="inside a CUDA-graph capture.*kernels: fused"):
-        tk.prepare_transport_variants(torch.device("cuda"), 8, None)
+        tk.ct.prepare_transport_variants(torch.device("cuda"), 8, None)

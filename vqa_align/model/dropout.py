@@ -4,7 +4,8 @@ PyTorch's CPU dropout draws a float mask element by element, keeps it for the ba
 (4 bytes per element: 52 MB for one MCAN-small FFN activation at batch 64 × 100 regions) and
 multiplies by it twice. In an MCAN-small training step on 2 cores that is ≈ 1 s of ≈ 5 s
 (`aten::bernoulli_` alone; BENCHMARKS.md, session 3). Here element k of a call is kept when the
-k-th output of SplitMix64 started at a per-call seed is at least p·2^24 (``csrc/dropout.cpp``): the
+k-th output of SplitMix64 started at a per-call seed is at least p·2^24 (``csrc/dropout.cpp``,
+built by :mod:`vqa_align.model.native_dropout`): the
 mask is a function of (seed, k), so the backward pass recomputes it instead of reading it, and both
 passes are one vectorised loop.
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqa_align.align.kernels import native as native_kernels
+from vqa_align.model.native_dropout import counter_dropout, counter_dropout_available
 
 _SEED_BOUND = 2**62
 _NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -31,19 +32,19 @@ class _CounterDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float, seed: int) -> Tensor:  # type: ignore[override]
         ctx.p, ctx.seed = p, seed
-        return torch.ops.vqa_align_glue.counter_dropout(x, p, seed)
+        return counter_dropout(x, p, seed)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         # The same op with the same seed: the same elements are zeroed and the rest scaled.
-        return torch.ops.vqa_align_glue.counter_dropout(grad, ctx.p, ctx.seed), None, None
+        return counter_dropout(grad, ctx.p, ctx.seed), None, None
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """``F.dropout(x, p, training)`` with the counter-based kernel where it applies (see module doc)."""
     if not training or p == 0.0:
         return x
-    if p < 1.0 and x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and native_kernels.native_enabled():
+    if p < 1.0 and x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and counter_dropout_available():
         seed = int(torch.randint(_SEED_BOUND, (1,)).item())
         return _CounterDropout.apply(x, p, seed)
     return F.dropout(x, p, True)

@@ -1,4 +1,4 @@
-// Counter-based dropout on the CPU (see vqa_align/dropout.py).
+// Counter-based dropout on the CPU (see vqa_align/model/dropout.py; built by vqa_align/model/native_dropout.py).
 //
 // Element k of one dropout call is kept with probability 1 - p, decided by the k-th output of
 // SplitMix64 started at the call's seed: out_k = mix(seed + (k + 1)·γ). The mask is a pure
@@ -62,10 +62,10 @@ at::Tensor counter_dropout(const at::Tensor& input, double p, int64_t seed) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(vqa_align_glue, m) {
+TORCH_LIBRARY(vqa_align_dropout, m) {
   m.def("counter_dropout(Tensor input, float p, int seed) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(vqa_align_glue, CPU, m) {
+TORCH_LIBRARY_IMPL(vqa_align_dropout, CPU, m) {
   m.impl("counter_dropout", &counter_dropout);
 }
