@@ -23,6 +23,7 @@ from vqa_align.config import (
     TrainConfig,
     load_config,
 )
+from vqa_align.errors import UserError
 
 # key -> bad values (as typed after --set KEY=), each must be refused with a message naming the key.
 BAD = {
@@ -163,6 +164,13 @@ def test_configs_built_in_code_are_checked_too():
         with pytest.raises(ConfigError, match=next(iter(bad))):
             section(**bad).validate()
     Config().validate()
+
+
+def test_config_errors_are_user_errors():
+    # `except UserError` (the public API's error to catch) covers bad configs too; ValueError as before.
+    with pytest.raises(UserError, match="train.lr"):
+        load_config(None, ["train.lr=-1"])
+    assert issubclass(ConfigError, ValueError)
 
 
 def test_device_that_this_machine_lacks(monkeypatch):
