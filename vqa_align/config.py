@@ -18,9 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+from vqa_align.align.distances import DISTANCES
 from vqa_align.errors import UserError
 
-ALIGNMENT_METHODS = ("none", "ct", "gan", "ot")
+ALIGNMENT_METHODS = tuple(DISTANCES)  # the distance registry (vqa_align/align/distances/__init__.py)
 ALIGNMENT_MODULES = ("sa_question", "sa_image", "sga_guided")
 
 
@@ -59,7 +60,7 @@ def _check_fields(section: Any, where: str) -> None:
 class AlignmentConfig:
     """Alignment attention (Zhang et al. 2021): which distance, how strong, where."""
 
-    method: Literal["none", "ct", "gan", "ot"] = "ct"
+    method: str = "ct"  # one of ALIGNMENT_METHODS
     weight: float = 0.01  # λ in L = L_task + λ·L_align (the paper uses 0.01 throughout)
     modules: list[str] = field(default_factory=lambda: list(ALIGNMENT_MODULES))
     # Helper widths: 64/32 (was 256/128) cuts the CT helpers' cost ~6x for head_dim 64 (see
@@ -71,11 +72,12 @@ class AlignmentConfig:
     # model runs in fp64, else fp32. bf16 helpers changed neither accuracy nor key-query MMD on
     # easy-VQA (docs/results/helper_precision.md) and make CT/GAN ~1.5x cheaper on the CPU.
     helper_precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # Which implementation runs CT and GAN (same values and gradients, tested against each other):
-    # "auto" = the Triton kernels (vqa_align/align/kernels/triton.py) on CUDA when Triton imports, else
-    # "fused"; "triton" = Triton on CUDA or an error if it is missing (the CPU keeps "fused");
-    # "fused" = the hand-fused autograd functions (PyTorch ops, C++ kernels on the CPU);
-    # "reference" = the plain helper modules under autograd (slowest; has second-order gradients).
+    # Which implementation runs CT and GAN (same values and gradients, tested against each other;
+    # the dispatch table is vqa_align/align/distances/__init__.py): "auto" = the Triton kernels
+    # (vqa_align/align/kernels/triton_*.py) on CUDA when Triton imports, else "fused"; "triton" =
+    # Triton on CUDA or an error if it is missing (elsewhere "fused"); "fused" = the hand-fused
+    # autograd functions (PyTorch ops, any device); "reference" = the plain helper modules under
+    # autograd (slowest; has second-order gradients).
     # Default "fused": the Triton kernels are opt-in until they have been checked and timed on a
     # real GPU (benchmarks/gpu_issue19.sh; so far only Triton's CPU interpreter and sm_90 compiles).
     kernels: Literal["auto", "triton", "fused", "reference"] = "fused"
@@ -92,6 +94,7 @@ class AlignmentConfig:
 
     def validate(self, where: str = "model.alignment") -> None:
         _check_fields(self, where)
+        _require(self.method in ALIGNMENT_METHODS, f"{where}.method", self.method, f"one of {list(ALIGNMENT_METHODS)}")
         for i, name in enumerate(self.modules):
             _require(name in ALIGNMENT_MODULES, f"{where}.modules[{i}]", name, f"one of {list(ALIGNMENT_MODULES)}")
         _require(len(set(self.modules)) == len(self.modules), f"{where}.modules", self.modules, "no repeats")
