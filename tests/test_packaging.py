@@ -1,5 +1,5 @@
-"""The wheel: what it holds, and that an install of it alone (no checkout) runs the CLI and finds
-the shipped presets.
+"""What the package offers: the wheel's contents, an install of it alone (no checkout) that runs the
+CLI and finds the shipped presets, and the public API that docs/api.md lists.
 
 The wheel is built offline (``pip wheel --no-build-isolation``, setuptools from this environment)
 from a copy of the files git would ship, so the checkout gets no build/ folder and parallel runs
@@ -121,3 +121,15 @@ def test_installed_wheel_runs_from_any_folder_and_finds_its_presets(installed, t
     assert where["preset"].endswith("vqa_align_configs/easy_vqa.yaml")
     assert where["preset_by_path"] == "easy_vqa"  # configs/NAME.yaml falls back to the shipped preset
     assert not any("editable" in module for module in where["finders"]), where["finders"]
+
+
+def test_api_doc_lists_exactly_the_public_names():
+    # docs/api.md promises: the names it lists are vqa_align's public API, the rest is internal.
+    import re
+
+    import vqa_align
+
+    documented = set(re.findall(r"^\| `([A-Za-z_]+)", (REPO / "docs" / "api.md").read_text(), re.MULTILINE))
+    assert documented == set(vqa_align.__all__)
+    for name in vqa_align.__all__:  # and each one imports
+        assert getattr(vqa_align, name) is not None
