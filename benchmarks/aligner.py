@@ -4,16 +4,12 @@
 
 Shapes per module kind (MCAN-small: 8 heads of 64, 14 question tokens, 100 regions):
 ``sa_image`` (100 queries, 100 keys), ``sga_guided`` (100 region queries, 14 token keys),
-``sa_question`` (14, 14). Implementations (see vqa_align/align/kernels/native.py), timed interleaved, one
-call each per round, the median over rounds reported:
+``sa_question`` (14, 14). Implementations (``model.alignment.kernels``; the dispatch table is
+vqa_align/align/distances/__init__.py), timed interleaved, one call each per round, the median over
+rounds reported:
 
-- ``blocks``: the cache-blocked AMX kernels (csrc/aligner_blocks.cpp), forward then backward; only
-  on CPUs with AMX and AVX-512-BF16 (elsewhere not listed: the aligner runs ``layers``);
-- ``layers``: layer by layer, the matmuls in ATen and the one-pass C++ glue between them
-  (``VQA_ALIGN_HELPER_BLOCKS=0``; what runs by default on CPUs without AMX);
-- ``torch``: layer by layer with PyTorch ops only (``VQA_ALIGN_NATIVE_KERNELS=0``);
-- ``plain``: the reference, the helper ``nn.Module``\ s under autograd (``HeadAligner(fused=False)``,
-  fp32 whatever ``--precision`` says).
+- ``fused``: the hand-fused forward/backward in PyTorch ops (vqa_align/align/kernels/fused.py);
+- ``reference``: the helper ``nn.Module``\ s under autograd (fp32 whatever ``--precision`` says).
 
 ``per_step_s`` is what one MCAN-small training step spends in them: six layers of each kind.
 ``median_cpu_ms`` is the process's CPU time (all threads) per call: on a CPU shared with other
@@ -25,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -37,9 +32,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from vqa_align.align.kernels import native as native_kernels  # noqa: E402
 from vqa_align.align.aligner import HeadAligner  # noqa: E402
-from vqa_align.align.kernels.fused import compute_dtype  # noqa: E402
+from vqa_align.align.kernels.common import compute_dtype  # noqa: E402
 from vqa_align.config import AlignmentConfig  # noqa: E402
 from vqa_align.train.host_memory import keep_freed_memory  # noqa: E402
 
@@ -50,12 +44,8 @@ HEADS, HEAD_DIM, TOKENS, REGIONS, LAYERS = 8, 64, 14, 100, 6
 SHAPES = {"sa_image": (REGIONS, REGIONS), "sga_guided": (REGIONS, TOKENS), "sa_question": (TOKENS, TOKENS)}
 
 
-def time_call(
-    aligner: HeadAligner, queries: torch.Tensor, keys: torch.Tensor, valid_q, valid_k, glue: str
-) -> tuple[float, float]:
+def time_call(aligner: HeadAligner, queries: torch.Tensor, keys: torch.Tensor, valid_q, valid_k) -> tuple[float, float]:
     """-> (wall seconds, CPU seconds of this process, all threads) of one forward + backward."""
-    os.environ[native_kernels.ENV_SWITCH] = "0" if glue == "torch" else "1"
-    os.environ[native_kernels.HELPER_BLOCKS_SWITCH] = "1" if glue == "blocks" else "0"
     start, cpu_start = time.perf_counter(), time.process_time()
     aligner(queries, keys, valid_q, valid_k).sum().backward()
     return time.perf_counter() - start, time.process_time() - cpu_start
@@ -83,37 +73,31 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for method in args.methods.split(","):
         config = AlignmentConfig(method=method, helper_precision=args.precision)
-        aligner = HeadAligner(HEAD_DIM, config)
-        plain = HeadAligner(HEAD_DIM, config, fused=False)
-        plain.load_state_dict(aligner.state_dict())
-        helper_widths = (HEAD_DIM, config.helper_hidden, config.helper_hidden, config.helper_out)
-        helper_widths = helper_widths if method == "ct" else helper_widths[:2]
-        blocks = native_kernels.native_enabled() and native_kernels.helper_blocks(
-            torch.device("cpu"), torch.bfloat16, helper_widths
-        ) and aligner_dtype(args.precision) == torch.bfloat16
-        glues = (["blocks"] if blocks else []) + (["layers"] if native_kernels.load_native() else []) + ["torch", "plain"]
+        aligners = {"fused": HeadAligner(HEAD_DIM, config)}
+        aligners["reference"] = HeadAligner(HEAD_DIM, config)
+        aligners["reference"].load_state_dict(aligners["fused"].state_dict())
+        aligners["reference"].kernels = "reference"
+        implementations = list(aligners)
         for kind, (n_q, n_k) in SHAPES.items():
             gen = torch.Generator().manual_seed(0)
             queries = torch.randn(args.batch_size, HEADS, n_q, HEAD_DIM, generator=gen, requires_grad=True)
             keys = torch.randn(args.batch_size, HEADS, n_k, HEAD_DIM, generator=gen, requires_grad=True)
             valid_q = torch.ones(args.batch_size, n_q, dtype=torch.bool)
             valid_k = torch.ones(args.batch_size, n_k, dtype=torch.bool)
-            times: dict[str, list[tuple[float, float]]] = {g: [] for g in glues}
+            times: dict[str, list[tuple[float, float]]] = {g: [] for g in implementations}
             for round_ in range(args.warmup + args.repeats):
-                for glue in glues:
-                    elapsed = time_call(plain if glue == "plain" else aligner, queries, keys, valid_q, valid_k, glue)
+                for kernels in implementations:
+                    elapsed = time_call(aligners[kernels], queries, keys, valid_q, valid_k)
                     if round_ >= args.warmup:
-                        times[glue].append(elapsed)
-            for glue in glues:
-                wall, cpu = (statistics.median(t[i] for t in times[glue]) for i in (0, 1))
+                        times[kernels].append(elapsed)
+            for kernels in implementations:
+                wall, cpu = (statistics.median(t[i] for t in times[kernels]) for i in (0, 1))
                 results.append(
-                    {"method": method, "module": kind, "glue": glue, "median_ms": 1e3 * wall, "median_cpu_ms": 1e3 * cpu}
+                    {"method": method, "module": kind, "kernels": kernels, "median_ms": 1e3 * wall, "median_cpu_ms": 1e3 * cpu}
                 )
-    os.environ.pop(native_kernels.ENV_SWITCH, None)
-    os.environ.pop(native_kernels.HELPER_BLOCKS_SWITCH, None)
     totals = {}
     for row in results:
-        key = (row["method"], row["glue"])
+        key = (row["method"], row["kernels"])
         totals[key] = totals.get(key, 0.0) + LAYERS * row["median_ms"] / 1e3
     report = {
         "benchmark": "aligner",
@@ -123,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "helper_dtype": str(aligner_dtype(args.precision)),
         "results": results,
-        "per_step_s": [{"method": m, "glue": g, "seconds": round(s, 4)} for (m, g), s in totals.items()],
+        "per_step_s": [{"method": m, "kernels": g, "seconds": round(s, 4)} for (m, g), s in totals.items()],
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
     else:
         for method in args.methods.split(","):
-            glues = list(dict.fromkeys(r["glue"] for r in results if r["method"] == method))
-            print(f"{'method':6s} {'module':12s} " + " ".join(f"{g + ' ms':>10s}" for g in glues))
+            implementations = list(dict.fromkeys(r["kernels"] for r in results if r["method"] == method))
+            print(f"{'method':6s} {'module':12s} " + " ".join(f"{g + ' ms':>10s}" for g in implementations))
             for kind in SHAPES:
-                cells = [next(r["median_ms"] for r in results if (r["method"], r["module"], r["glue"]) == (method, kind, g)) for g in glues]
+                cells = [next(r["median_ms"] for r in results if (r["method"], r["module"], r["kernels"]) == (method, kind, g)) for g in implementations]
                 print(f"{method:6s} {kind:12s} " + " ".join(f"{c:10.1f}" for c in cells))
-            print(f"{method:6s} {'per step (s)':12s} " + " ".join(f"{totals[(method, g)]:10.3f}" for g in glues))
+            print(f"{method:6s} {'per step (s)':12s} " + " ".join(f"{totals[(method, g)]:10.3f}" for g in implementations))
     return 0
 
 

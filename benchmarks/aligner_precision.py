@@ -12,7 +12,7 @@
    summed over (sample, head), and the largest error of one (sample, head) relative to the largest
    exact one. In the interpreter the Triton kernels run twice in bf16: with the interpreter's own
    fp32 -> bf16 cast, which truncates, and with the GPU's rounding to nearest even
-   (triton_kernels.gpu_rounding_in_interpreter). Slow there (a few seconds per aligner); no timing.
+   (tests/triton_interpreter.py). Slow there (a few seconds per aligner); no timing.
 3. --train-steps N (interpreter only, ~3 min per step on 2 cores): N training steps of the preset
    with the fused path and with the Triton kernels (rounding like the GPU), their losses side by
    side. The model dispatches only CUDA tensors to Triton; here it is told to send CPU ones.
@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402 - puts the repository on sys.path
 import torch  # noqa: E402
-
-from vqa_align.align import aligner as alignment
+from tests.triton_interpreter import gpu_rounding_in_interpreter  # noqa: E402 - test-only; the repository is on sys.path
 
 from vqa_align import cli  # noqa: E402
+from vqa_align.align import distances  # noqa: E402
 from vqa_align.align.aligner import HeadAligner  # noqa: E402
 from vqa_align.config import load_config  # noqa: E402
 
@@ -57,21 +57,19 @@ def train(config_path: str, method: str, device: str, steps: int, kernels: str =
     return [row for row in map(json.loads, lines) if row.get("kind") == "train"]
 
 
-def train_in_interpreter(config_path: str, method: str, steps: int, triton_kernels) -> list[dict]:
+def train_in_interpreter(config_path: str, method: str, steps: int) -> list[dict]:
     """:func:`train` with model.alignment.kernels=triton run by the interpreter on the CPU."""
-    cuda_only = alignment.triton_kernels_for
+    cuda_only = distances._triton_runs
 
-    def any_device(kernels, queries, keys, transport):
-        if kernels != "triton":
-            return cuda_only(kernels, queries, keys, transport)
-        return triton_kernels if not transport or triton_kernels.transport_fits(queries, keys) else None
+    def any_device(kernels, queries, triton_module):
+        return kernels == "triton" or cuda_only(kernels, queries, triton_module)
 
-    alignment.triton_kernels_for = any_device
+    distances._triton_runs = any_device
     try:
-        with triton_kernels.gpu_rounding_in_interpreter():
+        with gpu_rounding_in_interpreter():
             return train(config_path, method, "cpu", steps, kernels="triton")
     finally:
-        alignment.triton_kernels_for = cuda_only
+        distances._triton_runs = cuda_only
 
 
 def record_first_inputs(config_path: str, method: str, device: str) -> list[dict]:
@@ -114,9 +112,9 @@ def main() -> None:
 
     from triton_check import fused_call, triton_call  # after torch; TRITON_INTERPRET decides how kernels run
 
-    from vqa_align.align.kernels import triton as triton_kernels
+    from vqa_align.align.kernels import triton_common
 
-    interpreted = triton_kernels.INTERPRETED
+    interpreted = triton_common.INTERPRETED
     device = torch.device("cpu" if interpreted or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not interpreted:
         raise SystemExit("no CUDA device: run with TRITON_INTERPRET=1 to run the Triton kernels in the interpreter")
@@ -126,7 +124,7 @@ def main() -> None:
                 ("triton", "fp32", triton_call, nullcontext)]  # fmt: skip
     if interpreted:
         variants += [("triton truncating", "bf16", triton_call, nullcontext),
-                     ("triton", "bf16", triton_call, triton_kernels.gpu_rounding_in_interpreter)]  # fmt: skip
+                     ("triton", "bf16", triton_call, gpu_rounding_in_interpreter)]  # fmt: skip
     else:
         variants += [("triton", "bf16", triton_call, nullcontext)]
 
@@ -135,7 +133,7 @@ def main() -> None:
     for index, record in enumerate(records):
         q, k, qv, kv = record["q"], record["k"], record["q_valid"], record["k_valid"]
         exact_aligner = aligner_for(record, args.config, args.method, "fp32", "cpu", torch.float64)
-        exact_aligner.fused = False  # the plain modules
+        exact_aligner.kernels = "reference"  # the plain modules
         exact = exact_aligner(q.double(), k.double(), qv, kv)  # (B, H)
         row = {"aligner": index, "q": list(q.shape), "k": list(k.shape), "exact_sum": exact.sum().item(), "errors": {}}
         for name, precision, fn, context in variants:
@@ -154,7 +152,7 @@ def main() -> None:
               "config": args.config, "method": args.method, "aligners": rows, "training": None}  # fmt: skip
     if args.train_steps:
         fused = train(args.config, args.method, "cpu", args.train_steps)
-        triton = train_in_interpreter(args.config, args.method, args.train_steps, triton_kernels)
+        triton = train_in_interpreter(args.config, args.method, args.train_steps)
         result["training"] = [
             {"step": a["step"], "loss": {"fused": a["loss"], "triton": b["loss"]},
              "alignment_loss": {"fused": a["alignment_loss"], "triton": b["alignment_loss"]}}

@@ -158,10 +158,10 @@ def main(argv=None) -> dict:
         "results": [],
     }
     if device.type == "cuda":
-        from vqa_align.align.kernels.fused import _import_triton_kernels
+        from vqa_align.align.distances import import_failure
 
-        report["triton_importable"] = _import_triton_kernels()[0] is not None
-        report["triton_import_error"] = _import_triton_kernels()[1]
+        report["triton_importable"] = import_failure("vqa_align.align.kernels.triton_ct") is None
+        report["triton_import_error"] = import_failure("vqa_align.align.kernels.triton_ct")
 
     def save() -> None:
         if out_path:

@@ -10,7 +10,7 @@
 #    replay of each, and one aligner alone (Triton vs the fused PyTorch path) -> triton_check.json.
 # 2. benchmarks/gpu.py (<= 6.5 min): MCAN-small, bf16, adaptive regions, batch 1024 then 512;
 #    none, ot, and ct/gan once per model.alignment.kernels value (fused = the PyTorch path the issue
-#    measured, triton = vqa_align/align/kernels/triton.py); eager and as CUDA graphs (train.cuda_graphs'
+#    measured, triton = vqa_align/align/kernels/triton_ct.py, triton_gan.py); eager and as CUDA graphs (train.cuda_graphs'
 #    mechanism); ms/step, peak memory -> gpu_steps.json (written after every measurement).
 # 3. A summary -> issue19.json: per batch and mode, each variant's step and peak memory over
 #    `none`'s (eager over eager none, graphs over none+graphs) and the issue's goals

@@ -5,11 +5,11 @@
 
 1. Correctness, per method (ct, gan) at MCAN shapes (64-d heads, helpers 64/32; image self-attention
    100 x 100 and guided attention 100 regions x 14 tokens, padded samples): values and gradients
-   (q, k, every helper weight) of vqa_align.align.kernels.triton against the plain modules in fp64 on the
+   (q, k, every helper weight) of vqa_align.align.kernels.triton_ct/_gan against the plain modules in fp64 on the
    same device, with helper_precision fp32 (max error relative to the largest entry, 1e-4) and bf16
    (cosine of each gradient with the exact one: > 0.999 as in the CPU tests, or no more than 0.005
    below the fused PyTorch path's in bf16 on the same inputs). In the interpreter (--smoke on the
-   CPU) bf16 casts round to nearest even as on the GPU (triton_kernels.gpu_rounding_in_interpreter).
+   CPU) bf16 casts round to nearest even as on the GPU (tests/triton_interpreter.py).
 2. CUDA graphs: forward + backward of each Triton aligner captured for a batch shape that never ran
    eagerly (as train.cuda_graphs captures new shapes; a kernel binary loaded during capture would
    fail) and replayed; the replay must give the eager gradients bit for bit.
@@ -33,8 +33,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402, F401 - puts the repository on sys.path
-from vqa_align.align.kernels import triton as triton_kernels  # noqa: E402
-from vqa_align.align.aligner import HeadAligner, call_with_reversed_parameters, reverse_gradient, adversarial_loss  # noqa: E402
+from tests.triton_interpreter import gpu_rounding_in_interpreter  # noqa: E402 - test-only
+from vqa_align.align.aligner import HeadAligner  # noqa: E402
+from vqa_align.align.distances.gan import adversarial_loss  # noqa: E402
+from vqa_align.align.distances.layers import call_with_reversed_parameters, reverse_gradient  # noqa: E402
+from vqa_align.align.kernels import triton_common, triton_ct, triton_gan  # noqa: E402
 from vqa_align.align.kernels.fused import fused_adversarial_loss, fused_conditional_transport  # noqa: E402
 from vqa_align.config import AlignmentConfig  # noqa: E402
 
@@ -62,8 +65,8 @@ def plain(aligner: HeadAligner, q, k, qv, kv):
 
 def triton_call(aligner: HeadAligner, q, k, qv, kv, precision: str):
     if aligner.method == "ct":
-        return triton_kernels.triton_conditional_transport(q, k, qv, kv, aligner.navigator, aligner.critic, aligner.rho, precision)
-    return triton_kernels.triton_adversarial_loss(q, k, qv, kv, aligner.discriminator, precision)
+        return triton_ct.triton_conditional_transport(q, k, qv, kv, aligner.navigator, aligner.critic, aligner.rho, precision)
+    return triton_gan.triton_adversarial_loss(q, k, qv, kv, aligner.discriminator, precision)
 
 
 def fused_call(aligner: HeadAligner, q, k, qv, kv, precision: str):
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
             Path(args.out_json).write_text(json.dumps(report, indent=2) + "\n")
 
     # The interpreter truncates fp32 -> bf16 casts; the GPU rounds to nearest even: round like it.
-    rounding = triton_kernels.gpu_rounding_in_interpreter if triton_kernels.INTERPRETED else contextlib.nullcontext
+    rounding = gpu_rounding_in_interpreter if triton_common.INTERPRETED else contextlib.nullcontext
     for method in ("ct", "gan"):
         for shape in shapes:
             with rounding():

@@ -29,7 +29,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from vqa_align.align.kernels import triton as tk  # noqa: E402
+from vqa_align.align.kernels import triton_common as tk  # noqa: E402
+from vqa_align.align.kernels import triton_ct, triton_gan  # noqa: E402
 
 WEIGHTS = {"nav_w1", "nav_b1", "nav_w2", "nav_b2", "gate_w", "gate_b", "crit_w1", "crit_b1", "crit_w2", "crit_b2",
            "w1", "b1", "w2", "b2"}  # fmt: skip
@@ -61,13 +62,13 @@ def launches(io: str) -> list[tuple[str, str, dict, int]]:
     for nq, nk in ((100, 100), (100, 14)):
         tile = dict(BLOCK_Q=tk._block(nq), BLOCK_K=tk._block(nk), BLOCK_OUT=32, DOT=dot)
         for name in ("_ct_transport_forward_kernel", "_ct_transport_backward_kernel"):
-            out.append((name, f"{nq} x {nk}", tile, tk.transport_warps(nq, nk)))
+            out.append((name, f"{nq} x {nk}", tile, triton_ct.transport_warps(nq, nk)))
     for critic in (False, True):
         out.append(("_ct_helpers_backward_kernel", "critic" if critic else "navigator",
                     dict(ct, BLOCK_R=tk.BLOCK_ROWS_BACKWARD, CRITIC=critic), tk.NUM_WARPS_BACKWARD))  # fmt: skip
     gan = dict(rows, BLOCK_H=64)
     out.append(("_gan_forward_kernel", "GAN", dict(gan, BLOCK_R=tk.BLOCK_ROWS_FORWARD), tk.NUM_WARPS))
-    out.append(("_gan_loss_kernel", "GAN", dict(BLOCK_N=tk.MEAN_BLOCK), tk.NUM_WARPS))
+    out.append(("_gan_loss_kernel", "GAN", dict(BLOCK_N=triton_gan.MEAN_BLOCK), tk.NUM_WARPS))
     out.append(("_gan_backward_kernel", "GAN", dict(gan, BLOCK_R=tk.BLOCK_ROWS_BACKWARD), tk.NUM_WARPS_BACKWARD))
     return out
 
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     rows = []
     for io in args.io.split(","):
         for name, what, constexprs, warps in launches(io):
-            kernel = getattr(tk, name)
+            kernel = getattr(triton_ct if name.startswith("_ct") else triton_gan, name)
             source = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, io, constexprs), constexprs=constexprs)
             compiled = triton.compile(source, target=target, options={"num_warps": warps})
             row = {"kernel": name, "what": what, "io": io, "num_warps": warps, **ptxas_info(compiled.asm["ptx"], args.arch)}
