@@ -13,7 +13,7 @@ docs/extract.md ("bottom-up").
 
 Use::
 
-    detector = BottomUpDetector.from_file("pytorch_model.bin")      # download_bottom_up() fetches it
+    detector = BottomUpDetector.from_file("pytorch_model.bin")      # bottom_up_weights.download_bottom_up() fetches it
     vocab = load_vocabulary("objects_vocab.txt", "attributes_vocab.txt")
     dets = detect(detector, [rgb_uint8_array], vocab=vocab)[0]      # Detections of one image
 
