@@ -45,4 +45,5 @@ def forward_batches(
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(**inputs).logits.float()
+        # Yielded outside the block: a yield inside it would leave the caller's code under autocast.
         yield Forward(batch, inputs, logits)
