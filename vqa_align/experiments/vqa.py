@@ -181,7 +181,8 @@ def evaluate_run(run_dir: Path, config: Config, seed: int, noise_stds: Sequence[
                  mmd_questions: int = MMD_QUESTIONS) -> dict[str, Any]:
     """Every number of one trained run (the content of its done.json ``result``)."""
     from vqa_align.evaluate.evaluator import evaluate_checkpoint
-    from vqa_align.train.trainer import METRICS_FILE, seed_everything
+    from vqa_align.train.progress import METRICS_FILE
+    from vqa_align.train.rng import seed_everything
 
     checkpoint = run_dir / "checkpoints" / EVAL_CHECKPOINT
     mc_samples = pavpu_samples(config, mc_samples)
@@ -292,7 +293,7 @@ def alignment_example(checkpoint: Path, kind: str = FIG1_KIND, head: int = FIG1_
 
 def curve_series(run: dict[str, Any]) -> dict[str, Any]:
     """Validation accuracy per epoch and task loss per logged step of one run, from metrics.jsonl."""
-    from vqa_align.train.trainer import METRICS_FILE
+    from vqa_align.train.progress import METRICS_FILE
 
     records = _read_jsonl(Path(run["run_dir"]) / METRICS_FILE)
     epochs = [r for r in records if r.get("kind") == "epoch" and "val_accuracy" in r]
