@@ -3,7 +3,7 @@
     python benchmarks/triton_compile.py                      # sm_90 (H100/H200), MCAN-small widths
     python benchmarks/triton_compile.py --arch 80 --out-json /tmp/triton_compile.json
 
-Each kernel of vqa_align/align/kernels/triton.py is compiled (Triton -> PTX) with the launch shapes the
+Each kernel of vqa_align/align/kernels/triton_ct.py and triton_gan.py is compiled (Triton -> PTX) with the launch shapes the
 module uses for MCAN-small (head dim 64, helpers 64/32; transport tiles of image self-attention,
 128 x 128, and guided attention, 128 x 16) in bf16 and fp32, and the PTX is assembled by the
 ptxas shipped with Triton (`ptxas -v`). What it shows: that every kernel compiles for the GPU,

@@ -219,3 +219,21 @@ def test_ot_gradient_reaches_queries_and_keys():
     v = torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 3, dtype=torch.bool)
     optimal_transport(q, k, *v).sum().backward()
     assert q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0
+
+
+def test_every_registered_distance_has_what_its_row_promises():
+    """The registry is the one list of distances: the configuration accepts exactly its names, and
+    every row's module holds the helpers' builder, the reference and each implementation it names."""
+    from vqa_align.align.distances import DISTANCES, distance_module
+    from vqa_align.config import ALIGNMENT_METHODS
+
+    assert ALIGNMENT_METHODS == tuple(DISTANCES)
+    for name, row in DISTANCES.items():
+        assert row.name == name and row.colour.startswith("#")
+        if row.module is None:
+            continue
+        module = distance_module(name)
+        for function in ("build_helpers", "reference", *row.kernels):
+            assert callable(getattr(module, function)), (name, function)
+        if "triton" in row.kernels:
+            assert callable(module.triton_fits) and module.TRITON_KERNELS.startswith("vqa_align.align.kernels.")

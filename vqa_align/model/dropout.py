@@ -4,10 +4,9 @@ PyTorch's CPU dropout draws a float mask element by element, keeps it for the ba
 (4 bytes per element: 52 MB for one MCAN-small FFN activation at batch 64 × 100 regions) and
 multiplies by it twice. In an MCAN-small training step on 2 cores that is ≈ 1 s of ≈ 5 s
 (`aten::bernoulli_` alone; BENCHMARKS.md, session 3). Here element k of a call is kept when the
-k-th output of SplitMix64 started at a per-call seed is at least p·2^24 (``csrc/dropout.cpp``,
-built by :mod:`vqa_align.model.native_dropout`): the
-mask is a function of (seed, k), so the backward pass recomputes it instead of reading it, and both
-passes are one vectorised loop.
+k-th output of SplitMix64 started at a per-call seed is at least p·2^24 (``csrc/dropout.cpp``, built
+by :mod:`vqa_align.model.native_dropout`): the mask is a function of (seed, k), so the backward pass
+recomputes it instead of reading it, and both passes are one vectorised loop.
 
 The seed of each call is drawn from PyTorch's default generator, so ``torch.manual_seed`` (and the
 trainer's saved RNG state) makes runs repeatable as before; the masks themselves differ from
