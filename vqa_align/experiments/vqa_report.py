@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vqa_align.align.distances import DISTANCES
 from vqa_align.config import ALIGNMENT_MODULES
 from vqa_align.experiments.results import restore_nan
 from vqa_align.experiments.stats import Metric, Stat, clear_difference
@@ -185,7 +186,7 @@ def findings(aggregates: Aggregates, metrics: Sequence[Metric],
 # Figures (object-oriented matplotlib: no pyplot state, Agg canvas)
 # ----------------------------------------------------------------------------------------------
 
-COLORS = {"none": "#7f7f7f", "ct": "#1f77b4", "gan": "#d62728", "ot": "#2ca02c"}
+COLORS = {name: distance.colour for name, distance in DISTANCES.items()}  # one per method, from the registry
 
 
 def _save(fig: Any, path: Path) -> None:
