@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from vqa_align.data.loaders import VQADataset, make_loader
-from vqa_align.data.feature_store import FeatureStore, FeatureStoreWriter
+from vqa_align.extract.feature_store import FeatureStore, FeatureStoreWriter
 from vqa_align.data.vqa_v2 import QuestionRecord, build_tokenizer
 
 FEATURE_DIM = 2048

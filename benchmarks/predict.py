@@ -62,7 +62,7 @@ def random_checkpoint(folder: Path) -> Path:
     from vqa_align.data.loaders import feature_store_path
     from vqa_align.model.mcan import MCAN
     from vqa_align.extract.regions import extract_regions
-    from vqa_align.data.feature_store import FeatureStoreWriter
+    from vqa_align.extract.feature_store import FeatureStoreWriter
     from vqa_align.data.vqa_v2 import build_tokenizer
 
     config = load_config(REPO_ROOT / "configs" / "easy_vqa.yaml")

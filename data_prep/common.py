@@ -2,7 +2,7 @@
 
 Each converter (``tsv``, ``npz``, ``h5``) is a generator of :class:`ImageRecord` (one image) or
 :class:`BadRecord` (a record that could not be parsed). :func:`convert` streams them into a
-:class:`~vqa_align.data.feature_store.FeatureStoreWriter` with a progress bar: a bad record (or one the writer
+:class:`~vqa_align.extract.feature_store.FeatureStoreWriter` with a progress bar: a bad record (or one the writer
 rejects: NaN/inf, wrong feature dimension, duplicate id) is an error naming the file and record,
 or with ``skip_missing`` a counted warning.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vqa_align.data.feature_store import DataFormatError, FeatureStoreWriter, StoreRecordError
+from vqa_align.extract.feature_store import DataFormatError, FeatureStoreWriter, StoreRecordError
 
 log = logging.getLogger("vqa_align_prep")
 MAX_LOGGED_SKIPS = 10  # individual warnings before only the count is kept

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vqa_align.data.feature_store import DataFormatError
+from vqa_align.extract.feature_store import DataFormatError
 from vqa_align_prep.common import ImageRecord, common_kwargs, convert, report
 
 READ_BLOCK = 64  # images read per HDF5 call (64 x 36 x 2048 float32 = 19 MB)

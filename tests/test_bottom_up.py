@@ -445,7 +445,7 @@ def test_backbone_from_a_weights_folder(tmp_path, random_weights):
     # Through the real pipeline (decoding, store), the picture downscaled while decoding: the boxes
     # must still come back in the original file's pixels.
     from vqa_align.extract.pipeline import ExtractOptions, extract_images, list_images
-    from vqa_align.data.feature_store import FeatureStore
+    from vqa_align.extract.feature_store import FeatureStore
 
     pics = tmp_path / "pics"
     pics.mkdir()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vqa_align.cli import main
-from vqa_align.data.feature_store import DataFormatError, FeatureStore
+from vqa_align.extract.feature_store import DataFormatError, FeatureStore
 from vqa_align_prep.common import convert
 from vqa_align_prep.h5 import read_h5
 from vqa_align_prep.npz import image_id_from_name, list_npz, read_npz

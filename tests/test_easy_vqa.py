@@ -10,7 +10,7 @@ import pytest
 from vqa_align.config import DataConfig
 from vqa_align.data.loaders import build_data, make_loader
 from vqa_align.extract.regions import REGION_FEATURE_DIM
-from vqa_align.data.feature_store import FeatureStore
+from vqa_align.extract.feature_store import FeatureStore
 from vqa_align.data.vqa_v2 import load_split
 from vqa_align.data.easy_vqa import (
     TEST_IMAGE_ID_OFFSET,

@@ -20,7 +20,7 @@ from vqa_align.extract.pipeline import (
 from vqa_align.extract.backbones import (
     Backbone, ExtractorInfo, ImageRegions, backbone_for, build_backbone, grid_boxes, missing_for,
 )
-from vqa_align.data.feature_store import FeatureStore
+from vqa_align.extract.feature_store import FeatureStore
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -369,8 +369,8 @@ def test_cli_errors_are_one_line_and_list_names_every_backbone(tmp_path, capsys)
 
 
 def test_store_labels_arriving_late_backfill_earlier_rows(tmp_path, monkeypatch):
-    from vqa_align.data import feature_store as store_module
-    from vqa_align.data.feature_store import FeatureStoreWriter
+    from vqa_align.extract import feature_store as store_module
+    from vqa_align.extract.feature_store import FeatureStoreWriter
 
     monkeypatch.setattr(store_module, "WRITE_BUFFER_ROWS", 2)  # flush between images
     box = np.array([[0, 0, 1, 1]], np.float32)

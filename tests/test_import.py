@@ -25,7 +25,7 @@ from vqa_align.errors import UserError
 from vqa_align.cli import main as cli_main
 from vqa_align.importers import ImportFailure, import_checkpoint, read_state_dict
 from vqa_align.model.mcan import MCANLayerNorm
-from vqa_align.data.feature_store import FeatureStoreWriter
+from vqa_align.extract.feature_store import FeatureStoreWriter
 
 HIDDEN, HEADS, FFN, LAYERS, FLAT_MLP, FLAT_OUT, FEAT, EMBED = 32, 4, 64, 2, 16, 48, 12, 16
 ANSWERS = ["yes", "no", "2", "red", "cat"]

@@ -22,7 +22,7 @@ from vqa_align.serve.predictor import Predictor
 from vqa_align.serve.views import region_and_word_weights, render_views
 from vqa_align.errors import UserError
 from vqa_align.extract.regions import REGION_FEATURE_DIM, extract_regions
-from vqa_align.data.feature_store import FeatureStoreWriter
+from vqa_align.extract.feature_store import FeatureStoreWriter
 from vqa_align.data.vqa_v2 import build_tokenizer
 
 QUESTIONS = [

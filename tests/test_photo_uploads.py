@@ -22,7 +22,7 @@ from vqa_align.serve.prediction import InputError
 from vqa_align.serve.predictor import Predictor
 from vqa_align.serve.startup import load_predictor
 from vqa_align.model.mcan import MCAN
-from vqa_align.data.feature_store import FeatureStore, FeatureStoreWriter
+from vqa_align.extract.feature_store import FeatureStore, FeatureStoreWriter
 from vqa_align.data.vqa_v2 import build_tokenizer
 
 skimage_data = pytest.importorskip("skimage.data")

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from vqa_align.data.feature_store import (
+from vqa_align.extract.feature_store import (
     FORMAT_VERSION,
     DataFormatError,
     FeatureStore,

@@ -12,7 +12,7 @@ import torch
 from vqa_align.config import DataConfig
 from vqa_align.data.loaders import RegionBucketBatchSampler, build_data, collate_batch, make_loader
 from vqa_align.errors import UserError
-from vqa_align.data.feature_store import DataFormatError, FeatureStoreWriter
+from vqa_align.extract.feature_store import DataFormatError, FeatureStoreWriter
 from vqa_align.data.vqa_v2 import (
     OfficialScores,
     QuestionRecord,
@@ -367,7 +367,7 @@ def test_plain_dataloader_with_collate_batch_is_float32(tmp_path):
     with FeatureStoreWriter(tmp_path / "f.h5") as w:  # float16 store
         for i in range(4):
             w.add(i, np.full((i + 1, D), 0.5, np.float32), np.tile([0, 0, 1, 1], (i + 1, 1)).astype(np.float32), (2, 2))
-    from vqa_align.data.feature_store import FeatureStore
+    from vqa_align.extract.feature_store import FeatureStore
     from vqa_align.data.loaders import VQADataset
 
     recs = [QuestionRecord(i, i, "what is it?", "q.json") for i in range(4)]

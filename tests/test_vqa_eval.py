@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vqa_align.cli import UserError, main
-from vqa_align.data.feature_store import DataFormatError
+from vqa_align.extract.feature_store import DataFormatError
 from vqa_align.metrics.vqa_accuracy import (
     CONTRACTIONS,
     PUNCTUATION,

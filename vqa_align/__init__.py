@@ -30,14 +30,16 @@ _PUBLIC = {
     "HeadAligner": "vqa_align.align.aligner",
     "convert_to_alignment": "vqa_align.align.conversion",
     # data
-    "FeatureStore": "vqa_align.data.feature_store",
+    "FeatureStore": "vqa_align.extract.feature_store",
     # runs: training, checkpoints, evaluation, prediction
     "train_from_config": "vqa_align.train.trainer",
     "load_checkpoint": "vqa_align.runs.checkpoint",
     "evaluate_checkpoint": "vqa_align.evaluate.evaluator",
     "Predictor": "vqa_align.serve.predictor",
+    "Prediction": "vqa_align.serve.prediction",
     # errors worth catching
     "UserError": "vqa_align.errors",
+    "InputError": "vqa_align.serve.prediction",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -61,10 +63,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from vqa_align.align.attention import MultiHeadAttention
     from vqa_align.align.conversion import convert_to_alignment
     from vqa_align.config import AlignmentConfig, Config, ModelConfig, load_config
-    from vqa_align.data.feature_store import FeatureStore
+    from vqa_align.extract.feature_store import FeatureStore
     from vqa_align.errors import UserError
     from vqa_align.evaluate.evaluator import evaluate_checkpoint
     from vqa_align.model.mcan import MCAN
     from vqa_align.runs.checkpoint import load_checkpoint
+    from vqa_align.serve.prediction import InputError, Prediction
     from vqa_align.serve.predictor import Predictor
     from vqa_align.train.trainer import train_from_config

@@ -21,7 +21,7 @@ attention module, and the diagnostics.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +29,26 @@ from torch import Tensor, nn
 from vqa_align.align.distances import DISTANCES, distance_module, implementation
 from vqa_align.align.distances.ct import identity_conditional_transport
 
-if TYPE_CHECKING:  # only a type here: the configuration sits above the aligners
-    from vqa_align.config import AlignmentConfig
+class AlignmentSettings(Protocol):
+    """What the aligners read of a configuration: :class:`vqa_align.config.AlignmentConfig` has these
+    fields. Declared here because the configuration sits above this layer (it validates against
+    the distance registry), so this layer names no type of it."""
+
+    method: str
+    weight: float
+    modules: list[str]
+    helper_hidden: int
+    helper_out: int
+    helper_precision: str
+    kernels: str
+    ct_rho: float
+    gan_leaky_slope: float
+    ot_epsilon: float
+    ot_iterations: int
+    ot_tolerance: float
+    ot_cost: str
+
+    def validate(self, where: str = ...) -> None: ...
 
 
 class HeadAligner(nn.Module):
@@ -44,7 +62,7 @@ class HeadAligner(nn.Module):
     plain modules under autograd, also has second-order gradients). Set ``.kernels`` to change it.
     """
 
-    def __init__(self, head_dim: int, config: AlignmentConfig):
+    def __init__(self, head_dim: int, config: AlignmentSettings):
         super().__init__()
         if config.method not in DISTANCES:
             raise ValueError(f"unknown alignment method {config.method!r}")

@@ -45,13 +45,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from vqa_align.align.aligner import AttentionDetails, HeadAligner, ModuleDiagnostics, diagnose_module
+from vqa_align.align.aligner import AlignmentSettings, AttentionDetails, HeadAligner, ModuleDiagnostics, diagnose_module
 from vqa_align.align.attention import MultiHeadAttention
 from vqa_align.align.distances import DISTANCES
 from vqa_align.align.conversion_hooks import (
@@ -65,8 +65,6 @@ from vqa_align.align.conversion_hooks import (
     _VqaHooks,
 )
 
-if TYPE_CHECKING:  # only a type here: the configuration sits above the aligners
-    from vqa_align.config import AlignmentConfig
 ALIGNER_ATTRIBUTE = "aligner"  # the submodule name under which helper networks are attached
 
 # Attention modules currently converted, so that converting twice is an error, not double hooks.
@@ -303,7 +301,7 @@ class AlignmentHandle:
 
 def convert_to_alignment(
     module: nn.Module,
-    config: AlignmentConfig,
+    config: AlignmentSettings,
     *,
     strict: bool = True,
     kind: str | None = None,
@@ -341,13 +339,13 @@ def convert_to_alignment(
     return handle
 
 
-def _new_aligner(head_dim: int, config: AlignmentConfig, like: Tensor) -> HeadAligner | None:
+def _new_aligner(head_dim: int, config: AlignmentSettings, like: Tensor) -> HeadAligner | None:
     if DISTANCES[config.method].module is None:  # nothing to compute ("none": observe only)
         return None
     return HeadAligner(head_dim, config).to(device=like.device, dtype=like.dtype)
 
 
-def _attach(handle: AlignmentHandle, name: str, module: nn.Module, kind: str, config: AlignmentConfig) -> None:
+def _attach(handle: AlignmentHandle, name: str, module: nn.Module, kind: str, config: AlignmentSettings) -> None:
     if kind == "vqa_align":
         existing = module.aligner
         aligner = existing if existing is not None else _new_aligner(module.head_dim, config, module.in_proj.weight)

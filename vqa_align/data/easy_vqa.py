@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from vqa_align.errors import UserError
 from vqa_align.extract.regions import REGION_FEATURE_DIM, extract_regions
-from vqa_align.data.feature_store import FeatureStoreWriter
+from vqa_align.extract.feature_store import FeatureStoreWriter
 from vqa_align.paths import cache_root
 
 PREP_VERSION = 1

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from vqa_align.config import DataConfig
 from vqa_align.errors import UserError
-from vqa_align.data.feature_store import FeatureStore, normalise_boxes
+from vqa_align.extract.feature_store import FeatureStore, normalise_boxes
 from vqa_align.data.vqa_v2 import (
     PAD_ID,
     QuestionRecord,

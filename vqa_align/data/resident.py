@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vqa_align.data.loaders import VQADataset, torch_dtype
-from vqa_align.data.feature_store import normalise_boxes
+from vqa_align.extract.feature_store import normalise_boxes
 from vqa_align.data.vqa_v2 import PAD_ID
 
 log = logging.getLogger(__name__)

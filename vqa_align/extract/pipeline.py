@@ -42,7 +42,7 @@ from tqdm import tqdm
 from vqa_align.errors import UserError
 from vqa_align.extract.backbones import Backbone, ExtractorInfo, ImageRegions, build_backbone
 from vqa_align.extract.images import DEFAULT_MAX_SIDE, BadImage, decode_image
-from vqa_align.data.feature_store import FeatureStore, FeatureStoreWriter
+from vqa_align.extract.feature_store import FeatureStore, FeatureStoreWriter
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEFAULT_PART_SIZE = 256  # images per part: the most an interruption can cost per rank

@@ -1,0 +1,1 @@
+"""Pure measures: the official VQA accuracy and calibration (ECE, PAvPU)."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqa_align.align.aligner import HeadAligner, ModuleDiagnostics, diagnose_module
+from vqa_align.align.aligner import AttentionDetails, HeadAligner, ModuleDiagnostics, diagnose_module
 from vqa_align.align.attention import MultiHeadAttention, TokenPacking, valid_mask
 from vqa_align.config import ModelConfig
 from vqa_align.model.dropout import Dropout

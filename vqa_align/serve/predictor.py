@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vqa_align.data.feature_store import FeatureStore, normalise_boxes
+from vqa_align.extract.feature_store import FeatureStore, normalise_boxes
 from vqa_align.data.loaders import feature_store_path
 from vqa_align.data.vqa_v2 import UNK_ID, QuestionRecord, encode_questions, tokenize_question
 from vqa_align.errors import DataFormatError, UserError
