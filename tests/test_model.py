@@ -122,8 +122,13 @@ def test_gradients_reach_what_should_move_and_nothing_else(method):
     batch["features"].requires_grad_(True)
     out = model(**batch)
     (out.logits.square().mean() + out.alignment_loss).backward()
+    # AttFlat's glimpse-logit bias shifts every logit of a softmax alike, so its true gradient is 0
+    # (what reaches it is rounding noise, sometimes exactly 0): it is checked to get a gradient at all.
+    shift_invariant = ("question_flat.mlp.3.bias", "image_flat.mlp.3.bias")
     for name, param in model.named_parameters():
-        assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reached {name}"
+        assert param.grad is not None, f"no gradient reached {name}"
+        if name not in shift_invariant:
+            assert param.grad.abs().sum() > 0, f"no gradient reached {name}"
     pad = torch.arange(batch["features"].shape[1])[None] >= batch["region_counts"][:, None]
     assert batch["features"].grad[pad].abs().max() == 0, "padded regions must not receive gradient"
     assert batch["features"].grad[~pad].abs().sum() > 0

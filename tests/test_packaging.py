@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Source folder -> the top-level package it ships as (pyproject.toml's package-dir).
 PACKAGE_DIRS = {"vqa_align": "vqa_align", "data_prep": "vqa_align_prep", "app": "vqa_align_app",
                 "configs": "vqa_align_configs"}
-SHIPPED_SUFFIXES = (".py", ".cpp", ".yaml", ".typed")  # code, kernel sources, presets, the typing marker
+SHIPPED_SUFFIXES = (".py", ".yaml", ".typed")  # code, presets, the typing marker
 
 
 def _shipped_files() -> list[Path]:
@@ -65,7 +65,7 @@ def test_wheel_holds_every_package_preset_and_kernel_source(wheel, shipped):
     assert "vqa_align_configs/easy_vqa.yaml" in names and len(presets) >= 6
     expected = {PACKAGE_DIRS[rel.parts[0]] + "/" + Path(*rel.parts[1:]).as_posix()
                 for rel in shipped if rel.parts[0] in PACKAGE_DIRS and rel.name.endswith(SHIPPED_SUFFIXES)}
-    assert sorted(expected - names) == []  # every module, preset, C++ source and py.typed ships
+    assert sorted(expected - names) == []  # every module, preset and py.typed ships
     assert {"vqa_align_prep/__init__.py", "vqa_align_app/__init__.py", "vqa_align/py.typed"} <= names
     assert not any(n.startswith(("tests/", "benchmarks/", "docs/")) for n in names)
 

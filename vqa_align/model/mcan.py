@@ -15,18 +15,15 @@ region counts, never from all-zero rows.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqa_align.align.aligner import AttentionDetails, HeadAligner, ModuleDiagnostics, diagnose_module
 from vqa_align.align.attention import MultiHeadAttention, TokenPacking, valid_mask
 from vqa_align.config import ModelConfig
-from vqa_align.model.dropout import Dropout
 
 BOX_GEOMETRY_DIM = 6  # normalised x1, y1, x2, y2, w, h
 
@@ -66,7 +63,7 @@ class FeedForward(nn.Sequential):
     """Linear -> ReLU -> Dropout -> Linear."""
 
     def __init__(self, hidden_size: int, ffn_size: int, dropout: float):
-        super().__init__(nn.Linear(hidden_size, ffn_size), nn.ReLU(), Dropout(dropout), nn.Linear(ffn_size, hidden_size))
+        super().__init__(nn.Linear(hidden_size, ffn_size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_size, hidden_size))
 
 
 @dataclass
@@ -85,7 +82,7 @@ class SelfAttentionUnit(nn.Module):
         self.norm1 = layer_norm(cfg, cfg.hidden_size)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
         self.norm2 = layer_norm(cfg, cfg.hidden_size)
-        self.drop = Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -121,7 +118,7 @@ class GuidedAttentionUnit(nn.Module):
         self.norm2 = layer_norm(cfg, cfg.hidden_size)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_size, cfg.dropout)
         self.norm3 = layer_norm(cfg, cfg.hidden_size)
-        self.drop = Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -154,7 +151,7 @@ class AttFlat(nn.Module):
 
     def __init__(self, hidden_size: int, mlp_size: int, glimpses: int, out_size: int, dropout: float):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_size), nn.ReLU(), Dropout(dropout), nn.Linear(mlp_size, glimpses))
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(mlp_size, glimpses))
         self.merge = nn.Linear(hidden_size * glimpses, out_size)
 
     def forward(self, x: Tensor, x_valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,7 +297,7 @@ class MCAN(nn.Module):
             # (e.g. "is there a red shape?" = [red asked] AND [red seen]); the fused vector is a
             # *sum*, so MCAN's linear classifier can only add the two evidences.
             self.classifier: nn.Module = nn.Sequential(
-                nn.Linear(cfg.flat_size, cfg.classifier_hidden), nn.ReLU(), Dropout(cfg.dropout),
+                nn.Linear(cfg.flat_size, cfg.classifier_hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
                 nn.Linear(cfg.classifier_hidden, cfg.num_answers),
             )
         else:
