@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,8 +20,9 @@ import torch
 
 
 def main() -> None:
-    from vqa_align.experiments.vqa import machine_info
-    from vqa_align.sentiment.runner import SentimentRunner, load_sentiment_config
+    from vqa_align.experiments.grid import machine_info
+    from vqa_align.sentiment.runner import SentenceBatches, SentenceTask, load_sentiment_config
+    from vqa_align.train.trainer import Trainer
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/sentiment_minilm.yaml")
@@ -28,22 +31,28 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     methods = args.methods.split(",")
-    runners = {}
+    scratch = Path(tempfile.mkdtemp(prefix="sentiment_step_"))  # the trainers' run folders, removed at the end
+    trainers = {}
     for method in methods:
         config = load_sentiment_config(args.config, [f"model.alignment.method={method}", "data.eval_subset=8",
                                                      "data.dev_subset=8"])
-        runners[method] = SentimentRunner(config, Path("/tmp") / f"sentiment_step_{method}")
-    lengths = np.array([len(x) for x in runners[methods[0]].train_set.ids])
+        trainers[method] = Trainer(config, scratch / method, task=SentenceTask(config))  # type: ignore[arg-type]
+    train_set = trainers[methods[0]].train_set
+    lengths = np.array([len(x) for x in train_set.ids])
     rng = np.random.default_rng(0)
     batches = [rng.choice(len(lengths), 32, replace=False) for _ in range(args.steps + 2)]
     wall = {m: [] for m in methods}
     cpu = {m: [] for m in methods}
     for i, index in enumerate(batches):
+        batch = next(iter(SentenceBatches(train_set, [index])))
         for method in methods:
-            stats = runners[method].train_step(index)
-            if i >= 2:  # the first steps build kernels and warm the allocator
-                wall[method].append(stats["step_seconds"])
-                cpu[method].append(stats["step_cpu_seconds"])
+            trainer = trainers[method]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            trainer.step(trainer.task.inputs(batch), trainer.task.targets(batch), True)  # one optimizer step
+            if i >= 2:  # the first steps warm the allocator
+                wall[method].append(time.perf_counter() - start)
+                cpu[method].append(time.process_time() - start_cpu)
+    shutil.rmtree(scratch, ignore_errors=True)
     result = {"machine": machine_info(), "threads": torch.get_num_threads(), "steps": args.steps,
               "median_wall_seconds": {m: float(np.median(v)) for m, v in wall.items()},
               "median_cpu_seconds": {m: float(np.median(v)) for m, v in cpu.items()}}
