@@ -142,6 +142,13 @@ def main(argv=None) -> dict:
             "model.flat_mlp_size=64", "model.flat_size=96", "model.feature_dim=32", "model.word_embed_dim=16",
         ]
         batch_sizes, steps, warmup = [8, 16], 2, 1
+        if device.type == "cpu" and args.precision == "bf16":
+            # oneDNN has no bf16 LSTM on CPUs without native bf16 (e.g. AMD EPYC without
+            # avx512_bf16): the smoke run checks the script, so it runs in fp32 there.
+            from vqa_align.align.kernels.common import native_bf16_matmul
+
+            if not native_bf16_matmul(device):
+                args.precision = "fp32"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
