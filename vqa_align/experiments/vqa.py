@@ -113,12 +113,6 @@ def seconds_per_step(records: Sequence[dict[str, Any]], samples_per_step: int) -
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def parameter_counts(model: Any) -> tuple[int, int]:
     """(trainable parameters incl. the alignment helper networks, parameters used at inference)."""
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -181,7 +175,7 @@ def evaluate_run(run_dir: Path, config: Config, seed: int, noise_stds: Sequence[
                  mmd_questions: int = MMD_QUESTIONS) -> dict[str, Any]:
     """Every number of one trained run (the content of its done.json ``result``)."""
     from vqa_align.evaluate.evaluator import evaluate_checkpoint
-    from vqa_align.train.progress import METRICS_FILE
+    from vqa_align.train.progress import METRICS_FILE, read_metrics
     from vqa_align.train.rng import seed_everything
 
     checkpoint = run_dir / "checkpoints" / EVAL_CHECKPOINT
@@ -192,7 +186,7 @@ def evaluate_run(run_dir: Path, config: Config, seed: int, noise_stds: Sequence[
         raise UserError(f"the {EVAL_SPLIT!r} split has no annotations: nothing to score")
     noisy = {f"{s:g}": evaluate_checkpoint(checkpoint, EVAL_SPLIT, noise_std=s, seed=seed)["accuracy"]
              for s in noise_stds}
-    records = _read_jsonl(run_dir / METRICS_FILE)
+    records = read_metrics(run_dir / METRICS_FILE)
     epochs = [r for r in records if r.get("kind") == "epoch"]
     meta = json.loads((checkpoint / "meta.json").read_text())
     train_seconds = sum(r.get("epoch_seconds", 0.0) for r in epochs)
@@ -293,9 +287,9 @@ def alignment_example(checkpoint: Path, kind: str = FIG1_KIND, head: int = FIG1_
 
 def curve_series(run: dict[str, Any]) -> dict[str, Any]:
     """Validation accuracy per epoch and task loss per logged step of one run, from metrics.jsonl."""
-    from vqa_align.train.progress import METRICS_FILE
+    from vqa_align.train.progress import METRICS_FILE, read_metrics
 
-    records = _read_jsonl(Path(run["run_dir"]) / METRICS_FILE)
+    records = read_metrics(Path(run["run_dir"]) / METRICS_FILE)
     epochs = [r for r in records if r.get("kind") == "epoch" and "val_accuracy" in r]
     train = [r for r in records if r.get("kind") == "train"]
     return {"method": run["method"], "seed": run["seed"],

@@ -74,13 +74,23 @@ def truncate_metrics(path: Path, size: int) -> list[dict[str, Any]]:
     if path.stat().st_size > size:
         with open(path, "r+b") as handle:
             handle.truncate(size)
+    return [r for r in read_metrics(path) if r.get("kind") == "epoch"]
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (none where it is missing). A line cut by a kill
+    mid-write is not a record and is skipped, as is anything that is not a JSON object."""
+    if not path.is_file():
+        return []
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut by a kill mid-write (not before a checkpoint: ignored)
-    return [r for r in records if isinstance(r, dict) and r.get("kind") == "epoch"]
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 class EpochProgress:
@@ -153,7 +163,7 @@ def plot_curves(metrics_file: Path, out: Path, metric: str = "val_accuracy") -> 
 
     if not metrics_file.is_file():
         return
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics_file)
     train = [r for r in records if r["kind"] == "train"]
     epochs = [r for r in records if r["kind"] in ("epoch", "eval") and metric in r]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
