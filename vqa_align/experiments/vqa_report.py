@@ -209,8 +209,9 @@ def render_tests(tests: Tests, metrics: Sequence[Metric], baseline: str = BASELI
     """One table per aligned method: Δ (method − baseline), raw and Holm-adjusted p, verdict."""
     lines: list[str] = []
     for method, by_key in tests.items():
-        lines += [f"`{method}` − `{baseline}` (Holm family of {family_size(by_key)}):", "",
-                  *tests_table(by_key, metrics), ""]
+        if family_size(by_key):  # no p-value at all (too few pairs): the finding above says so
+            lines += [f"`{method}` − `{baseline}` (Holm family of {family_size(by_key)}):", "",
+                      *tests_table(by_key, metrics), ""]
     return lines
 
 
