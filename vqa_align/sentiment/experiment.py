@@ -270,20 +270,7 @@ def render(results: dict[str, Any], metrics: Sequence[Metric], notes: str | None
     for metric in metrics:
         row = [_fmt(summary["aggregates"].get(method, {}).get(metric.key, {}), metric.digits) for method in methods]
         lines.append(f"| {metric.label} | " + " | ".join(row) + " |")
-    lines += ["", "## Paired across seeds, aligned − none", "",
-              "Two-sided paired t-test and Wilcoxon signed-rank p over the seeds both methods have. "
-              + family_text("none"), ""]
-    aligned = [m for m in methods if m != "none"]
-    for name, part in _seed_set_tests(summary):
-        if name != "all" or len(_seed_set_tests(summary)) > 1:
-            lines += [f"### {seed_set_title(name, part['seeds'])}", ""]
-        for method in aligned:
-            tests = part["tests"].get(method, {})
-            if not family_size(tests):
-                pairs = max((t.get("n", 0) for t in tests.values()), default=0)
-                lines += [f"`{method}` − `none`: {pairs} pair(s), no test possible.", ""]
-                continue
-            lines += [f"`{method}` − `none` (Holm family of {family_size(tests)}):", "", *tests_table(tests, metrics), ""]
+    lines += _paired_section(summary, methods, metrics)
     layers = summary["mmd2_per_layer_mean"]
     if layers:
         lines += ["## Key–query MMD² per layer (mean over heads, sentences, seeds)", "",
@@ -305,6 +292,26 @@ CLAIMS = [
     ("more robust to noise (in-domain accuracy, noisy embeddings)", "splits/movie_test/noisy_accuracy"),
     ("lower key–query MMD²", "alignment/mmd2_sum_heads_layers"),
 ]
+
+
+def _paired_section(summary: dict[str, Any], methods: Sequence[str], metrics: Sequence[Metric]) -> list[str]:
+    """Per seed set and aligned method, the paired tests against none (raw and Holm p, verdicts)."""
+    lines = ["", "## Paired across seeds, aligned − none", "",
+             "Two-sided paired t-test and Wilcoxon signed-rank p over the seeds both methods have. "
+             + family_text("none"), ""]
+    aligned = [m for m in methods if m != "none"]
+    sets = _seed_set_tests(summary)
+    for name, part in sets:
+        if len(sets) > 1:
+            lines += [f"### {seed_set_title(name, part['seeds'])}", ""]
+        for method in aligned:
+            tests = part["tests"].get(method, {})
+            if not family_size(tests):
+                pairs = max((t.get("n", 0) for t in tests.values()), default=0)
+                lines += [f"`{method}` − `none`: {pairs} pair(s), no test possible.", ""]
+                continue
+            lines += [f"`{method}` − `none` (Holm family of {family_size(tests)}):", "", *tests_table(tests, metrics), ""]
+    return lines
 
 
 def _seed_set_tests(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
