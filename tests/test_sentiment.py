@@ -252,6 +252,8 @@ def test_run_one_end_to_end(tmp_path: Path, prepared: Path) -> None:
     for split in result["splits"].values():
         assert 0 <= split["accuracy"] <= 100 and 0 <= split["pavpu"] <= 100 and "noisy_accuracy" in split
     assert len(result["alignment"]["mmd2_per_layer"]) == 2
+    sample = result["alignment"]["mmd_sample"]  # 4 of the 8 test sentences, 4 + 4 by label
+    assert result["alignment"]["mmd_sentences"] == 4 and (sample["negative"], sample["positive"]) == (2, 2)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in records]
     assert kinds.count("train") == 4 and kinds.count("eval") == 2 and kinds.count("test") == 4
@@ -264,19 +266,33 @@ def test_run_one_end_to_end(tmp_path: Path, prepared: Path) -> None:
 def test_paired_test_matches_scipy_and_verdicts() -> None:
     from scipy import stats
 
-    from vqa_align.experiments.stats import Metric, paired_test
-    from vqa_align.sentiment.experiment import verdict
+    from vqa_align.experiments.stats import adjust_family, paired_test, verdict
 
     a, b = [80.0, 81.0, 82.5, 79.0, 80.5], [79.0, 80.5, 81.0, 78.0, 80.0]
     t = paired_test(a, b)
     assert t["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)))
     assert t["t_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
     assert t["wilcoxon_p"] == pytest.approx(0.0625)  # 5 positive differences: the smallest two-sided p
-    assert verdict(t, Metric("x", "x", True)) == "better" and verdict(t, Metric("x", "x", False)) == "worse"
-    assert verdict(paired_test([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]), Metric("x", "x", True)) == "no clear difference"
-    assert verdict(paired_test([5.0, 6.0], [1.0, 1.5]), Metric("x", "x", True)) == "too few pairs"
+
+    def alone(test: dict) -> dict:  # a family of one: Holm's p is the raw p
+        return adjust_family({"x": test})["x"]
+
+    assert verdict(alone(t), True) == "better" and verdict(alone(t), False) == "worse"
+    assert verdict(alone(paired_test([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])), True) == "no clear difference"
+    assert verdict(alone(paired_test([5.0, 6.0], [1.0, 1.5])), True) == "too few pairs"
     same_gain = paired_test([81.0, 79.0, 84.0], [77.0, 75.0, 80.0])  # +4 in every pair: no variance, no p
-    assert math.isnan(same_gain["t_p"]) and verdict(same_gain, Metric("x", "x", True)) == "no clear difference"
+    assert math.isnan(same_gain["t_p"]) and verdict(alone(same_gain), True) == "no clear difference"
+
+
+def test_mmd_sample_is_seeded_and_stratified() -> None:
+    from vqa_align.sentiment.runner import mmd_sample
+
+    labels = np.array([1] * 60 + [0] * 40)  # ordered by label, as the split files are
+    keep = mmd_sample(labels, 20)
+    assert len(keep) == 20 and int(labels[keep].sum()) == 12  # 60 % positive, as in the split
+    assert np.array_equal(keep, mmd_sample(labels, 20)) and np.all(np.diff(keep) > 0)  # seeded, sorted
+    assert keep.max() >= 60  # not a prefix
+    assert np.array_equal(mmd_sample(labels, 500), np.arange(100))  # more than there are: all
 
 
 @pytest.mark.slow
@@ -307,7 +323,7 @@ def _fake_run(method: str, seed: int, acc: float, mmd: float) -> dict:
     split = {"n": 10, "accuracy": acc, "ece": 5.0, "nll": 0.5, "noisy_accuracy": acc - 1, "pavpu": 60.0}
     return {"method": method, "seed": seed, "steps": 4, "best_step": 4, "best_dev_accuracy": acc,
             "step_seconds_median": 1.0, "splits": {s: dict(split) for s in ("movie_test", "amazon", "tweets", "nyt")},
-            "alignment": {"mmd2_per_layer": [mmd, mmd / 2], "mmd2_sum_heads_layers": mmd * 3}}
+            "alignment": {"mmd2_per_layer": [mmd, mmd / 2], "mmd2_sum_heads_layers": mmd * 3, "mmd_sentences": 4}}
 
 
 def test_report_from_finished_runs(tmp_path: Path) -> None:
@@ -332,7 +348,12 @@ def test_report_from_finished_runs(tmp_path: Path) -> None:
     assert summary["mmd2_per_layer_mean"]["ct"] == pytest.approx([0.1, 0.05])
     text = (tmp_path / REPORT_MD).read_text()
     assert "the command" in text and "| movie_test accuracy (%) | 81.00 ± 1.00 | 82.00 ± 1.32 | 79.00 (1 run) |" in text
-    assert "| higher in-domain accuracy | no clear difference (Δ +1.00, p 0.074, n = 3) | n = 1: Δ -1.00, too few pairs for a test |" in text
+    p_holm = summary["paired_tests"]["ct"]["splits/movie_test/accuracy"]["t_p_holm"]
+    assert p_holm > test["t_p"]  # one of the family's tests, adjusted
+    assert (f"| higher in-domain accuracy | no clear difference (Δ +1.00, p 0.074, Holm {p_holm:.3f}, n = 3) | "
+            "n = 1: Δ -1.00, too few pairs for a test |") in text
+    assert "`gan` − `none`: 1 pair(s), no test possible." in text
+    assert "Key–query MMD² measured on the first 4 movie-test sentences in file order — not a sample" in text
 
 
 def test_grid_keeps_finished_runs_resumes_interrupted_ones_and_refuses_other_configs(tmp_path: Path, monkeypatch) -> None:
@@ -385,7 +406,7 @@ def test_grid_keeps_finished_runs_resumes_interrupted_ones_and_refuses_other_con
     assert cell(4) and calls == [] and json.loads((out / "runs" / "none_seed4.json").read_text())["seed"] == 0
 
 
-@pytest.mark.parametrize("name", ["sentiment", "sentiment_64steps", "sentiment_full"])
+@pytest.mark.parametrize("name", ["sentiment", "sentiment_64steps", "sentiment_full", "sentiment_full_10seeds"])
 def test_published_report_regenerates_from_its_files(tmp_path: Path, name: str) -> None:
     """`vqa-align sentiment report` rewrites a published README.md from the folder's files alone
     (run results, notes, the machine recorded by the grid): the same text."""
@@ -397,3 +418,42 @@ def test_published_report_regenerates_from_its_files(tmp_path: Path, name: str) 
     shutil.copytree(published, tmp_path / name)
     assert main(["sentiment", "report", "--out", str(tmp_path / name)]) == 0
     assert (tmp_path / name / "README.md").read_text() == (published / "README.md").read_text()
+
+
+def test_report_tests_confirmatory_seeds_apart(tmp_path: Path) -> None:
+    """Declared seed roles: the claims and the paired tables per seed set, each its own Holm family;
+    a run sampled for MMD² is described by its sample."""
+    from vqa_align.experiments.grid import config_signature
+    from vqa_align.sentiment.experiment import REPORT_JSON, REPORT_MD, write_report
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    none = [80.0, 82.0, 81.0, 80.5, 81.5, 82.5]
+    gain = [2.0, 2.5, 1.5, 0.5, -1.0, 0.2]  # the first three seeds suggest a gain, the last three do not
+    for seed in range(6):
+        for method, acc in (("none", none[seed]), ("gan", none[seed] + gain[seed])):
+            run = _fake_run(method, seed, acc, 0.2)
+            run["alignment"]["mmd_sample"] = {"kind": "stratified", "seed": 0, "negative": 2, "positive": 2}
+            (runs / f"{method}_seed{seed}.json").write_text(json.dumps(run))
+    from vqa_align.sentiment.runner import load_sentiment_config
+
+    config = load_sentiment_config(None, ["run.exploratory_seeds=[0, 1, 2]", "run.confirmatory_seeds=[3, 4, 5]"])
+    results = write_report(tmp_path, ["none", "gan"], "cmd", None, config.to_dict(), {})
+    by_set = results["summary"]["paired_tests_by_seed_set"]
+    assert [(k, v["seeds"]) for k, v in by_set.items()] == [
+        ("all", [0, 1, 2, 3, 4, 5]), ("exploratory", [0, 1, 2]), ("confirmatory", [3, 4, 5])]
+    early, late = (by_set[k]["tests"]["gan"]["splits/movie_test/accuracy"] for k in ("exploratory", "confirmatory"))
+    assert early["mean_diff"] == pytest.approx(2.0) and late["mean_diff"] == pytest.approx(-0.1)
+    assert json.loads((tmp_path / REPORT_JSON).read_text())["seed_roles"] == {
+        "exploratory": [0, 1, 2], "confirmatory": [3, 4, 5]}
+    text = (tmp_path / REPORT_MD).read_text()
+    assert "| claim | gan, all seeds 0, 1, 2, 3, 4, 5 | gan, exploratory seeds 0, 1, 2 | gan, confirmatory seeds 3, 4, 5 |" in text
+    assert "### confirmatory seeds 3, 4, 5" in text
+    assert ("Key–query MMD² measured on a seeded stratified sample of the evaluated movie-test sentences "
+            "(4 sentences, seed 0: 2 negative / 2 positive), in 12 run(s).") in text
+    with pytest.raises(UserError, match="both exploratory and confirmatory"):
+        write_report(tmp_path, ["none", "gan"], "cmd", None, None, {}, {"exploratory": [1], "confirmatory": [1]})
+    with pytest.raises(UserError, match="cannot confirm"):
+        load_sentiment_config(None, ["run.exploratory_seeds=[1]", "run.confirmatory_seeds=[1, 2]"])
+    # Seed roles only group seeds in the report: a run's config signature ignores them.
+    assert config_signature(config) == config_signature(load_sentiment_config(None, []))

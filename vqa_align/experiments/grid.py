@@ -9,7 +9,8 @@ One policy for what a rerun does with each cell's run, whichever experiment it b
 - interrupted before its first checkpoint: started again (nothing of it was kept).
 
 "The same config" ignores run-environment fields (:data:`ENVIRONMENT_KEYS`): the device, data
-loader workers, the cache folder and the sizes the trainer fills in from the data.
+loader workers, the cache folder, the sizes the trainer fills in from the data and the seed roles
+the report groups seeds by.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from vqa_align.errors import UserError
 
 # Run-environment fields that may differ between an interrupted run and its resumption.
 ENVIRONMENT_KEYS = (("model", "vocab_size"), ("model", "num_answers"), ("train", "device"),
-                    ("data", "num_workers"), ("data", "pin_memory"), ("data", "cache_dir"))
+                    ("data", "num_workers"), ("data", "pin_memory"), ("data", "cache_dir"),
+                    # the experiment's seed roles: how the report groups seeds, nothing a run computes
+                    ("run", "exploratory_seeds"), ("run", "confirmatory_seeds"))
 
 Log = Callable[[str], None]
 TrainingState = Literal["new", "partial", "complete"]

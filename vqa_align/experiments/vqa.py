@@ -42,7 +42,7 @@ from vqa_align.experiments.grid import (
     run_name, unfinished_run_state,
 )
 from vqa_align.experiments.results import json_safe, write_json
-from vqa_align.experiments.stats import aggregate
+from vqa_align.experiments.stats import aggregate, check_seed_roles
 from vqa_align.experiments.vqa_report import (
     CURVES_FILE, FIG1_FILE, MMD_FILE, REPORT_FILE, RESULTS_FILE, flat_metrics, report_metrics, write_report,
 )
@@ -311,8 +311,11 @@ def copy_reliability_figures(runs: Sequence[dict[str, Any]], methods: Sequence[s
 
 def collect_results(out: Path, config_path: str | Path, methods: Sequence[str], seeds: Sequence[int],
                     overrides: Sequence[str], runs: Sequence[dict[str, Any]], command: str,
-                    noise_stds: Sequence[float], mc_samples: int, out_label: str) -> dict[str, Any]:
-    """Every number and figure point the report shows -> ``out/results.json`` (returned as written)."""
+                    noise_stds: Sequence[float], mc_samples: int, out_label: str,
+                    seed_roles: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Every number and figure point the report shows -> ``out/results.json`` (returned as written).
+    ``seed_roles``: {"exploratory": [...], "confirmatory": [...]}, declared before the runs; the
+    report then tests each set on its own (None: no roles, only all seeds)."""
     from vqa_align.evaluate.evaluator import ECE_BINS, PAVPU_P_THRESHOLD
 
     flat = [{"method": r["method"], "seed": r["seed"], "metrics": flat_metrics(r["result"])} for r in runs]
@@ -336,6 +339,7 @@ def collect_results(out: Path, config_path: str | Path, methods: Sequence[str], 
         "config": base.to_dict(),
         "methods": list(methods),
         "seeds": list(seeds),
+        **({"seed_roles": seed_roles} if seed_roles else {}),
         "settings": {"split": EVAL_SPLIT, "checkpoint": EVAL_CHECKPOINT, "noise_stds": list(noise_stds),
                      "mc_samples": mc_samples, "pavpu_p": PAVPU_P_THRESHOLD, "ece_bins": ECE_BINS,
                      "mmd_questions": MMD_QUESTIONS, "fig1": {"methods": fig1_methods, "seed": seed,
@@ -369,11 +373,15 @@ def run_experiment_grid(
     *,
     command: str | None = None,
     progress: bool = True,
+    seed_roles: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate every (method, seed) into ``out_dir/runs``, measure, write the report.
 
-    Finished runs are reused, interrupted ones resumed. Returns the content of results.json."""
+    Finished runs are reused, interrupted ones resumed. ``seed_roles``: which seeds are exploratory
+    and which confirmatory (recorded in results.json; the report tests each set separately).
+    Returns the content of results.json."""
     methods, seeds = list(methods), list(seeds)
+    check_seed_roles(seed_roles, "seed_roles", seeds)
     for override in overrides:
         if override.split("=", 1)[0].strip() in ("model.alignment.method", "train.seed"):
             raise UserError(f"--set {override}: the experiment sets this per run; use --methods / --seeds")
@@ -388,7 +396,7 @@ def run_experiment_grid(
 
     runs = run_grid(grid_cells(methods, seeds), run_cell, progress)
     results = collect_results(out, config_path, methods, seeds, overrides, runs, command, noise_stds, mc_samples,
-                              str(out_dir))
+                              str(out_dir), seed_roles)
     write_report(out)
     if progress:
         print(f"report: {out / REPORT_FILE}")

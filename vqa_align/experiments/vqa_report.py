@@ -27,7 +27,10 @@ from typing import Any
 from vqa_align.align.distances import DISTANCES
 from vqa_align.config import ALIGNMENT_MODULES
 from vqa_align.experiments.results import restore_nan
-from vqa_align.experiments.stats import Metric, Stat, clear_difference
+from vqa_align.experiments.stats import (
+    MIN_PAIRS, SIGNIFICANCE, Metric, Stat, clear_difference, compare_to_baseline, family_size, family_text,
+    seed_set_title, seed_sets, tests_table, verdict,
+)
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -129,10 +132,10 @@ def _stat_text(stat: Stat, digits: int) -> str:
 
 
 def findings(aggregates: Aggregates, metrics: Sequence[Metric],
-             methods: Sequence[str], baseline: str = BASELINE) -> list[str]:
+             methods: Sequence[str]) -> list[str]:
     """Bullet points generated from the numbers: the best method per metric and whether its lead
-    over the runner-up is clear, and per aligned method its clear wins and losses against the
-    baseline. Nothing here is written by hand."""
+    over the runner-up exceeds both stds (a heuristic; the verdicts against the baseline are
+    :func:`baseline_findings`'). Nothing here is written by hand."""
     lines: list[str] = []
     ranked_metrics = [m for m in metrics if m.higher_is_better is not None]
     acc = [aggregates[m]["accuracy"]["mean"] for m in methods if aggregates.get(m, {}).get("accuracy", {}).get("n")]
@@ -160,27 +163,79 @@ def findings(aggregates: Aggregates, metrics: Sequence[Metric],
             text += (f"; the gap {abs(first['mean'] - second['mean']):.{metric.digits}f} is within one std "
                      f"(indistinguishable from {', '.join(f'`{m}`' for m in tied)} with these seeds).")
         lines.append(text)
-    if baseline in methods and aggregates.get(baseline):
-        for method in methods:
-            if method == baseline or method not in aggregates:
-                continue
-            wins, losses, ties = [], [], []
-            for metric in ranked_metrics:
-                a, b = aggregates[method].get(metric.key), aggregates[baseline].get(metric.key)
-                if not a or not b or not a["n"] or not b["n"]:
-                    continue
-                better = (a["mean"] > b["mean"]) == bool(metric.higher_is_better)
-                name = metric.label.replace(" ↓", "")
-                if a["mean"] == b["mean"] or clear_difference(a, b) is False:
-                    ties.append(name)
-                else:  # a clear gap, or one seed (no spread to judge by: reported as such)
-                    (wins if better else losses).append(name)
-            one_seed = any(s["n"] < 2 for s in aggregates[method].values())
-            kind = "better/worse (one seed, no spread)" if one_seed else "clearly better/worse (gap > std)"
-            lines.append(f"`{method}` vs `{baseline}`, {kind}: better on {', '.join(wins) or 'nothing'}; "
-                         f"worse on {', '.join(losses) or 'nothing'}"
-                         + (f"; {'tied' if one_seed else 'within one std'} on {', '.join(ties)}." if ties else "."))
     return lines
+
+# ----------------------------------------------------------------------------------------------
+# Paired tests against the baseline (Holm-adjusted per method and seed set)
+# ----------------------------------------------------------------------------------------------
+
+Tests = dict[str, dict[str, dict[str, Any]]]  # {method: {metric key: paired test with Holm p}}
+
+
+def paired_tests(runs: Sequence[dict[str, Any]], metrics: Sequence[Metric], methods: Sequence[str],
+                 seeds: Sequence[int] | None = None, baseline: str = BASELINE) -> Tests:
+    """Per aligned method, a paired test against ``baseline`` for every ranked metric over the
+    seeds both have (only ``seeds`` when given); one Holm family per method."""
+    by_method: dict[str, dict[int, dict[str, float]]] = {}
+    for run in runs:
+        by_method.setdefault(run["method"], {})[run["seed"]] = run["metrics"]
+    keys = [m.key for m in metrics if m.higher_is_better is not None]
+    return {method: compare_to_baseline(by_method[method], by_method[baseline], keys, seeds)
+            for method in methods if method != baseline and method in by_method and baseline in by_method}
+
+
+def baseline_findings(tests: Tests, metrics: Sequence[Metric], baseline: str = BASELINE) -> list[str]:
+    """Per aligned method: the metrics on which it is better / worse than the baseline by the
+    Holm-adjusted paired t-test, or that there are too few pairs to test."""
+    lines = []
+    for method, by_key in tests.items():
+        n = max((t["n"] for t in by_key.values()), default=0)
+        if n < MIN_PAIRS:
+            lines.append(f"`{method}` vs `{baseline}`: {_plural(n, 'seed pair')}, too few for a test "
+                         f"(at least {MIN_PAIRS}); the differences in the table are not tested.")
+            continue
+        words: dict[str, list[str]] = {"better": [], "worse": []}
+        for metric in metrics:
+            word = verdict(by_key.get(metric.key, {}), metric.higher_is_better)
+            if word in words:
+                words[word].append(metric.label.replace(" ↓", ""))
+        lines.append(f"`{method}` vs `{baseline}` (paired t-test over {n} seeds, Holm-adjusted over its {family_size(by_key)} "
+                     f"tests, p < {SIGNIFICANCE}): better on {', '.join(words['better']) or 'nothing'}; "
+                     f"worse on {', '.join(words['worse']) or 'nothing'}; no clear difference on the rest.")
+    return lines
+
+
+def render_tests(tests: Tests, metrics: Sequence[Metric], baseline: str = BASELINE) -> list[str]:
+    """One table per aligned method: Δ (method − baseline), raw and Holm-adjusted p, verdict."""
+    lines: list[str] = []
+    for method, by_key in tests.items():
+        if family_size(by_key):  # no p-value at all (too few pairs): the finding above says so
+            lines += [f"`{method}` − `{baseline}` (Holm family of {family_size(by_key)}):", "",
+                      *tests_table(by_key, metrics), ""]
+    return lines
+
+
+def _tests_section(results: dict[str, Any], metrics: Sequence[Metric]) -> list[str]:
+    """Paired tests against the baseline, per seed set (all; exploratory and confirmatory when the
+    experiment declares them in ``seed_roles``)."""
+    methods, runs = results["methods"], results["runs"]
+    if BASELINE not in methods or len(methods) < 2:
+        return []
+    roles = results.get("seed_roles")
+    lines = ["## Paired tests against `none`", "",
+             f"Per aligned method and metric, the seeds both have are paired: Δ = mean difference (method − "
+             f"`{BASELINE}`), two-sided paired t-test and Wilcoxon signed-rank p. " + family_text(BASELINE), ""]
+    if roles:
+        lines += [f"Seed roles (`seed_roles` in results.json): exploratory {roles.get('exploratory')}, confirmatory "
+                  f"{roles.get('confirmatory')}" + (f" — {roles['note']}" if roles.get("note") else "") +
+                  ". The confirmatory seeds are the test; the pooled seeds reuse the ones that suggested an effect.", ""]
+    for name, seeds in seed_sets(results["seeds"], roles):
+        tests = paired_tests(runs, metrics, methods, seeds)
+        if roles:
+            lines += [f"### {seed_set_title(name, seeds)}", ""]
+        lines += [*[f"- {line}" for line in baseline_findings(tests, metrics)], "", *render_tests(tests, metrics)]
+    return lines
+
 
 # ----------------------------------------------------------------------------------------------
 # Figures (object-oriented matplotlib: no pyplot state, Agg canvas)
@@ -312,11 +367,13 @@ def _results_section(results: dict[str, Any]) -> list[str]:
         "## Findings",
         "",
         "Generated from the numbers above. A gap is called clear when it exceeds the larger of the two "
-        "standard deviations — a heuristic, not a significance test.",
+        "standard deviations — a heuristic, not a significance test; the verdicts against `none` are the "
+        "Holm-adjusted paired tests of the next section.",
         "",
         *[f"- {line}" for line in findings(results["aggregates"], metrics + drop_metrics(settings["noise_stds"]),
                                            methods)],
         "",
+        *_tests_section(results, metrics + drop_metrics(settings["noise_stds"])),
     ]
 
 

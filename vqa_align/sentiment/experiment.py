@@ -13,8 +13,10 @@ rewrites the report from whatever runs exist, reading only the files in DIR.
 
 Statistics (:mod:`vqa_align.experiments.stats`): mean ± sample std over seeds; for each aligned
 method against ``none`` the seeds both have are paired: mean difference, paired t-test and
-Wilcoxon signed-rank p-values (two-sided). With 5 pairs the smallest Wilcoxon p is 0.0625, so only
-the t-test can reach 0.05.
+Wilcoxon signed-rank p-values (two-sided), each Holm-adjusted over the family of all metrics of that
+method over one seed set; verdicts come from the adjusted t-test p. With 5 pairs the smallest
+Wilcoxon p is 0.0625. Seed roles (``run.exploratory_seeds`` / ``run.confirmatory_seeds``, or
+``seed_roles`` in results.json): each set is tested on its own as well as all seeds pooled.
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ from vqa_align.experiments.grid import (
     Cell, Log, config_signature, check_same_config, finished_result, grid_cells, machine_info, parse_methods,
     parse_seeds, run_grid as run_cells, unfinished_run_state,
 )
-from vqa_align.experiments.stats import Metric, mean_std, paired_test
+from vqa_align.experiments.stats import (
+    MIN_PAIRS, Metric, check_seed_roles, compare_to_baseline, family_size, family_text, format_p, mean_std,
+    seed_set_title, seed_sets, tests_table, verdict,
+)
 
 RUNS_FOLDER = "runs"
 REPORT_JSON = "results.json"
 REPORT_MD = "README.md"
 NOTES_MD = "notes.md"  # hand-written reading of the results, included in the report when present
-SIGNIFICANCE = 0.05
-MIN_PAIRS = 3  # seeds both methods have, before a verdict is given
 CROSS = ("amazon", "tweets", "nyt")
 
 
@@ -98,26 +101,68 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
     return runs
 
 
-def summarize(runs: list[dict[str, Any]], methods: Sequence[str], metrics: Sequence[Metric]) -> dict[str, Any]:
+def summarize(runs: list[dict[str, Any]], methods: Sequence[str], metrics: Sequence[Metric],
+              seed_roles: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Aggregates per method, paired tests per aligned method (Holm-adjusted per method and seed
+    set: ``paired_tests`` over all seeds, ``paired_tests_by_seed_set`` per role when roles are
+    given), mean MMD² per layer, seeds per method."""
     by_method = {m: sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"]) for m in methods}
     aggregates = {m: {x.key: mean_std(lookup(r, x.key) for r in rs) for x in metrics} for m, rs in by_method.items()}
-    tests: dict[str, dict[str, Any]] = {}
-    base = {r["seed"]: r for r in by_method.get("none", [])}
-    for method in methods:
-        if method == "none":
-            continue
-        tests[method] = {}
-        for metric in metrics:
-            pairs = [(lookup(r, metric.key), lookup(base[r["seed"]], metric.key)) for r in by_method[method] if r["seed"] in base]
-            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-            tests[method][metric.key] = paired_test([a for a, _ in pairs], [b for _, b in pairs])
+    keys = [x.key for x in metrics]
+    values = {m: {r["seed"]: {k: lookup(r, k) for k in keys} for r in rs} for m, rs in by_method.items()}
+    all_seeds = sorted({r["seed"] for r in runs})
+    by_set: dict[str, dict[str, Any]] = {}
+    for name, seeds in seed_sets(all_seeds, seed_roles):
+        by_set[name] = {"seeds": seeds, "tests": {
+            method: compare_to_baseline(values[method], values.get("none", {}), keys, seeds)
+            for method in methods if method != "none"}}
     layers: dict[str, list[float]] = {}
     for method, rs in by_method.items():
         per = [r["alignment"]["mmd2_per_layer"] for r in rs if "alignment" in r]
         if per:
             layers[method] = np.mean(per, axis=0).tolist()
-    return {"aggregates": aggregates, "paired_tests": tests, "mmd2_per_layer_mean": layers,
-            "seeds": {m: [r["seed"] for r in rs] for m, rs in by_method.items()}}
+    summary = {"aggregates": aggregates, "paired_tests": by_set["all"]["tests"], "mmd2_per_layer_mean": layers,
+               "seeds": {m: [r["seed"] for r in rs] for m, rs in by_method.items()}}
+    if seed_roles:
+        summary["seed_roles"] = seed_roles
+        summary["paired_tests_by_seed_set"] = by_set
+    return summary
+
+
+def mmd_selection(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which movie-test sentences the runs measured MMD² on: ``sampled`` runs record their seeded
+    stratified sample (size, seed, class balance); ``file_order`` runs (made before the sample)
+    took the first ``mmd_sentences`` sentences of the split file, which is ordered by label."""
+    out: dict[str, Any] = {"sampled": [], "file_order": []}
+    for run in runs:
+        alignment = run.get("alignment")
+        if not alignment:
+            continue
+        sample = alignment.get("mmd_sample")
+        entry = {"run": f"{run['method']}_seed{run['seed']}", "n": alignment.get("mmd_sentences"), **(sample or {})}
+        out["sampled" if sample else "file_order"].append(entry)
+    return out
+
+
+def mmd_selection_text(selection: dict[str, Any], eval_subset: int | None) -> str:
+    """Which sentences MMD² was measured on (from :func:`mmd_selection`); ``eval_subset``: the
+    runs' ``data.eval_subset`` (their movie-test sentences were that fixed random subset)."""
+    sampled, file_order = selection.get("sampled", []), selection.get("file_order", [])
+    parts = []
+    if sampled:
+        kinds = sorted({(e["n"], e["seed"], e["negative"], e["positive"]) for e in sampled})
+        parts.append("a seeded stratified sample of the evaluated movie-test sentences (" + "; ".join(
+            f"{n} sentences, seed {seed}: {neg} negative / {pos} positive" for n, seed, neg, pos in kinds)
+            + f"), in {len(sampled)} run(s)")
+    if file_order:
+        sizes = sorted({e["n"] for e in file_order})
+        pool = f"of the fixed random {eval_subset}-sentence movie-test subset" if eval_subset else "movie-test sentences"
+        parts.append(f"the first {', '.join(map(str, sizes))} {pool} in file order — not a sample: the split file is "
+                     f"ordered by label and the class balance of those sentences is not recorded in the runs — in "
+                     f"{len(file_order)} run(s)")
+    if sampled and file_order:
+        parts.append("the two selections are not comparable, so MMD² differences across them mean little")
+    return "; ".join(parts) if parts else "no MMD² measured"
 
 
 def _fmt(stat: dict[str, Any], digits: int) -> str:
@@ -126,21 +171,6 @@ def _fmt(stat: dict[str, Any], digits: int) -> str:
     if stat["n"] == 1:
         return f"{stat['mean']:.{digits}f} (1 run)"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
-
-def _p(value: float) -> str:
-    return "–" if not math.isfinite(value) else f"{value:.3f}"
-
-
-def verdict(test: dict[str, Any], metric: Metric) -> str:
-    """'better' / 'worse' (paired t-test p < 0.05, direction by the metric) or 'no clear difference';
-    fewer than 3 pairs: 'too few pairs' (a t-test with 1 degree of freedom decides nothing)."""
-    if test.get("n", 0) < MIN_PAIRS:
-        return "too few pairs"
-    if not math.isfinite(test.get("t_p", math.nan)) or test["t_p"] >= SIGNIFICANCE:
-        return "no clear difference"
-    improves = (test["mean_diff"] > 0) == metric.higher_is_better
-    return "better" if improves else "worse"
 
 
 def plot_figures(summary: dict[str, Any], runs: list[dict[str, Any]], methods: Sequence[str], splits: Sequence[str],
@@ -219,8 +249,10 @@ def render(results: dict[str, Any], metrics: Sequence[Metric], notes: str | None
                   f"max {c['model']['max_tokens']} tokens; λ = {c['model']['alignment']['weight']}; "
                   f"MC dropout {c['run']['mc_samples']} samples"
                   + (f" on {c['run']['mc_max_sentences']} sentences per split" if c['run'].get('mc_max_sentences') else "")
-                  + f"; noise N(0, {c['run']['noise_std']}²) on word embeddings; MMD² on {c['run']['mmd_sentences']} "
-                  f"movie-test sentences.", ""]
+                  + f"; noise N(0, {c['run']['noise_std']}²) on word embeddings.", ""]
+    if results.get("mmd_selection") is not None:
+        eval_subset = (results.get("config") or {}).get("data", {}).get("eval_subset")
+        lines += ["Key–query MMD² measured on " + mmd_selection_text(results["mmd_selection"], eval_subset) + ".", ""]
     if results.get("config"):
         c = results["config"]
         subsets = [f"each test split is a fixed random subset of {c['data']['eval_subset']} sentences"
@@ -238,23 +270,10 @@ def render(results: dict[str, Any], metrics: Sequence[Metric], notes: str | None
     for metric in metrics:
         row = [_fmt(summary["aggregates"].get(method, {}).get(metric.key, {}), metric.digits) for method in methods]
         lines.append(f"| {metric.label} | " + " | ".join(row) + " |")
-    lines += ["", "## Paired across seeds, aligned − none", "",
-              "Two-sided paired t-test and Wilcoxon signed-rank p; verdict from the t-test at 0.05.", ""]
-    aligned = [m for m in methods if m != "none"]
-    lines += ["| metric | " + " | ".join(f"{m}: Δ (t p, W p) → verdict" for m in aligned) + " |",
-              "|---|" + "---|" * len(aligned)]
-    for metric in metrics:
-        cells = []
-        for method in aligned:
-            t = summary["paired_tests"].get(method, {}).get(metric.key, {})
-            if not t or t.get("n", 0) == 0:
-                cells.append("–")
-                continue
-            cells.append(f"{t['mean_diff']:+.{metric.digits}f} ({_p(t['t_p'])}, {_p(t['wilcoxon_p'])}) → {verdict(t, metric)}")
-        lines.append(f"| {metric.label} | " + " | ".join(cells) + " |")
+    lines += _paired_section(summary, methods, metrics)
     layers = summary["mmd2_per_layer_mean"]
     if layers:
-        lines += ["", "## Key–query MMD² per layer (mean over heads, sentences, seeds)", "",
+        lines += ["## Key–query MMD² per layer (mean over heads, sentences, seeds)", "",
                   "| method | " + " | ".join(f"layer {i + 1}" for i in range(len(next(iter(layers.values()))))) + " |",
                   "|---|" + "---|" * len(next(iter(layers.values())))]
         for method, values in layers.items():
@@ -275,45 +294,98 @@ CLAIMS = [
 ]
 
 
+def _paired_section(summary: dict[str, Any], methods: Sequence[str], metrics: Sequence[Metric]) -> list[str]:
+    """Per seed set and aligned method, the paired tests against none (raw and Holm p, verdicts)."""
+    lines = ["", "## Paired across seeds, aligned − none", "",
+             "Two-sided paired t-test and Wilcoxon signed-rank p over the seeds both methods have. "
+             + family_text("none"), ""]
+    aligned = [m for m in methods if m != "none"]
+    sets = _seed_set_tests(summary)
+    for name, part in sets:
+        if len(sets) > 1:
+            lines += [f"### {seed_set_title(name, part['seeds'])}", ""]
+        for method in aligned:
+            tests = part["tests"].get(method, {})
+            if not family_size(tests):
+                pairs = max((t.get("n", 0) for t in tests.values()), default=0)
+                lines += [f"`{method}` − `none`: {pairs} pair(s), no test possible.", ""]
+                continue
+            lines += [f"`{method}` − `none` (Holm family of {family_size(tests)}):", "", *tests_table(tests, metrics), ""]
+    return lines
+
+
+def _seed_set_tests(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(seed set name, {"seeds", "tests"}) in report order: all seeds, then the declared roles."""
+    by_set = summary.get("paired_tests_by_seed_set")
+    if by_set:
+        return list(by_set.items())
+    seeds = sorted({s for ss in summary["seeds"].values() for s in ss})
+    return [("all", {"seeds": seeds, "tests": summary["paired_tests"]})]
+
+
+def _claim_cell(test: dict[str, Any], metric: Metric) -> str:
+    n = test.get("n", 0)
+    if n == 0:
+        return "no runs"
+    delta = f"Δ {test['mean_diff']:+.{metric.digits}f}"
+    if n < MIN_PAIRS:
+        return f"n = {n}: {delta}, too few pairs for a test"
+    return (f"{verdict(test, metric.higher_is_better)} ({delta}, p {format_p(test['t_p'])}, "
+            f"Holm {format_p(test.get('t_p_holm'))}, n = {n})")
+
+
 def _claims(summary: dict[str, Any], methods: Sequence[str], metrics: Sequence[Metric]) -> list[str]:
-    """One row per claim: the paired verdict of each aligned method against none."""
+    """One row per claim: the paired verdict of each aligned method against none, per seed set."""
     aligned = [m for m in methods if m != "none"]
     by_key = {m.key: m for m in metrics}
+    sets = _seed_set_tests(summary)
+    columns = [(method, name, part) for method in aligned for name, part in sets]
+    title = (lambda method, name, part: method if len(sets) == 1
+             else f"{method}, {seed_set_title(name, part['seeds'])}")
     lines = ["## Did the paper's claims replicate here?", "",
-             "Verdict per aligned method: paired t-test over the seeds both methods have, p < 0.05 "
-             "(`better` / `worse`), else `no clear difference`; n = number of pairs.", "",
-             "| claim | " + " | ".join(aligned) + " |", "|---|" + "---|" * len(aligned)]
+             "Verdict per aligned method: paired t-test over the seeds both methods have, Holm-adjusted over the "
+             "family of all metrics of that method and seed set (the tables below), `better` / `worse` when the "
+             "adjusted p < 0.05, else `no clear difference`; p = raw t-test p, Holm = adjusted; n = number of "
+             "pairs.", ""]
+    if summary.get("seed_roles"):
+        roles = summary["seed_roles"]
+        lines += [f"Seed roles: exploratory {roles.get('exploratory')}, confirmatory {roles.get('confirmatory')}"
+                  + (f" ({roles['note']})" if roles.get("note") else "") + ". The confirmatory seeds are the test "
+                  "of what the exploratory ones suggested; the pooled seeds reuse the ones that suggested it.", ""]
+    lines += ["| claim | " + " | ".join(title(*c) for c in columns) + " |", "|---|" + "---|" * len(columns)]
     for text, key in CLAIMS:
         if key not in by_key:
             continue
-        cells = []
-        for method in aligned:
-            test = summary["paired_tests"].get(method, {}).get(key, {})
-            n = test.get("n", 0)
-            if n == 0:
-                cells.append("no runs")
-            elif n < MIN_PAIRS:
-                cells.append(f"n = {n}: Δ {test['mean_diff']:+.{by_key[key].digits}f}, too few pairs for a test")
-            else:
-                cells.append(f"{verdict(test, by_key[key])} (Δ {test['mean_diff']:+.{by_key[key].digits}f}, "
-                             f"p {_p(test['t_p'])}, n = {n})")
+        cells = [_claim_cell(part["tests"].get(method, {}).get(key, {}), by_key[key]) for method, _, part in columns]
         lines.append(f"| {text} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
+def seed_roles_of(config: dict[str, Any] | None) -> dict[str, list[int]] | None:
+    """The seed roles a config declares (``run.exploratory_seeds`` / ``run.confirmatory_seeds``), or None."""
+    run = (config or {}).get("run", {})
+    roles = {role: list(run.get(f"{role}_seeds") or []) for role in ("exploratory", "confirmatory")}
+    return roles if any(roles.values()) else None
+
+
 def write_report(out: Path, methods: Sequence[str], command: str, data: dict[str, Any] | None,
-                 config: dict[str, Any] | None, machine: dict[str, Any] | None = None) -> dict[str, Any]:
+                 config: dict[str, Any] | None, machine: dict[str, Any] | None = None,
+                 seed_roles: dict[str, Any] | None = None) -> dict[str, Any]:
     """results.json, README.md and the figures from the run results in ``out/runs`` (only from
     files: no model, no torch). ``machine``: where the runs ran, as the grid measured it (None:
-    the one recorded in the previous results.json, so a rewritten report states the same)."""
+    the one recorded in the previous results.json, so a rewritten report states the same).
+    ``seed_roles``: {"exploratory", "confirmatory"[, "note"]} (None: those the config declares)."""
     runs = load_runs(out)
     if machine is None:
         previous = json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).is_file() else {}
         machine = previous.get("machine", {})
+    seed_roles = seed_roles or seed_roles_of(config)
+    check_seed_roles(seed_roles, f"{out / REPORT_JSON}: seed_roles")  # a seed not run yet is left out of its set
     splits = config["run"]["test_splits"] if config else ["movie_test", *CROSS]
     metrics = metrics_for(splits)
-    summary = summarize(runs, methods, metrics)
+    summary = summarize(runs, methods, metrics, seed_roles)
     results = {"command": command, "machine": machine, "methods": list(methods), "data": data, "config": config,
+               **({"seed_roles": seed_roles} if seed_roles else {}), "mmd_selection": mmd_selection(runs),
                # the runs' own torch threads (the report may be written by a process with another count)
                "run_threads": sorted({r["threads"] for r in runs if r.get("threads") is not None}),
                "summary": summary, "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -371,6 +443,7 @@ def run_grid(config_path: str, methods: Sequence[str], seeds: Sequence[int], ove
     from vqa_align.sentiment.runner import load_sentiment_config
 
     base = load_sentiment_config(config_path, overrides)  # fails early on a bad config
+    check_seed_roles(seed_roles_of(base.to_dict()), "run.exploratory_seeds / run.confirmatory_seeds", seeds)
     folder = cache_root(base.data.cache_dir) / FOLDER
     sentences = load_sentences(folder)
     data = json.loads((folder / MANIFEST).read_text())
@@ -407,6 +480,7 @@ def run_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     previous = json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).is_file() else {}
     methods = parse_methods(args.methods) if args.methods else previous.get("methods", ["none", "ct", "gan"])
-    write_report(out, methods, previous.get("command", "(unknown)"), previous.get("data"), previous.get("config"))
+    write_report(out, methods, previous.get("command", "(unknown)"), previous.get("data"), previous.get("config"),
+                 seed_roles=previous.get("seed_roles"))
     print(f"[sentiment] report: {out / REPORT_MD}")
     return 0

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from vqa_align.train.task import TaskContext, TaskData
 
 RESULT_FILE = "result.json"
+MMD_SAMPLE_SEED = 0  # the same MMD² sentences for every run (paired comparisons need that)
 # TrainConfig options that were sentence-runner options (run.*) before the runner became the Trainer.
 MOVED_TO_TRAIN = ("warmup_steps", "eval_every_steps", "patience")
 
@@ -71,7 +72,11 @@ class SentimentRunConfig:
     mc_max_sentences: int | None = None  # PAvPU on the first N (seeded-shuffled) sentences of a split
     pavpu_p: float = 0.05
     noise_std: float = 0.05  # N(0, s²) on word embeddings (MiniLM's entries have std ≈ 0.056)
-    mmd_sentences: int = 128  # movie-test sentences whose key–query MMD² is measured per layer
+    mmd_sentences: int = 128  # movie-test sentences (a seeded stratified sample) whose key–query MMD² is measured
+    # Seed roles of an experiment (report only, not part of a run's config signature): seeds run to
+    # look for effects, and seeds run afterwards to confirm them; the report tests each set apart.
+    exploratory_seeds: list[int] = field(default_factory=list)
+    confirmatory_seeds: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         for key in ("sort_chunk_batches", "eval_batch_size", "calibration_bins", "mmd_sentences"):
@@ -81,6 +86,10 @@ class SentimentRunConfig:
             raise ConfigError(f"run.mc_samples must be 0 (no PAvPU) or >= 2, got {self.mc_samples}")
         if self.noise_std < 0:
             raise ConfigError(f"run.noise_std must be >= 0, got {self.noise_std}")
+        both = sorted(set(self.exploratory_seeds) & set(self.confirmatory_seeds))
+        if both:
+            raise ConfigError(f"run.exploratory_seeds and run.confirmatory_seeds share seeds {both}: a seed that "
+                              "suggested an effect cannot confirm it")
 
 
 @dataclass
@@ -239,6 +248,17 @@ def _subset(items: Sequence[Any], n: int | None) -> list[Any]:
     if n is None or n >= len(items):
         return list(items)
     return [items[i] for i in sorted(np.random.default_rng(0).permutation(len(items))[:n])]
+
+
+def mmd_sample(labels: np.ndarray, n: int, seed: int = MMD_SAMPLE_SEED) -> np.ndarray:
+    """Indices (sorted) of a seeded sample of about ``n`` items, stratified by label: each class in
+    proportion to its share (``data.stratified_split``; rounding may move the total by one)."""
+    from vqa_align.sentiment.data import stratified_split
+
+    if n >= len(labels):
+        return np.arange(len(labels))
+    part = stratified_split(labels, (n / len(labels), 1.0 - n / len(labels)), seed)
+    return np.flatnonzero(part == 0)
 
 
 class SentenceBatches:
@@ -409,9 +429,12 @@ class SentenceTask:
 
     @torch.no_grad()
     def alignment_statistics(self) -> dict[str, Any]:
-        """Key–query MMD² per layer (mean over sentences and heads) on the first movie-test sentences."""
+        """Key–query MMD² per layer (mean over sentences and heads) on a seeded stratified sample of
+        ``run.mmd_sentences`` movie-test sentences (the split file is ordered by label: a prefix
+        would be nearly one class)."""
         data = self.encoded["movie_test"] if "movie_test" in self.encoded else self.encoded["movie_dev"]
-        ids = data.ids[: self.config.run.mmd_sentences]
+        keep = mmd_sample(data.labels, self.config.run.mmd_sentences)
+        ids = [data.ids[i] for i in keep]
         self.model.eval()
         per_layer: list[list[float]] = []
         for start in range(0, len(ids), self.config.run.eval_batch_size):
@@ -422,8 +445,11 @@ class SentenceTask:
             per_layer.append([float(d.mmd2.sum()) for d in diagnostics])  # summed over sentences and heads
         heads = diagnostics[0].mmd2.shape[1]
         totals = np.sum(per_layer, axis=0) / len(ids)  # per layer: summed over heads, mean over sentences
+        positive = int(data.labels[keep].sum())
         return {"mmd2_per_layer": (totals / heads).tolist(), "mmd2_sum_heads_layers": float(totals.sum()),
-                "mmd_sentences": len(ids)}
+                "mmd_sentences": len(ids),
+                "mmd_sample": {"kind": "stratified", "seed": MMD_SAMPLE_SEED, "negative": len(ids) - positive,
+                               "positive": positive}}
 
     def evaluate_tests(self, log: Callable[[dict[str, Any]], None], step: int) -> dict[str, Any]:
         """Every test split and the alignment statistics; each split's metrics go to ``log`` as
