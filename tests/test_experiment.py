@@ -262,3 +262,21 @@ def test_published_reports_regenerate_from_their_results_json(tmp_path, name):
     (tmp_path / "results.json").write_text((published / "results.json").read_text())
     vqa_report.write_report(tmp_path)
     assert (tmp_path / "report.md").read_text() == (published / "report.md").read_text()
+
+
+def test_confirmatory_seeds_option_declares_seed_roles(monkeypatch, tmp_path):
+    """--confirmatory-seeds splits --seeds into two roles that reach results.json; bad sets are refused."""
+    import vqa_align.experiments.vqa as vqa_experiment
+    from vqa_align import cli
+    from vqa_align.errors import UserError
+
+    seen = {}
+    monkeypatch.setattr(vqa_experiment, "run_experiment_grid",
+                        lambda *a, **kw: seen.update(roles=kw["seed_roles"], command=kw["command"]))
+    base = ["experiment", "--config", "configs/easy_vqa.yaml", "--seeds", "0,1,2,3", "--out", str(tmp_path / "r")]
+    assert cli.main(base + ["--confirmatory-seeds", "2,3"]) == 0
+    assert seen["roles"] == {"exploratory": [0, 1], "confirmatory": [2, 3]}
+    assert "--confirmatory-seeds 2,3" in seen["command"]
+    assert cli.main(base) == 0 and seen["roles"] is None
+    with pytest.raises(UserError, match=r"--confirmatory-seeds.*\[7\].*not among the seeds"):
+        vqa_experiment.run_experiment(cli.build_parser().parse_args(base + ["--confirmatory-seeds", "7"]))

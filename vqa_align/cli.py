@@ -202,6 +202,9 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--methods", default="none,gan,ct,ot")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--confirmatory-seeds", default=None, metavar="SEEDS",
+                   help="those of --seeds run to test an effect the others suggested (comma list); the report "
+                        "tests them apart from the exploratory rest")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", required=True, help="report folder")
     p.set_defaults(func=_handler("vqa_align.experiments.vqa", "run_experiment"))

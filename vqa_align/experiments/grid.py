@@ -46,16 +46,16 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(methods))  # drop repeats, keep the user's order
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        raise UserError(f"{option} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
     if not seeds:
-        raise UserError(f"--seeds {text!r}: give at least one seed")
+        raise UserError(f"{option} {text!r}: give at least one seed")
     bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
     if bad:
-        raise UserError(f"--seeds {text!r}: seeds must lie in [0, {MAX_SEED}], got {bad[0]}")
+        raise UserError(f"{option} {text!r}: seeds must lie in [0, {MAX_SEED}], got {bad[0]}")
     return list(dict.fromkeys(seeds))
 
 

@@ -63,10 +63,12 @@ FIG1_KIND, FIG1_HEAD = "sga_guided", 0  # cross-modal: the paper's motivating ca
 
 
 def experiment_command(config: str, methods: Sequence[str], seeds: Sequence[int], overrides: Sequence[str],
-                       out: str) -> str:
+                       out: str, confirmatory: Sequence[int] = ()) -> str:
     """The ``vqa-align experiment`` command line that reproduces an experiment (shell-quoted)."""
     parts = ["vqa-align", "experiment", "--config", config, "--methods", ",".join(methods),
              "--seeds", ",".join(str(s) for s in seeds)]
+    if confirmatory:
+        parts += ["--confirmatory-seeds", ",".join(str(s) for s in confirmatory)]
     for override in overrides:
         parts += ["--set", override]
     return shlex.join(parts + ["--out", out])
@@ -406,8 +408,12 @@ def run_experiment_grid(
 def run_experiment(args: argparse.Namespace) -> int:
     """``vqa-align experiment``."""
     methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
-    command = experiment_command(args.config, methods, seeds, args.overrides, args.out)
+    confirmatory = parse_seeds(args.confirmatory_seeds, "--confirmatory-seeds") if getattr(args, "confirmatory_seeds", None) else []
+    roles = ({"exploratory": [s for s in seeds if s not in confirmatory], "confirmatory": confirmatory}
+             if confirmatory else None)
+    check_seed_roles(roles, "--confirmatory-seeds", seeds)
+    command = experiment_command(args.config, methods, seeds, args.overrides, args.out, confirmatory)
     # Module constants read at call time (not as defaults) so tests can shrink them.
     run_experiment_grid(args.config, methods, seeds, args.overrides, args.out, NOISE_STDS, MC_SAMPLES,
-                        command=command)
+                        command=command, seed_roles=roles)
     return 0
