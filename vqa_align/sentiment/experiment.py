@@ -37,11 +37,14 @@ from vqa_align.experiments.grid import (
     parse_seeds, run_grid as run_cells, unfinished_run_state,
 )
 from vqa_align.experiments.stats import Metric, mean_std, paired_test
+from vqa_align.runs.report_folder import open_report_folder
 
 RUNS_FOLDER = "runs"
 REPORT_JSON = "results.json"
 REPORT_MD = "README.md"
 NOTES_MD = "notes.md"  # hand-written reading of the results, included in the report when present
+MMD_FIGURE, DOMAINS_FIGURE = "mmd_per_layer.png", "accuracy_ece_by_domain.png"
+REPORT_FILES = (REPORT_JSON, REPORT_MD, MMD_FIGURE, DOMAINS_FIGURE)  # written by write_report (and runs/<cell>.json)
 SIGNIFICANCE = 0.05
 MIN_PAIRS = 3  # seeds both methods have, before a verdict is given
 CROSS = ("amazon", "tweets", "nyt")
@@ -158,8 +161,8 @@ def plot_figures(summary: dict[str, Any], runs: list[dict[str, Any]], methods: S
         ax.set(xlabel="layer", ylabel="key–query MMD² (mean over heads)", title="MiniLM self-attention, movie test")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "mmd_per_layer.png", dpi=100)
-        written.append("mmd_per_layer.png")
+        fig.savefig(out / MMD_FIGURE, dpi=100)
+        written.append(MMD_FIGURE)
     fig = Figure(figsize=(8, 3.4))
     axes = fig.subplots(1, 2)
     width = 0.8 / max(len(methods), 1)
@@ -175,8 +178,8 @@ def plot_figures(summary: dict[str, Any], runs: list[dict[str, Any]], methods: S
     axes[0].set_ylim(50, 100)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_ece_by_domain.png", dpi=100)
-    written.append("accuracy_ece_by_domain.png")
+    fig.savefig(out / DOMAINS_FIGURE, dpi=100)
+    written.append(DOMAINS_FIGURE)
     return written
 
 
@@ -371,6 +374,8 @@ def run_grid(config_path: str, methods: Sequence[str], seeds: Sequence[int], ove
     from vqa_align.sentiment.runner import load_sentiment_config
 
     base = load_sentiment_config(config_path, overrides)  # fails early on a bad config
+    cells = grid_cells(methods, seeds, seed_major=True)
+    open_report_folder(out, [*REPORT_FILES, *(f"{RUNS_FOLDER}/{cell.name}.json" for cell in cells)])
     folder = cache_root(base.data.cache_dir) / FOLDER
     sentences = load_sentences(folder)
     data = json.loads((folder / MANIFEST).read_text())
@@ -384,7 +389,7 @@ def run_grid(config_path: str, methods: Sequence[str], seeds: Sequence[int], ove
         if run_cell(cell, log, config, out, runs_dir, sentences):
             results = write_report(out, methods, command, data, base.to_dict(), machine_info())
 
-    run_cells(grid_cells(methods, seeds, seed_major=True), run_and_report, progress)
+    run_cells(cells, run_and_report, progress)
     return results or write_report(out, methods, command, data, base.to_dict(), machine_info())
 
 
@@ -394,7 +399,6 @@ def run_experiment(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     seeds = parse_seeds(args.seeds)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(args.runs_dir) if args.runs_dir else cache_root(None) / "runs" / "sentiment"
     command = "vqa-align " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["sentiment"] else \
         f"vqa-align sentiment experiment --config {args.config} --methods {args.methods} --seeds {args.seeds} --out {args.out}"
@@ -405,6 +409,7 @@ def run_experiment(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    open_report_folder(out, REPORT_FILES)
     previous = json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).is_file() else {}
     methods = parse_methods(args.methods) if args.methods else previous.get("methods", ["none", "ct", "gan"])
     write_report(out, methods, previous.get("command", "(unknown)"), previous.get("data"), previous.get("config"))
