@@ -34,7 +34,8 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
-def check_output_paths(written: Sequence[str | Path], inputs: Iterable[str | Path | None], option: str = "--out") -> None:
+def check_output_paths(written: Sequence[str | Path], inputs: Iterable[str | Path | None],
+                       option: str = "--out") -> None:
     """Refuse, before anything is written, to write where the command reads.
 
     ``written``: the output first, then every other path the command writes or replaces beside it

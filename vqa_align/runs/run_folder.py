@@ -71,7 +71,7 @@ def holds_run(folder: Path) -> bool:
 
 
 def is_empty_or_absent(folder: Path) -> bool:
-    return not folder.exists() or (folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()))
+    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
 
 
 def check_trainable_into(out: Path) -> None:
@@ -79,7 +79,7 @@ def check_trainable_into(out: Path) -> None:
     vqa-align did not create (training would write its marker and files among the user's)."""
     if is_empty_or_absent(out) or (out / RUN_MARKER).is_file():
         return
-    what = "a file" if not out.is_dir() else "not empty and has no " + RUN_MARKER + " marker (vqa-align did not create it)"
+    what = "a file" if not out.is_dir() else f"not empty and has no {RUN_MARKER} marker (vqa-align did not create it)"
     raise UserError(f"--out {out} is {what}; train into a new or empty folder, or into a vqa-align run folder")
 
 
