@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vqa_align.extract.feature_store import DataFormatError, FeatureStoreWriter, StoreRecordError
+from vqa_align.extract.feature_store import DataFormatError, FeatureStoreWriter, StoreRecordError, store_files
+from vqa_align.paths import check_output_paths
 
 log = logging.getLogger("vqa_align_prep")
 MAX_LOGGED_SKIPS = 10  # individual warnings before only the count is kept
@@ -54,6 +55,7 @@ def convert(
     out: str | Path,
     *,
     source: str,
+    inputs: Iterable[str | Path | None] = (),
     dtype: str = "float16",
     overwrite: bool = False,
     skip_missing: bool = False,
@@ -61,7 +63,9 @@ def convert(
     desc: str = "converting",
     progress: bool = True,
 ) -> ConvertStats:
-    """Write ``records`` to the store ``out`` (via ``<out>.tmp``, renamed on success)."""
+    """Write ``records`` to the store ``out`` (via ``<out>.tmp``, renamed on success); ``inputs``: the
+    files and folders the records are read from (an ``out`` that is one, or inside one, is refused)."""
+    check_output_paths(store_files(out), inputs)
     skipped = boxes = 0
 
     def skip(message: str) -> None:

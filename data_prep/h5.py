@@ -134,6 +134,7 @@ def count_rows(path: str | Path, ids_json: str | Path | None) -> int | None:
 
 
 def run_prep(args: argparse.Namespace) -> int:
-    stats = convert(read_h5(args.input, args.ids_json), args.out, source="fixed-box HDF5",
-                    total=count_rows(args.input, args.ids_json), desc="HDF5", **common_kwargs(args))
+    stats = convert(read_h5(args.input, args.ids_json), args.out, inputs=[args.input, args.ids_json],
+                    source="fixed-box HDF5", total=count_rows(args.input, args.ids_json), desc="HDF5",
+                    **common_kwargs(args))
     return report(stats)

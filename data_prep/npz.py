@@ -79,6 +79,6 @@ def read_npz(files: Sequence[Path]) -> Iterator[ImageRecord | BadRecord]:
 
 def run_prep(args: argparse.Namespace) -> int:
     files = list_npz(args.inputs)
-    stats = convert(read_npz(files), args.out, source="MCAN/OpenVQA npz", total=len(files),
+    stats = convert(read_npz(files), args.out, inputs=args.inputs, source="MCAN/OpenVQA npz", total=len(files),
                     desc="npz", **common_kwargs(args))
     return report(stats)

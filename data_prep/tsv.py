@@ -86,6 +86,6 @@ def read_tsv(paths: Sequence[str | Path]) -> Iterator[ImageRecord | BadRecord]:
 
 
 def run_prep(args: argparse.Namespace) -> int:
-    stats = convert(read_tsv(args.inputs), args.out, source="bottom-up-attention TSV",
+    stats = convert(read_tsv(args.inputs), args.out, inputs=args.inputs, source="bottom-up-attention TSV",
                     desc="TSV", **common_kwargs(args))
     return report(stats)

@@ -263,7 +263,8 @@ def test_overwrite_refuses_folders_vqa_align_did_not_create(easy_vqa_cache, refe
     marked = _copy_run(reference, tmp_path)
     (marked / "notes").mkdir()
     (marked / "notes/todo.txt").write_text("precious")
-    for folder, message in [(foreign, f"no {RUN_MARKER} marker"), (marked, "holds files vqa-align did not write (notes)")]:
+    for folder, message in [(foreign, f"no {RUN_MARKER} marker"),
+                            (marked, "holds files vqa-align did not write (first: notes)")]:
         before = _snapshot(folder)
         assert cli_main(_cli_args(command, folder, easy_vqa_cache) + ["--overwrite"]) == 2
         err = capsys.readouterr().err.strip()

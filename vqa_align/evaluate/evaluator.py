@@ -20,6 +20,7 @@ import torch
 from vqa_align.metrics.calibration import calibration_table, noise_features, pavpu, reliability_diagram
 from vqa_align.runs.checkpoint import load_checkpoint
 from vqa_align.errors import UserError
+from vqa_align.paths import check_output_paths
 from vqa_align.evaluate.loop import forward_batches
 from vqa_align.model.finite import check_output
 from vqa_align.metrics.vqa_accuracy import evaluate as official_evaluate
@@ -27,6 +28,7 @@ from vqa_align.metrics.vqa_accuracy import question_accuracy
 
 ECE_BINS = 15
 PAVPU_P_THRESHOLD = 0.05  # the paper's p
+METRICS_FILE, RELIABILITY_FILE = "metrics.json", "reliability.png"  # what --out DIR receives
 
 
 def _official_inputs(records: list[Any], results: list[dict[str, Any]]) -> tuple[dict, dict]:
@@ -99,6 +101,7 @@ def evaluate_checkpoint(
             "leave --mc-samples out for this model"
         )
     bundle = build_data(ckpt.config.data, [split], tokenizer=ckpt.tokenizer, answers=ckpt.answers)
+    check_eval_outputs(ckpt.path, ckpt.config.data, results_out, out_dir)
     dataset = bundle.datasets[split]
     answers = _answer(ckpt, dataset, batch_size, device, noise_std, mc_samples if dataset.has_targets else 0, seed)
     metrics: dict[str, Any] = {"split": split, "questions": len(answers.results), "noise_std": noise_std}
@@ -111,8 +114,21 @@ def evaluate_checkpoint(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def check_eval_outputs(checkpoint: Path, data: Any, results_out: str | Path | None, out_dir: str | Path | None) -> None:
+    """Refuse outputs that are (or lie inside) the checkpoint or a data file the evaluation reads."""
+    from vqa_align.data.loaders import resolve_files
+
+    store, files = resolve_files(data)
+    read = [path for split in files.values() for group in split.values() for path in group]
+    inputs = [checkpoint, store, data.val_features, *read]
+    if results_out is not None:
+        check_output_paths([results_out], inputs, option="--results-out")
+    if out_dir is not None:
+        check_output_paths([Path(out_dir) / METRICS_FILE, Path(out_dir) / RELIABILITY_FILE], inputs)
 
 
 def _answer(ckpt: Any, dataset: Any, batch_size: int, device: str, noise_std: float, mc_samples: int,
@@ -171,7 +187,7 @@ def _scores(records: list[Any], answers: Answers, mc_samples: int, split: str,
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        reliability_diagram(confidences, correct, ECE_BINS, path=out / "reliability.png",
+        reliability_diagram(confidences, correct, ECE_BINS, path=out / RELIABILITY_FILE,
                             title=f"{split}: ECE {100 * table.ece:.2f}%")
         metrics["perQuestionType"] = scores["perQuestionType"]
     return metrics

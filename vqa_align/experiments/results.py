@@ -35,9 +35,14 @@ def restore_nan(value: Any) -> Any:
     return value
 
 
+def json_tmp_name(name: str) -> str:
+    """The temporary file :func:`write_json` writes ``name`` through."""
+    return name + ".tmp"
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` (NaN as null) through a temporary file: a reader, or a run killed halfway,
     never sees half a file (done.json is the "finished" marker of a run)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(json_tmp_name(path.name))
     tmp.write_text(json.dumps(json_safe(data), indent=2))
     os.replace(tmp, path)

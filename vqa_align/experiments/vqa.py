@@ -41,11 +41,12 @@ from vqa_align.experiments.grid import (
     Cell, Log, config_signature, finished_result, grid_cells, machine_info, parse_methods, parse_seeds, run_grid,
     run_name, unfinished_run_state,
 )
-from vqa_align.experiments.results import json_safe, write_json
+from vqa_align.experiments.results import json_safe, json_tmp_name, write_json
 from vqa_align.experiments.stats import aggregate, check_seed_roles
 from vqa_align.experiments.vqa_report import (
     CURVES_FILE, FIG1_FILE, MMD_FILE, REPORT_FILE, RESULTS_FILE, flat_metrics, report_metrics, write_report,
 )
+from vqa_align.runs.report_folder import open_report_folder
 
 EVAL_SPLIT = "val"
 EVAL_CHECKPOINT = "last"
@@ -306,9 +307,19 @@ def copy_reliability_figures(runs: Sequence[dict[str, Any]], methods: Sequence[s
         first = next((r for r in runs if r["method"] == method), None)
         source = Path(first["run_dir"]) / "eval" / "reliability.png" if first else None
         if source is not None and source.is_file():
-            shutil.copyfile(source, out / f"reliability_{method}.png")
-            copied.append(f"reliability_{method}.png")
+            shutil.copyfile(source, out / reliability_figure(method))
+            copied.append(reliability_figure(method))
     return copied
+
+
+def reliability_figure(method: str) -> str:
+    return f"reliability_{method}.png"
+
+
+def report_files(methods: Sequence[str]) -> list[str]:
+    """Every file the experiment writes into its --out folder (its runs/ hold run folders)."""
+    return [RESULTS_FILE, json_tmp_name(RESULTS_FILE), REPORT_FILE, FIG1_FILE, MMD_FILE, CURVES_FILE,
+            *map(reliability_figure, methods)]
 
 
 def collect_results(out: Path, config_path: str | Path, methods: Sequence[str], seeds: Sequence[int],
@@ -389,6 +400,7 @@ def run_experiment_grid(
             raise UserError(f"--set {override}: the experiment sets this per run; use --methods / --seeds")
     load_config(config_path, list(overrides))  # fail on a bad config before any training
     out = Path(out_dir)
+    open_report_folder(out, report_files(methods))  # a new or empty folder, or this command's own
     (out / "runs").mkdir(parents=True, exist_ok=True)
     command = command or experiment_command(str(config_path), methods, seeds, overrides, str(out_dir))
 

@@ -40,10 +40,18 @@ CHUNK_ROWS = 100  # rows per HDF5 chunk: about one image of bottom-up features (
 WRITE_BUFFER_ROWS = 8192  # rows buffered in memory before one resize + write
 INDEX_NAMES = ("image_ids", "offsets", "image_sizes")
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+TMP_SUFFIX = ".tmp"  # a store is written as OUT.tmp and renamed to OUT when complete
 
 
 class StoreRecordError(DataFormatError):
     """One record cannot be written (NaN, wrong dimension, duplicate id ...); the store is unchanged."""
+
+
+def store_files(path: str | Path) -> list[Path]:
+    """The paths a :class:`FeatureStoreWriter` of ``path`` writes: the store, then its temporary file
+    (for :func:`vqa_align.paths.check_output_paths`)."""
+    path = Path(path)
+    return [path, path.with_name(path.name + TMP_SUFFIX)]
 
 
 def _where(path: Path | str, record: str | None, image_id: int) -> str:
@@ -78,7 +86,7 @@ class FeatureStoreWriter:
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} exists; pass --overwrite (overwrite=True) to replace it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.tmp_path = store_files(self.path)[1]
         self.dtype = FEATURE_DTYPES[dtype]
         self.source = source
         self.extractor = extractor  # ExtractorInfo or None (converters of public formats)

@@ -42,7 +42,8 @@ from tqdm import tqdm
 from vqa_align.errors import UserError
 from vqa_align.extract.backbones import Backbone, ExtractorInfo, ImageRegions, build_backbone
 from vqa_align.extract.images import DEFAULT_MAX_SIDE, BadImage, decode_image
-from vqa_align.extract.feature_store import FeatureStore, FeatureStoreWriter
+from vqa_align.extract.feature_store import TMP_SUFFIX, FeatureStore, FeatureStoreWriter, store_files
+from vqa_align.paths import check_output_paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEFAULT_PART_SIZE = 256  # images per part: the most an interruption can cost per rank
@@ -176,6 +177,13 @@ class ExtractResult:
 
 def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + PARTS_SUFFIX)
+
+
+def extract_files(out: Path) -> list[Path]:
+    """Every path an extraction into ``out`` writes: the store (and its temporary file), the ids
+    file (and its temporary file), the parts folder."""
+    ids = out.with_name(out.name + IDS_SUFFIX)
+    return [*store_files(out), ids, ids.with_name(ids.name + TMP_SUFFIX), parts_dir(out)]
 
 
 def _list_digest(items: list[tuple[int, Path]]) -> str:
@@ -362,7 +370,7 @@ def merge_parts(items: list[tuple[int, Path]], out: Path, options: ExtractOption
                 result.images += 1
                 result.regions += len(feats)
             part.close()
-        ids_tmp = out.with_name(out.name + IDS_SUFFIX + ".tmp")
+        ids_tmp = out.with_name(out.name + IDS_SUFFIX + TMP_SUFFIX)
         ids_tmp.write_text(json.dumps(kept, indent=1))
     os.replace(ids_tmp, out.with_name(out.name + IDS_SUFFIX))
     shutil.rmtree(folder, ignore_errors=True)
@@ -379,16 +387,19 @@ def extract_images(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
+    sources: Sequence[str | Path] = (),
 ) -> ExtractResult:
     """Extract ``items`` (image id, path) with ``backbone`` into the store ``out``; resumable.
 
     With ``world_size`` > 1 every rank calls this with the same items; ``barrier`` (e.g.
-    ``torch.distributed.barrier``) waits for all ranks before rank 0 merges.
+    ``torch.distributed.barrier``) waits for all ranks before rank 0 merges. ``sources``: the
+    folders and lists the items were found in (no output may lie in them, nor be an item).
     """
     options = options or ExtractOptions()
     out = Path(out)
     if not items:
         raise UserError("no input images")
+    check_output_paths(extract_files(out), [*sources, *(path for _, path in items)])
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
     if overwrite and rank == 0 and parts_dir(out).exists():
@@ -461,6 +472,9 @@ def run_extract(args: argparse.Namespace) -> int:
     if args.out is None:
         raise UserError("--out is required: the HDF5 feature store to write")
     items = list_images(args.images)
+    sources = [p for p in args.images if Path(p).exists()]  # the folders and lists, not the glob patterns
+    # Checked here too (extract_images checks again for its other callers): before the backbone loads.
+    check_output_paths(extract_files(Path(args.out)), [*sources, *(path for _, path in items)])
     pick_device(args.device)  # a bad --device is an error before any work
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -481,7 +495,7 @@ def run_extract(args: argparse.Namespace) -> int:
         print(f"{len(items)} image(s) -> {args.out} with {backbone.info.describe()} on {device}", file=sys.stderr)
     try:
         result = extract_images(items, backbone, args.out, options, overwrite=args.overwrite, rank=rank,
-                                world_size=world_size, barrier=barrier)
+                                world_size=world_size, barrier=barrier, sources=sources)
     finally:
         if world_size > 1:
             import torch.distributed as dist

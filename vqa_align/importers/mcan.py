@@ -38,6 +38,7 @@ from vqa_align.config import Config, ConfigError, apply_overrides, config_from_d
 from vqa_align.errors import UserError
 from vqa_align.extract.backbones.base import sha256_of_file
 from vqa_align.data.vqa_v2 import PAD_TOKEN, UNK_TOKEN, tokenize_question, word_level_tokenizer
+from vqa_align.paths import check_output_paths
 from vqa_align.runs.run_folder import check_replaceable, mark_run_folder
 
 MAX_TOKENS = 14  # MAX_TOKEN of both code bases: questions are cut after 14 words
@@ -45,6 +46,8 @@ MAX_REGIONS = 100  # IMG_FEAT_PAD_SIZE: at most 100 regions per image
 DEFAULT_NUM_HEADS = 8  # MULTI_HEAD of MCAN-small and MCAN-large in both code bases
 DATA_PARALLEL_PREFIX = "module."
 QUESTION_FILE_ROLES = ("train", "val", "test", "vg")
+# Siblings of --out: the import is built in OUT.importing, the folder it replaces waits in OUT.replaced.
+IMPORTING_SUFFIX, REPLACED_SUFFIX = ".importing", ".replaced"
 
 
 class ImportFailure(UserError, ValueError):
@@ -447,7 +450,9 @@ def import_checkpoint(
     from vqa_align.runs.checkpoint import save_checkpoint
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    check_output_paths([out, out.with_name(out.name + IMPORTING_SUFFIX), out.with_name(out.name + REPLACED_SUFFIX)],
+                       [checkpoint, *question_files, answer_dict])
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise ImportFailure(f"{out} exists and is not empty; pass --overwrite to replace it")
         check_replaceable(out)  # only a run folder vqa-align wrote, holding only its files
@@ -458,7 +463,7 @@ def import_checkpoint(
     if len(tokenizer) != imported.config.model.vocab_size:  # HF would add tokens it does not know
         raise ImportFailure(f"tokenizer has {len(tokenizer)} entries, the embedding {imported.config.model.vocab_size}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".importing")
+    tmp = out.with_name(out.name + IMPORTING_SUFFIX)
     if tmp.exists():
         check_replaceable(tmp, option="cleanup")  # a leftover of an interrupted import
         shutil.rmtree(tmp)
@@ -469,7 +474,7 @@ def import_checkpoint(
         save_checkpoint(tmp / "checkpoints" / "last", model, imported.config, imported.answers, tokenizer,
                         meta=imported.meta)
         if out.exists():
-            old = out.with_name(out.name + ".replaced")
+            old = out.with_name(out.name + REPLACED_SUFFIX)
             if old.exists():
                 check_replaceable(old, option="cleanup")
                 shutil.rmtree(old)

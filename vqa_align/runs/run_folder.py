@@ -1,8 +1,9 @@
 """Run folders: what vqa-align may delete, replacing a run safely, and what may change on resume.
 
 Every run folder vqa-align creates holds a marker file (:data:`RUN_MARKER`). ``--overwrite``
-replaces only a folder that has the marker and holds nothing but what vqa-align writes there
-(:data:`RUN_ENTRIES`); anything else is refused with a message, never deleted.
+replaces only a folder that has the marker and whose every file and folder, at any depth, is one
+that vqa-align writes there (:data:`RUN_FILES`); anything else is refused with a message naming
+the first foreign path, never deleted.
 
 Replacing is done without a moment where neither run exists in full: the new run trains in a
 sibling folder ``NAME.new`` and is swapped in only once it has its first checkpoint; until then the
@@ -17,15 +18,29 @@ import json
 import os
 import shutil
 import sys
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from vqa_align.errors import UserError
 
 RUN_MARKER = ".vqa-align-run"
-# What training, the experiment runner and `vqa-align eval --out RUN/eval` write into a run folder.
-RUN_ENTRIES = frozenset({RUN_MARKER, "config.yaml", "checkpoints", "metrics.jsonl", "curves.png", "curves.tmp.png",
-                         "tensorboard", "eval", "done.json"})
+# Checkpoint folders (runs/checkpoint.py): best and last, and the siblings of their atomic swap.
+_CHECKPOINTS = ("best", "last", "best.tmp", "last.tmp", "best.old", "last.old")
+_CHECKPOINT_FILES = ("model.safetensors", "config.yaml", "answers.json", "trainer_state.pt", "meta.json", ".complete")
+_TOKENIZER_FILES = ("*.json", "*.txt", "*.model")  # Hugging Face save_pretrained (word-level, WordPiece, SentencePiece)
+# Every file vqa-align writes into a run folder, as path components (fnmatch patterns, one per
+# level): training (config, metrics, curves, tensorboard, checkpoints), `vqa-align eval --out
+# RUN/eval`, the experiment's done.json (via a .tmp), the sentence runner's result.json, import,
+# and the model card README.md. A folder is ours when it is a prefix of one of these.
+RUN_FILES: tuple[tuple[str, ...], ...] = (
+    (RUN_MARKER,), ("config.yaml",), ("metrics.jsonl",), ("curves.png",), ("curves.tmp.png",),
+    ("done.json",), ("done.json.tmp",), ("result.json",), ("README.md",),
+    ("tensorboard", "events.out.tfevents.*"),
+    ("eval", "metrics.json"), ("eval", "reliability.png"),
+    *(("checkpoints", c, f) for c in _CHECKPOINTS for f in _CHECKPOINT_FILES),
+    *(("checkpoints", c, "tokenizer", f) for c in _CHECKPOINTS for f in _TOKENIZER_FILES),
+)
 STAGED_SUFFIX = ".new"  # the replacement run while it trains
 OLD_SUFFIX = ".old"  # the replaced run during the swap
 
@@ -55,19 +70,54 @@ def holds_run(folder: Path) -> bool:
     return folder.is_dir() and any((folder / name).exists() for name in ("config.yaml", "checkpoints", "metrics.jsonl"))
 
 
+def is_empty_or_absent(folder: Path) -> bool:
+    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+
+
+def check_trainable_into(out: Path) -> None:
+    """Refuse, before anything is written, a run folder ``out`` that is a file or a non-empty folder
+    vqa-align did not create (training would write its marker and files among the user's)."""
+    if is_empty_or_absent(out) or (out / RUN_MARKER).is_file():
+        return
+    what = "a file" if not out.is_dir() else f"not empty and has no {RUN_MARKER} marker (vqa-align did not create it)"
+    raise UserError(f"--out {out} is {what}; train into a new or empty folder, or into a vqa-align run folder")
+
+
+def _is_run_path(parts: tuple[str, ...], is_dir: bool) -> bool:
+    """Whether the relative path ``parts`` is a file (or, ``is_dir``, a folder) vqa-align writes."""
+    for pattern in RUN_FILES:
+        if len(parts) > len(pattern) or (len(parts) == len(pattern)) == is_dir:
+            continue  # a folder must be a proper prefix of a pattern, a file all of it
+        if all(fnmatchcase(part, glob) for part, glob in zip(parts, pattern)):
+            return True
+    return False
+
+
+def first_foreign_path(folder: Path) -> Path | None:
+    """The first path inside ``folder`` (any depth, sorted) that vqa-align does not write into a run
+    folder: a file or folder outside :data:`RUN_FILES`, or any symbolic link. None: all ours."""
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder).parts
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            if path.is_symlink() or not _is_run_path((*base, name), name in dirs):
+                return path
+    return None
+
+
 def check_replaceable(folder: Path, option: str = "--overwrite") -> None:
-    """Refuse to replace a folder vqa-align did not create, or one holding other files."""
+    """Refuse to replace a folder vqa-align did not create, or one holding any other file."""
     if not (folder / RUN_MARKER).is_file():
         raise UserError(
             f"{option}: {folder} has no {RUN_MARKER} marker, so vqa-align did not create it (or an older "
             f"version did) and will not delete it; remove it yourself or choose another --out"
         )
-    foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in RUN_ENTRIES)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    foreign = first_foreign_path(folder)
+    if foreign is not None:
         raise UserError(
-            f"{option}: {folder} holds files vqa-align did not write ({shown}); move them out "
-            f"or choose another --out: nothing was deleted"
+            f"{option}: {folder} holds files vqa-align did not write (first: {foreign.relative_to(folder)}); "
+            f"move them out or choose another --out: nothing was deleted"
         )
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqa_align.paths import cache_root
+from vqa_align.paths import cache_root, check_output_paths
 from vqa_align.errors import UserError
 
 FOLDER = "sentiment"
@@ -201,6 +201,8 @@ def prepare_sentiment(
     folder = cache_root(cache_dir) / FOLDER
     if (folder / MANIFEST).is_file() and not overwrite:
         return folder
+    sentences_tmp = folder / (SENTENCES + ".tmp")
+    check_output_paths([folder / SENTENCES, sentences_tmp, folder / MANIFEST], [sdist], option="--cache-dir")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(sdist) if sdist is not None else download_sdist(Path(tmp))
         texts = read_sdist(path)
@@ -227,11 +229,10 @@ def prepare_sentiment(
         "split_sha256": digest,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    tmp_file = folder / (SENTENCES + ".tmp")
-    with open(tmp_file, "w") as handle:
+    with open(sentences_tmp, "w") as handle:
         for s in sentences:
             handle.write(json.dumps(asdict(s)) + "\n")
-    tmp_file.replace(folder / SENTENCES)
+    sentences_tmp.replace(folder / SENTENCES)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: marks the folder complete
     return folder
 

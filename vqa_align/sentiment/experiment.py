@@ -42,11 +42,14 @@ from vqa_align.experiments.stats import (
     MIN_PAIRS, Metric, check_seed_roles, compare_to_baseline, family_size, family_text, format_p, mean_std,
     seed_set_title, seed_sets, tests_table, verdict,
 )
+from vqa_align.runs.report_folder import open_report_folder
 
 RUNS_FOLDER = "runs"
 REPORT_JSON = "results.json"
 REPORT_MD = "README.md"
 NOTES_MD = "notes.md"  # hand-written reading of the results, included in the report when present
+MMD_FIGURE, DOMAINS_FIGURE = "mmd_per_layer.png", "accuracy_ece_by_domain.png"
+REPORT_FILES = (REPORT_JSON, REPORT_MD, MMD_FIGURE, DOMAINS_FIGURE)  # written by write_report (and runs/<cell>.json)
 CROSS = ("amazon", "tweets", "nyt")
 
 
@@ -188,8 +191,8 @@ def plot_figures(summary: dict[str, Any], runs: list[dict[str, Any]], methods: S
         ax.set(xlabel="layer", ylabel="key–query MMD² (mean over heads)", title="MiniLM self-attention, movie test")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "mmd_per_layer.png", dpi=100)
-        written.append("mmd_per_layer.png")
+        fig.savefig(out / MMD_FIGURE, dpi=100)
+        written.append(MMD_FIGURE)
     fig = Figure(figsize=(8, 3.4))
     axes = fig.subplots(1, 2)
     width = 0.8 / max(len(methods), 1)
@@ -205,8 +208,8 @@ def plot_figures(summary: dict[str, Any], runs: list[dict[str, Any]], methods: S
     axes[0].set_ylim(50, 100)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_ece_by_domain.png", dpi=100)
-    written.append("accuracy_ece_by_domain.png")
+    fig.savefig(out / DOMAINS_FIGURE, dpi=100)
+    written.append(DOMAINS_FIGURE)
     return written
 
 
@@ -444,6 +447,8 @@ def run_grid(config_path: str, methods: Sequence[str], seeds: Sequence[int], ove
 
     base = load_sentiment_config(config_path, overrides)  # fails early on a bad config
     check_seed_roles(seed_roles_of(base.to_dict()), "run.exploratory_seeds / run.confirmatory_seeds", seeds)
+    cells = grid_cells(methods, seeds, seed_major=True)
+    open_report_folder(out, [*REPORT_FILES, *(f"{RUNS_FOLDER}/{cell.name}.json" for cell in cells)])
     folder = cache_root(base.data.cache_dir) / FOLDER
     sentences = load_sentences(folder)
     data = json.loads((folder / MANIFEST).read_text())
@@ -457,7 +462,7 @@ def run_grid(config_path: str, methods: Sequence[str], seeds: Sequence[int], ove
         if run_cell(cell, log, config, out, runs_dir, sentences):
             results = write_report(out, methods, command, data, base.to_dict(), machine_info())
 
-    run_cells(grid_cells(methods, seeds, seed_major=True), run_and_report, progress)
+    run_cells(cells, run_and_report, progress)
     return results or write_report(out, methods, command, data, base.to_dict(), machine_info())
 
 
@@ -467,7 +472,6 @@ def run_experiment(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     seeds = parse_seeds(args.seeds)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(args.runs_dir) if args.runs_dir else cache_root(None) / "runs" / "sentiment"
     command = "vqa-align " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["sentiment"] else \
         f"vqa-align sentiment experiment --config {args.config} --methods {args.methods} --seeds {args.seeds} --out {args.out}"
@@ -478,6 +482,7 @@ def run_experiment(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    open_report_folder(out, REPORT_FILES)
     previous = json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).is_file() else {}
     methods = parse_methods(args.methods) if args.methods else previous.get("methods", ["none", "ct", "gan"])
     write_report(out, methods, previous.get("command", "(unknown)"), previous.get("data"), previous.get("config"),

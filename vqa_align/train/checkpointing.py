@@ -13,6 +13,7 @@ Replacing a run (``--overwrite``) and what may change on ``--resume``: vqa_align
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,20 +32,41 @@ from vqa_align.train.task import TrainingTask
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool, config: Config | None = None) -> Path | None:
-    """Refuse to mix runs: an existing run folder needs --resume or --overwrite. Deletes nothing:
-    returns the staged folder a replacing run trains in (None: train in ``out``)."""
+    """Where a run into ``out`` trains; deletes nothing and writes nothing (None: in ``out`` itself,
+    else the staged sibling that replaces ``out`` at its first checkpoint):
+
+    - ``out`` new or empty: trained in;
+    - a run with ``checkpoints/last``: continued with ``resume``, replaced with ``overwrite``, else refused;
+    - a run folder stopped before its first checkpoint: started again from the beginning, with or
+      without ``resume`` (nothing to continue, nothing of value to lose: it is still replaced only
+      once the new run has a checkpoint);
+    - anything else (a file; a folder vqa-align did not create; one holding a file it did not
+      write) is refused before anything is written.
+    """
     run_folder.recover_run_swap(out)
-    if resume:
-        if recover_checkpoint(out / "checkpoints" / "last") is None:
-            raise UserError(f"--resume: {out} holds no run to resume (no checkpoints/last)")
+    if resume and recover_checkpoint(out / "checkpoints" / "last") is not None:
         if config is not None:
             run_folder.check_resume_config(out / "config.yaml", config.to_dict())
         return None
-    if not run_folder.holds_run(out):
+    if run_folder.is_empty_or_absent(out):
+        if resume:
+            raise UserError(f"--resume: {out} holds no run to resume (no checkpoints/last)")
         return None
-    if not overwrite:
+    started = any(recover_checkpoint(out / "checkpoints" / name) is not None for name in ("last", "best"))
+    if started and not overwrite:
+        if resume:  # only best: killed between the first best and last
+            raise UserError(f"--resume: {out} has no checkpoints/last to continue from; pass --overwrite to "
+                            "train it again from the beginning")
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    run_folder.check_replaceable(out)
+    if not started and not overwrite and not (out / run_folder.RUN_MARKER).is_file():
+        if resume:
+            raise UserError(f"--resume: {out} holds no run to resume (no checkpoints/last)")
+        run_folder.check_trainable_into(out)  # not ours: refused
+    option = "--overwrite" if overwrite else "--resume" if resume else "--out"
+    run_folder.check_replaceable(out, option)
+    if not started:
+        print(f"note: {out} holds a run stopped before its first checkpoint; starting it again from the beginning "
+              "(the stopped one is replaced when this one writes its first checkpoint)", file=sys.stderr)
     return run_folder.begin_staged_run(out)
 
 

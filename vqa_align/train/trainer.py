@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from vqa_align.config import Config, load_config, save_config
 from vqa_align.errors import UserError
+from vqa_align.paths import check_output_paths
 from vqa_align.runs import run_folder
 from vqa_align.runs.checkpoint import save_checkpoint
 from vqa_align.train.checkpointing import Position, prepare_run_dir, resume_from, trainer_state, what_is_kept
@@ -299,9 +300,13 @@ def train_from_config(config: Config, out: Path, resume: bool = False, overwrite
     out = Path(out)
     dist_info = init_distributed(config.train.device)
     checked = config if task is None else None
+    if config.train.init_from and not resume:  # replacing the run it starts from would delete its weights
+        check_output_paths([out], [config.train.init_from], option="--out")
     staged = prepare_run_dir(out, resume, overwrite, checked) if dist_info.is_main else None
     if dist_info.world_size > 1:
         dist.barrier()
+    # A run stopped before its first checkpoint is started again (see prepare_run_dir), not resumed.
+    resume = resume and staged is None and (out / "checkpoints" / "last").is_dir()
     try:
         trainer = Trainer(config, staged or out, resume=resume, dist_info=dist_info, replaces=out if staged else None,
                           task=task)
