@@ -39,6 +39,7 @@ from vqa_align.serve import gallery
 from vqa_align.serve.gallery import Example, ImageLoader
 from vqa_align.serve.images import display_copy, load_upload
 from vqa_align.serve.prediction import InputError, ModuleResult, Prediction
+from vqa_align.serve.reading import resplit_baseline
 
 MAX_QUESTION_CHARS = 5000  # longer text is cut before tokenising (the model reads 14 words anyway)
 GALLERY_POOL = 48  # examples looked up once; the app shows the first 12
@@ -353,6 +354,9 @@ def _module_result(diag: Any, labels: dict[str, list[str]]) -> ModuleResult:
     def arr(t: torch.Tensor) -> np.ndarray:
         return t.float().cpu().numpy()
 
+    queries, keys = det.queries[0, :, :n], det.keys[0, :, :m]  # (H, n, d), (H, m, d)
+    baseline = resplit_baseline(queries, keys)
+
     return ModuleResult(
         name=diag.name,
         kind=diag.kind,
@@ -361,10 +365,12 @@ def _module_result(diag: Any, labels: dict[str, list[str]]) -> ModuleResult:
         mmd2=arr(diag.mmd2[0]),
         learned=arr(diag.learned_distance[0]) if diag.learned_distance is not None else None,
         attention=arr(det.attention[0, :, :n, :m]),  # (H, n, m)
-        queries=arr(det.queries[0, :, :n]),  # (H, n, d)
-        keys=arr(det.keys[0, :, :m]),  # (H, m, d)
+        queries=arr(queries),  # (H, n, d)
+        keys=arr(keys),  # (H, m, d)
         query_labels=labels[query_side][:n],
         key_labels=labels[key_side][:m],
+        ct_resplit=baseline.ct,
+        mmd2_resplit=baseline.mmd2,
     )
 
 
