@@ -127,6 +127,10 @@ class AppHandlers:
         if cmp is not None:
             other = render_views(cmp, kind, int(layer), int(head), metric=metric, shading=shading, focus=focus_arg)
             out += [other.region, other.projection, other.grid]
+            if other.selection == main.selection:  # the same head: its values go into the caption's first line
+                first, sep, rest = out[5].partition("\n\n")
+                out[5] = (f"{first} Comparison model, same head: MMD² = {other.metrics['mmd2']:.3f}, "
+                          f"CT = {other.metrics['ct']:.3f}.{sep}{rest}")
         else:
             out += [None, None, None]
         return out

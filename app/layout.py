@@ -16,6 +16,8 @@ from vqa_align.serve.predictor import Predictor
 
 from vqa_align_app.handlers import ALL_WORDS
 
+GALLERY_COLUMNS = 3  # wide enough thumbnails for a question of ~30 characters on two lines
+GALLERY_HEIGHT = 330  # px: two rows of examples visible, the rest by scrolling
 SHADING_CHOICES = [("AttFlat glimpse", "glimpse"), ("guided attention of the selected layer & head", "guided")]
 
 
@@ -86,12 +88,13 @@ def header(predictor: Predictor) -> gr.Markdown:
 
 def input_column(predictor: Predictor, examples: list[Example], compare_default: str,
                  compare_open: bool) -> InputPanel:
-    gallery_items = [(predictor.thumbnail(ex.image_id), f"#{ex.image_id}" + (f": {ex.question}" if ex.question else ""))
-                     for ex in examples]
+    # Captions are the example's question alone (the id shows in the box below once clicked); CSS wraps them.
+    gallery_items = [(predictor.thumbnail(ex.image_id), ex.question or f"#{ex.image_id}") for ex in examples]
     first = examples[0] if examples else None
     with gr.Column(scale=2, min_width=320):
-        gallery = gr.Gallery(value=gallery_items, label="Examples from the data set (click one)", columns=4,
-                             allow_preview=False, object_fit="contain", buttons=[], height=270, elem_id="gallery")
+        gallery = gr.Gallery(value=gallery_items, label="Examples from the data set (click one)", columns=GALLERY_COLUMNS,
+                             allow_preview=False, object_fit="contain", buttons=[], height=GALLERY_HEIGHT,
+                             elem_id="gallery")
         with gr.Row():
             image_id = gr.Number(label="Image id (from the gallery)", precision=0,
                                  value=first.image_id if first else None, elem_id="image-id", min_width=100)

@@ -40,6 +40,8 @@ CSS = """
 #message {min-height: 1.5em}
 #message p {margin: 0}
 .vqa-small-note {font-size: 0.85em; opacity: 0.8}
+#gallery .caption-label {white-space: normal; max-width: 100%; left: 0; font-size: 0.8em; line-height: 1.2;
+  text-align: center; opacity: 0.92}
 """
 
 
@@ -68,7 +70,7 @@ def build_app(
         alignment = layout.alignment_section(predictor.num_layers, predictor.num_heads)
         compare = layout.compare_section(compare_predictor is not None)
         layout.legend()
-        wire_events(handlers, session, inputs, answer, alignment, compare)
+        wire_events(demo, handlers, session, inputs, answer, alignment, compare)
     demo.compare_models = handlers.cache  # for tests and monitoring: how many comparison models are held
     return demo
 
@@ -83,18 +85,20 @@ class Session:
     tab_compare: gr.State
 
 
-def wire_events(handlers: AppHandlers, session: Session, inputs: layout.InputPanel, answer: layout.AnswerPanel,
-                alignment: layout.AlignmentPanel, compare: layout.ComparePanel) -> None:
+def wire_events(demo: gr.Blocks, handlers: AppHandlers, session: Session, inputs: layout.InputPanel,
+                answer: layout.AnswerPanel, alignment: layout.AlignmentPanel, compare: layout.ComparePanel) -> None:
     """Connect the page to the handlers; the named events are the app's HTTP / gradio_client API."""
     selection = [alignment.kind, alignment.layer, alignment.head, alignment.metric, answer.shading, answer.focus]
     view_outputs = [answer.region, answer.words, alignment.projection, alignment.grid, alignment.matrix,
                     alignment.caption, compare.region, compare.projection, compare.grid]
     answer_outputs = [session.message, session.pred, session.cmp, answer.answer, answer.focus, *view_outputs[:6],
                       compare.column, compare.answer, *view_outputs[6:], session.tab_compare]
+    answer_inputs = [inputs.question, inputs.image_id, inputs.upload, inputs.compare, *selection, session.tab_compare]
     for trigger in (inputs.ask.click, inputs.question.submit):
-        trigger(handlers.on_answer, [inputs.question, inputs.image_id, inputs.upload, inputs.compare, *selection,
-                                     session.tab_compare], answer_outputs,
+        trigger(handlers.on_answer, answer_inputs, answer_outputs,
                 api_name="answer" if trigger == inputs.ask.click else False, trigger_mode="always_last")
+    # The page opens answered: the prefilled question about the first example, by the Answer handler.
+    demo.load(handlers.on_answer, answer_inputs, answer_outputs, api_name=False)
     for control in selection:
         event = control.select if isinstance(control, gr.Radio) else control.input
         event(handlers.on_view, [session.pred, session.cmp, *selection], [session.message, *view_outputs],

@@ -25,6 +25,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _redraw_and_wait(page, action, timeout_ms: int = 60_000) -> None:
+    """Run ``action`` (a click) and wait until the projection shows a new picture and nothing is pending."""
+    before = page.locator("#projection img").get_attribute("src")
+    action()
+    page.wait_for_function(
+        "src => { const i = document.querySelector('#projection img'); return i && i.src !== src; }",
+        arg=before, timeout=timeout_ms)
+    page.wait_for_function("!document.querySelector('.progress-text, .eta-bar')", timeout=timeout_ms)
+    page.wait_for_timeout(800)  # let the images finish painting
+
+
 def take_screenshots(url: str, out: Path, example: int = 2, question: str | None = None,
                      compare: bool = False, upload: Path | None = None, name: str = "app_overview.png") -> list[Path]:
     from playwright.sync_api import sync_playwright
@@ -36,6 +47,7 @@ def take_screenshots(url: str, out: Path, example: int = 2, question: str | None
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)
             page.goto(url, wait_until="load")
+            page.locator("#projection img").wait_for(timeout=60_000)  # the page answers on load
             before = page.locator("#preview img").get_attribute("src") if page.locator("#preview img").count() else None
             if upload is not None:  # a photo of the user's, through the upload box
                 page.locator("#upload input[type=file]").set_input_files(str(upload))
@@ -46,17 +58,15 @@ def take_screenshots(url: str, out: Path, example: int = 2, question: str | None
                 arg=before, timeout=15_000)
             if question:
                 page.locator("#question textarea").fill(question)
-            page.locator("#ask").click()
-            page.locator("#projection img").wait_for(timeout=30_000)
-            page.wait_for_timeout(800)  # let the images finish painting
+            _redraw_and_wait(page, lambda: page.locator("#ask").click())
             saved.append(out / name)
             page.screenshot(path=str(saved[-1]), full_page=True)
             if upload is not None:
                 return saved
 
             page.get_by_label("guided attention of the selected layer & head").check()
-            page.locator("#head").get_by_text("head 1").click()
-            page.wait_for_timeout(1500)
+            page.wait_for_timeout(500)
+            _redraw_and_wait(page, lambda: page.locator("#head").get_by_text("head 1").click())
             saved.append(out / "app_alignment.png")
             page.locator("#alignment").screenshot(path=str(saved[-1]))
             if compare:

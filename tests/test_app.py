@@ -74,6 +74,19 @@ def test_binds_to_localhost(app_server):
     assert app_server["demo"].server_name == "127.0.0.1"
 
 
+def test_page_answers_on_load(app_server):
+    """The load event runs the Answer button's handler, so the prefilled question is answered at once."""
+    demo = app_server["demo"]
+    config = demo.get_config_file()
+    on_load = [i for i, d in enumerate(config["dependencies"]) if any(t[1] == "load" for t in d["targets"])]
+    on_click = [i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "answer"]
+    assert len(on_load) == 1 and len(on_click) == 1
+    load_fn, click_fn = demo.fns[on_load[0]], demo.fns[on_click[0]]
+    assert load_fn.fn == click_fn.fn
+    assert [b._id for b in load_fn.inputs] == [b._id for b in click_fn.inputs]
+    assert [b._id for b in load_fn.outputs] == [b._id for b in click_fn.outputs]
+
+
 def test_answer_with_all_figures(client):
     out = _answer(client)
     message, label, focus, region, words, projection, grid, matrix, caption = out[:9]
@@ -162,6 +175,10 @@ def test_browser_end_to_end(app_server, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1300})
             page.goto(app_server["url"], wait_until="domcontentloaded")
+            # Answered on load: the prefilled question about the first example, every panel drawn.
+            page.locator("#answer").get_by_text("%").first.wait_for(timeout=20_000)
+            for panel in ("region", "projection", "grid", "matrix"):
+                page.locator(f"#{panel} img").wait_for(timeout=20_000)
             page.locator("#gallery button.thumbnail-item").nth(2).click()  # the third example image
             page.wait_for_function("document.querySelector('#image-id input').value === '2'", timeout=15_000)
             box = page.locator("#question textarea")

@@ -2,8 +2,10 @@
 
 Every builder creates its own :class:`~matplotlib.figure.Figure` with the Agg canvas (no pyplot,
 no global figure registry, no GUI backend, nothing downloaded), so builders are thread-safe and
-the caller owns the figure. Figures are small (``DPI`` = 80) because the app draws five of them
-per request within a 300 ms budget on two CPU cores.
+the caller owns the figure. Figures are drawn at ``DPI`` = 80 (the app draws five of them per
+request within a 300 ms budget on two CPU cores) and sized in inches to the app's cards, so that
+one PNG pixel is one screen pixel at the default window size; fonts are set for that scale
+(``FONT_*`` in points: 10 pt is 11 px at 80 dpi).
 
 Shapes (numpy arrays or tensors are both accepted):
 
@@ -30,9 +32,16 @@ DPI = 80
 QUERY_COLOR = "#1f77b4"
 KEY_COLOR = "#d62728"
 CMAP = "viridis"
-MAX_POINT_LABELS = 40  # label every point of the projection only when there are few of them
-MAX_CELL_TEXT = 96  # write the value into every heatmap cell only for small grids
-MAX_TICKS = 32  # tick labels per axis of the attention matrix
+FONT_TITLE = 11  # points; 10 pt = 11 px at DPI 80
+FONT_LABEL = 10  # axis labels, legend
+FONT_TICK = 9  # tick labels
+FONT_TEXT = 9  # text drawn in the plot: point labels, box labels, heatmap values
+PANEL_SIZE = (4.8, 4.3)  # inches (384 x 344 px): the three alignment figures fill one card size alike
+REGION_WIDTH = 4.4  # inches: the "where the model looked" figure
+MAX_POINT_LABELS = 16  # a set of more points (e.g. 49 grid cells) is drawn unlabelled; its legend says so
+LABEL_OFFSET = 5  # px between a point and its label
+TICK_SPACING = 1.3  # tick labels are at least this many font heights apart
+CELL_TEXT_CHARS = 5  # "0.806": a heatmap value is written only into cells wide enough for it
 
 
 def _np(x: Any) -> np.ndarray:
@@ -47,6 +56,10 @@ def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _points_px(points: float) -> float:
+    return points * DPI / 72.0
 
 
 def _fmt(value: float | None) -> str:
@@ -111,8 +124,10 @@ def plot_region_attention(
     shaded = (rgb.astype(np.float32) * (0.25 + 0.75 * heat[..., None])).astype(np.uint8)
 
     aspect = height / max(width, 1)
-    fig = new_figure(3.6, max(2.0, min(3.6 * aspect, 5.0)) + 0.4)
-    ax = fig.add_axes((0.02, 0.02, 0.96, 0.82))
+    title_in = 0.45 * (title.count("\n") + 1)  # inches of title lines
+    fig_h = max(2.0, min(REGION_WIDTH * aspect, 5.0)) + title_in
+    fig = new_figure(REGION_WIDTH, fig_h)
+    ax = fig.add_axes((0.02, 0.02, 0.96, 1 - title_in / fig_h - 0.02))
     ax.imshow(shaded, interpolation="nearest")
     total = w.sum()
     share = w / total if total > 0 else w
@@ -123,12 +138,12 @@ def plot_region_attention(
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=2.0 - 0.4 * rank))
         # Label above the box when there is room (small object boxes stay visible), else inside.
         above = y1 >= 0.1 * height
-        ax.text(x1 + 1, y1 - 1 if above else y1 + 1, f"{names[i]} {share[i]:.2f}", color="black", fontsize=7,
+        ax.text(x1 + 1, y1 - 1 if above else y1 + 1, f"{names[i]} {share[i]:.2f}", color="black", fontsize=FONT_TEXT,
                 va="bottom" if above else "top", bbox=dict(facecolor=color, alpha=0.8, pad=1, linewidth=0))
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_axis_off()
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=FONT_TITLE)
     return fig
 
 
@@ -160,6 +175,40 @@ def pca_project(queries: Any, keys: Any, dims: int = 2) -> tuple[np.ndarray, np.
     return proj[: len(q)], proj[len(q):]
 
 
+def label_groups(points_px: np.ndarray, names: Sequence[str], side: int = 1,
+                 font_px: float = FONT_TEXT * DPI / 72.0) -> list[tuple[int, str]]:
+    """(index of the anchor point, text) of labels that do not overlap: a point whose label box
+    would overlap an earlier label's box joins that label ("R2, R3 +4") instead of getting its own.
+
+    ``points_px`` (P, 2) in pixels (y up, as matplotlib's display coordinates); labels are drawn
+    ``LABEL_OFFSET`` px to the right (``side`` = 1) or left (-1) of their point.
+    """
+    pts = _np(points_px).reshape(-1, 2)
+    char_w, line_h = 0.6 * font_px, 1.25 * font_px
+
+    def box(i: int, text: str) -> tuple[float, float, float, float]:
+        x, y = pts[i]
+        width = char_w * len(text)
+        left = x + LABEL_OFFSET if side > 0 else x - LABEL_OFFSET - width
+        return left, y, left + width, y + line_h
+
+    groups: list[tuple[int, list[str]]] = []
+    for i, name in enumerate(names[: len(pts)]):
+        mine = box(i, str(name))
+        for anchor, members in groups:
+            other = box(anchor, _group_text(members))
+            if mine[0] < other[2] and other[0] < mine[2] and mine[1] < other[3] and other[1] < mine[3]:
+                members.append(str(name))
+                break
+        else:
+            groups.append((i, [str(name)]))
+    return [(anchor, _group_text(members)) for anchor, members in groups]
+
+
+def _group_text(members: list[str]) -> str:
+    return ", ".join(members[:2]) + (f" +{len(members) - 2}" if len(members) > 2 else "")
+
+
 def plot_alignment_projection(
     queries: Any,
     keys: Any,
@@ -170,29 +219,44 @@ def plot_alignment_projection(
     query_labels: Sequence[str] | None = None,
     key_labels: Sequence[str] | None = None,
 ) -> Figure:
-    """Queries (n, d) and keys (m, d) of one head in one shared 2-D PCA; CT and MMD² in the title."""
+    """Queries (n, d) and keys (m, d) of one head in one shared 2-D PCA; CT and MMD² in the title.
+
+    Points are labelled per set while it has at most ``MAX_POINT_LABELS`` points, points whose
+    labels would overlap sharing one (:func:`label_groups`); query labels sit left of their point,
+    key labels right.
+    """
     qp, kp = pca_project(queries, keys)
-    fig = new_figure(3.8, 3.6)
-    ax = fig.add_axes((0.12, 0.12, 0.84, 0.68))
-    ax.scatter(qp[:, 0], qp[:, 1], marker="o", s=36, c=QUERY_COLOR, alpha=0.8, label=f"queries ({len(qp)})")
-    ax.scatter(kp[:, 0], kp[:, 1], marker="^", s=44, facecolors="none", edgecolors=KEY_COLOR, linewidths=1.4,
-               label=f"keys ({len(kp)})")
-    if len(qp) + len(kp) <= MAX_POINT_LABELS:
-        for points, names, color in ((qp, query_labels, QUERY_COLOR), (kp, key_labels, KEY_COLOR)):
-            for (x, y), name in zip(points, names or []):
-                ax.annotate(name, (x, y), fontsize=6, color=color, xytext=(2, 2), textcoords="offset points")
+    fig = new_figure(*PANEL_SIZE)
+    ax = fig.add_axes((0.08, 0.1, 0.88, 0.68))
+    sets = []
+    for points, names, noun in ((qp, query_labels, "queries"), (kp, key_labels, "keys")):
+        labelled = bool(names) and len(points) <= MAX_POINT_LABELS
+        sets.append((labelled, f"{noun} ({len(points)}{'' if labelled or not names else ', unlabelled'})"))
+    ax.scatter(qp[:, 0], qp[:, 1], marker="o", s=44, c=QUERY_COLOR, alpha=0.8, label=sets[0][1])
+    ax.scatter(kp[:, 0], kp[:, 1], marker="^", s=54, facecolors="none", edgecolors=KEY_COLOR, linewidths=1.5,
+               label=sets[1][1])
+    ax.margins(0.18)  # room for the labels of points on the edge
+    ax.autoscale_view()  # final limits now, so that data -> pixel positions of the labels are right
+    for (labelled, _), points, names, color, side in ((sets[0], qp, query_labels, QUERY_COLOR, -1),
+                                                      (sets[1], kp, key_labels, KEY_COLOR, 1)):
+        if not labelled:
+            continue
+        for i, text in label_groups(ax.transData.transform(points), names or [], side):
+            ax.annotate(text, tuple(points[i]), fontsize=FONT_TEXT, color=color, va="bottom",
+                        xytext=(LABEL_OFFSET * side, 0), textcoords="offset pixels",
+                        ha="left" if side > 0 else "right")
     # PCA coordinates have no units worth reading; no tick labels saves a third of the drawing time.
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_xlabel("PC 1 (shared by queries and keys)", fontsize=7)
-    ax.set_ylabel("PC 2", fontsize=7)
-    ax.legend(fontsize=7, loc="best", framealpha=0.7)
+    ax.set_xlabel("PC 1 (one PCA of queries and keys together)", fontsize=FONT_LABEL)
+    ax.set_ylabel("PC 2", fontsize=FONT_LABEL)
+    ax.legend(fontsize=FONT_LABEL, loc="best", framealpha=0.7)
     metrics = []
     if ct is not None:
         metrics.append(f"CT={_fmt(ct)}")
     if mmd2 is not None:
         metrics.append(f"MMD²={_fmt(mmd2)}")
-    fig.suptitle(title + ("\n" + "   ".join(metrics) if metrics else ""), fontsize=9)
+    fig.suptitle(title + ("\n" + "   ".join(metrics) if metrics else ""), fontsize=FONT_TITLE)
     return fig
 
 
@@ -205,7 +269,11 @@ def plot_alignment_grid(
     highlight: tuple[int, int] | None = None,
     colorbar_label: str = "",
 ) -> Figure:
-    """Heatmap of values (L, H): rows = layers, columns = heads; ``highlight`` outlines one cell."""
+    """Heatmap of values (L, H): rows = layers, columns = heads; ``highlight`` outlines one cell.
+
+    The figure has the size of the other alignment panels (the cells stretch to fill it); values
+    are written into the cells when they are wide and tall enough for ``FONT_TEXT``.
+    """
     grid = _np(values)
     if grid.ndim != 2:
         raise ValueError(f"values must be (layers, heads), got shape {grid.shape}")
@@ -213,36 +281,40 @@ def plot_alignment_grid(
     if len(row_labels) != rows:
         raise ValueError(f"{rows} rows but {len(row_labels)} row labels")
     col_labels = list(col_labels) if col_labels is not None else [f"h{j}" for j in range(cols)]
-    # Margins in inches (title above, tick labels + axis label below) so small grids stay legible.
-    top, bottom, cell = 0.55, 0.45, 0.38
-    height = min(top + bottom + cell * rows, 5.0)
-    fig = new_figure(min(1.6 + 0.42 * cols, 6.0), height)
-    ax = fig.add_axes((0.18, bottom / height, 0.62, 1 - (top + bottom) / height))
+    width, height = PANEL_SIZE
+    box = (0.12, 0.12, 0.68, 0.66)  # axes (left, bottom, width, height) in figure fractions
+    fig = new_figure(width, height)
+    ax = fig.add_axes(box)
     finite = grid[np.isfinite(grid)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     image = ax.imshow(grid, cmap=CMAP, aspect="auto", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-12)
-    ax.set_xticks(range(cols), col_labels, fontsize=6)
-    ax.set_yticks(range(rows), list(row_labels), fontsize=6)
-    ax.set_xlabel("head", fontsize=7)
-    if rows * cols <= MAX_CELL_TEXT:
+    ax.set_xticks(range(cols), col_labels, fontsize=FONT_TICK)
+    ax.set_yticks(range(rows), list(row_labels), fontsize=FONT_TICK)
+    ax.set_xlabel("head", fontsize=FONT_LABEL)
+    ax.set_ylabel("layer", fontsize=FONT_LABEL)
+    cell_w, cell_h = box[2] * width * DPI / cols, box[3] * height * DPI / rows
+    text_px = _points_px(FONT_TEXT)
+    if cell_w >= CELL_TEXT_CHARS * 0.62 * text_px and cell_h >= 1.4 * text_px:
         middle = (vmin + vmax) / 2
         for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, _fmt(v), ha="center", va="center", fontsize=5.5,
+            ax.text(j, i, _fmt(v), ha="center", va="center", fontsize=FONT_TEXT,
                     color="black" if v > middle else "white")
     if highlight is not None:
         i, j = highlight
-        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#ff3300", linewidth=2))
-    cax = fig.add_axes((0.83, bottom / height, 0.03, 1 - (top + bottom) / height))
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#ff3300", linewidth=3))
+    cax = fig.add_axes((box[0] + box[2] + 0.03, box[1], 0.035, box[3]))
     bar = fig.colorbar(image, cax=cax, ticks=MaxNLocator(4))
-    bar.ax.tick_params(labelsize=6)
+    bar.ax.tick_params(labelsize=FONT_TICK)
     if colorbar_label:
-        bar.set_label(colorbar_label, fontsize=7)
-    fig.suptitle(title, fontsize=9)
+        bar.set_label(colorbar_label, fontsize=FONT_LABEL)
+    fig.suptitle(title, fontsize=FONT_TITLE)
     return fig
 
 
-def _tick_positions(count: int) -> list[int]:
-    step = max(1, -(-count // MAX_TICKS))
+def _tick_positions(count: int, length_px: float) -> list[int]:
+    """Every k-th of ``count`` ticks along ``length_px`` pixels, k the smallest that keeps labels apart."""
+    fit = max(1, int(length_px // (TICK_SPACING * _points_px(FONT_TICK))))
+    step = max(1, -(-count // fit))
     return list(range(0, count, step))
 
 
@@ -254,20 +326,22 @@ def plot_attention_matrix(attn: Any, query_labels: Sequence[str], key_labels: Se
     n, m = matrix.shape
     if len(query_labels) != n or len(key_labels) != m:
         raise ValueError(f"attention is {n} x {m} but got {len(query_labels)} x {len(key_labels)} labels")
-    fig = new_figure(min(1.8 + 0.26 * m, 6.0), min(1.5 + 0.22 * n, 6.0))
-    ax = fig.add_axes((0.2, 0.08, 0.62, 0.66))
+    width, height = PANEL_SIZE
+    box = (0.2, 0.06, 0.6, 0.58)  # room above the axes for the title and the rotated key labels
+    fig = new_figure(width, height)
+    ax = fig.add_axes(box)
     image = ax.imshow(matrix, cmap=CMAP, aspect="auto", vmin=0.0, vmax=max(float(matrix.max(initial=0.0)), 1e-12))
-    # Every label up to MAX_TICKS per axis; beyond that every k-th (100 detector regions).
-    xs, ys = _tick_positions(m), _tick_positions(n)
-    ax.set_xticks(xs, [key_labels[i] for i in xs], fontsize=6, rotation=60, ha="left")
-    ax.set_yticks(ys, [query_labels[i] for i in ys], fontsize=6)
+    # Every label while they fit; beyond that every k-th (49 grid cells, 100 detector regions).
+    xs, ys = _tick_positions(m, box[2] * width * DPI), _tick_positions(n, box[3] * height * DPI)
+    ax.set_xticks(xs, [key_labels[i] for i in xs], fontsize=FONT_TICK, rotation=60, ha="left")
+    ax.set_yticks(ys, [query_labels[i] for i in ys], fontsize=FONT_TICK)
     ax.xaxis.tick_top()
-    ax.set_xlabel("keys", fontsize=7)
-    ax.set_ylabel("queries", fontsize=7)
-    cax = fig.add_axes((0.85, 0.08, 0.03, 0.66))
+    ax.set_xlabel("keys", fontsize=FONT_LABEL)
+    ax.set_ylabel("queries", fontsize=FONT_LABEL)
+    cax = fig.add_axes((box[0] + box[2] + 0.04, box[1], 0.035, box[3]))
     bar = fig.colorbar(image, cax=cax, ticks=MaxNLocator(4))
-    bar.ax.tick_params(labelsize=6)
-    fig.suptitle(title, fontsize=9)
+    bar.ax.tick_params(labelsize=FONT_TICK)
+    fig.suptitle(title, fontsize=FONT_TITLE)
     return fig
 
 

@@ -115,16 +115,30 @@ def thumbnail(picture: np.ndarray | None, boxes: np.ndarray, image_size: tuple[i
     return np.asarray(im)
 
 
-def question_files(config: Config, store: Any) -> list[Path]:
-    """The validation questions of a checkpoint's data config (where the gallery's questions come from)."""
+def question_files(config: Config, store: Any, split: str = "val") -> list[Path]:
+    """The ``split`` ("val": where the gallery's questions come from, or "train") questions of a
+    checkpoint's data config."""
     data = config.data
-    if data.val_questions:
-        return [Path(p).expanduser() for p in data.val_questions]
+    listed = data.val_questions if split == "val" else data.train_questions
+    if listed:
+        return [Path(p).expanduser() for p in listed]
     if data.dataset == "easy_vqa" and store is not None:
         from vqa_align.data.easy_vqa import prepared_files
 
-        return [prepared_files(store.path.parent)["val"]["questions"]]
+        return [prepared_files(store.path.parent)[split]["questions"]]
     return []
+
+
+def question_image_ids(files: list[Path]) -> set[int]:
+    """Image ids asked about in VQA-format question files (unreadable files are skipped)."""
+    ids: set[int] = set()
+    for path in files:
+        try:
+            questions = json.loads(path.read_text()).get("questions", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        ids.update(q["image_id"] for q in questions if isinstance(q, dict) and isinstance(q.get("image_id"), int))
+    return ids
 
 
 def find_examples(store: Any, files: list[Path], n: int) -> list[Example]:

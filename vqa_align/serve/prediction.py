@@ -41,6 +41,10 @@ class ModuleResult:
     keys: np.ndarray  # (H, m, d)
     query_labels: list[str]
     key_labels: list[str]
+    # (H,) mean CT / MMD² of the pooled queries and keys re-split at random (serve.reading): the value of
+    # "no gap between queries and keys" for this head, the scale to read ct and mmd2 against
+    ct_resplit: np.ndarray | None = None
+    mmd2_resplit: np.ndarray | None = None
 
 
 @dataclass
@@ -66,6 +70,8 @@ class Prediction:
     num_heads: int
     checkpoint: str = ""
     elapsed_ms: float = 0.0
+    # an upload's distance from the training pictures' features (serve.novelty), None for store images
+    novelty: float | None = None
 
     def module(self, kind: str, layer: int) -> ModuleResult:
         for m in self.modules:

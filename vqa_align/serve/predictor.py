@@ -38,7 +38,9 @@ from vqa_align.runs.checkpoint import CheckpointError, LoadedCheckpoint, checkpo
 from vqa_align.serve import gallery
 from vqa_align.serve.gallery import Example, ImageLoader
 from vqa_align.serve.images import display_copy, load_upload
+from vqa_align.serve.novelty import NOVELTY_QUANTILE, FeatureStats, novelty, store_stats
 from vqa_align.serve.prediction import InputError, ModuleResult, Prediction
+from vqa_align.serve.reading import resplit_baseline
 
 MAX_QUESTION_CHARS = 5000  # longer text is cut before tokenising (the model reads 14 words anyway)
 GALLERY_POOL = 48  # examples looked up once; the app shows the first 12
@@ -110,6 +112,7 @@ class Predictor:
         self.image_loader = image_loader or gallery.default_image_loader(self.config)
         self.upload_error = self._upload_error()
         self._examples: list[Example] | None = None
+        self._novelty: FeatureStats | None = None  # statistics of the training pictures, on the first upload
 
     # --- set-up -----------------------------------------------------------------------------
     @property
@@ -239,6 +242,26 @@ class Predictor:
         feats, boxes = found.features[: self.max_regions], found.boxes[: self.max_regions]
         return ImageRegions(feats, normalise_boxes(boxes, width, height), (width, height), rgb, notes=notes)
 
+    def novelty_stats(self) -> FeatureStats | None:
+        """Statistics of the training pictures' features (:mod:`~vqa_align.serve.novelty`), computed once;
+        None without a feature store. Pictures of the training questions, else all of the store's."""
+        if self._novelty is None and self.store is not None:
+            train_ids = gallery.question_image_ids(gallery.question_files(self.config, self.store, "train"))
+            self._novelty = store_stats(self.store, train_ids or None, self.max_regions)
+        return self._novelty
+
+    def _novelty_note(self, features: np.ndarray) -> tuple[float | None, list[str]]:
+        """(novelty of an upload's region features, a warning when it is beyond the training pictures')."""
+        stats = self.novelty_stats()
+        if stats is None:
+            return None, []
+        score = novelty(stats, features)
+        if score <= stats.threshold:
+            return score, []
+        return score, [f"**This picture is unlike the pictures the model was trained on** (feature novelty "
+                       f"{score:.1f}; {NOVELTY_QUANTILE:.0%} of the training pictures score at most "
+                       f"{stats.threshold:.1f}): the answer is probably meaningless."]
+
     def _backbone_regions(self, rgb: np.ndarray) -> ImageRegions:
         """Regions of a picture from the checkpoint's recorded extractor (built once, checked by sha256)."""
         from PIL import Image
@@ -272,6 +295,7 @@ class Predictor:
             regions = self._upload_regions(image)
         if len(regions.features) == 0:
             raise InputError("The image has no regions to look at.")
+        score, warning = self._novelty_note(regions.features) if image_id is None else (None, [])
         output, diagnostics = self._run_model(encoded, regions, image_id)
         probs = output.logits[0].float().softmax(-1)
         k = max(1, min(int(top_k), len(self.answers)))
@@ -288,7 +312,7 @@ class Predictor:
             top_k=top,
             tokens=encoded.words,
             oov=encoded.oov,
-            notes=encoded.notes + regions.notes,
+            notes=encoded.notes + regions.notes + warning,
             image_id=image_id,
             image=display_copy(regions.picture) if regions.picture is not None else None,
             image_size=(int(width), int(height)),
@@ -302,6 +326,7 @@ class Predictor:
             num_heads=self.num_heads,
             checkpoint=str(self.path),
             elapsed_ms=(time.perf_counter() - start) * 1e3,
+            novelty=score,
         )
 
     def _run_model(self, encoded: EncodedQuestion, regions: ImageRegions, image_id: int | None) -> tuple[Any, Any]:
@@ -353,6 +378,9 @@ def _module_result(diag: Any, labels: dict[str, list[str]]) -> ModuleResult:
     def arr(t: torch.Tensor) -> np.ndarray:
         return t.float().cpu().numpy()
 
+    queries, keys = det.queries[0, :, :n], det.keys[0, :, :m]  # (H, n, d), (H, m, d)
+    baseline = resplit_baseline(queries, keys)
+
     return ModuleResult(
         name=diag.name,
         kind=diag.kind,
@@ -361,10 +389,12 @@ def _module_result(diag: Any, labels: dict[str, list[str]]) -> ModuleResult:
         mmd2=arr(diag.mmd2[0]),
         learned=arr(diag.learned_distance[0]) if diag.learned_distance is not None else None,
         attention=arr(det.attention[0, :, :n, :m]),  # (H, n, m)
-        queries=arr(det.queries[0, :, :n]),  # (H, n, d)
-        keys=arr(det.keys[0, :, :m]),  # (H, m, d)
+        queries=arr(queries),  # (H, n, d)
+        keys=arr(keys),  # (H, m, d)
         query_labels=labels[query_side][:n],
         key_labels=labels[key_side][:m],
+        ct_resplit=baseline.ct,
+        mmd2_resplit=baseline.mmd2,
     )
 
 

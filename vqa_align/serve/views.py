@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from vqa_align.serve import figures as vis
-from vqa_align.serve.prediction import KIND_LABELS, METRICS, Prediction
+from vqa_align.serve.prediction import KIND_LABELS, METRICS, ModuleResult, Prediction
+from vqa_align.serve.reading import near_uniform
 
 
 @dataclass
@@ -24,8 +25,9 @@ class Views:
     projection: Any  # Figure: queries and keys of the head in one shared PCA
     grid: Any  # Figure: layers x heads of the metric
     matrix: Any  # Figure: the head's attention matrix
-    caption: str = ""  # one line describing the selection
+    caption: str = ""  # the selection, its CT and MMD² with a scale to read them, near-uniform warnings
     selection: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the selected head's "ct" and "mmd2"
 
 
 SHADINGS = ("glimpse", "guided")
@@ -106,9 +108,13 @@ def render_views(
         boxes = pred.boxes * np.array([w, h, w, h], np.float32)
     else:
         boxes = pred.boxes_px
+    # Near-uniform weights carry no "where": no top boxes outlined, and the title says so.
+    flat_regions, region_entropy = near_uniform(regions)
+    if flat_regions:
+        shade_title += f"\nnear-uniform ({region_entropy:.2f} of max entropy): no region singled out"
     region = vis.plot_region_attention(
         display, boxes, regions, f"answer “{pred.answer}”\n{shade_title}", image_size=pred.image_size,
-        labels=pred.region_labels,
+        labels=pred.region_labels, top=0 if flat_regions else 3,
     )
     tokens = [t + ("?" if o else "") for t, o in zip(pred.tokens, pred.oov)]
     spans = vis.question_attention_spans(tokens, words)
@@ -123,12 +129,28 @@ def render_views(
         grid_values, [f"L{i}" for i in range(len(grid_values))], f"{METRICS[metric]} per layer × head\n{label}",
         highlight=(layer, head), colorbar_label=METRICS[metric],
     )
+    flat_attention, attention_entropy = near_uniform(module.attention[head])
     matrix = vis.plot_attention_matrix(
-        module.attention[head], module.query_labels, module.key_labels, f"attention · {where}\n{label}"
+        module.attention[head], module.query_labels, module.key_labels,
+        f"attention · {where}\n{label}" + ("\nnear-uniform: no key singled out" if flat_attention else ""),
     )
-    caption = (
-        f"{label}, {where}: CT = {module.ct[head]:.3f}, MMD² = {module.mmd2[head]:.4f}"
-        f" (mean over heads {module.mmd2.mean():.4f})"
-    )
+    caption = head_caption(module, head, f"{label}, {where}")
+    if flat_attention:
+        caption += (f"\n\n⚠️ This head's attention is near-uniform (mean row entropy {attention_entropy:.2f} of "
+                    "the maximum): the head does not single out a key; the matrix's colours show small differences.")
+    if flat_regions:
+        caption += (f"\n\n⚠️ The shading of the picture ({shade_title.splitlines()[0]}) is near-uniform "
+                    f"({region_entropy:.2f} of the maximum entropy): no region is singled out.")
     return Views(region, spans, projection, grid, matrix, caption,
-                 dict(kind=kind, layer=layer, head=head, metric=metric, shading=shading))
+                 dict(kind=kind, layer=layer, head=head, metric=metric, shading=shading),
+                 dict(ct=float(module.ct[head]), mmd2=float(module.mmd2[head])))
+
+
+def head_caption(module: ModuleResult, head: int, where: str) -> str:
+    """One line: the head's MMD² and CT, what lower means, and the scale to read them against."""
+    text = (f"**{where}**: MMD² = {module.mmd2[head]:.3f}, CT = {module.ct[head]:.3f} "
+            f"(mean over heads: MMD² {module.mmd2.mean():.3f}). Lower = queries and keys closer.")
+    if module.mmd2_resplit is not None and module.ct_resplit is not None:
+        text += (f" No gap at all — this head's queries and keys pooled and re-split at random — gives "
+                 f"MMD² ≈ {module.mmd2_resplit[head]:.3f}, CT ≈ {module.ct_resplit[head]:.3f}.")
+    return text
