@@ -493,5 +493,38 @@ def check_device_available(device: str) -> None:
         raise ConfigError(f"train.device {device!r}: MPS is not available here; use --set train.device=auto or cpu")
 
 
+# Fields that name files or folders. A run stores them absolute, so that its folder works from
+# any working directory (`vqa-align predict --checkpoint /abs/run ...` run elsewhere).
+PATH_FIELDS = ("data.cache_dir", "data.features", "data.val_features", "data.train_questions",
+               "data.train_annotations", "data.val_questions", "data.val_annotations", "data.test_questions",
+               "model.glove_path")
+
+
+def _absolute(path: str, base: Path) -> str:
+    return str((base / Path(path).expanduser()).resolve(strict=False))
+
+
+def make_paths_absolute(config: Config, base: str | Path | None = None) -> Config:
+    """Turn the relative paths of :data:`PATH_FIELDS` (and a local ``train.init_from``) into
+    absolute ones against ``base`` (default: the working directory), in place; returns ``config``.
+
+    ``train.init_from`` may also be a Hugging Face Hub repo id, so it changes only when it names an
+    existing local folder.
+    """
+    root = Path(base) if base is not None else Path.cwd()
+    for dotted in PATH_FIELDS:
+        section_name, key = dotted.split(".")
+        section = getattr(config, section_name)
+        value = getattr(section, key)
+        if isinstance(value, list):
+            setattr(section, key, [_absolute(v, root) for v in value])
+        elif isinstance(value, str):
+            setattr(section, key, _absolute(value, root))
+    init = config.train.init_from
+    if init and (root / Path(init).expanduser()).exists():
+        config.train.init_from = _absolute(init, root)
+    return config
+
+
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -25,7 +25,7 @@ from vqa_align.errors import UserError
 RUN_MARKER = ".vqa-align-run"
 # What training, the experiment runner and `vqa-align eval --out RUN/eval` write into a run folder.
 RUN_ENTRIES = frozenset({RUN_MARKER, "config.yaml", "checkpoints", "metrics.jsonl", "curves.png", "curves.tmp.png",
-                         "tensorboard", "eval", "done.json"})
+                         "tensorboard", "eval", "done.json", "README.md"})  # README.md: the model card
 STAGED_SUFFIX = ".new"  # the replacement run while it trains
 OLD_SUFFIX = ".old"  # the replaced run during the swap
 
@@ -149,10 +149,11 @@ def check_resume_config(run_config: Path, new: dict[str, Any]) -> None:
     """Refuse a resume whose config changes the model, the data or the training recipe."""
     import yaml
 
-    from vqa_align.config import ConfigError, config_from_dict
+    from vqa_align.config import ConfigError, config_from_dict, make_paths_absolute
 
     try:
-        saved = config_from_dict(yaml.safe_load(run_config.read_text())).to_dict()
+        # Runs written before paths were stored absolute: their relative paths meant the working directory.
+        saved = make_paths_absolute(config_from_dict(yaml.safe_load(run_config.read_text()))).to_dict()
     except FileNotFoundError:
         raise UserError(f"--resume: {run_config} is missing") from None
     except (yaml.YAMLError, ConfigError, UnicodeDecodeError, AttributeError, TypeError) as err:
