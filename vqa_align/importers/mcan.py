@@ -503,7 +503,7 @@ def import_checkpoint(
         save_config(imported.config, tmp / "config.yaml")
         save_checkpoint(tmp / "checkpoints" / "last", model, imported.config, imported.answers, tokenizer,
                         meta=imported.meta)
-        write_model_card(tmp)
+        write_model_card(tmp, name=out.name)
         if out.exists():
             old = out.with_name(out.name + ".replaced")
             if old.exists():

@@ -94,9 +94,9 @@ def _data_lines(data: dict[str, Any], imported: dict[str, Any] | None) -> list[s
     lines = []
     if imported:
         fmt = imported.get("format", "?")
+        epoch = f", epoch {imported['epoch']}" if "epoch" in imported else ""
         lines.append(f"- Imported from a **{fmt}** checkpoint (`{Path(str(imported.get('checkpoint', '?'))).name}`, "
-                     f"sha256 `{str(imported.get('sha256', ''))[:12]}…`, epoch {imported.get('epoch', '?')}), "
-                     "not trained by vqa-align.")
+                     f"sha256 `{str(imported.get('sha256', ''))[:12]}…`{epoch}), not trained by vqa-align.")
         lines.append(f"- Training data of the original: {IMPORTED_TRAINING_DATA.get(fmt, 'see its code base')}.")
         files = [Path(str(p)).name for p in imported.get("question_files", [])]
         lines.append(f"- Vocabulary rebuilt from: {', '.join(f'`{f}`' for f in files)}.")
@@ -130,7 +130,8 @@ def _extractor_lines(extractor: dict[str, Any] | None, data: dict[str, Any]) -> 
             "`--extractor bottom-up`."]
 
 
-def _accuracy_lines(meta: dict[str, Any], best: dict[str, Any], evaluations: list[dict[str, Any]]) -> list[str]:
+def _accuracy_lines(meta: dict[str, Any], best: dict[str, Any], evaluations: list[dict[str, Any]],
+                    name: str) -> list[str]:
     lines = []
     shown = [e for e in evaluations if not e.get("noise_std")]
     if shown:
@@ -143,13 +144,19 @@ def _accuracy_lines(meta: dict[str, Any], best: dict[str, Any], evaluations: lis
     score = best.get("best_val_accuracy", meta.get("best_val_accuracy"))
     if isinstance(score, (int, float)) and score >= 0:
         lines.append(f"- Best validation accuracy during training: {score:.2f} % (epoch {best.get('epoch', '?')}).")
-    if not lines:
-        lines.append("- Not evaluated yet: `vqa-align eval --checkpoint RUN --split val` fills this in.")
+    if not lines and meta.get("imported_from"):
+        lines.append(f"- Not evaluated yet. `vqa-align eval --checkpoint {name} --split val` fills this in; for a "
+                     f"model trained on val, `vqa-align eval --checkpoint {name} --split test --results-out "
+                     "results.json` gives the answers to upload to EvalAI (test-dev).")
+    elif not lines:
+        lines.append(f"- Not evaluated yet: `vqa-align eval --checkpoint {name} --split val` fills this in.")
     return lines
 
 
-def render_model_card(run: Path) -> str:
-    """The card's Markdown for run folder ``run`` (from its files only)."""
+def render_model_card(run: Path, name: str | None = None) -> str:
+    """The card's Markdown for run folder ``run`` (from its files only); ``name``: the folder's final
+    name when ``run`` is still a staged sibling (``NAME.new``, ``NAME.importing``)."""
+    folder = name or run.name
     config = _read_yaml(run / "config.yaml")
     model, data = config.get("model") or {}, config.get("data") or {}
     meta = _read_json(run / "checkpoints" / "last" / "meta.json") or {}
@@ -158,7 +165,7 @@ def render_model_card(run: Path) -> str:
     evaluations = [e for e in evaluations if isinstance(e, dict) and "accuracy" in e] if isinstance(evaluations, list) else []
     imported = meta.get("imported_from") if isinstance(meta.get("imported_from"), dict) else None
     extractor = meta.get("extractor") if isinstance(meta.get("extractor"), dict) else None
-    name = config.get("name", run.name)
+    title = config.get("name", folder)
     tags = ["vqa-align", "visual-question-answering", "mcan"]
     if (model.get("alignment") or {}).get("method", "none") != "none":
         tags.append("alignment-attention")
@@ -168,29 +175,29 @@ def render_model_card(run: Path) -> str:
     parts = [
         "---", yaml.safe_dump({"library_name": "vqa-align", "tags": tags, "pipeline_tag": "visual-question-answering"},
                               sort_keys=False).strip(), "---", "",
-        f"# {name}", "", _model_line(model) + ".", "",
+        f"# {title}", "", _model_line(model) + ".", "",
         "## What it was trained on", "", *_data_lines(data, imported), "",
         "## Image features", "", *_extractor_lines(extractor, data), "",
-        "## Accuracy", "", *_accuracy_lines(meta, best, evaluations), "",
+        "## Accuracy", "", *_accuracy_lines(meta, best, evaluations, folder), "",
         "## How to use it", "",
         "This folder is a vqa-align run; load it from here or, once uploaded "
         "(`huggingface-cli upload USER/REPO RUN_FOLDER`), by its Hub id:", "",
         "```python", "from vqa_align import Predictor",
-        f'predictor = Predictor.from_pretrained("{run.name}")  # this folder, or "USER/REPO"',
+        f'predictor = Predictor.from_pretrained("{folder}")  # this folder, or "USER/REPO"',
         f'print(predictor.answer("what is in the picture?", {ask}).answer)', "```", "",
         "```bash",
-        f'vqa-align predict --checkpoint {run.name} {cli_image} --question "what is in the picture?"',
-        f"vqa-align eval    --checkpoint {run.name} --split val",
-        f"vqa-align demo    --checkpoint {run.name}", "```", "",
+        f'vqa-align predict --checkpoint {folder} {cli_image} --question "what is in the picture?"',
+        f"vqa-align eval    --checkpoint {folder} --split val",
+        f"vqa-align demo    --checkpoint {folder}", "```", "",
         "_Written by vqa-align from the run's config.yaml, checkpoint metadata and evaluations; "
         "it is rewritten when the run trains or is evaluated._", "",
     ]
     return "\n".join(parts)
 
 
-def write_model_card(run: str | Path) -> Path:
-    """Write (or refresh) ``RUN/README.md``; returns its path."""
+def write_model_card(run: str | Path, name: str | None = None) -> Path:
+    """Write (or refresh) ``RUN/README.md``; returns its path (``name``: see :func:`render_model_card`)."""
     run = Path(run)
     path = run / CARD_FILE
-    _atomic_write(path, render_model_card(run))
+    _atomic_write(path, render_model_card(run, name))
     return path

@@ -275,7 +275,7 @@ class Trainer:
         save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self.config, self.answers,
                         self.tokenizer, state, meta)
         if name == "last" and isinstance(self.config, Config):  # a VQA run: its model card, up to date
-            write_model_card(self.run_dir)
+            write_model_card(self.run_dir, name=(self.replaces or self.run_dir).name)
         if self.replaces is not None and name == "last":
             self._swap_in()
         return self.run_dir / "checkpoints" / name
