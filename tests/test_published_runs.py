@@ -289,6 +289,13 @@ def test_model_card_of_an_import_is_refreshed_by_eval(imported_run, capsys):  # 
     assert "Imported from a **mcan-vqa** checkpoint" in card and "val is part of their training data" in card
     assert "Not evaluated yet" in card and 'Predictor.from_pretrained("run")' in card
     assert "vqa-align predict --checkpoint run --image-id 42" in card  # no extractor: store images only
+    # docs/import.md's test-dev recipe: answers to every test question in the server's format.
+    results = imported_run["root"] / "results_test2015.json"
+    assert cli_main(["eval", "--checkpoint", str(run), "--split", "test", "--results-out", str(results)]) == 0
+    test_ids = [q["question_id"] for q in json.loads(imported_run["files"]["questions"][2].read_text())["questions"]]
+    answers = json.loads(results.read_text())
+    assert sorted(r["question_id"] for r in answers) == sorted(test_ids) and all(r["answer"] in ANSWERS for r in answers)
+    assert (run / "README.md").read_text() == card  # nothing scored: the card stays
     capsys.readouterr()
     assert cli_main(["eval", "--checkpoint", str(run), "--split", "val", "--batch-size", "2"]) == 0
     accuracy = json.loads(capsys.readouterr().out)["accuracy"]
