@@ -111,6 +111,9 @@ def test_imported_model_answers_about_a_new_photo(files, detector_dir, photo, mo
     assert predictor.uploads_enabled
     pred = predictor.answer(QUESTION, image=str(photo))
     assert pred.answer == out["answer"] and all(" thing" in label for label in pred.region_labels)
+    from vqa_align_app.main import build_app
+
+    build_app(predictor)  # the page builds for a run with no feature store: uploads only
     # The card says which extractor makes its features.
     card = (run / "README.md").read_text()
     assert "`bottom-up`" in card and "mode=adaptive" in card and recorded["weights_sha256"][:12] in card
