@@ -204,6 +204,10 @@ def test_make_paths_absolute_and_resume_of_an_older_relative_run(tmp_path, monke
     assert config.data.features == str(tmp_path / "f.h5") and config.data.train_questions == [str(tmp_path / "q/train.json")]
     assert config.data.cache_dir == str(Path("~/c").expanduser()) and config.train.init_from == "user/repo"
     check_resume_config(old, config.to_dict())  # same run: the relative paths meant this directory
+    from vqa_align.experiments.grid import config_signature  # experiments reuse such runs too
+
+    assert config_signature(yaml.safe_load(old.read_text())) == config_signature(config)
+    assert config_signature(yaml.safe_load(old.read_text())) != config_signature(Config())
     config.train.init_from = "init"
     assert make_paths_absolute(config).train.init_from == str(tmp_path / "init")
 
