@@ -54,6 +54,7 @@ CHECKED_LATER = {
     # extract: pictures, backbone names and parameters, devices (tests/test_extract.py)
     "images", "--images", "--backbone", "--param", "--device", "--weights-dir",
     "--sdist", "--runs-dir",  # prep sentiment / sentiment experiment: tests/test_sentiment.py
+    "--extractor", "--extractor-param",  # import: tests/test_published_runs.py
 }
 REQUIRED_ARGS = {
     "eval": ["--checkpoint", "ckpt"],

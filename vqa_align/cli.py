@@ -150,7 +150,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint (VQA accuracy, calibration, PAvPU, noise)")
-    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or Hugging Face Hub id user/repo")
     p.add_argument("--split", default="val", type=_non_empty, help="split to evaluate (val, test, ...)")
     p.add_argument("--results-out", help="write answers in the official submission format")
     p.add_argument("--noise-std", type=NON_NEGATIVE, default=0.0, help="add N(0, s^2) noise to region features")
@@ -162,7 +162,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="answer one question about one image, as JSON")
-    p.add_argument("--checkpoint", help="run or checkpoint folder (default: the quickstart's)")
+    p.add_argument("--checkpoint", help="run or checkpoint folder, or Hugging Face Hub id user/repo (default: the quickstart's)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image-id", type=COUNT, help="an image of the prepared feature store")
     src.add_argument("--image", help="a picture file; its features come from the extractor the model was trained on")
@@ -181,7 +181,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="launch the Gradio app")
-    p.add_argument("--checkpoint", help="run or checkpoint folder (default: the quickstart's)")
+    p.add_argument("--checkpoint", help="run or checkpoint folder, or Hugging Face Hub id user/repo (default: the quickstart's)")
     p.add_argument("--compare", help="second checkpoint shown side by side")
     p.add_argument("--images", help="folder of the store's pictures (as given to `vqa-align extract`) for the gallery")
     p.add_argument("--host", default="127.0.0.1", type=_non_empty)
@@ -210,8 +210,30 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_handler("vqa_align.experiments.vqa", "run_experiment"))
 
 
+IMPORT_DESCRIPTION = """\
+Turn an MCAN checkpoint trained by mcan-vqa or OpenVQA (their released MCAN-small / MCAN-large
+models, or your own runs) into a vqa-align run folder that eval, predict, demo, experiment and
+train --init-from use like any other run. The question files rebuild the model's vocabulary and
+must be those it was trained with, in training order. With --extractor bottom-up the run records
+the detector of its features, so that it can answer about new photos (predict --image, the app).
+Details: docs/import.md."""
+
+IMPORT_EPILOG = """\
+example (the released MCAN-small of mcan-vqa, trained on train+val+VG):
+  vqa-align import mcan-vqa ckpts/ckpt_small/epoch13.pkl \\
+      --questions v2_OpenEnded_mscoco_train2014_questions.json v2_OpenEnded_mscoco_val2014_questions.json \\
+                  v2_OpenEnded_mscoco_test2015_questions.json VG_questions.json \\
+      --answers core/data/answer_dict.json --features features_test.h5 \\
+      --extractor bottom-up --out runs/mcan_small
+  vqa-align eval --checkpoint runs/mcan_small --split test --results-out results.json   # upload to EvalAI
+  vqa-align predict --checkpoint runs/mcan_small --image photo.jpg --question "what is the man holding?"
+"""
+
+
 def _add_import(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="import an MCAN checkpoint of mcan-vqa or OpenVQA as a vqa-align run")
+    p = sub.add_parser("import", help="import an MCAN checkpoint of mcan-vqa or OpenVQA as a vqa-align run",
+                       description=IMPORT_DESCRIPTION, epilog=IMPORT_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("format", choices=["mcan-vqa", "openvqa"], help="the code base that trained the checkpoint")
     p.add_argument("checkpoint", help="its .pkl checkpoint (torch.save of {'state_dict', ...})")
     p.add_argument("--questions", nargs="+", required=True, metavar="FILE",
@@ -223,6 +245,14 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-annotations", help="annotations of the val questions, for `vqa-align eval`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
                    help="set a data field of the written config (repeatable)")
+    p.add_argument("--extractor", metavar="BACKBONE",
+                   help="the `vqa-align extract` backbone its features came from (bottom-up for the released "
+                        "models); recorded with its weights' sha256 so that predict --image and the app can "
+                        "answer about new photos (its weights must be here: `vqa-align extract --download "
+                        "--backbone bottom-up`)")
+    p.add_argument("--extractor-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of --extractor, as `extract --param` (default: adaptive 10-100 boxes, "
+                        "800/1333 px, as the downloadable features); e.g. weights=DIR, mode=fixed, boxes=36")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_handler("vqa_align.importers.mcan", "run_import"))
 

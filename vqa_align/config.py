@@ -493,5 +493,54 @@ def check_device_available(device: str) -> None:
         raise ConfigError(f"train.device {device!r}: MPS is not available here; use --set train.device=auto or cpu")
 
 
+# Fields that name files or folders. A run stores them absolute, so that its folder works from
+# any working directory (`vqa-align predict --checkpoint /abs/run ...` run elsewhere).
+PATH_FIELDS = ("data.cache_dir", "data.features", "data.val_features", "data.train_questions",
+               "data.train_annotations", "data.val_questions", "data.val_annotations", "data.test_questions",
+               "model.glove_path")
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    """A path string (or a list of them) made absolute against ``base``; anything else unchanged."""
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
+    if isinstance(value, str):
+        return str((base / Path(value).expanduser()).resolve(strict=False))
+    return value
+
+
+def _absolute_init_from(value: Any, base: Path) -> Any:
+    """``train.init_from``: also a Hugging Face Hub repo id, so only an existing local folder changes."""
+    if isinstance(value, str) and value and (base / Path(value).expanduser()).exists():
+        return _absolute(value, base)
+    return value
+
+
+def make_paths_absolute(config: Config, base: str | Path | None = None) -> Config:
+    """Turn the relative paths of :data:`PATH_FIELDS` (and a local ``train.init_from``) into
+    absolute ones against ``base`` (default: the working directory), in place; returns ``config``."""
+    root = Path(base) if base is not None else Path.cwd()
+    for dotted in PATH_FIELDS:
+        section_name, key = dotted.split(".")
+        section = getattr(config, section_name)
+        setattr(section, key, _absolute(getattr(section, key), root))
+    config.train.init_from = _absolute_init_from(config.train.init_from, root)
+    return config
+
+
+def paths_made_absolute(data: dict[str, Any], base: str | Path | None = None) -> dict[str, Any]:
+    """The same for a config as a plain dict (a copy), e.g. to compare a saved config with a new one;
+    sections or keys it lacks are left alone (it may be another task's config)."""
+    root = Path(base) if base is not None else Path.cwd()
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for dotted in PATH_FIELDS:
+        section_name, key = dotted.split(".")
+        if isinstance(out.get(section_name), dict) and key in out[section_name]:
+            out[section_name][key] = _absolute(out[section_name][key], root)
+    if isinstance(out.get("train"), dict) and "init_from" in out["train"]:
+        out["train"]["init_from"] = _absolute_init_from(out["train"]["init_from"], root)
+    return out
+
+
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

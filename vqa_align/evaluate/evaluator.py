@@ -19,6 +19,7 @@ import torch
 
 from vqa_align.metrics.calibration import calibration_table, noise_features, pavpu, reliability_diagram
 from vqa_align.runs.checkpoint import load_checkpoint
+from vqa_align.runs.hub import locate_run
 from vqa_align.errors import UserError
 from vqa_align.paths import check_output_paths
 from vqa_align.evaluate.loop import forward_batches
@@ -91,7 +92,7 @@ def evaluate_checkpoint(
     from vqa_align.data.loaders import build_data
 
     check_eval_options(batch_size=batch_size, noise_std=noise_std, mc_samples=mc_samples)
-    ckpt = load_checkpoint(checkpoint, device=device)
+    ckpt = load_checkpoint(locate_run(checkpoint), device=device)  # a local folder or a Hub repo id
     if mc_samples > 0 and max(dropout_rates(ckpt.model), default=0.0) == 0.0:
         # Refused rather than reported: every sample would be the same prediction, so the t-test
         # never finds an answer certain and PAvPU would only be the error rate under another name.
@@ -115,7 +116,27 @@ def evaluate_checkpoint(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    _refresh_model_card(ckpt.path, metrics)
     return metrics
+
+
+def _refresh_model_card(checkpoint: Path, metrics: dict[str, Any]) -> None:
+    """Put the score into the model card of the run ``checkpoint`` belongs to: only a run folder
+    vqa-align made (its marker), never a download in the Hugging Face cache; a run that cannot be
+    written (read-only) keeps its card, with a note."""
+    import sys
+
+    from vqa_align.runs.hub import in_hub_cache
+    from vqa_align.runs.model_card import record_evaluation
+    from vqa_align.runs.run_folder import RUN_MARKER
+
+    run = checkpoint.parent.parent
+    if checkpoint.parent.name != "checkpoints" or not (run / RUN_MARKER).is_file() or in_hub_cache(run):
+        return
+    try:
+        record_evaluation(run, checkpoint, metrics)
+    except OSError as err:
+        print(f"note: the model card of {run} was not updated ({err.strerror or err})", file=sys.stderr)
 
 
 def check_eval_outputs(checkpoint: Path, data: Any, results_out: str | Path | None, out_dir: str | Path | None) -> None:

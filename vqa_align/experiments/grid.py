@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from vqa_align.config import ALIGNMENT_METHODS, MAX_SEED
+from vqa_align.config import ALIGNMENT_METHODS, MAX_SEED, paths_made_absolute
 from vqa_align.errors import UserError
 
 # Run-environment fields that may differ between an interrupted run and its resumption.
@@ -111,6 +111,9 @@ def config_signature(config: Any) -> dict[str, Any]:
     """The config (an object with ``to_dict()`` or a dict) without run-environment fields: what
     must match for a run to be reused or resumed."""
     data = json.loads(json.dumps(config if isinstance(config, dict) else config.to_dict()))
+    # Paths as the trainer stores them (absolute): a run's config.yaml and a config naming the same
+    # files relative to the working directory are the same config.
+    data = paths_made_absolute(data)
     for section, key in ENVIRONMENT_KEYS:
         data.get(section, {}).pop(key, None)
     return data
@@ -127,7 +130,7 @@ def finished_result(path: Path, signature: dict[str, Any], where: Path, option: 
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    if data.get("config") is not None and data["config"] != signature:
+    if data.get("config") is not None and config_signature(data["config"]) != signature:
         raise _different_config(where, option)
     return data
 

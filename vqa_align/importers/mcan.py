@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vqa_align.config import Config, ConfigError, apply_overrides, config_from_dict, save_config
+from vqa_align.config import Config, ConfigError, apply_overrides, config_from_dict, make_paths_absolute, save_config
 from vqa_align.errors import UserError
 from vqa_align.extract.backbones.base import sha256_of_file
 from vqa_align.data.vqa_v2 import PAD_TOKEN, UNK_TOKEN, tokenize_question, word_level_tokenizer
@@ -398,7 +398,8 @@ def convert_checkpoint(
         if not text.split("=", 1)[0].strip().startswith("data."):
             raise ImportFailure(f"--set {text!r}: only data.* can be set on import (the model comes from the checkpoint)")
     try:
-        config = config_from_dict(apply_overrides(data, data_overrides or []))
+        # absolute paths: the run folder works from any directory
+        config = make_paths_absolute(config_from_dict(apply_overrides(data, data_overrides or [])))
     except ConfigError as err:
         raise ImportFailure(str(err)) from None
     meta = {
@@ -431,6 +432,30 @@ def build_model(imported: ImportedModel) -> torch.nn.Module:
     return model.eval()
 
 
+def extractor_record(name: str, params: dict[str, Any] | None, feature_dim: int) -> dict[str, Any]:
+    """The ``extractor`` entry of meta.json for a model trained on features of backbone ``name``.
+
+    The backbone is built here exactly as ``vqa-align extract --backbone NAME --param ...`` builds it
+    (same defaults, e.g. bottom-up's adaptive 10-100 boxes at 800 / 1333 px), and its own record is
+    kept: name, parameters, the sha256 of its weights and where they are. ``predict --image`` and the
+    app rebuild it from that record for a new photo and refuse other weights.
+    """
+    from vqa_align.extract.backbones import build_backbone
+
+    try:
+        backbone = build_backbone(name, params)
+    except UserError as err:
+        raise ImportFailure(f"--extractor {name}: {err} (the weights are hashed into the run, so that "
+                            "answering about a photo uses the same ones; import without --extractor to "
+                            "skip this)") from None
+    info = backbone.info
+    del backbone  # the detector's weights are not needed any more
+    if info.feature_dim != feature_dim:
+        raise ImportFailure(f"--extractor {name}: it gives {info.feature_dim}-d features but the checkpoint reads "
+                            f"{feature_dim}-d ones; the model was not trained on this extractor's features")
+    return json.loads(info.to_json())
+
+
 def import_checkpoint(
     flavour_name: str,
     checkpoint: str | Path,
@@ -441,13 +466,19 @@ def import_checkpoint(
     num_heads: int = DEFAULT_NUM_HEADS,
     data_overrides: list[str] | None = None,
     overwrite: bool = False,
+    extractor: str | None = None,
+    extractor_params: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a run folder ``out`` (config.yaml, checkpoints/last) holding the imported model.
+    """Write a run folder ``out`` (config.yaml, checkpoints/last, README.md) holding the imported model.
 
-    The folder is built beside ``out`` and moved into place at the end, so a failed import leaves
-    whatever ``out`` held untouched; an existing ``out`` needs ``overwrite``.
+    ``extractor``: the ``vqa-align extract`` backbone the model's features came from (``bottom-up``
+    for the released mcan-vqa / OpenVQA models), with ``extractor_params`` as its ``--param``s;
+    recorded so that the model can answer about new photos. The folder is built beside ``out`` and
+    moved into place at the end, so a failed import leaves whatever ``out`` held untouched; an
+    existing ``out`` needs ``overwrite``.
     """
     from vqa_align.runs.checkpoint import save_checkpoint
+    from vqa_align.runs.model_card import write_model_card
 
     out = Path(out)
     check_output_paths([out, out.with_name(out.name + IMPORTING_SUFFIX), out.with_name(out.name + REPLACED_SUFFIX)],
@@ -456,8 +487,12 @@ def import_checkpoint(
         if not overwrite:
             raise ImportFailure(f"{out} exists and is not empty; pass --overwrite to replace it")
         check_replaceable(out)  # only a run folder vqa-align wrote, holding only its files
+    if extractor is None and extractor_params:
+        raise ImportFailure("--extractor-param needs --extractor (the backbone they belong to)")
     imported = convert_checkpoint(flavour_name, checkpoint, question_files, answer_dict,
                                   num_heads=num_heads, data_overrides=data_overrides)
+    if extractor is not None:
+        imported.meta["extractor"] = extractor_record(extractor, extractor_params, imported.config.model.feature_dim)
     model = build_model(imported)
     tokenizer = word_level_tokenizer(imported.vocab, imported.config.data.max_question_tokens)
     if len(tokenizer) != imported.config.model.vocab_size:  # HF would add tokens it does not know
@@ -473,6 +508,7 @@ def import_checkpoint(
         save_config(imported.config, tmp / "config.yaml")
         save_checkpoint(tmp / "checkpoints" / "last", model, imported.config, imported.answers, tokenizer,
                         meta=imported.meta)
+        write_model_card(tmp, name=out.name)
         if out.exists():
             old = out.with_name(out.name + REPLACED_SUFFIX)
             if old.exists():
@@ -496,9 +532,13 @@ def run_import(args: Any) -> int:
         data_overrides.append(f"data.features={json.dumps(str(args.features))}")
     if getattr(args, "val_annotations", None):
         data_overrides.append(f"data.val_annotations={json.dumps([str(args.val_annotations)])}")
+    from vqa_align.extract.pipeline import parse_param_items
+
     out = import_checkpoint(
         args.format, args.checkpoint, args.questions, args.answers, args.out,
         num_heads=args.num_heads, data_overrides=data_overrides, overwrite=args.overwrite,
+        extractor=getattr(args, "extractor", None),
+        extractor_params=parse_param_items(getattr(args, "extractor_param", None) or []),
     )
     meta = json.loads((out / "checkpoints" / "last" / "meta.json").read_text())["imported_from"]
     from vqa_align.runs.checkpoint import load_config_of
@@ -507,5 +547,6 @@ def run_import(args: Any) -> int:
     print(json.dumps({
         "run": str(out), "format": meta["format"], "layers": model.num_layers, "hidden_size": model.hidden_size,
         "heads": model.num_heads, "vocab_size": meta["vocab_size"], "answers": meta["num_answers"],
+        "extractor": getattr(args, "extractor", None),
     }, indent=2))
     return 0

@@ -35,9 +35,10 @@ _TOKENIZER_FILES = ("*.json", "*.txt", "*.model")  # Hugging Face save_pretraine
 # and the model card README.md. A folder is ours when it is a prefix of one of these.
 RUN_FILES: tuple[tuple[str, ...], ...] = (
     (RUN_MARKER,), ("config.yaml",), ("metrics.jsonl",), ("curves.png",), ("curves.tmp.png",),
-    ("done.json",), ("done.json.tmp",), ("result.json",), ("README.md",),
+    ("done.json",), ("done.json.tmp",), ("result.json",), ("README.md",), ("README.md.tmp",),
     ("tensorboard", "events.out.tfevents.*"),
-    ("eval", "metrics.json"), ("eval", "reliability.png"),
+    ("eval", "metrics.json"), ("eval", "reliability.png"), ("eval", "evaluations.json"),
+    ("eval", "evaluations.json.tmp"),
     *(("checkpoints", c, f) for c in _CHECKPOINTS for f in _CHECKPOINT_FILES),
     *(("checkpoints", c, "tokenizer", f) for c in _CHECKPOINTS for f in _TOKENIZER_FILES),
 )
@@ -199,10 +200,11 @@ def check_resume_config(run_config: Path, new: dict[str, Any]) -> None:
     """Refuse a resume whose config changes the model, the data or the training recipe."""
     import yaml
 
-    from vqa_align.config import ConfigError, config_from_dict
+    from vqa_align.config import ConfigError, config_from_dict, make_paths_absolute
 
     try:
-        saved = config_from_dict(yaml.safe_load(run_config.read_text())).to_dict()
+        # Runs written before paths were stored absolute: their relative paths meant the working directory.
+        saved = make_paths_absolute(config_from_dict(yaml.safe_load(run_config.read_text()))).to_dict()
     except FileNotFoundError:
         raise UserError(f"--resume: {run_config} is missing") from None
     except (yaml.YAMLError, ConfigError, UnicodeDecodeError, AttributeError, TypeError) as err:

@@ -9,8 +9,9 @@
 
 The image is either an image id of the feature store the checkpoint was trained with, or an
 uploaded picture whose regions the built-in extractor (:mod:`vqa_align.extract.regions`) or the
-checkpoint's recorded backbone computes. Uploads are refused (with the reason) for models trained on
-features the app cannot compute, e.g. the bottom-up-attention detector's.
+checkpoint's recorded backbone computes (an imported MCAN records the bottom-up detector with
+``vqa-align import ... --extractor bottom-up``). Uploads are refused (with the reason) for models
+whose run records no extractor that can compute their features.
 
 Bad input raises :class:`~vqa_align.serve.prediction.InputError` (a ValueError) whose message is
 meant for the user; input that can be repaired is repaired and reported in ``Prediction.notes``
@@ -35,6 +36,7 @@ from vqa_align.errors import DataFormatError, UserError
 from vqa_align.extract.regions import REGION_FEATURE_DIM, extract_regions
 from vqa_align.model.finite import check_output
 from vqa_align.runs.checkpoint import CheckpointError, LoadedCheckpoint, checkpoint_extractor, load_checkpoint
+from vqa_align.runs.hub import locate_run
 from vqa_align.serve import gallery
 from vqa_align.serve.gallery import Example, ImageLoader
 from vqa_align.serve.images import display_copy, load_upload
@@ -74,7 +76,8 @@ class Predictor:
     Requests may run in parallel threads: ``answer`` keeps its per-request state in locals.
 
     Args:
-        checkpoint: run folder, checkpoint folder, or an already loaded checkpoint.
+        checkpoint: run folder, checkpoint folder, a Hugging Face Hub repo id ``user/repo`` holding a
+            run folder (:mod:`vqa_align.runs.hub`), or an already loaded checkpoint.
         feature_store: the HDF5 region-feature store (default: the one of the checkpoint's data config).
         image_loader: image id -> (H, W, 3) uint8 picture or None (default: the pictures listed
             beside a ``vqa-align extract`` store, else easy-VQA's PNGs).
@@ -88,7 +91,9 @@ class Predictor:
         image_loader: ImageLoader | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, device)
+        if not isinstance(checkpoint, LoadedCheckpoint):  # a local folder, or a Hub repo id (downloaded)
+            checkpoint = load_checkpoint(locate_run(checkpoint), device)
+        loaded = checkpoint
         self.checkpoint = loaded
         self.path = loaded.path
         self.config = loaded.config
@@ -113,6 +118,11 @@ class Predictor:
         self.upload_error = self._upload_error()
         self._examples: list[Example] | None = None
         self._novelty: FeatureStats | None = None  # statistics of the training pictures, on the first upload
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, **kwargs: Any) -> "Predictor":
+        """``Predictor.from_pretrained("user/repo")`` or a local run folder; ``kwargs`` as ``Predictor``."""
+        return cls(locate_run(name), **kwargs)
 
     # --- set-up -----------------------------------------------------------------------------
     @property
@@ -166,11 +176,12 @@ class Predictor:
         builtin = "vqa_align.extract.regions" in source or (self.store is None and self.config.data.dataset == "easy_vqa")
         if self.feature_dim == REGION_FEATURE_DIM and builtin:
             return None
-        what = f"“{source}”" if source else f"{self.feature_dim}-d features of an external detector"
+        what = f"“{source}”" if source else f"{self.feature_dim}-d features"
         return (
-            f"Uploads are disabled for this model: it was trained on {what}, which the app cannot "
-            "compute for a new picture (only models trained on the built-in region extractor, e.g. "
-            "the easy-VQA quickstart, can answer about uploaded images). Pick an image of the data set instead."
+            f"Uploads are disabled for this model: it was trained on {what} and its run records no extractor "
+            "that could compute them for a new picture. Models trained on `vqa-align extract` features or "
+            "the built-in regions answer about photos; an imported mcan-vqa / OpenVQA model does when it is "
+            "imported with `--extractor bottom-up`. Pick an image of the data set instead."
         )
 
     # --- inputs -----------------------------------------------------------------------------

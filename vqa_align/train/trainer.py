@@ -22,11 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vqa_align.config import Config, load_config, save_config
+from vqa_align.config import Config, load_config, make_paths_absolute, save_config
 from vqa_align.errors import UserError
 from vqa_align.paths import check_output_paths
 from vqa_align.runs import run_folder
 from vqa_align.runs.checkpoint import save_checkpoint
+from vqa_align.runs.model_card import write_model_card
 from vqa_align.train.checkpointing import Position, prepare_run_dir, resume_from, trainer_state, what_is_kept
 from vqa_align.train.distributed import DistInfo, autocast_dtype, init_distributed, resolve_device
 from vqa_align.train.host_memory import keep_freed_memory
@@ -274,6 +275,8 @@ class Trainer:
                 **self.task.checkpoint_meta(self.best_accuracy, self.best_step)}
         save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self.config, self.answers,
                         self.tokenizer, state, meta)
+        if name == "last" and isinstance(self.config, Config):  # a VQA run: its model card, up to date
+            write_model_card(self.run_dir, name=(self.replaces or self.run_dir).name)
         if self.replaces is not None and name == "last":
             self._swap_in()
         return self.run_dir / "checkpoints" / name
@@ -298,6 +301,8 @@ def train_from_config(config: Config, out: Path, resume: bool = False, overwrite
     its first checkpoint (until then, and if anything fails before, the old run is untouched).
     ``task``: default VQA (its config changes on ``resume`` are checked against the run's)."""
     out = Path(out)
+    if isinstance(config, Config):  # (the sentence task has its own config type)
+        make_paths_absolute(config)  # the run's config.yaml then works from any directory
     dist_info = init_distributed(config.train.device)
     checked = config if task is None else None
     if config.train.init_from and not resume:  # replacing the run it starts from would delete its weights
