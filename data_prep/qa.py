@@ -95,7 +95,8 @@ def _check_columns(path: Path, names: list[str], line: int) -> None:
     if missing or unknown:
         got = ", ".join(repr(n) for n in names) or "nothing"
         raise DataFormatError(f"{path}: line {line}: expected the columns {','.join(REQUIRED_COLUMNS)}[,split], "
-                              f"got {got}" + (f" (missing {', '.join(missing)})" if missing else ""))
+                              f"got {got}" + (f" (missing {', '.join(missing)})" if missing else "")
+                              + (f" (unknown {', '.join(unknown)})" if unknown else ""))
 
 
 def _csv_rows(path: Path, text: str) -> list[QARow]:
