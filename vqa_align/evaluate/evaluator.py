@@ -19,7 +19,7 @@ import torch
 
 from vqa_align.metrics.calibration import calibration_table, noise_features, pavpu, reliability_diagram
 from vqa_align.runs.checkpoint import load_checkpoint
-from vqa_align.data.vqa_v2 import vqa_json
+from vqa_align.data.vqa_v2 import load_split, vqa_json
 from vqa_align.errors import UserError
 from vqa_align.evaluate.loop import forward_batches
 from vqa_align.model.finite import check_output
@@ -111,7 +111,6 @@ def answer_questions_file(checkpoint: str | Path, questions: str | Path, batch_s
     results format (``[{"question_id": int, "answer": str}]``, the file's order), about the
     pictures of the run's feature store (``data.features``)."""
     from vqa_align.data.loaders import VQADataset, feature_store_path
-    from vqa_align.data.vqa_v2 import load_split
     from vqa_align.extract.feature_store import FeatureStore
 
     check_eval_options(batch_size=batch_size, noise_std=0.0, mc_samples=0)
