@@ -31,6 +31,9 @@ BAD_OPTIONS = {
     ("predict", "--top-k"): ["0", "-3", "x"],
     ("predict", "--image-id"): ["-1", "x"],
     ("predict", "--question"): ["", "   "],
+    ("predict", "--batch-size"): ["0", "x"],
+    ("prep qa", "--val-fraction"): ["0", "1", "-0.2", "nan", "x"],
+    ("prep qa", "--seed"): ["-1", "x"],
     ("demo", "--port"): ["0", "99999", "-1", "x"],
     ("demo", "--host"): [""],
     ("prep tsv", "--dtype"): ["float64"],
@@ -53,6 +56,7 @@ CHECKED_LATER = {
     "--init-from", "checkpoint", "--answers", "--features", "--val-annotations",
     # extract: pictures, backbone names and parameters, devices (tests/test_extract.py)
     "images", "--images", "--backbone", "--param", "--device", "--weights-dir",
+    "--store", "--out-dir",  # prep qa: tests/test_own_photos.py
     "--sdist", "--runs-dir",  # prep sentiment / sentiment experiment: tests/test_sentiment.py
     "--extractor", "--extractor-param",  # import: tests/test_published_runs.py
 }
@@ -63,6 +67,7 @@ REQUIRED_ARGS = {
     "prep tsv": ["in.tsv", "--out", "x.h5"],
     "prep npz": ["folder", "--out", "x.h5"],
     "prep h5": ["in.h5", "--out", "x.h5"],
+    "prep qa": ["qa.csv", "--store", "x.h5"],
     "extract": ["x.jpg", "--backbone", "efficientnet-lite0", "--out", "x.h5"],
     "import": ["mcan-vqa", "ckpt.pkl", "--questions", "q.json", "--answers", "a.json", "--out", "run"],
 }

@@ -60,6 +60,13 @@ def _mc_samples(text: str) -> int:
     return int(value)
 
 
+def _fraction(text: str) -> float:
+    value = _number(float, 0.0, 1.0, "a number in (0, 1)")(text)
+    if value in (0.0, 1.0):
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}")
+    return float(value)
+
+
 def _non_empty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -89,6 +96,16 @@ def _add_prep(sub: argparse._SubParsersAction) -> None:
     sentiment.add_argument("--cache-dir", help="output folder (default: $VQA_ALIGN_CACHE or ~/.cache/vqa_align)")
     sentiment.add_argument("--overwrite", action="store_true", help="rebuild even if prepared data exist")
     sentiment.set_defaults(func=_handler("vqa_align.sentiment.data", "run_prep"))
+
+    qa = kinds.add_parser("qa", help="your questions and answers about your pictures (CSV/JSONL) -> VQA v2 files")
+    qa.add_argument("input", metavar="QA_FILE", help="CSV with a header image,question,answer[,split], or JSONL")
+    qa.add_argument("--store", required=True, help="the feature store `vqa-align extract` wrote (reads STORE.ids.json)")
+    qa.add_argument("--out-dir", help="where the four JSON files go (default: the store's folder)")
+    qa.add_argument("--val-fraction", type=_fraction, default=0.2,
+                    help="share of the pictures of rows without a split that go to val")
+    qa.add_argument("--seed", type=COUNT, default=0, help="seed of that split")
+    qa.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    qa.set_defaults(func=_handler("vqa_align_prep.qa", "run_prep"))
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="output HDF5 feature store")
@@ -161,13 +178,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="answer one question about one image, as JSON")
+    p = sub.add_parser("predict", help="answer one question about one image, as JSON (or a questions file)")
     p.add_argument("--checkpoint", help="run or checkpoint folder, or Hugging Face Hub id user/repo (default: the quickstart's)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image-id", type=COUNT, help="an image of the prepared feature store")
     src.add_argument("--image", help="a picture file; its features come from the extractor the model was trained on")
-    p.add_argument("--question", required=True, type=_non_empty)
+    src.add_argument("--questions", metavar="FILE",
+                     help="a VQA v2 questions JSON about the run's feature store: answer all (with --out)")
+    p.add_argument("--question", type=_non_empty, help="the question (with --image-id or --image)")
     p.add_argument("--top-k", type=POSITIVE_INT, default=5, help="answers listed (>= 1)")
+    p.add_argument("--out", help='with --questions: results JSON, [{"question_id": int, "answer": str}]')
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=256, help="with --questions: questions per batch")
     p.set_defaults(func=_handler("vqa_align.serve.predict_cli", "run_predict"))
 
 

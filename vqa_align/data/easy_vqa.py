@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from vqa_align.data.vqa_v2 import question_type
 from vqa_align.errors import UserError
 from vqa_align.extract.regions import REGION_FEATURE_DIM, extract_regions
 from vqa_align.extract.feature_store import FeatureStoreWriter
@@ -61,11 +62,6 @@ def easy_vqa_image_path(image_id: int) -> Path:
     if k < 0 or not path.is_file():
         raise UserError(f"easy-VQA image id {image_id} does not exist (looked for {path})")
     return path
-
-
-def question_type(question: str) -> str:
-    """easy-VQA question type: its first two words ('what color', 'is there', 'does the', ...)."""
-    return " ".join(question.split()[:2])
 
 
 def _image_id(split: str, k: int) -> int:

@@ -137,6 +137,25 @@ def load_split(
     return records
 
 
+def question_type(question: str) -> str:
+    """A question's type, its first two words ('what color', 'is there', 'how many', ...): VQA
+    v2's types are such prefixes, from a fixed list; files we write use the first two words."""
+    return " ".join(question.split()[:2])
+
+
+def vqa_json(records: Sequence[QuestionRecord]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The official questions and annotations JSON (``{"questions": [...]}``, ``{"annotations":
+    [...]}``) of ``records``, in their order; the one writer of the schema that :func:`load_split`
+    reads. Annotations are written for the records that have answers."""
+    questions = [{"image_id": r.image_id, "question": r.question, "question_id": r.question_id} for r in records]
+    annotations = [{
+        "question_id": r.question_id, "image_id": r.image_id, "question_type": r.question_type or "",
+        "answer_type": r.answer_type, "multiple_choice_answer": r.multiple_choice_answer,
+        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(r.answers)],
+    } for r in records if r.answers is not None]
+    return {"questions": questions}, {"annotations": annotations}
+
+
 def filter_missing_images(
     records: list[QuestionRecord], has_image: Callable[[np.ndarray], np.ndarray], skip_missing: bool,
     store_name: str = "the feature store",

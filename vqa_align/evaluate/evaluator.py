@@ -20,6 +20,7 @@ import torch
 from vqa_align.metrics.calibration import calibration_table, noise_features, pavpu, reliability_diagram
 from vqa_align.runs.checkpoint import load_checkpoint
 from vqa_align.runs.hub import locate_run
+from vqa_align.data.vqa_v2 import load_split, vqa_json
 from vqa_align.errors import UserError
 from vqa_align.paths import check_output_paths
 from vqa_align.evaluate.loop import forward_batches
@@ -30,18 +31,6 @@ from vqa_align.metrics.vqa_accuracy import question_accuracy
 ECE_BINS = 15
 PAVPU_P_THRESHOLD = 0.05  # the paper's p
 METRICS_FILE, RELIABILITY_FILE = "metrics.json", "reliability.png"  # what --out DIR receives
-
-
-def _official_inputs(records: list[Any], results: list[dict[str, Any]]) -> tuple[dict, dict]:
-    """Questions/annotations JSON (official schema) restricted to the evaluated questions."""
-    questions = {"questions": [{"image_id": r.image_id, "question": r.question, "question_id": r.question_id}
-                               for r in records]}
-    annotations = {"annotations": [{
-        "question_id": r.question_id, "image_id": r.image_id, "question_type": r.question_type or "",
-        "answer_type": r.answer_type, "multiple_choice_answer": r.multiple_choice_answer,
-        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(r.answers)],
-    } for r in records]}
-    return questions, annotations
 
 
 def check_eval_options(batch_size: int, noise_std: float, mc_samples: int) -> None:
@@ -152,6 +141,37 @@ def check_eval_outputs(checkpoint: Path, data: Any, results_out: str | Path | No
         check_output_paths([Path(out_dir) / METRICS_FILE, Path(out_dir) / RELIABILITY_FILE], inputs)
 
 
+@torch.no_grad()
+def answer_questions_file(checkpoint: str | Path, questions: str | Path, batch_size: int = 256,
+                          device: str = "cpu") -> list[dict[str, Any]]:
+    """The checkpoint's top-1 answer to every question of a VQA questions file, in the official
+    results format (``[{"question_id": int, "answer": str}]``, the file's order), about the
+    pictures of the run's feature store (``data.features``)."""
+    from vqa_align.data.loaders import VQADataset, feature_store_path
+    from vqa_align.extract.feature_store import FeatureStore
+
+    check_eval_options(batch_size=batch_size, noise_std=0.0, mc_samples=0)
+    ckpt = load_checkpoint(locate_run(checkpoint), device=device)  # a local folder or a Hub repo id
+    records = load_split([questions])
+    if not records:
+        raise UserError(f"{questions}: the file has no questions")
+    store_path = feature_store_path(ckpt.config.data)
+    if store_path is None:
+        raise UserError(f"{ckpt.path}: the run's config names no feature store (data.features)")
+    store = FeatureStore(store_path)
+    rows = store.rows(np.fromiter((r.image_id for r in records), np.int64, len(records)))  # (Q,) -1: absent
+    if (rows < 0).any():
+        first = records[int(np.flatnonzero(rows < 0)[0])]
+        raise UserError(f"{questions}: question_id {first.question_id} is about image_id {first.image_id}, which is "
+                        f"not in the run's feature store {store_path} ({int((rows < 0).sum())} question(s) affected)")
+    data = ckpt.config.data
+    dataset = VQADataset(records, store, ckpt.tokenizer, max_tokens=data.max_question_tokens,
+                         max_regions=data.max_regions, name=str(questions))
+    order = {r.question_id: k for k, r in enumerate(records)}
+    results = _answer(ckpt, dataset, batch_size, device, noise_std=0.0, mc_samples=0, seed=0).results
+    return sorted(results, key=lambda r: order[r["question_id"]])  # the loader batches by region count
+
+
 def _answer(ckpt: Any, dataset: Any, batch_size: int, device: str, noise_std: float, mc_samples: int,
             seed: int) -> Answers:
     """The top-1 answers of every question of ``dataset`` (with ``noise_std``: under feature noise)
@@ -197,7 +217,7 @@ def _scores(records: list[Any], answers: Answers, mc_samples: int, split: str,
     reliability diagram there and the per-question-type accuracies."""
     results, confidences = answers.results, np.array(answers.confidences)
     by_id = {r.question_id: r for r in records}
-    questions, annotations = _official_inputs(records, results)
+    questions, annotations = vqa_json(records)
     scores = official_evaluate(questions, annotations, results)
     correct = np.array([question_accuracy(r["answer"], by_id[r["question_id"]].answers) for r in results])
     table = calibration_table(confidences, correct, ECE_BINS)

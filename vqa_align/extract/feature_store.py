@@ -36,6 +36,7 @@ import numpy as np
 from vqa_align.errors import DataFormatError, UserError
 
 FORMAT_VERSION = 1
+IDS_SUFFIX = ".ids.json"  # `vqa-align extract` writes <store>.ids.json beside a store: image id -> picture file
 CHUNK_ROWS = 100  # rows per HDF5 chunk: about one image of bottom-up features (10-100 boxes)
 WRITE_BUFFER_ROWS = 8192  # rows buffered in memory before one resize + write
 INDEX_NAMES = ("image_ids", "offsets", "image_sizes")

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from vqa_align.errors import UserError
 from vqa_align.extract.backbones import Backbone, ExtractorInfo, ImageRegions, build_backbone
 from vqa_align.extract.images import DEFAULT_MAX_SIDE, BadImage, decode_image
-from vqa_align.extract.feature_store import TMP_SUFFIX, FeatureStore, FeatureStoreWriter, store_files
+from vqa_align.extract.feature_store import IDS_SUFFIX, TMP_SUFFIX, FeatureStore, FeatureStoreWriter, store_files
 from vqa_align.paths import check_output_paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -50,7 +50,6 @@ DEFAULT_PART_SIZE = 256  # images per part: the most an interruption can cost pe
 HASH_ID_BASE = 10**15  # ids of non-COCO names: HASH_ID_BASE + 48-bit hash (< 2**53: exact in JSON/float64)
 HASH_ID_BITS = 48
 PARTS_SUFFIX = ".parts"
-IDS_SUFFIX = ".ids.json"
 MANIFEST = "manifest.json"
 # COCO_train2014_000000123456.jpg -> 123456 (and 000000123456.jpg, as in COCO 2017)
 _COCO_RE = re.compile(r"^(?:COCO_[A-Za-z]+\d*_)?(\d+)\.[A-Za-z]+$")
