@@ -20,6 +20,7 @@ import yaml
 
 from vqa_align.align.distances import DISTANCES
 from vqa_align.errors import UserError
+from vqa_align.untrusted_files import MAX_CONFIG_BYTES, parse_yaml, read_yaml
 
 ALIGNMENT_METHODS = tuple(DISTANCES)  # the distance registry (vqa_align/align/distances/__init__.py)
 ALIGNMENT_MODULES = ("sa_question", "sa_image", "sga_guided")
@@ -380,10 +381,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not all(part.strip() for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({' '.join(str(err).split())})") from None
+    value = parse_yaml(raw, f"--set {text!r}: value", error=ConfigError) if raw.strip() else None
     return [part.strip() for part in key.split(".")], _fix_yaml_floats(value)
 
 
@@ -455,18 +453,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = _resolve_config_path(Path(path))
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a YAML text file (it is not UTF-8 text)") from None
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = read_yaml(path, MAX_CONFIG_BYTES, expect=dict, error=ConfigError) or {}
     data = apply_overrides(data, overrides or [])
     try:
         config = config_from_dict(data)

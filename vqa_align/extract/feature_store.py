@@ -264,9 +264,10 @@ class FeatureStore:
                 self.image_ids: np.ndarray = f["image_ids"][()].astype(np.int64)  # (N,)
                 self.offsets: np.ndarray = f["offsets"][()].astype(np.int64)  # (N+1,)
                 self.image_sizes: np.ndarray = f["image_sizes"][()].astype(np.int32)  # (N, 2) w, h
-                self.feature_dim = int(f.attrs.get("feature_dim", f["features"].shape[1]))
+                self.format_version = _int_attr(self.path, f, "format_version", 0)
+                features_shape, boxes_shape = f["features"].shape, f["boxes"].shape
+                self.feature_dim = _int_attr(self.path, f, "feature_dim", features_shape[-1] if features_shape else 0)
                 self.source = str(f.attrs.get("source", ""))
-                self.format_version = int(f.attrs.get("format_version", 0))
                 self.feature_dtype = f["features"].dtype
                 self.has_region_labels = "region_labels" in f
                 extractor = f.attrs.get("extractor")
@@ -275,6 +276,7 @@ class FeatureStore:
         self.extractor = _extractor_info(self.path, extractor)
         if self.format_version != FORMAT_VERSION:
             raise DataFormatError(f"{self.path}: format_version {self.format_version}, expected {FORMAT_VERSION}")
+        _check_shapes(self.path, self.feature_dim, features_shape, boxes_shape)
         if len(self.offsets) != len(self.image_ids) + 1:
             raise DataFormatError(f"{self.path}: offsets must have len(image_ids) + 1 entries")
         # id -> row by binary search over the sorted ids (no Python dict: compact and fork-friendly)
@@ -375,6 +377,28 @@ class FeatureStore:
             pass
 
 
+def _int_attr(path: Path, f: h5py.File, name: str, default: int) -> int:
+    """Integer attribute ``name`` of the store (``default`` when absent); other types are refused."""
+    value = f.attrs.get(name, default)
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise DataFormatError(f"{path}: attribute {name!r} must be an integer, got {value!r:.40}")
+    return int(value)
+
+
+def _check_shapes(path: Path, feature_dim: int, features: tuple[int, ...], boxes: tuple[int, ...]) -> None:
+    """features (R, D) with D = the declared feature_dim, boxes (R, 4) with the same R."""
+    from vqa_align.extract.backbones.base import MAX_FEATURE_DIM
+
+    if len(features) != 2 or len(boxes) != 2 or boxes[1] != 4 or features[0] != boxes[0]:
+        raise DataFormatError(f"{path}: not a feature store (features {features} and boxes {boxes} must be "
+                              f"(regions, D) and (regions, 4))")
+    if not 1 <= feature_dim <= MAX_FEATURE_DIM or feature_dim != features[1]:
+        raise DataFormatError(f"{path}: declares feature_dim {feature_dim} but its features have {features[1]} "
+                              f"columns; the store is damaged or was written by another program")
+
+
 def _extractor_info(path: Path, raw: Any) -> Any:
     """The store's ``extractor`` attribute as an ExtractorInfo, or None for converted public features."""
     if raw is None:
@@ -382,8 +406,8 @@ def _extractor_info(path: Path, raw: Any) -> Any:
     from vqa_align.extract.backbones.base import ExtractorInfo
 
     try:
-        return ExtractorInfo.from_json(raw.decode() if isinstance(raw, bytes) else str(raw))
-    except (ValueError, KeyError, TypeError) as err:
+        return ExtractorInfo.from_json(raw.decode() if isinstance(raw, bytes) else str(raw), f"{path}: attribute 'extractor'")
+    except UnicodeDecodeError as err:
         raise DataFormatError(f"{path}: attribute 'extractor' is not valid extractor JSON ({err})") from None
 
 

@@ -37,6 +37,7 @@ from vqa_align.experiments.grid import (
     parse_seeds, run_grid as run_cells, unfinished_run_state,
 )
 from vqa_align.experiments.stats import Metric, mean_std, paired_test
+from vqa_align.untrusted_files import MAX_META_BYTES, read_json
 
 RUNS_FOLDER = "runs"
 REPORT_JSON = "results.json"
@@ -92,7 +93,7 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
     runs = []
     for path in sorted((out / RUNS_FOLDER).glob("*.json")):
         try:
-            runs.append(with_derived(json.loads(path.read_text())))
+            runs.append(with_derived(read_json(path, MAX_META_BYTES, expect=dict)))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: not a run result ({err})") from None
     return runs
@@ -308,7 +309,7 @@ def write_report(out: Path, methods: Sequence[str], command: str, data: dict[str
     the one recorded in the previous results.json, so a rewritten report states the same)."""
     runs = load_runs(out)
     if machine is None:
-        previous = json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).is_file() else {}
+        previous = read_json(out / REPORT_JSON, MAX_META_BYTES, expect=dict) if (out / REPORT_JSON).is_file() else {}
         machine = previous.get("machine", {})
     splits = config["run"]["test_splits"] if config else ["movie_test", *CROSS]
     metrics = metrics_for(splits)
@@ -348,7 +349,7 @@ def run_cell(cell: Cell, log: Log, config: Any, out: Path, runs_dir: Path,
     if (run_dir / RESULT_FILE).is_file():  # finished in --runs-dir; its result never reached --out
         check_same_config(run_dir, signature, "--runs-dir")
         log(f"{cell.name}: finished earlier in {run_dir}, kept")
-        result = json.loads((run_dir / RESULT_FILE).read_text())
+        result = read_json(run_dir / RESULT_FILE, MAX_META_BYTES, expect=dict)
     elif unfinished_run_state(run_dir, signature, config.train.epochs, config.train.max_steps,
                               "--runs-dir") == "partial":
         log(f"{cell.name}: resuming training from {run_dir / 'checkpoints/last'}")
@@ -373,7 +374,7 @@ def run_grid(config_path: str, methods: Sequence[str], seeds: Sequence[int], ove
     base = load_sentiment_config(config_path, overrides)  # fails early on a bad config
     folder = cache_root(base.data.cache_dir) / FOLDER
     sentences = load_sentences(folder)
-    data = json.loads((folder / MANIFEST).read_text())
+    data = read_json(folder / MANIFEST, MAX_META_BYTES, expect=dict)
     (out / RUNS_FOLDER).mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
 
@@ -405,7 +406,7 @@ def run_experiment(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    previous = json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).is_file() else {}
+    previous = read_json(out / REPORT_JSON, MAX_META_BYTES, expect=dict) if (out / REPORT_JSON).is_file() else {}
     methods = parse_methods(args.methods) if args.methods else previous.get("methods", ["none", "ct", "gan"])
     write_report(out, methods, previous.get("command", "(unknown)"), previous.get("data"), previous.get("config"))
     print(f"[sentiment] report: {out / REPORT_MD}")
