@@ -34,7 +34,16 @@ MAX_VOCAB_BYTES = 64 * MiB
 # annotations, is ~330 MB (train questions ~60 MB, a test-set results file ~25 MB)
 MAX_DATASET_JSON_BYTES = 1024 * MiB
 
-_READ_CHUNK = 8 * MiB
+# Value ranges of numbers read from files and options (config fields, CLI options, app inputs), so
+# that a value no machine could run is refused where it is read, naming it, not by an OverflowError
+# or a failed allocation deep in numpy or torch.
+MAX_INT = 2**63 - 1  # integers end up in an int64 / C long (ids, counts, steps)
+MAX_WIDTH = 1 << 16  # layer widths, feature_dim, tokens and regions per item: real models use 64-4096
+MAX_LAYERS = 1024  # num_layers, flat_glimpses (MCAN: 6 and 1)
+MAX_VOCAB = 1 << 21  # vocab_size / num_answers: the largest real tokenizers have ~250k tokens
+MAX_BATCH_SIZE = 1 << 20  # far beyond any device's memory for one step
+MAX_WORKERS = 256  # data loader processes: more than any machine's cores
+MAX_ITERATIONS = 1 << 20  # ot_iterations (default 2,000)
 
 
 def _too_big(path: Path, size: int | str, max_bytes: int, error: type[UserError]) -> UserError:
@@ -134,6 +143,8 @@ def parse_yaml(text: str, name: str, expect: type | tuple[type, ...] | None = No
         raise error(f"{name}: not valid YAML ({' '.join(str(err).split())})") from None
     except RecursionError:
         raise error(f"{name}: refused: YAML nested too deeply") from None
+    except ValueError as err:  # a value the constructor cannot convert, e.g. an integer of 5,000 digits
+        raise error(f"{name}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
     return _check_type(value, expect, name, error, "YAML") if value is not None else None
 
 

@@ -40,12 +40,10 @@ import numpy as np
 import torch
 
 from vqa_align.errors import DataFormatError, UserError
-from vqa_align.untrusted_files import parse_json
+from vqa_align.untrusted_files import MAX_WIDTH, parse_json
 
 HASH_BLOCK = 1 << 20  # bytes read at a time when hashing weight files
-# Widest feature vector a store or checkpoint may declare: real backbones give 512-4096 channels;
-# the bound stops a hostile record from sizing a layer or an array by a 30-digit number.
-MAX_FEATURE_DIM = 1 << 20
+MAX_FEATURE_DIM = MAX_WIDTH  # the widest feature vector a store or checkpoint may declare (= model.feature_dim's bound)
 
 
 @dataclass
