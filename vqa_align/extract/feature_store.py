@@ -46,6 +46,9 @@ class StoreRecordError(DataFormatError):
     """One record cannot be written (NaN, wrong dimension, duplicate id ...); the store is unchanged."""
 
 
+INT64, INT32 = np.iinfo(np.int64), np.iinfo(np.int32)  # types of the stored image_ids and image_sizes
+
+
 def _where(path: Path | str, record: str | None, image_id: int) -> str:
     """Location for messages: the caller's ``record`` (e.g. "in.tsv: line 3") or the output file."""
     return f"{record or path} (image_id {image_id})"
@@ -123,6 +126,8 @@ class FeatureStoreWriter:
         """Check one image; return (features in the store dtype, boxes float32) or raise StoreRecordError."""
         where = _where(self.path, record, image_id)
         image_id = int(image_id)
+        if not INT64.min <= image_id <= INT64.max:  # the store's image_ids are int64
+            raise StoreRecordError(f"{where}: image id {image_id} does not fit in 64 bits")
         if image_id in self._seen:
             raise StoreRecordError(f"{where}: duplicate image id {image_id}")
         features = np.asarray(features)
@@ -138,8 +143,8 @@ class FeatureStoreWriter:
         if boxes.shape != (n, 4):
             raise StoreRecordError(f"{where}: boxes must have shape ({n}, 4) to match the features, got {boxes.shape}")
         w, h = (int(v) for v in image_size)
-        if w <= 0 or h <= 0:
-            raise StoreRecordError(f"{where}: image size must be positive, got (w={w}, h={h})")
+        if w <= 0 or h <= 0 or max(w, h) > INT32.max:  # image_sizes are int32
+            raise StoreRecordError(f"{where}: image size must be positive and at most {INT32.max}, got (w={w}, h={h})")
         if not np.isfinite(features).all():
             raise StoreRecordError(f"{where}: features contain NaN or inf")
         if not np.isfinite(boxes).all():

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vqa_align.config import Config, ConfigError, config_from_dict, save_config
@@ -131,13 +132,32 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically; returns its path."""
+    """Write a checkpoint folder atomically; returns its path.
+
+    A write that fails (a full disk, a quota) removes the partial ``NAME.tmp`` and raises a
+    CheckpointError saying that the checkpoints already on disk are intact: nothing of them is
+    touched before the new folder is complete.
+    """
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        _write_checkpoint_files(tmp, model, config, answers, tokenizer, trainer_state, meta)
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{final}: cannot save the checkpoint ({reason}); the checkpoints already on disk "
+                              f"are intact (the previous {final.name}, if any, is unchanged)") from None
+    _replace_dir(tmp, final)
+    return final
+
+
+def _write_checkpoint_files(tmp: Path, model: torch.nn.Module, config: Config, answers: list[str], tokenizer: Any,
+                            trainer_state: dict[str, Any] | None, meta: dict[str, Any] | None) -> None:
+    """Every file of a checkpoint into the folder ``tmp``, synced, then its completion marker."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE), metadata=vocabulary_fingerprints(answers, tokenizer))
     save_config(config, tmp / CONFIG_FILE)
@@ -149,8 +169,6 @@ def save_checkpoint(
     (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2))
     _sync_files(tmp)  # the data reach the disk before the marker and the rename say "complete"
     (tmp / COMPLETE_FILE).write_text("")
-    _replace_dir(tmp, final)
-    return final
 
 
 def _sync_files(folder: Path) -> None:
