@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,10 @@ def read_json(path: str | os.PathLike, max_bytes: int, expect: type | tuple[type
     return parse_json(read_text(path, max_bytes, error), str(path), expect, error)
 
 
+MAX_YAML_DEPTH = 100  # nesting of [ / { in a YAML file: configs nest 3 levels
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
 class _AliasRefused(yaml.YAMLError):
     pass
 
@@ -131,10 +136,21 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+def _flow_depth(text: str) -> int:
+    """Deepest nesting of ``[`` / ``{`` in ``text`` (brackets inside strings counted too: an upper bound)."""
+    depth = deepest = 0
+    for match in _BRACKETS.finditer(text):
+        depth = depth + 1 if match.group() in "[{" else max(0, depth - 1)
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def parse_yaml(text: str, name: str, expect: type | tuple[type, ...] | None = None,
                error: type[UserError] = DataFormatError) -> Any:
     """Parse YAML ``text`` (from ``name``) with the safe loader, refusing aliases and deep nesting;
     an empty document is None."""
+    if _flow_depth(text) > MAX_YAML_DEPTH:  # PyYAML's scanner is quadratic in the depth of [[[...
+        raise error(f"{name}: refused: YAML nested more than {MAX_YAML_DEPTH} levels deep")
     try:
         value = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except _AliasRefused as err:

@@ -285,14 +285,16 @@ def checkpoint_extractor(path: str | Path) -> Any:
     if not meta_path.is_file():
         return None
     raw = read_json(meta_path, MAX_META_BYTES, expect=dict, error=CheckpointError).get("extractor")
-    return ExtractorInfo.from_json(json.dumps(raw)) if raw else None
+    return ExtractorInfo.from_json(json.dumps(raw), f"{meta_path}: 'extractor'") if raw else None
 
 
 def load_config_of(path: str | Path) -> Config:
     ckpt = resolve_checkpoint(path)
     if not (ckpt / CONFIG_FILE).is_file():
         raise CheckpointError(f"{ckpt}: missing {CONFIG_FILE}")
-    data = read_yaml(ckpt / CONFIG_FILE, MAX_CONFIG_BYTES, expect=dict, error=CheckpointError) or {}
+    data = read_yaml(ckpt / CONFIG_FILE, MAX_CONFIG_BYTES, expect=dict, error=CheckpointError)
+    if not data:  # a checkpoint's config is the whole resolved config, never empty
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: empty; a checkpoint's config holds the whole resolved config")
     try:
         return config_from_dict(data)
     except ConfigError as err:
