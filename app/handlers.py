@@ -21,7 +21,7 @@ from vqa_align.runs.checkpoint import WEIGHTS_FILE, CheckpointError, resolve_che
 from vqa_align.serve.gallery import Example
 from vqa_align.serve.images import load_upload
 from vqa_align.serve.prediction import InputError, Prediction
-from vqa_align.serve.predictor import Predictor
+from vqa_align.serve.predictor import Predictor, whole_number
 from vqa_align.serve.views import render_views
 
 log = logging.getLogger("vqa_align_app")
@@ -122,10 +122,11 @@ class AppHandlers:
         focus_arg = None if focus in (None, "", ALL_WORDS) else focus
         if pred is None:
             return [None] * 9
-        main = render_views(pred, kind, int(layer), int(head), metric=metric, shading=shading, focus=focus_arg)
+        layer, head = whole_number(layer, "layer"), whole_number(head, "head")
+        main = render_views(pred, kind, layer, head, metric=metric, shading=shading, focus=focus_arg)
         out: list[Any] = [main.region, main.words, main.projection, main.grid, main.matrix, main.caption]
         if cmp is not None:
-            other = render_views(cmp, kind, int(layer), int(head), metric=metric, shading=shading, focus=focus_arg)
+            other = render_views(cmp, kind, layer, head, metric=metric, shading=shading, focus=focus_arg)
             out += [other.region, other.projection, other.grid]
             if other.selection == main.selection:  # the same head: its values go into the caption's first line
                 first, sep, rest = out[5].partition("\n\n")
@@ -180,7 +181,7 @@ class AppHandlers:
         if upload:
             return model.answer(question, image=upload)
         if image_id is not None:
-            return model.answer(question, image_id=int(image_id))
+            return model.answer(question, image_id=image_id)  # checked there (a whole number in int64)
         raise InputError("Choose an image from the gallery (or upload one), then ask.")
 
     def on_view(self, pred: Prediction | None, cmp: Prediction | None, kind: str, layer: int, head: int,

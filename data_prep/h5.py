@@ -12,7 +12,6 @@ are recovered from ``spatial_features`` (N_img, K, >= 4; boxes divided by the im
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from vqa_align.extract.feature_store import DataFormatError
 from vqa_align_prep.common import ImageRecord, common_kwargs, convert, report
+from vqa_align.untrusted_files import MAX_DATASET_JSON_BYTES, read_json
 
 READ_BLOCK = 64  # images read per HDF5 call (64 x 36 x 2048 float32 = 19 MB)
 
@@ -32,12 +32,7 @@ def load_row_ids(path: Path, f: h5py.File, ids_json: str | Path | None) -> list[
         jpath = Path(ids_json)
         if not jpath.is_file():
             raise FileNotFoundError(f"ids JSON not found: {jpath}")
-        try:
-            mapping = json.loads(jpath.read_text())
-        except json.JSONDecodeError as err:
-            raise DataFormatError(f"{jpath}: not valid JSON ({err})") from None
-        if not isinstance(mapping, dict):
-            raise DataFormatError(f"{jpath}: expected an object {{\"image_id\": row}}")
+        mapping = read_json(jpath, MAX_DATASET_JSON_BYTES, expect=dict)
         pairs = []
         for key, row in mapping.items():
             try:
@@ -123,8 +118,8 @@ def read_h5(path: str | Path, ids_json: str | Path | None = None) -> Iterator[Im
 def count_rows(path: str | Path, ids_json: str | Path | None) -> int | None:
     if ids_json is not None:
         try:
-            return len(json.loads(Path(ids_json).read_text()))
-        except (OSError, json.JSONDecodeError):
+            return len(read_json(ids_json, MAX_DATASET_JSON_BYTES))
+        except (OSError, DataFormatError):
             return None
     try:
         with h5py.File(path, "r") as f:

@@ -14,7 +14,6 @@ import argparse
 import base64
 import binascii
 import csv
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,6 +23,9 @@ from vqa_align_prep.common import BadRecord, ImageRecord, common_kwargs, convert
 
 FIELDNAMES = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 BOX_COORDS = 4
+# One field is a whole feature matrix in base64: ~400 kB for 36 x 2048, ~1.1 MB for 100 x 2048; a
+# longer one (a file without tabs or newlines) is a bad record, not a line read whole into memory.
+MAX_FIELD_BYTES = 64 * 1024 * 1024
 
 
 def _decode(text: str, name: str) -> np.ndarray:
@@ -60,7 +62,7 @@ def parse_line(fields: Sequence[str]) -> tuple[int, np.ndarray, np.ndarray, tupl
 
 def read_tsv(paths: Sequence[str | Path]) -> Iterator[ImageRecord | BadRecord]:
     """Stream the records of TSV files, in order."""
-    csv.field_size_limit(sys.maxsize)  # one field is a whole feature matrix (~300 kB for 36 x 2048)
+    csv.field_size_limit(MAX_FIELD_BYTES)
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"TSV file not found: {path}")

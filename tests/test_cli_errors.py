@@ -24,12 +24,12 @@ from vqa_align.cli import build_parser, main
 
 # (command, option) -> bad values; each must be refused by the parser, naming the option.
 BAD_OPTIONS = {
-    ("eval", "--batch-size"): ["0", "-1", "x", "2.5"],
+    ("eval", "--batch-size"): ["0", "-1", "x", "2.5", "2000000", "99999999999999999999"],
     ("eval", "--noise-std"): ["-0.1", "nan", "inf", "x"],
     ("eval", "--mc-samples"): ["-1", "1", "x"],
     ("eval", "--split"): [""],
-    ("predict", "--top-k"): ["0", "-3", "x"],
-    ("predict", "--image-id"): ["-1", "x"],
+    ("predict", "--top-k"): ["0", "-3", "x", "99999999999999999999"],
+    ("predict", "--image-id"): ["-1", "x", "99999999999999999999", "9" * 400],
     ("predict", "--question"): ["", "   "],
     ("predict", "--batch-size"): ["0", "x"],
     ("prep qa", "--val-fraction"): ["0", "1", "-0.2", "nan", "x"],
@@ -40,11 +40,11 @@ BAD_OPTIONS = {
     ("prep npz", "--dtype"): ["int8"],
     ("prep h5", "--dtype"): ["bfloat16"],
     ("import", "format"): ["caffe"],
-    ("import", "--num-heads"): ["0", "-8", "x"],
-    ("extract", "--batch-size"): ["0", "x"],
-    ("extract", "--workers"): ["-1", "x"],
-    ("extract", "--part-size"): ["0"],
-    ("extract", "--max-side"): ["0", "2.5"],
+    ("import", "--num-heads"): ["0", "-8", "x", "100000"],
+    ("extract", "--batch-size"): ["0", "x", "99999999999999999999"],
+    ("extract", "--workers"): ["-1", "x", "100000"],
+    ("extract", "--part-size"): ["0", "99999999999999999999"],
+    ("extract", "--max-side"): ["0", "2.5", "99999999999999999999"],
     ("extract", "--dtype"): ["float64"],
 }
 # Options whose values the parser cannot judge: the command checks them (tests below or in the

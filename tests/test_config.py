@@ -189,7 +189,7 @@ def test_device_that_this_machine_lacks(monkeypatch):
 def test_config_file_that_is_not_yaml_text(tmp_path):
     binary = tmp_path / "model.bin"
     binary.write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(ConfigError, match=r"model.bin: not a YAML text file"):
+    with pytest.raises(ConfigError, match=r"model.bin: not UTF-8 text"):
         load_config(binary)
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [unclosed\n")

@@ -16,6 +16,7 @@ import typing
 from typing import Callable
 
 from vqa_align.errors import UserError
+from vqa_align.untrusted_files import MAX_BATCH_SIZE, MAX_INT, MAX_WIDTH, MAX_WORKERS
 
 __all__ = ["UserError", "build_parser", "main"]
 
@@ -30,7 +31,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _number(kind: type, low: float, high: float | None = None, what: str = "") -> Callable[[str], int | float]:
-    """argparse type: an int or a finite float in [low, high], else a message naming the value."""
+    """argparse type: an int or a finite float in [low, high], else a message naming the value.
+    Integers are at most MAX_INT without a lower ``high``: they end up in an int64."""
+    high = MAX_INT if kind is int and high is None else high
     noun = "an integer" if kind is int else "a finite number"
     rule = what or (f"{noun} >= {low}" if high is None else f"{noun} in [{low}, {high}]")
 
@@ -39,8 +42,8 @@ def _number(kind: type, low: float, high: float | None = None, what: str = "") -
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        if (kind is float and not math.isfinite(value)) or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r:.80}")
         return value
 
     return parse
@@ -48,6 +51,9 @@ def _number(kind: type, low: float, high: float | None = None, what: str = "") -
 
 POSITIVE_INT = _number(int, 1)
 COUNT = _number(int, 0)
+BATCH_SIZE = _number(int, 1, MAX_BATCH_SIZE)
+WORKERS = _number(int, 0, MAX_WORKERS)
+WIDTH = _number(int, 1, MAX_WIDTH)
 NON_NEGATIVE = _number(float, 0.0)
 PORT = _number(int, 1, 65535, "a TCP port in [1, 65535]")
 MC_SAMPLES = _number(int, 0, what="0 (off) or >= 2")
@@ -137,8 +143,8 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output HDF5 feature store (ids of non-COCO names go to OUT.ids.json)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="backbone parameter, e.g. --param arch=resnet50 (repeatable)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="pictures per forward pass (raise it on a GPU)")
-    p.add_argument("--workers", type=COUNT, default=2, help="DataLoader workers decoding the pictures")
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=16, help="pictures per forward pass (raise it on a GPU)")
+    p.add_argument("--workers", type=WORKERS, default=2, help="DataLoader workers decoding the pictures")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--part-size", type=POSITIVE_INT, default=256, help="images per resumable part")
@@ -172,7 +178,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results-out", help="write answers in the official submission format")
     p.add_argument("--noise-std", type=NON_NEGATIVE, default=0.0, help="add N(0, s^2) noise to region features")
     p.add_argument("--mc-samples", type=_mc_samples, default=0, help="MC-dropout samples for PAvPU (paper: 20)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=256)
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=256)
     p.add_argument("--out", help="folder for the metrics JSON and the reliability diagram")
     p.set_defaults(func=_handler("vqa_align.evaluate.evaluator", "run_eval"))
 
@@ -262,7 +268,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
                    help="the TRAIN VAL TEST [VG] question files it built its vocabulary from, in that order")
     p.add_argument("--answers", required=True, help="its answer_dict.json (the classifier's answer order)")
     p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--num-heads", type=POSITIVE_INT, default=8, help="attention heads (not stored in the checkpoint; 8 in MCAN)")
+    p.add_argument("--num-heads", type=WIDTH, default=8, help="attention heads (not stored in the checkpoint; 8 in MCAN)")
     p.add_argument("--features", help="feature store for eval/predict/demo (data.features)")
     p.add_argument("--val-annotations", help="annotations of the val questions, for `vqa-align eval`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",

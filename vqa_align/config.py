@@ -20,6 +20,10 @@ import yaml
 
 from vqa_align.align.distances import DISTANCES
 from vqa_align.errors import UserError
+from vqa_align.untrusted_files import (
+    MAX_BATCH_SIZE, MAX_CONFIG_BYTES, MAX_INT, MAX_ITERATIONS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, MAX_WORKERS, parse_yaml,
+    read_yaml,
+)
 
 ALIGNMENT_METHODS = tuple(DISTANCES)  # the distance registry (vqa_align/align/distances/__init__.py)
 ALIGNMENT_MODULES = ("sa_question", "sa_image", "sga_guided")
@@ -46,6 +50,13 @@ def _at_least(section: Any, where: str, low: int, *keys: str) -> None:
     for key in keys:
         value = getattr(section, key)
         _require(value is None or value >= low, f"{where}.{key}", value, f">= {low}")
+
+
+def _at_most(section: Any, where: str, high: int, *keys: str) -> None:
+    """Each of ``keys`` (None allowed: unset) is <= ``high``."""
+    for key in keys:
+        value = getattr(section, key)
+        _require(value is None or value <= high, f"{where}.{key}", value, f"<= {high}")
 
 
 def _check_fields(section: Any, where: str) -> None:
@@ -101,6 +112,8 @@ class AlignmentConfig:
         _at_least(self, where, 0, "weight", "gan_leaky_slope", "ot_tolerance")
         _require(self.gan_leaky_slope < 1, f"{where}.gan_leaky_slope", self.gan_leaky_slope, "< 1")
         _at_least(self, where, 1, "helper_hidden", "helper_out", "ot_iterations")
+        _at_most(self, where, MAX_WIDTH, "helper_hidden", "helper_out")
+        _at_most(self, where, MAX_ITERATIONS, "ot_iterations")
         _require(0.0 <= self.ct_rho <= 1.0, f"{where}.ct_rho", self.ct_rho, "in [0, 1]")
         _require(self.ot_epsilon > 0, f"{where}.ot_epsilon", self.ot_epsilon, "> 0")
 
@@ -143,6 +156,10 @@ class ModelConfig:
         _at_least(self, where, 1, "hidden_size", "num_heads", "ffn_size", "num_layers", "flat_mlp_size", "flat_size",
                   "flat_glimpses", "feature_dim", "word_embed_dim")
         _at_least(self, where, 0, "classifier_hidden", "minilm_freeze_epochs", "vocab_size", "num_answers")
+        _at_most(self, where, MAX_WIDTH, "hidden_size", "num_heads", "ffn_size", "flat_mlp_size", "flat_size",
+                 "feature_dim", "word_embed_dim", "classifier_hidden")
+        _at_most(self, where, MAX_LAYERS, "num_layers", "flat_glimpses")
+        _at_most(self, where, MAX_VOCAB, "vocab_size", "num_answers")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"{where}.hidden_size ({self.hidden_size}) must be divisible by {where}.num_heads ({self.num_heads})"
@@ -189,6 +206,8 @@ class DataConfig:
         _at_least(self, where, 1, "answer_min_count", "max_question_tokens", "max_regions", "subset", "eval_subset",
                   "easy_vqa_limit")
         _at_least(self, where, 0, "num_workers")
+        _at_most(self, where, MAX_WIDTH, "max_question_tokens", "max_regions")
+        _at_most(self, where, MAX_WORKERS, "num_workers")
         for key in ("cache_dir", "features", "val_features"):
             value = getattr(self, key)
             _require(value is None or value.strip() != "", f"{where}.{key}", value, "a path or null")
@@ -256,6 +275,7 @@ class TrainConfig:
     def validate(self, where: str = "train") -> None:
         _check_fields(self, where)
         _at_least(self, where, 1, "epochs", "batch_size", "grad_accumulation", "eval_every_epochs", "log_every_steps")
+        _at_most(self, where, MAX_BATCH_SIZE, "batch_size", "grad_accumulation")
         # max_steps 0: set the run up (model, vocabularies, checkpoint) without a training step.
         _at_least(self, where, 0, "warmup_epochs", "checkpoint_every_steps", "weight_decay", "max_steps",
                   "warmup_steps", "eval_every_steps", "patience")
@@ -340,14 +360,20 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r:.60}")
+        if abs(value) > MAX_INT:
+            raise ConfigError(f"{where}: a {value.bit_length()}-bit integer is too large (|x| <= {MAX_INT})")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where}: expected a number, got {value!r:.60}")
+        try:
+            number = float(value)  # an int too large for a float raises OverflowError
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value if isinstance(value, float) else 'a huge integer'}")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -380,10 +406,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not all(part.strip() for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({' '.join(str(err).split())})") from None
+    value = parse_yaml(raw, f"--set {text!r:.80}: value", error=ConfigError) if raw.strip() else None
     return [part.strip() for part in key.split(".")], _fix_yaml_floats(value)
 
 
@@ -455,18 +478,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = _resolve_config_path(Path(path))
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a YAML text file (it is not UTF-8 text)") from None
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = read_yaml(path, MAX_CONFIG_BYTES, expect=dict, error=ConfigError) or {}
     data = apply_overrides(data, overrides or [])
     try:
         config = config_from_dict(data)

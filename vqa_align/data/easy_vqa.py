@@ -33,6 +33,7 @@ from vqa_align.errors import UserError
 from vqa_align.extract.regions import REGION_FEATURE_DIM, extract_regions
 from vqa_align.extract.feature_store import FeatureStoreWriter
 from vqa_align.paths import cache_root
+from vqa_align.untrusted_files import MAX_DATASET_JSON_BYTES, MAX_META_BYTES, read_json
 
 PREP_VERSION = 1
 TEST_IMAGE_ID_OFFSET = 100_000  # easy-VQA test image k -> image id 100000 + k
@@ -71,7 +72,7 @@ def _image_id(split: str, k: int) -> int:
 def _split_json(source_split: str, prepared: str, limit: int | None) -> tuple[dict[str, Any], dict[str, Any], list[int]]:
     """VQA-v2-format (questions, annotations) of one split and the image ids it uses."""
     path = _package_data() / source_split / "questions.json"
-    raw = json.loads(path.read_text())
+    raw = read_json(path, MAX_DATASET_JSON_BYTES, expect=list)
     questions, annotations, per_image = [], [], {}
     for i, item in enumerate(raw):
         if not (isinstance(item, list) and len(item) == 3):
@@ -105,8 +106,8 @@ def _manifest_ok(folder: Path, limit: int | None) -> bool:
     if not path.is_file():
         return False
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        manifest = read_json(path, MAX_META_BYTES, expect=dict)
+    except UserError:  # damaged: prepare again
         return False
     return manifest.get("version") == PREP_VERSION and manifest.get("limit") == limit
 
@@ -235,7 +236,7 @@ def load_image(image_id: int) -> np.ndarray:
 def run_prep(args: argparse.Namespace) -> int:
     backbone = getattr(args, "backbone", None)
     folder = prepare_easy_vqa(args.cache_dir, overwrite=args.overwrite and not backbone)
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = read_json(folder / MANIFEST, MAX_META_BYTES, expect=dict)
     print(f"easy-VQA prepared in {folder}: {json.dumps(manifest['splits'])}")
     if backbone:
         out = prepare_easy_vqa_backbone(backbone, args.cache_dir, overwrite=args.overwrite)

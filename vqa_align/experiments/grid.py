@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar
 
 from vqa_align.config import ALIGNMENT_METHODS, MAX_SEED, paths_made_absolute
 from vqa_align.errors import UserError
+from vqa_align.untrusted_files import MAX_CONFIG_BYTES, MAX_META_BYTES, read_json, read_yaml
 
 # Run-environment fields that may differ between an interrupted run and its resumption.
 ENVIRONMENT_KEYS = (("model", "vocab_size"), ("model", "num_answers"), ("train", "device"),
@@ -129,7 +130,7 @@ def finished_result(path: Path, signature: dict[str, Any], where: Path, option: 
     config (written before configs were recorded with the results) is kept."""
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
+    data = read_json(path, MAX_META_BYTES, expect=dict)
     if data.get("config") is not None and config_signature(data["config"]) != signature:
         raise _different_config(where, option)
     return data
@@ -140,9 +141,7 @@ def check_same_config(run_dir: Path, signature: dict[str, Any], option: str = "-
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    import yaml
-
-    if config_signature(yaml.safe_load(saved.read_text())) != signature:
+    if config_signature(read_yaml(saved, MAX_CONFIG_BYTES) or {}) != signature:
         raise _different_config(run_dir, option)
 
 
@@ -151,7 +150,7 @@ def training_state(run_dir: Path, epochs: int, max_steps: int | None) -> Trainin
     meta_file = run_dir / "checkpoints" / "last" / "meta.json"
     if not meta_file.is_file():
         return "new"
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file, MAX_META_BYTES, expect=dict)
     if meta.get("epoch", 0) >= epochs or (max_steps is not None and meta.get("global_step", 0) >= max_steps):
         return "complete"
     return "partial"

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shlex
 import shutil
 import statistics
@@ -47,6 +46,7 @@ from vqa_align.experiments.vqa_report import (
     CURVES_FILE, FIG1_FILE, MMD_FILE, REPORT_FILE, RESULTS_FILE, flat_metrics, report_metrics, write_report,
 )
 from vqa_align.runs.report_folder import open_report_folder
+from vqa_align.untrusted_files import MAX_META_BYTES, read_json
 
 EVAL_SPLIT = "val"
 EVAL_CHECKPOINT = "last"
@@ -191,7 +191,7 @@ def evaluate_run(run_dir: Path, config: Config, seed: int, noise_stds: Sequence[
              for s in noise_stds}
     records = read_metrics(run_dir / METRICS_FILE)
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta = read_json(checkpoint / "meta.json", MAX_META_BYTES, expect=dict)
     train_seconds = sum(r.get("epoch_seconds", 0.0) for r in epochs)
     per_step = seconds_per_step(records, config.train.batch_size * config.train.grad_accumulation)
     if per_step is None and meta.get("global_step"):  # no step records (log_every_steps > steps):
@@ -247,7 +247,7 @@ def run_one(config_path: str | Path, method: str, seed: int, overrides: Sequence
     data = {"method": method, "seed": seed, "run_dir": str(run_dir), "config": signature,
             "evaluation": evaluation, "finished": datetime.datetime.now().isoformat(timespec="seconds"), "result": result}
     write_json(done, data)
-    return json.loads(done.read_text())
+    return read_json(done, MAX_META_BYTES, expect=dict)
 
 
 # ----------------------------------------------------------------------------------------------

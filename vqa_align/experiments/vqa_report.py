@@ -17,7 +17,6 @@ Layout of the report folder::
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Iterable, Sequence
@@ -31,6 +30,7 @@ from vqa_align.experiments.stats import (
     MIN_PAIRS, SIGNIFICANCE, Metric, Stat, clear_difference, compare_to_baseline, family_size, family_text,
     seed_set_title, seed_sets, tests_table, verdict,
 )
+from vqa_align.untrusted_files import MAX_META_BYTES, read_json
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -442,7 +442,7 @@ def write_report(out: Path) -> None:
 
     The figures need the data the runner measured into results.json (``figure_data``); a
     results.json written before it was recorded there gets report.md only."""
-    results = restore_nan(json.loads((out / RESULTS_FILE).read_text()))
+    results = restore_nan(read_json(out / RESULTS_FILE, MAX_META_BYTES, expect=dict))
     figure_data = results.get("figure_data")
     if figure_data is not None:
         fig1 = results["settings"]["fig1"]

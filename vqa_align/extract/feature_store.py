@@ -53,6 +53,7 @@ def store_files(path: str | Path) -> list[Path]:
     (for :func:`vqa_align.paths.check_output_paths`)."""
     path = Path(path)
     return [path, path.with_name(path.name + TMP_SUFFIX)]
+INT64, INT32 = np.iinfo(np.int64), np.iinfo(np.int32)  # types of the stored image_ids and image_sizes
 
 
 def _where(path: Path | str, record: str | None, image_id: int) -> str:
@@ -132,6 +133,8 @@ class FeatureStoreWriter:
         """Check one image; return (features in the store dtype, boxes float32) or raise StoreRecordError."""
         where = _where(self.path, record, image_id)
         image_id = int(image_id)
+        if not INT64.min <= image_id <= INT64.max:  # the store's image_ids are int64
+            raise StoreRecordError(f"{where}: image id {image_id} does not fit in 64 bits")
         if image_id in self._seen:
             raise StoreRecordError(f"{where}: duplicate image id {image_id}")
         features = np.asarray(features)
@@ -147,8 +150,8 @@ class FeatureStoreWriter:
         if boxes.shape != (n, 4):
             raise StoreRecordError(f"{where}: boxes must have shape ({n}, 4) to match the features, got {boxes.shape}")
         w, h = (int(v) for v in image_size)
-        if w <= 0 or h <= 0:
-            raise StoreRecordError(f"{where}: image size must be positive, got (w={w}, h={h})")
+        if w <= 0 or h <= 0 or max(w, h) > INT32.max:  # image_sizes are int32
+            raise StoreRecordError(f"{where}: image size must be positive and at most {INT32.max}, got (w={w}, h={h})")
         if not np.isfinite(features).all():
             raise StoreRecordError(f"{where}: features contain NaN or inf")
         if not np.isfinite(boxes).all():
@@ -273,9 +276,10 @@ class FeatureStore:
                 self.image_ids: np.ndarray = f["image_ids"][()].astype(np.int64)  # (N,)
                 self.offsets: np.ndarray = f["offsets"][()].astype(np.int64)  # (N+1,)
                 self.image_sizes: np.ndarray = f["image_sizes"][()].astype(np.int32)  # (N, 2) w, h
-                self.feature_dim = int(f.attrs.get("feature_dim", f["features"].shape[1]))
+                self.format_version = _int_attr(self.path, f, "format_version", 0)
+                features_shape, boxes_shape = f["features"].shape, f["boxes"].shape
+                self.feature_dim = _int_attr(self.path, f, "feature_dim", features_shape[-1] if features_shape else 0)
                 self.source = str(f.attrs.get("source", ""))
-                self.format_version = int(f.attrs.get("format_version", 0))
                 self.feature_dtype = f["features"].dtype
                 self.has_region_labels = "region_labels" in f
                 extractor = f.attrs.get("extractor")
@@ -284,6 +288,7 @@ class FeatureStore:
         self.extractor = _extractor_info(self.path, extractor)
         if self.format_version != FORMAT_VERSION:
             raise DataFormatError(f"{self.path}: format_version {self.format_version}, expected {FORMAT_VERSION}")
+        _check_shapes(self.path, self.feature_dim, features_shape, boxes_shape)
         if len(self.offsets) != len(self.image_ids) + 1:
             raise DataFormatError(f"{self.path}: offsets must have len(image_ids) + 1 entries")
         # id -> row by binary search over the sorted ids (no Python dict: compact and fork-friendly)
@@ -384,6 +389,28 @@ class FeatureStore:
             pass
 
 
+def _int_attr(path: Path, f: h5py.File, name: str, default: int) -> int:
+    """Integer attribute ``name`` of the store (``default`` when absent); other types are refused."""
+    value = f.attrs.get(name, default)
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise DataFormatError(f"{path}: attribute {name!r} must be an integer, got {value!r:.40}")
+    return int(value)
+
+
+def _check_shapes(path: Path, feature_dim: int, features: tuple[int, ...], boxes: tuple[int, ...]) -> None:
+    """features (R, D) with D = the declared feature_dim, boxes (R, 4) with the same R."""
+    from vqa_align.extract.backbones.base import MAX_FEATURE_DIM
+
+    if len(features) != 2 or len(boxes) != 2 or boxes[1] != 4 or features[0] != boxes[0]:
+        raise DataFormatError(f"{path}: not a feature store (features {features} and boxes {boxes} must be "
+                              f"(regions, D) and (regions, 4))")
+    if not 1 <= feature_dim <= MAX_FEATURE_DIM or feature_dim != features[1]:
+        raise DataFormatError(f"{path}: declares feature_dim {feature_dim} but its features have {features[1]} "
+                              f"columns; the store is damaged or was written by another program")
+
+
 def _extractor_info(path: Path, raw: Any) -> Any:
     """The store's ``extractor`` attribute as an ExtractorInfo, or None for converted public features."""
     if raw is None:
@@ -391,8 +418,8 @@ def _extractor_info(path: Path, raw: Any) -> Any:
     from vqa_align.extract.backbones.base import ExtractorInfo
 
     try:
-        return ExtractorInfo.from_json(raw.decode() if isinstance(raw, bytes) else str(raw))
-    except (ValueError, KeyError, TypeError) as err:
+        return ExtractorInfo.from_json(raw.decode() if isinstance(raw, bytes) else str(raw), f"{path}: attribute 'extractor'")
+    except UnicodeDecodeError as err:
         raise DataFormatError(f"{path}: attribute 'extractor' is not valid extractor JSON ({err})") from None
 
 

@@ -44,6 +44,7 @@ from vqa_align.extract.backbones import Backbone, ExtractorInfo, ImageRegions, b
 from vqa_align.extract.images import DEFAULT_MAX_SIDE, BadImage, decode_image
 from vqa_align.extract.feature_store import IDS_SUFFIX, TMP_SUFFIX, FeatureStore, FeatureStoreWriter, store_files
 from vqa_align.paths import check_output_paths
+from vqa_align.untrusted_files import MAX_DATASET_JSON_BYTES, MAX_META_BYTES, read_json, read_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEFAULT_PART_SIZE = 256  # images per part: the most an interruption can cost per rank
@@ -96,7 +97,7 @@ def list_images(inputs: Sequence[str | Path]) -> list[tuple[int, Path]]:
                 raise UserError(f"{item}: folder contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
             found += [(p.relative_to(item).as_posix(), p) for p in files]
         elif item.is_file() and item.suffix.lower() == ".txt":
-            lines = [ln.strip() for ln in item.read_text(encoding="utf-8").splitlines()]
+            lines = [ln.strip() for ln in read_text(item, MAX_DATASET_JSON_BYTES, error=UserError).splitlines()]
             for ln in lines:
                 if ln and not ln.startswith("#"):
                     p = Path(ln).expanduser()
@@ -197,8 +198,8 @@ def _check_manifest(folder: Path, info: ExtractorInfo, digest: str, part_size: i
     want = {"extractor": json.loads(info.to_json()), "inputs_sha256": digest, "part_size": part_size, "dtype": dtype}
     path = folder / MANIFEST
     if path.is_file():
-        have = json.loads(path.read_text())
-        have_info = ExtractorInfo.from_json(json.dumps(have.get("extractor", {})))
+        have = read_json(path, MAX_META_BYTES, expect=dict)
+        have_info = ExtractorInfo.from_json(json.dumps(have.get("extractor", {})), f"{path}: 'extractor'")
         if have_info.key() != info.key():
             raise UserError(f"{folder}: unfinished parts come from {have_info.describe()}, not {info.describe()}; "
                             "delete the folder or pass --overwrite to start again")
@@ -342,8 +343,8 @@ def _wait_for(path: Path, timeout: float = 600.0) -> None:
 def merge_parts(items: list[tuple[int, Path]], out: Path, options: ExtractOptions, overwrite: bool = False) -> ExtractResult:
     """Merge the finished parts of ``<out>.parts`` into ``out`` (+ ``out.ids.json``) and delete them."""
     folder = parts_dir(out)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    info = ExtractorInfo.from_json(json.dumps(manifest["extractor"]))
+    manifest = read_json(folder / MANIFEST, MAX_META_BYTES, expect=dict)
+    info = ExtractorInfo.from_json(json.dumps(manifest.get("extractor")), f"{folder / MANIFEST}: 'extractor'")
     num_parts = (len(items) + options.part_size - 1) // options.part_size
     result = ExtractResult(path=out)
     missing = [k for k in range(num_parts) if not _part_paths(folder, k)[1].is_file()]
@@ -355,7 +356,7 @@ def merge_parts(items: list[tuple[int, Path]], out: Path, options: ExtractOption
                             overwrite=overwrite, extractor=info) as writer:
         for k in range(num_parts):
             h5, marker = _part_paths(folder, k)
-            done = json.loads(marker.read_text())
+            done = read_json(marker, MAX_META_BYTES, expect=dict)
             result.skipped += [tuple(s) for s in done["skipped"]]
             if done["store"] is None:
                 continue

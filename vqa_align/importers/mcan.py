@@ -40,6 +40,7 @@ from vqa_align.extract.backbones.base import sha256_of_file
 from vqa_align.data.vqa_v2 import PAD_TOKEN, UNK_TOKEN, tokenize_question, word_level_tokenizer
 from vqa_align.paths import check_output_paths
 from vqa_align.runs.run_folder import check_replaceable, mark_run_folder
+from vqa_align.untrusted_files import MAX_DATASET_JSON_BYTES, MAX_META_BYTES, read_json
 
 MAX_TOKENS = 14  # MAX_TOKEN of both code bases: questions are cut after 14 words
 MAX_REGIONS = 100  # IMG_FEAT_PAD_SIZE: at most 100 regions per image
@@ -267,10 +268,7 @@ def _read_json(path: Path, what: str) -> Any:
     """A user's JSON file, or an ImportFailure naming it (``what``: e.g. "questions file")."""
     if not path.is_file():
         raise ImportFailure(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ImportFailure(f"{path}: not valid JSON ({err})") from None
+    return read_json(path, MAX_DATASET_JSON_BYTES, error=ImportFailure)
 
 
 def _question_texts(path: Path) -> list[str]:
@@ -540,7 +538,7 @@ def run_import(args: Any) -> int:
         extractor=getattr(args, "extractor", None),
         extractor_params=parse_param_items(getattr(args, "extractor_param", None) or []),
     )
-    meta = json.loads((out / "checkpoints" / "last" / "meta.json").read_text())["imported_from"]
+    meta = read_json(out / "checkpoints" / "last" / "meta.json", MAX_META_BYTES, expect=dict)["imported_from"]
     from vqa_align.runs.checkpoint import load_config_of
 
     model = load_config_of(out).model

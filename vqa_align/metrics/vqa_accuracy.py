@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from vqa_align.errors import DataFormatError, InputFileNotFoundError
+from vqa_align.untrusted_files import MAX_DATASET_JSON_BYTES, read_json
 
 ANSWER_TYPES: tuple[str, ...] = ("yes/no", "number", "other")
 
@@ -252,34 +253,35 @@ def _load_json(source: Any, what: str) -> tuple[Any, str]:
         path = Path(source)
         if not path.is_file():
             raise InputFileNotFoundError(f"{what} file not found: {path}")
-        try:
-            with path.open("r", encoding="utf-8") as f:
-                return json.load(f), str(path)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(
-                f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
-            ) from None
-        except UnicodeDecodeError as err:
-            raise DataFormatError(f"{path}: not UTF-8 text ({err.reason})") from None
+        return read_json(path, MAX_DATASET_JSON_BYTES), str(path)
     return source, f"<{what}>"
+
+
+# Ids become int64 arrays (question ids, image ids in the feature store): larger ones are refused
+# where they are read, with the record named, not by an OverflowError deep in numpy.
+MIN_ID, MAX_ID = -(2**63), 2**63 - 1
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-_INT = (int, "an integer")
+def _is_id(x: Any) -> bool:
+    return _is_int(x) and MIN_ID <= x <= MAX_ID
+
+
+_ID = ("id", "an integer of at most 64 bits")
 _STR = (str, "a string")
 
 
-def _check_fields(record: Any, fields: Mapping[str, tuple[type, str]], where: str) -> None:
+def _check_fields(record: Any, fields: Mapping[str, tuple[type | str, str]], where: str) -> None:
     if not isinstance(record, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for name, (typ, label) in fields.items():
         if name not in record:
             raise DataFormatError(f"{where}: missing field '{name}'")
         value = record[name]
-        ok = _is_int(value) if typ is int else isinstance(value, typ)
+        ok = _is_id(value) if typ == "id" else isinstance(value, typ)
         if not ok:
             raise DataFormatError(
                 f"{where}: field '{name}' must be {label}, got {type(value).__name__} {value!r:.40}"
@@ -287,7 +289,7 @@ def _check_fields(record: Any, fields: Mapping[str, tuple[type, str]], where: st
 
 
 def _records(
-    source: JsonSource, key: str, fields: Mapping[str, tuple[type, str]], kind: str
+    source: JsonSource, key: str, fields: Mapping[str, tuple[type | str, str]], kind: str
 ) -> Iterator[tuple[dict[str, Any], str]]:
     """Yield (record, its location "FILE: KIND record I (question_id Q)") for the records of the
     ``key`` list ("questions" / "annotations") of a VQA file, each checked against ``fields`` and
@@ -309,7 +311,7 @@ def _records(
 def load_questions(source: JsonSource) -> dict[int, dict[str, Any]]:
     """Validate a VQA questions file (``{"questions": [{image_id, question, question_id}]}``)
     and index it by question id (file order is kept; a repeated question_id is an error)."""
-    fields = {"question_id": _INT, "image_id": _INT, "question": _STR}
+    fields = {"question_id": _ID, "image_id": _ID, "question": _STR}
     return {q["question_id"]: q for q, _ in _records(source, "questions", fields, "question")}
 
 
@@ -323,7 +325,7 @@ def load_annotations(source: JsonSource, required: Sequence[str] = ()) -> dict[i
     """
     if isinstance(required, str):
         required = (required,)
-    fields = {"question_id": _INT, "image_id": _INT, "answer_type": _STR, "answers": (list, "a list")}
+    fields = {"question_id": _ID, "image_id": _ID, "answer_type": _STR, "answers": (list, "a list")}
     fields.update((name, _STR) for name in required)
     out: dict[int, dict[str, Any]] = {}
     for ann, where in _records(source, "annotations", fields, "annotation"):
@@ -356,7 +358,7 @@ def load_results(
             f"{name}: results must be a JSON list of {{\"question_id\": int, \"answer\": str}}, "
             f"got {type(data).__name__}"
         )
-    fields = {"question_id": _INT, "answer": _STR}
+    fields = {"question_id": _ID, "answer": _STR}
     out: dict[int, str] = {}
     for i, r in enumerate(data):
         _check_fields(r, fields, f"{name}: record {i}")

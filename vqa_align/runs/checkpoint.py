@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vqa_align.config import Config, ConfigError, config_from_dict, save_config
 from vqa_align.errors import UserError
+from vqa_align.untrusted_files import MAX_CONFIG_BYTES, MAX_META_BYTES, MAX_VOCAB_BYTES, check_file_size, read_json, read_yaml
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -130,13 +132,32 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically; returns its path."""
+    """Write a checkpoint folder atomically; returns its path.
+
+    A write that fails (a full disk, a quota) removes the partial ``NAME.tmp`` and raises a
+    CheckpointError saying that the checkpoints already on disk are intact: nothing of them is
+    touched before the new folder is complete.
+    """
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        _write_checkpoint_files(tmp, model, config, answers, tokenizer, trainer_state, meta)
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{final}: cannot save the checkpoint ({reason}); the checkpoints already on disk "
+                              f"are intact (the previous {final.name}, if any, is unchanged)") from None
+    _replace_dir(tmp, final)
+    return final
+
+
+def _write_checkpoint_files(tmp: Path, model: torch.nn.Module, config: Config, answers: list[str], tokenizer: Any,
+                            trainer_state: dict[str, Any] | None, meta: dict[str, Any] | None) -> None:
+    """Every file of a checkpoint into the folder ``tmp``, synced, then its completion marker."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE), metadata=vocabulary_fingerprints(answers, tokenizer))
     save_config(config, tmp / CONFIG_FILE)
@@ -148,8 +169,6 @@ def save_checkpoint(
     (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2))
     _sync_files(tmp)  # the data reach the disk before the marker and the rename say "complete"
     (tmp / COMPLETE_FILE).write_text("")
-    _replace_dir(tmp, final)
-    return final
 
 
 def _sync_files(folder: Path) -> None:
@@ -263,23 +282,22 @@ def checkpoint_extractor(path: str | Path) -> Any:
     from vqa_align.extract.backbones.base import ExtractorInfo
 
     meta_path = resolve_checkpoint(path) / META_FILE
-    try:
-        raw = json.loads(meta_path.read_text()).get("extractor")
-    except (FileNotFoundError, json.JSONDecodeError):
+    if not meta_path.is_file():
         return None
-    return ExtractorInfo.from_json(json.dumps(raw)) if raw else None
+    raw = read_json(meta_path, MAX_META_BYTES, expect=dict, error=CheckpointError).get("extractor")
+    return ExtractorInfo.from_json(json.dumps(raw), f"{meta_path}: 'extractor'") if raw else None
 
 
 def load_config_of(path: str | Path) -> Config:
     ckpt = resolve_checkpoint(path)
-    import yaml
-
+    if not (ckpt / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{ckpt}: missing {CONFIG_FILE}")
+    data = read_yaml(ckpt / CONFIG_FILE, MAX_CONFIG_BYTES, expect=dict, error=CheckpointError)
+    if not data:  # a checkpoint's config is the whole resolved config, never empty
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: empty; a checkpoint's config holds the whole resolved config")
     try:
-        data = yaml.safe_load((ckpt / CONFIG_FILE).read_text())
         return config_from_dict(data)
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt}: missing {CONFIG_FILE}") from None
-    except (yaml.YAMLError, ConfigError, UnicodeDecodeError) as err:
+    except ConfigError as err:
         raise CheckpointError(f"{ckpt / CONFIG_FILE}: {' '.join(str(err).split())}") from None
 
 
@@ -290,6 +308,8 @@ def load_tokenizer(path: str | Path) -> Any:
     directory = Path(path) / TOKENIZER_DIR
     if not directory.is_dir():
         raise CheckpointError(f"{path}: missing {TOKENIZER_DIR}/")
+    for file in directory.iterdir():  # transformers parses these itself: bound their size first
+        check_file_size(file, MAX_VOCAB_BYTES, error=CheckpointError)
     try:
         return load_saved_tokenizer(directory)
     except Exception as err:  # transformers/tokenizers raise assorted types for a damaged tokenizer.json
@@ -304,10 +324,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     ckpt = resolve_checkpoint(path)
     config = load_config_of(ckpt)
     try:
-        answers = json.loads((ckpt / ANSWERS_FILE).read_text())
-    except (FileNotFoundError, ValueError) as err:  # ValueError: bad JSON, not UTF-8
-        raise CheckpointError(f"{ckpt / ANSWERS_FILE}: {err}") from None
-    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        answers = read_json(ckpt / ANSWERS_FILE, MAX_VOCAB_BYTES, expect=list, error=CheckpointError)
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt / ANSWERS_FILE}: missing") from None
+    if not all(isinstance(a, str) for a in answers):
         raise CheckpointError(f"{ckpt / ANSWERS_FILE}: expected a JSON list of answer strings")
     if len(answers) != config.model.num_answers:
         raise CheckpointError(
@@ -329,10 +349,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model.to(device).eval()
     meta = {}
     if (ckpt / META_FILE).is_file():
-        try:
-            meta = json.loads((ckpt / META_FILE).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{ckpt / META_FILE}: not valid JSON ({err})") from None
+        meta = read_json(ckpt / META_FILE, MAX_META_BYTES, expect=dict, error=CheckpointError)
     return LoadedCheckpoint(ckpt, config, model, answers, tokenizer, meta)
 
 

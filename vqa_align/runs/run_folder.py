@@ -198,16 +198,15 @@ def resume_config_changes(saved: dict[str, Any], new: dict[str, Any]) -> tuple[l
 
 def check_resume_config(run_config: Path, new: dict[str, Any]) -> None:
     """Refuse a resume whose config changes the model, the data or the training recipe."""
-    import yaml
-
     from vqa_align.config import ConfigError, config_from_dict, make_paths_absolute
+    from vqa_align.untrusted_files import MAX_CONFIG_BYTES, read_yaml
 
     try:
         # Runs written before paths were stored absolute: their relative paths meant the working directory.
-        saved = make_paths_absolute(config_from_dict(yaml.safe_load(run_config.read_text()))).to_dict()
+        saved = make_paths_absolute(config_from_dict(read_yaml(run_config, MAX_CONFIG_BYTES, expect=dict) or {})).to_dict()
     except FileNotFoundError:
         raise UserError(f"--resume: {run_config} is missing") from None
-    except (yaml.YAMLError, ConfigError, UnicodeDecodeError, AttributeError, TypeError) as err:
+    except (UserError, ConfigError) as err:
         raise UserError(f"--resume: {run_config}: {err}") from None
     refused, allowed = resume_config_changes(saved, new)
     if refused:

@@ -41,6 +41,7 @@ import numpy as np
 
 from vqa_align.paths import cache_root, check_output_paths
 from vqa_align.errors import UserError
+from vqa_align.untrusted_files import MAX_DATASET_JSON_BYTES, MAX_META_BYTES, read_json, read_text
 
 FOLDER = "sentiment"
 SENTENCES = "sentences.jsonl"
@@ -243,7 +244,7 @@ def load_sentences(folder: str | Path) -> dict[str, list[Sentence]]:
     if not (Path(folder) / MANIFEST).is_file() or not path.is_file():
         raise UserError(f"{folder}: no prepared sentiment data; run `vqa-align prep sentiment` first")
     out: dict[str, list[Sentence]] = {name: [] for name in SPLITS}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, MAX_DATASET_JSON_BYTES).splitlines(), start=1):
         try:
             s = Sentence(**json.loads(line))
         except (json.JSONDecodeError, TypeError) as err:
@@ -256,7 +257,7 @@ def load_sentences(folder: str | Path) -> dict[str, list[Sentence]]:
 
 def run_prep(args: argparse.Namespace) -> int:
     folder = prepare_sentiment(args.cache_dir, args.sdist, overwrite=args.overwrite)
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = read_json(folder / MANIFEST, MAX_META_BYTES, expect=dict)
     print(f"sentiment data prepared in {folder}: zero-rated dropped {manifest['zero_rated_dropped']}, "
           f"splits {json.dumps(manifest['splits'])}, split sha256 {manifest['split_sha256']}")
     return 0

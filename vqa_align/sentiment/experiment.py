@@ -43,6 +43,7 @@ from vqa_align.experiments.stats import (
     seed_set_title, seed_sets, tests_table, verdict,
 )
 from vqa_align.runs.report_folder import open_report_folder
+from vqa_align.untrusted_files import MAX_META_BYTES, read_json
 
 RUNS_FOLDER = "runs"
 REPORT_JSON = "results.json"
@@ -98,7 +99,7 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
     runs = []
     for path in sorted((out / RUNS_FOLDER).glob("*.json")):
         try:
-            runs.append(with_derived(json.loads(path.read_text())))
+            runs.append(with_derived(read_json(path, MAX_META_BYTES, expect=dict)))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: not a run result ({err})") from None
     return runs
@@ -380,7 +381,7 @@ def write_report(out: Path, methods: Sequence[str], command: str, data: dict[str
     ``seed_roles``: {"exploratory", "confirmatory"[, "note"]} (None: those the config declares)."""
     runs = load_runs(out)
     if machine is None:
-        previous = json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).is_file() else {}
+        previous = read_json(out / REPORT_JSON, MAX_META_BYTES, expect=dict) if (out / REPORT_JSON).is_file() else {}
         machine = previous.get("machine", {})
     seed_roles = seed_roles or seed_roles_of(config)
     check_seed_roles(seed_roles, f"{out / REPORT_JSON}: seed_roles")  # a seed not run yet is left out of its set
@@ -423,7 +424,7 @@ def run_cell(cell: Cell, log: Log, config: Any, out: Path, runs_dir: Path,
     if (run_dir / RESULT_FILE).is_file():  # finished in --runs-dir; its result never reached --out
         check_same_config(run_dir, signature, "--runs-dir")
         log(f"{cell.name}: finished earlier in {run_dir}, kept")
-        result = json.loads((run_dir / RESULT_FILE).read_text())
+        result = read_json(run_dir / RESULT_FILE, MAX_META_BYTES, expect=dict)
     elif unfinished_run_state(run_dir, signature, config.train.epochs, config.train.max_steps,
                               "--runs-dir") == "partial":
         log(f"{cell.name}: resuming training from {run_dir / 'checkpoints/last'}")
@@ -451,7 +452,7 @@ def run_grid(config_path: str, methods: Sequence[str], seeds: Sequence[int], ove
     open_report_folder(out, [*REPORT_FILES, *(f"{RUNS_FOLDER}/{cell.name}.json" for cell in cells)])
     folder = cache_root(base.data.cache_dir) / FOLDER
     sentences = load_sentences(folder)
-    data = json.loads((folder / MANIFEST).read_text())
+    data = read_json(folder / MANIFEST, MAX_META_BYTES, expect=dict)
     (out / RUNS_FOLDER).mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
 
@@ -483,7 +484,7 @@ def run_experiment(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     open_report_folder(out, REPORT_FILES)
-    previous = json.loads((out / REPORT_JSON).read_text()) if (out / REPORT_JSON).is_file() else {}
+    previous = read_json(out / REPORT_JSON, MAX_META_BYTES, expect=dict) if (out / REPORT_JSON).is_file() else {}
     methods = parse_methods(args.methods) if args.methods else previous.get("methods", ["none", "ct", "gan"])
     write_report(out, methods, previous.get("command", "(unknown)"), previous.get("data"), previous.get("config"),
                  seed_roles=previous.get("seed_roles"))

@@ -42,6 +42,7 @@ from vqa_align.config import (
 )
 from vqa_align.errors import UserError
 from vqa_align.sentiment.model import LABELS, SentenceClassifier, SentenceModelConfig
+from vqa_align.untrusted_files import MAX_CONFIG_BYTES, read_yaml
 
 if TYPE_CHECKING:
     from vqa_align.train.task import TaskContext, TaskData
@@ -123,16 +124,12 @@ def load_sentiment_config(path: str | Path | None = None, overrides: Sequence[st
     """A YAML preset (or the defaults) plus ``--set`` overrides; unknown keys are errors. The old
     names ``run.warmup_steps`` / ``run.eval_every_steps`` / ``run.patience`` (configs and commands
     recorded in earlier reports) are read as their ``train.`` options."""
-    import yaml
-
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = read_yaml(path, MAX_CONFIG_BYTES, expect=dict, error=ConfigError) or {}
     data = _renamed(data, path)
     data = apply_overrides(data, [_renamed_override(text) for text in overrides])
     try:

@@ -6,7 +6,6 @@ set's pictures are not at hand (the app then draws the region boxes on grey).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +18,7 @@ from vqa_align.errors import UserError
 from vqa_align.extract.images import BadImage, decode_image
 from vqa_align.extract.pipeline import IDS_SUFFIX, list_images
 from vqa_align.serve.images import MAX_UPLOAD_SIDE
+from vqa_align.untrusted_files import MAX_DATASET_JSON_BYTES, read_json
 
 ImageLoader = Callable[[int], "np.ndarray | None"]
 THUMBNAIL_BACKGROUND = (210, 210, 210)  # grey: a store image without a picture
@@ -46,8 +46,8 @@ def ids_json_loader(store_path: str | Path) -> ImageLoader | None:
     if not ids_file.is_file():
         return None
     try:
-        mapping = {int(k): Path(v) for k, v in json.loads(ids_file.read_text()).items()}
-    except (ValueError, AttributeError):
+        mapping = {int(k): Path(v) for k, v in read_json(ids_file, MAX_DATASET_JSON_BYTES, expect=dict).items()}
+    except (UserError, ValueError, TypeError):  # damaged: the app then shows no pictures, not an error
         return None
     return _files_loader(mapping)
 
@@ -134,8 +134,8 @@ def question_image_ids(files: list[Path]) -> set[int]:
     ids: set[int] = set()
     for path in files:
         try:
-            questions = json.loads(path.read_text()).get("questions", [])
-        except (OSError, ValueError, AttributeError):
+            questions = read_json(path, MAX_DATASET_JSON_BYTES, expect=dict).get("questions", [])
+        except (UserError, OSError, AttributeError):
             continue
         ids.update(q["image_id"] for q in questions if isinstance(q, dict) and isinstance(q.get("image_id"), int))
     return ids
@@ -149,8 +149,8 @@ def find_examples(store: Any, files: list[Path], n: int) -> list[Example]:
     examples: dict[int, Example] = {}
     for path in files:
         try:
-            questions = json.loads(path.read_text()).get("questions", [])
-        except (OSError, ValueError, AttributeError):
+            questions = read_json(path, MAX_DATASET_JSON_BYTES, expect=dict).get("questions", [])
+        except (OSError, UserError):
             continue
         for q in questions:
             image_id = q.get("image_id") if isinstance(q, dict) else None

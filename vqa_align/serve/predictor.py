@@ -43,6 +43,7 @@ from vqa_align.serve.images import display_copy, load_upload
 from vqa_align.serve.novelty import NOVELTY_QUANTILE, FeatureStats, novelty, store_stats
 from vqa_align.serve.prediction import InputError, ModuleResult, Prediction
 from vqa_align.serve.reading import resplit_baseline
+from vqa_align.untrusted_files import MAX_INT
 
 MAX_QUESTION_CHARS = 5000  # longer text is cut before tokenising (the model reads 14 words anyway)
 GALLERY_POOL = 48  # examples looked up once; the app shows the first 12
@@ -69,6 +70,23 @@ class ImageRegions:
     labels: list[str] | None = None  # readable region names, when the extractor gives them
     notes: list[str] = field(default_factory=list)  # repairs of an upload
 
+
+
+def whole_number(value: Any, what: str) -> int:
+    """``value`` from the app (a float from a number box) or code as an int: whole, finite and within
+    int64 (ids are int64 in the store), else an InputError naming ``what`` and the value."""
+    try:
+        number = int(value)
+        whole = number == value if isinstance(value, float) else not isinstance(value, bool)
+    except (TypeError, ValueError, OverflowError):  # None, "abc", nan, inf
+        number, whole = 0, False
+    if not whole or not -MAX_INT - 1 <= number <= MAX_INT:
+        raise InputError(f"{what} must be an integer of at most 64 bits, got {value!r:.40}")
+    return number
+
+
+def image_id_value(value: Any) -> int:
+    return whole_number(value, "image id")
 
 class Predictor:
     """A checkpoint loaded once, answering (question, image) requests.
@@ -229,10 +247,7 @@ class Predictor:
         """(image id as int, its regions) of a store image."""
         if self.store is None:
             raise InputError(f"Images of the data set are unavailable: {self.store_error}.")
-        try:
-            image_id = int(image_id)
-        except (TypeError, ValueError):
-            raise InputError(f"image id must be an integer, got {image_id!r}") from None
+        image_id = image_id_value(image_id)
         if image_id not in self.store:
             raise InputError(f"Image id {image_id} is not in the feature store {self.store.path}.")
         feats, boxes, size = self.store.get(image_id, self.max_regions)
@@ -359,14 +374,14 @@ class Predictor:
     # --- examples for the gallery -------------------------------------------------------------
     def load_image(self, image_id: int) -> np.ndarray | None:
         """The picture of a store image (None when the data set's pictures are not available)."""
-        return self.image_loader(int(image_id))
+        return self.image_loader(image_id_value(image_id))
 
     def thumbnail(self, image_id: int, size: int = 128) -> np.ndarray:
         """(size, size', 3) uint8 gallery thumbnail; without a picture, the region boxes on grey."""
         picture = self.load_image(image_id)
         boxes, image_size = np.zeros((0, 4), np.float32), (1, 1)
         if picture is None and self.store is not None:
-            _, boxes, image_size = self.store.get(int(image_id), self.max_regions)
+            _, boxes, image_size = self.store.get(image_id_value(image_id), self.max_regions)
         return gallery.thumbnail(picture, boxes, image_size, size)
 
     def examples(self, n: int = 12) -> list[Example]:

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vqa_align.untrusted_files import MAX_DATASET_JSON_BYTES, read_text
+
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 # Without a terminal (a log file, a job scheduler) a plain progress line replaces the tqdm bar.
@@ -83,10 +85,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in read_text(path, MAX_DATASET_JSON_BYTES).splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError, ValueError):
             continue
         if isinstance(record, dict):
             records.append(record)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from vqa_align.runs.checkpoint import ANSWERS_FILE, WEIGHTS_FILE, CheckpointError, load_config_of, load_tokenizer, resolve_checkpoint
 from vqa_align.config import Config
+from vqa_align.untrusted_files import MAX_VOCAB_BYTES, read_json
 
 # ModelConfig fields that decide the parameters' shapes and meaning: taken from the source run.
 ARCHITECTURE_FIELDS = (
@@ -40,14 +41,14 @@ class WarmStart:
 
 def load_warm_start(path: str | Path) -> WarmStart:
     """Read the source checkpoint (a run folder or checkpoint folder) without building a model."""
-    import json
-
     ckpt = resolve_checkpoint(path)
     source = load_config_of(ckpt)
     try:
-        answers = json.loads((ckpt / ANSWERS_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"--init-from {ckpt / ANSWERS_FILE}: {err}") from None
+        answers = read_json(ckpt / ANSWERS_FILE, MAX_VOCAB_BYTES, expect=list, error=CheckpointError)
+    except (FileNotFoundError, CheckpointError) as err:
+        raise CheckpointError(f"--init-from {err}") from None
+    if not all(isinstance(a, str) for a in answers):
+        raise CheckpointError(f"--init-from {ckpt / ANSWERS_FILE}: expected a JSON list of answer strings")
     try:
         state = load_file(str(ckpt / WEIGHTS_FILE))
     except Exception as err:  # safetensors has its own error types for corrupt files

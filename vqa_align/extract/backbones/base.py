@@ -39,9 +39,11 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from vqa_align.errors import UserError
+from vqa_align.errors import DataFormatError, UserError
+from vqa_align.untrusted_files import MAX_WIDTH, parse_json
 
 HASH_BLOCK = 1 << 20  # bytes read at a time when hashing weight files
+MAX_FEATURE_DIM = MAX_WIDTH  # the widest feature vector a store or checkpoint may declare (= model.feature_dim's bound)
 
 
 @dataclass
@@ -76,11 +78,17 @@ class ExtractorInfo:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ExtractorInfo":
-        data = json.loads(text)
-        return cls(name=str(data["name"]), params=dict(data.get("params", {})),
-                   weights_sha256=str(data.get("weights_sha256", "")), feature_dim=int(data.get("feature_dim", 0)),
-                   weights_source=str(data.get("weights_source", "")))
+    def from_json(cls, text: str, source: str = "extractor record") -> "ExtractorInfo":
+        """Parse what :meth:`to_json` wrote; a record of wrong types is a one-line error naming ``source``."""
+        data = parse_json(text, source, expect=dict)
+        name, params, feature_dim = data.get("name"), data.get("params", {}), data.get("feature_dim", 0)
+        if not isinstance(name, str) or not isinstance(params, dict):
+            raise DataFormatError(f"{source}: not an extractor record (needs a string 'name' and an object 'params')")
+        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or not 0 <= feature_dim <= MAX_FEATURE_DIM:
+            raise DataFormatError(f"{source}: extractor feature_dim must be an integer in [0, {MAX_FEATURE_DIM}], "
+                                  f"got {feature_dim!r:.40}")
+        return cls(name=name, params=params, weights_sha256=str(data.get("weights_sha256", "")),
+                   feature_dim=feature_dim, weights_source=str(data.get("weights_source", "")))
 
     def key(self) -> tuple[str, str, str]:
         """What must agree for two stores to be usable together (name, parameters, weights)."""

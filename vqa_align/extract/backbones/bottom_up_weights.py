@@ -17,6 +17,7 @@ import torch
 
 from vqa_align.errors import DataFormatError, InputFileNotFoundError
 from vqa_align.paths import cache_root
+from vqa_align.untrusted_files import MAX_VOCAB_BYTES, read_text
 
 HUB_REPO = "unc-nlp/frcnn-vg-finetuned"
 HUB_WEIGHTS = "pytorch_model.bin"
@@ -113,7 +114,7 @@ def read_vocabulary(path: str | os.PathLike, expected: int, what: str) -> list[s
     if not path.is_file():
         raise InputFileNotFoundError(f"{path}: {what} vocabulary not found")
     # A line may list synonyms separated by commas; the first is the name.
-    names = [line.split(",")[0].strip().lower() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.split(",")[0].strip().lower() for line in read_text(path, MAX_VOCAB_BYTES).splitlines() if line.strip()]
     if len(names) != expected:
         raise DataFormatError(f"{path}: {what} vocabulary has {len(names)} names, the detector has {expected}")
     return names

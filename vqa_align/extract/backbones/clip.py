@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from vqa_align.errors import UserError
+from vqa_align.untrusted_files import MAX_META_BYTES, check_file_size
 from vqa_align.extract.backbones.base import (
     Backbone, ExtractorInfo, ImageRegions, Missing, ResizeNormalize, grid_regions, sha256_of_state_dict,
 )
@@ -42,6 +43,16 @@ def _is_local(model: str) -> bool:
     return Path(model).expanduser().is_dir() or model.startswith((".", "/", "~"))
 
 
+def _check_local_folder(folder: Path) -> None:
+    """Refuse a save_pretrained folder whose weights are pickles only, or whose config is oversized."""
+    check_file_size(folder / "config.json", MAX_META_BYTES, error=UserError)
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+        held = f" (it holds {', '.join(pickles[:3])}: pickles, which could run code when loaded)" if pickles else ""
+        raise UserError(f"clip: {folder} has no .safetensors weights{held}; vqa-align reads CLIP weights as "
+                        "safetensors only: re-save them with save_pretrained(..., safe_serialization=True)")
+
+
 class ClipGrid(Backbone):
     name = "clip"
     Params = Params
@@ -53,10 +64,14 @@ class ClipGrid(Backbone):
         from transformers import CLIPVisionModel
 
         where = str(Path(params.model).expanduser()) if _is_local(params.model) else params.model
+        if _is_local(params.model):
+            _check_local_folder(Path(where))
         try:
-            model = CLIPVisionModel.from_pretrained(where, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise UserError(f"clip: cannot load {params.model} ({str(err).splitlines()[0]})") from None
+            # safetensors only: a pickled pytorch_model.bin could run code when loaded
+            model = CLIPVisionModel.from_pretrained(where, local_files_only=True, use_safetensors=True)
+        except Exception as err:  # noqa: BLE001 - transformers/safetensors raise many types for a damaged folder
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"clip: cannot load {params.model} ({first[:300]})") from None
         self.model = model.eval().to(self.device)
         cfg = model.config
         self.image_size = params.image_size or cfg.image_size

@@ -65,7 +65,8 @@ class EfficientNetLite0(Backbone):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a pickle with code, a truncated file ...
-            raise UserError(f"{path}: cannot be read as a weights-only state dict ({err})") from None
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"{path}: cannot be read as a weights-only state dict ({first})") from None
         model = EfficientNet.from_name(ARCH)
         try:
             model.load_state_dict(state, strict=True)
