@@ -206,21 +206,26 @@ class BottomUpDetector(nn.Module):
         proposal size filter needs (None: 1).
         """
         cfg = self.config
-        feats = self.backbone(images)  # (B, 1024, h16, w16)
-        rpn_logits, rpn_deltas = self.proposal_generator.rpn_head(feats)  # (B, A, h16, w16), (B, 4A, ...)
         if cfg.selection == "bottom-up":
+            # One picture at a time through the trunk and the RPN, as Caffe ran them: in a padded
+            # batch the maps near a smaller picture's right and bottom edges would differ. res5,
+            # ~88% of the work, still runs on many boxes at once.
             scales = scales or [None] * len(sizes)
-            proposals = [self._tsv_proposals(rpn_logits[i], rpn_deltas[i], hw, s) for i, (hw, s) in enumerate(zip(sizes, scales))]
+            maps = [self.backbone(images[i : i + 1, :, :h, :w]) for i, (h, w) in enumerate(sizes)]  # (1, 1024, ., .)
+            proposals = [self._tsv_proposals(*self.proposal_generator.rpn_head(m), hw, s) for m, hw, s in zip(maps, sizes, scales)]
+            pooled = [(m.float(), torch.cat([p.new_zeros(len(p), 1), p], dim=1)) for m, p in zip(maps, proposals)]
         else:
-            proposals = self._hf_proposals(rpn_logits, rpn_deltas, sizes)
-        rois = torch.cat([torch.cat([p.new_full((len(p), 1), i), p], dim=1) for i, p in enumerate(proposals)])  # (R, 5)
+            feats = self.backbone(images)  # (B, 1024, h16, w16)
+            proposals = self._hf_proposals(*self.proposal_generator.rpn_head(feats), sizes)
+            rois = torch.cat([torch.cat([p.new_full((len(p), 1), i), p], dim=1) for i, p in enumerate(proposals)])  # (R, 5)
+            pooled = [(feats.float(), rois)]
         # Pool in float32 (box coordinates up to ~1333 px lose whole pixels in bf16), res5 in chunks
         # of boxes so a large batch does not hold every box's 14 x 14 x 2048 map at once.
-        feats32 = feats.float()
         box_feats = torch.cat(
             [
-                self.roi_heads.res5(roi_pool(feats32, chunk, cfg.pool_size, 1.0 / RES4_STRIDE)).mean(dim=(2, 3))
-                for chunk in rois.split(RES5_CHUNK)
+                self.roi_heads.res5(roi_pool(fmap, chunk, cfg.pool_size, 1.0 / RES4_STRIDE)).mean(dim=(2, 3))
+                for fmap, boxes in pooled
+                for chunk in boxes.split(RES5_CHUNK)
             ]
         )  # (R, 2048)
         cls, attr, box_deltas = self.roi_heads.box_predictor(box_feats)
@@ -246,12 +251,12 @@ class BottomUpDetector(nn.Module):
         return proposals
 
     def _tsv_proposals(self, logits: torch.Tensor, deltas: torch.Tensor, size: tuple[int, int], scale: float | None) -> torch.Tensor:
-        """One image's RoIs by Caffe's proposal layer (``bottom_up_tsv.tsv_proposals``), on the RPN
-        positions of the image alone (a padded batch has more), in float32 NumPy as there."""
+        """One image's RoIs by Caffe's proposal layer (``bottom_up_tsv.tsv_proposals``), in float32
+        NumPy as there; ``logits`` (1, A, h, w), ``deltas`` (1, 4A, h, w) of the image alone."""
         cfg = self.config
-        mh, mw = (min(m, f) for m, f in zip(T.res4_size(*size), logits.shape[1:]))
+        mh, mw = logits.shape[-2:]
         anchors = B.grid_anchors(self.proposal_generator.anchor_generator.cells, mh, mw, RES4_STRIDE)
-        moves, scores = T.rpn_outputs(logits[:, :mh, :mw], deltas[:, :mh, :mw])
+        moves, scores = T.rpn_outputs(logits[0], deltas[0])
         rois = T.tsv_proposals(anchors.cpu().numpy(), moves, scores, size, 1.0 if scale is None else scale,
                                cfg.pre_nms_topk, cfg.post_nms_topk, cfg.rpn_nms_thresh, cfg.rpn_min_size)
         return torch.from_numpy(rois).to(logits.device)

@@ -23,7 +23,7 @@ ordered as NumPy orders them there.
 
 from __future__ import annotations
 
-import math
+import sys
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ def cv2_resize_linear(image: torch.Tensor, out_hw: tuple[int, int], scale: float
     """
     height, width = image.shape[-2:]
     out_h, out_w = out_hw
-    if math.isclose(1.0 / scale, AREA_FAST_FACTOR, rel_tol=0, abs_tol=1e-15):
+    if abs(1.0 / scale - AREA_FAST_FACTOR) < sys.float_info.epsilon:  # OpenCV's `is_area_fast` test
         blocks = image[:, : 2 * out_h, : 2 * out_w]
         a, b = blocks[:, 0::2, 0::2], blocks[:, 0::2, 1::2]
         c, d = blocks[:, 1::2, 0::2], blocks[:, 1::2, 1::2]
@@ -206,21 +206,6 @@ def tsv_proposals(
     boxes, scores = boxes[order], scores[order]
     keep = caffe_nms(boxes, scores, nms_thresh, max_keep=post_nms_topk)
     return boxes[keep]
-
-
-def res4_size(height: int, width: int) -> tuple[int, int]:
-    """The res4 map size of an (unpadded) image: the RPN positions Caffe sees for it alone.
-
-    conv1 7x7/2 pad 3, max pool 3x3/2 ceil mode, then two stride-2 1x1 convs.
-    """
-
-    def one(n: int) -> int:
-        n = (n + 2 * 3 - 7) // 2 + 1
-        n = -(-(n - 3) // 2) + 1
-        n = (n - 1) // 2 + 1
-        return (n - 1) // 2 + 1
-
-    return one(height), one(width)
 
 
 # ---------------------------------------------------------------------------------------------
