@@ -208,8 +208,8 @@ class BottomUpDetector(nn.Module):
         cfg = self.config
         if cfg.selection == "bottom-up":
             # One picture at a time through the trunk and the RPN, as Caffe ran them: in a padded
-            # batch the maps near a smaller picture's right and bottom edges would differ. res5,
-            # ~88% of the work, still runs on many boxes at once.
+            # batch the maps near a smaller picture's right and bottom edges would differ. res5
+            # (~88% of the work) still runs on each picture's 300 boxes at once.
             scales = scales or [None] * len(sizes)
             maps = [self.backbone(images[i : i + 1, :, :h, :w]) for i, (h, w) in enumerate(sizes)]  # (1, 1024, ., .)
             proposals = [self._tsv_proposals(*self.proposal_generator.rpn_head(m), hw, s) for m, hw, s in zip(maps, sizes, scales)]
