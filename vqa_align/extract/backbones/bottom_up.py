@@ -36,7 +36,10 @@ from torchvision.ops import roi_pool
 
 from vqa_align.errors import DataFormatError, UserError
 from vqa_align.extract.backbones import bottom_up_boxes as B
+from vqa_align.extract.backbones import bottom_up_tsv as T
 from vqa_align.extract.backbones.base import Backbone, ExtractorInfo, ImageRegions, Missing, sha256_of_file
+from vqa_align.extract.backbones.bottom_up_net import FEATURE_DIM, ProposalGenerator, ResNetTrunk, RoIHeads
+from vqa_align.extract.backbones.bottom_up_random import random_state_dict  # noqa: F401 - re-exported
 from vqa_align.extract.backbones.bottom_up_weights import (
     ATTRIBUTES_VOCAB,
     OBJECTS_VOCAB,
@@ -49,11 +52,9 @@ from vqa_align.extract.backbones.bottom_up_weights import (
     weights_file,
 )
 
-FEATURE_DIM = 2048
 RES4_STRIDE = 16  # stem /4, res3 /2, res4 /2
-RES4_CHANNELS = 1024  # what the RPN and the RoI pooling read
-RESNET101_RES4_BLOCKS = (3, 4, 23)  # res2, res3, res4; res5 (3 blocks) runs per box in the RoI head
 RES5_CHUNK = 1024  # boxes per res5 call: ~0.8 GB of bf16 activations per 14 x 14 x 2048 output
+HF_MIN_SIZE, HF_MAX_SIZE = 800, 1333  # the HF demo's INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST
 
 
 @dataclass
@@ -61,8 +62,9 @@ class BottomUpConfig:
     """Test-time settings; the defaults are those of the published model (docs/extract.md)."""
 
     # Preprocessing: shortest side -> min_size, longest <= max_size; BGR, mean-subtracted, std 1.
-    min_size: int = 800
-    max_size: int = 1333
+    # None: the selection's own (bottom-up: the TSV's 600 / 1000; hf-demo: 800 / 1333).
+    min_size: int | None = None
+    max_size: int | None = None
     pixel_mean_bgr: tuple[float, float, float] = (102.9801, 115.9465, 122.7717)
     # Architecture (fixed by the weights).
     num_classes: int = 1600
@@ -77,7 +79,7 @@ class BottomUpConfig:
     pre_nms_topk: int = 6000
     post_nms_topk: int = 300
     rpn_nms_thresh: float = 0.7
-    rpn_min_size: float = 0.0
+    rpn_min_size: float | None = None  # None: bottom-up 16 px (original image, +1 sides), hf-demo 0
     # Final boxes: "bottom-up" = the feature TSVs' rule (adaptive: 0.2, 10..100; fixed: 36..36);
     # "hf-demo" = the Hugging Face LXMERT demo's rule (used to compare against it).
     selection: Literal["bottom-up", "hf-demo"] = "bottom-up"
@@ -86,6 +88,15 @@ class BottomUpConfig:
     hf_nms_threshs: tuple[float, ...] = (0.5, 0.6, 0.7)  # tried in turn by the "hf-demo" rule
     min_boxes: int = 10
     max_boxes: int = 100
+
+    def __post_init__(self) -> None:
+        tsv = self.selection == "bottom-up"
+        if self.min_size is None:
+            self.min_size = T.TSV_MIN_SIZE if tsv else HF_MIN_SIZE
+        if self.max_size is None:
+            self.max_size = T.TSV_MAX_SIZE if tsv else HF_MAX_SIZE
+        if self.rpn_min_size is None:
+            self.rpn_min_size = float(T.TSV_RPN_MIN_SIZE if tsv else 0)
 
     def validate(self) -> "BottomUpConfig":
         if self.selection not in ("bottom-up", "hf-demo"):
@@ -113,13 +124,21 @@ class Prepared:
     pixels: torch.Tensor  # (3, h, w) float32, BGR, mean subtracted
     resized_hw: tuple[int, int]
     original_hw: tuple[int, int]
+    scale: float | None = None  # the TSV rule's one scale factor (None: x and y by their own)
 
 
 def preprocess(rgb: np.ndarray, config: BottomUpConfig) -> Prepared:
-    """uint8 RGB (H, W, 3) -> the detector's input: resized (bilinear, no antialias), BGR, minus mean."""
+    """uint8 RGB (H, W, 3) -> the detector's input: resized (bilinear, no antialias), BGR, minus mean.
+
+    ``selection=bottom-up``: as the TSV code, mean first, then OpenCV's resize by one scale
+    (``bottom_up_tsv.tsv_preprocess``); ``hf-demo``: as the HF demo, resize, then the mean.
+    """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise DataFormatError(f"bottom-up detector: expected a uint8 RGB array (H, W, 3), got {rgb.dtype} {rgb.shape}")
     height, width = rgb.shape[:2]
+    if config.selection == "bottom-up":
+        pixels, size, scale = T.tsv_preprocess(rgb, config.min_size, config.max_size, config.pixel_mean_bgr)
+        return Prepared(pixels=pixels, resized_hw=size, original_hw=(height, width), scale=scale)
     new_h, new_w = B.resized_shape(height, width, config.min_size, config.max_size)
     bgr = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1])).permute(2, 0, 1).float()  # (3, H, W)
     resized = F.interpolate(bgr[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
@@ -136,136 +155,6 @@ def batch_images(prepared: Sequence[Prepared]) -> torch.Tensor:
         out[i, :, : p.resized_hw[0], : p.resized_hw[1]] = p.pixels
     return out
 
-
-# ---------------------------------------------------------------------------------------------
-# The network. Module and attribute names follow the checkpoint's parameter names exactly
-# (backbone.stem.conv1.norm.weight, proposal_generator.rpn_head.conv.weight, ...).
-
-
-class ConvNorm(nn.Conv2d):
-    """A bias-free convolution followed by batch norm (inference statistics), as one named unit."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1, eps: float = 1e-5):
-        super().__init__(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, bias=False)
-        self.norm = nn.BatchNorm2d(cout, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(super().forward(x))
-
-
-class Bottleneck(nn.Module):
-    """ResNet bottleneck, MSRA style: the stride sits on the first 1x1 conv (the Caffe model's layout)."""
-
-    def __init__(self, cin: int, mid: int, cout: int, stride: int, dilation: int = 1, eps: float = 1e-5):
-        super().__init__()
-        self.shortcut = ConvNorm(cin, cout, 1, stride=stride, eps=eps) if cin != cout else None
-        self.conv1 = ConvNorm(cin, mid, 1, stride=stride, eps=eps)
-        self.conv2 = ConvNorm(mid, mid, 3, padding=dilation, dilation=dilation, eps=eps)
-        self.conv3 = ConvNorm(mid, cout, 1, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.conv1(x))
-        out = F.relu(self.conv2(out))
-        out = self.conv3(out)
-        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
-
-
-def _stage(blocks: int, cin: int, mid: int, cout: int, stride: int, dilation: int = 1, eps: float = 1e-5) -> nn.Sequential:
-    layers = [Bottleneck(cin, mid, cout, stride, dilation, eps)]
-    layers += [Bottleneck(cout, mid, cout, 1, dilation, eps) for _ in range(blocks - 1)]
-    return nn.Sequential(*layers)
-
-
-class Stem(nn.Module):
-    def __init__(self, eps: float):
-        super().__init__()
-        self.conv1 = ConvNorm(3, 64, 7, stride=2, padding=3, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Caffe's max pool: no padding, output size rounded up (ceil_mode).
-        return F.max_pool2d(F.relu(self.conv1(x)), kernel_size=3, stride=2, padding=0, ceil_mode=True)
-
-
-class ResNetTrunk(nn.Module):
-    """Stem + res2..res4 of ResNet-101: (B, 3, H, W) -> (B, 1024, ~H/16, ~W/16)."""
-
-    def __init__(self, eps: float):
-        super().__init__()
-        self.stem = Stem(eps)
-        n2, n3, n4 = RESNET101_RES4_BLOCKS
-        self.res2 = _stage(n2, 64, 64, 256, 1, eps=eps)
-        self.res3 = _stage(n3, 256, 128, 512, 2, eps=eps)
-        self.res4 = _stage(n4, 512, 256, 1024, 2, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.res4(self.res3(self.res2(self.stem(x))))
-
-
-class _CellAnchors(nn.Module):
-    """Holds the checkpoint's anchor tensor under the name ``cell_anchors.0``."""
-
-    def __init__(self, anchors: torch.Tensor):
-        super().__init__()
-        self.register_buffer("0", anchors)
-
-
-class AnchorGenerator(nn.Module):
-    def __init__(self, config: BottomUpConfig):
-        super().__init__()
-        self.cell_anchors = _CellAnchors(B.cell_anchors(config.anchor_sizes, config.anchor_ratios))
-
-    @property
-    def cells(self) -> torch.Tensor:
-        return getattr(self.cell_anchors, "0")  # (A, 4)
-
-
-class RPNHead(nn.Module):
-    def __init__(self, cin: int, hidden: int, num_anchors: int):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, hidden, 3, padding=1)
-        self.objectness_logits = nn.Conv2d(hidden, num_anchors, 1)
-        self.anchor_deltas = nn.Conv2d(hidden, num_anchors * 4, 1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = F.relu(self.conv(x))
-        return self.objectness_logits(t), self.anchor_deltas(t)  # (B, A, h, w), (B, 4A, h, w)
-
-
-class ProposalGenerator(nn.Module):
-    def __init__(self, config: BottomUpConfig):
-        super().__init__()
-        self.anchor_generator = AnchorGenerator(config)
-        num_anchors = len(config.anchor_sizes) * len(config.anchor_ratios)
-        self.rpn_head = RPNHead(RES4_CHANNELS, config.rpn_hidden, num_anchors)
-
-
-class BoxPredictor(nn.Module):
-    """Class scores, per-class box deltas and attribute scores from one 2048-d box feature."""
-
-    def __init__(self, dim: int, num_classes: int, num_attributes: int):
-        super().__init__()
-        self.cls_score = nn.Linear(dim, num_classes + 1)  # + background (the last column)
-        self.bbox_pred = nn.Linear(dim, num_classes * 4)
-        # The attribute head sees the feature and an embedding of the predicted class.
-        self.cls_embedding = nn.Embedding(num_classes + 1, dim // 8)
-        self.fc_attr = nn.Linear(dim + dim // 8, dim // 4)
-        self.attr_score = nn.Linear(dim // 4, num_attributes + 1)  # + "no attribute" (the last column)
-
-    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        scores = self.cls_score(feats)  # (R, C+1)
-        deltas = self.bbox_pred(feats)  # (R, 4C)
-        # The class fed to the attribute head is the argmax over all C+1 scores, background included.
-        emb = self.cls_embedding(scores.argmax(dim=-1))  # (R, dim/8)
-        attr = self.attr_score(F.relu(self.fc_attr(torch.cat([feats, emb], dim=-1))))  # (R, A+1)
-        return scores, attr, deltas
-
-
-class RoIHeads(nn.Module):
-    def __init__(self, config: BottomUpConfig):
-        super().__init__()
-        # res5 per box: stride 1 and dilation 2 (the model keeps the 14 x 14 pooled grid).
-        self.res5 = _stage(3, RES4_CHANNELS, 512, FEATURE_DIM, 1, dilation=2, eps=config.bn_eps)
-        self.box_predictor = BoxPredictor(FEATURE_DIM, config.num_classes, config.num_attributes)
 
 
 @dataclass
@@ -308,28 +197,35 @@ class BottomUpDetector(nn.Module):
         """Strict load under the checkpoint's own names (checks: :func:`matching_state_dict`)."""
         self.load_state_dict(matching_state_dict(self.state_dict(), state, source), strict=True)
 
-    def forward(self, images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[RawOutputs]:
-        """(B, 3, H, W) padded batch, each image's (h, w) -> one :class:`RawOutputs` per image."""
+    def forward(
+        self, images: torch.Tensor, sizes: Sequence[tuple[int, int]], scales: Sequence[float | None] | None = None
+    ) -> list[RawOutputs]:
+        """(B, 3, H, W) padded batch, each image's (h, w) -> one :class:`RawOutputs` per image.
+
+        ``scales``: each image's resize factor (:attr:`Prepared.scale`), which the TSV rule's
+        proposal size filter needs (None: 1).
+        """
         cfg = self.config
-        feats = self.backbone(images)  # (B, 1024, h16, w16)
-        logits, deltas = self.proposal_generator.rpn_head(feats)
-        n, a, fh, fw = logits.shape
-        anchors = B.grid_anchors(self.proposal_generator.anchor_generator.cells, fh, fw, RES4_STRIDE)  # (fh*fw*A, 4)
-        logits = logits.permute(0, 2, 3, 1).reshape(n, -1).float()  # (B, fh*fw*A)
-        deltas = deltas.reshape(n, a, 4, fh, fw).permute(0, 3, 4, 1, 2).reshape(n, -1, 4).float()  # (B, fh*fw*A, 4)
-        proposals = []
-        for i, (h, w) in enumerate(sizes):
-            boxes = B.apply_deltas(deltas[i], anchors, (1.0, 1.0, 1.0, 1.0))
-            boxes, _ = B.select_proposals(boxes, logits[i], h, w, cfg.pre_nms_topk, cfg.post_nms_topk, cfg.rpn_nms_thresh, cfg.rpn_min_size)
-            proposals.append(boxes)
-        rois = torch.cat([torch.cat([p.new_full((len(p), 1), i), p], dim=1) for i, p in enumerate(proposals)])  # (R, 5)
+        if cfg.selection == "bottom-up":
+            # One picture at a time through the trunk and the RPN, as Caffe ran them: in a padded
+            # batch the maps near a smaller picture's right and bottom edges would differ. res5
+            # (~88% of the work) still runs on each picture's 300 boxes at once.
+            scales = scales or [None] * len(sizes)
+            maps = [self.backbone(images[i : i + 1, :, :h, :w]) for i, (h, w) in enumerate(sizes)]  # (1, 1024, ., .)
+            proposals = [self._tsv_proposals(*self.proposal_generator.rpn_head(m), hw, s) for m, hw, s in zip(maps, sizes, scales)]
+            pooled = [(m.float(), torch.cat([p.new_zeros(len(p), 1), p], dim=1)) for m, p in zip(maps, proposals)]
+        else:
+            feats = self.backbone(images)  # (B, 1024, h16, w16)
+            proposals = self._hf_proposals(*self.proposal_generator.rpn_head(feats), sizes)
+            rois = torch.cat([torch.cat([p.new_full((len(p), 1), i), p], dim=1) for i, p in enumerate(proposals)])  # (R, 5)
+            pooled = [(feats.float(), rois)]
         # Pool in float32 (box coordinates up to ~1333 px lose whole pixels in bf16), res5 in chunks
         # of boxes so a large batch does not hold every box's 14 x 14 x 2048 map at once.
-        feats32 = feats.float()
         box_feats = torch.cat(
             [
-                self.roi_heads.res5(roi_pool(feats32, chunk, cfg.pool_size, 1.0 / RES4_STRIDE)).mean(dim=(2, 3))
-                for chunk in rois.split(RES5_CHUNK)
+                self.roi_heads.res5(roi_pool(fmap, chunk, cfg.pool_size, 1.0 / RES4_STRIDE)).mean(dim=(2, 3))
+                for fmap, boxes in pooled
+                for chunk in boxes.split(RES5_CHUNK)
             ]
         )  # (R, 2048)
         cls, attr, box_deltas = self.roi_heads.box_predictor(box_feats)
@@ -339,6 +235,31 @@ class BottomUpDetector(nn.Module):
             out.append(RawOutputs(p, box_feats[sl].float(), cls[sl].float(), attr[sl].float(), box_deltas[sl].float()))
             start += len(p)
         return out
+
+    def _hf_proposals(self, logits: torch.Tensor, deltas: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """The HF demo's proposals: Detectron2's top-k, clip, NMS (``B.select_proposals``)."""
+        cfg = self.config
+        n, a, fh, fw = logits.shape
+        anchors = B.grid_anchors(self.proposal_generator.anchor_generator.cells, fh, fw, RES4_STRIDE)  # (fh*fw*A, 4)
+        logits = logits.permute(0, 2, 3, 1).reshape(n, -1).float()  # (B, fh*fw*A)
+        deltas = deltas.reshape(n, a, 4, fh, fw).permute(0, 3, 4, 1, 2).reshape(n, -1, 4).float()  # (B, fh*fw*A, 4)
+        proposals = []
+        for i, (h, w) in enumerate(sizes):
+            boxes = B.apply_deltas(deltas[i], anchors, (1.0, 1.0, 1.0, 1.0))
+            boxes, _ = B.select_proposals(boxes, logits[i], h, w, cfg.pre_nms_topk, cfg.post_nms_topk, cfg.rpn_nms_thresh, cfg.rpn_min_size)
+            proposals.append(boxes)
+        return proposals
+
+    def _tsv_proposals(self, logits: torch.Tensor, deltas: torch.Tensor, size: tuple[int, int], scale: float | None) -> torch.Tensor:
+        """One image's RoIs by Caffe's proposal layer (``bottom_up_tsv.tsv_proposals``), in float32
+        NumPy as there; ``logits`` (1, A, h, w), ``deltas`` (1, 4A, h, w) of the image alone."""
+        cfg = self.config
+        mh, mw = logits.shape[-2:]
+        anchors = B.grid_anchors(self.proposal_generator.anchor_generator.cells, mh, mw, RES4_STRIDE)
+        moves, scores = T.rpn_outputs(logits[0], deltas[0])
+        rois = T.tsv_proposals(anchors.cpu().numpy(), moves, scores, size, 1.0 if scale is None else scale,
+                               cfg.pre_nms_topk, cfg.post_nms_topk, cfg.rpn_nms_thresh, cfg.rpn_min_size)
+        return torch.from_numpy(rois).to(logits.device)
 
 
 def load_vocabulary(objects: str | os.PathLike, attributes: str | os.PathLike, config: BottomUpConfig | None = None) -> Vocabulary:
@@ -391,12 +312,14 @@ def postprocess(
     attr_probs, attr_ids = raw.attr_logits[:, :-1].softmax(dim=-1).max(dim=-1)  # (R,)
     if config.selection == "bottom-up":
         sel = B.select_bottom_up(
-            raw.proposals, class_probs, config.nms_thresh, config.conf_thresh, config.min_boxes, config.max_boxes, confidence
+            original_boxes(raw, prepared), class_probs, config.nms_thresh, config.conf_thresh, config.min_boxes,
+            config.max_boxes, confidence,
         )
+        boxes = sel.boxes
     else:
         class_boxes = B.apply_deltas(raw.box_deltas, raw.proposals, config.bbox_reg_weights)  # (R, 4C)
         sel = B.select_hf_demo(class_boxes, class_probs, h, w, config.hf_nms_threshs, config.min_boxes, config.max_boxes)
-    boxes = B.to_original(sel.boxes, prepared.original_hw, prepared.resized_hw)
+        boxes = B.to_original(sel.boxes, prepared.original_hw, prepared.resized_hw)
     obj = sel.object_ids.cpu().numpy().astype(np.int64)
     att = attr_ids[sel.index].cpu().numpy().astype(np.int64)
     return Detections(
@@ -412,15 +335,27 @@ def postprocess(
     )
 
 
-def batch_confidence(raws: Sequence[RawOutputs], nms_thresh: float) -> list[torch.Tensor]:
-    """Per-class-NMS confidences of every image's proposals in one batched pass (padded to the longest)."""
+def original_boxes(raw: RawOutputs, prepared: Prepared) -> torch.Tensor:
+    """The proposals in original-image pixels: ``rois / im_scale`` in float32 as the TSV code
+    divides them, or x and y by their own factors when there is no one scale."""
+    if prepared.scale is None:
+        return B.to_original(raw.proposals, prepared.original_hw, prepared.resized_hw)
+    return torch.from_numpy(T.to_original(raw.proposals.float().cpu().numpy(), prepared.scale)).to(raw.proposals.device)
+
+
+def batch_confidence(raws: Sequence[RawOutputs], nms_thresh: float, prepared: Sequence[Prepared] | None = None) -> list[torch.Tensor]:
+    """Per-class-NMS confidences of every image's proposals in one batched pass (padded to the longest).
+
+    ``prepared``: the images' sizes, to measure overlaps in original-image pixels as the TSV rule
+    does (without: in the pixels of the proposals).
+    """
     longest = max(len(r.proposals) for r in raws)
     boxes = raws[0].proposals.new_zeros(len(raws), longest, 4)
     probs = raws[0].class_logits.new_full((len(raws), longest, raws[0].class_logits.shape[1] - 1), -1.0)
     for i, r in enumerate(raws):
-        boxes[i, : len(r.proposals)] = r.proposals
+        boxes[i, : len(r.proposals)] = r.proposals if prepared is None else original_boxes(r, prepared[i])
         probs[i, : len(r.proposals)] = r.class_logits.softmax(dim=-1)[:, :-1]
-    conf = B.per_class_nms_confidence(boxes, probs, nms_thresh)  # (N, longest)
+    conf = B.per_class_nms_confidence(boxes, probs, nms_thresh, [len(r.proposals) for r in raws])  # (N, longest)
     return [conf[i, : len(r.proposals)] for i, r in enumerate(raws)]
 
 
@@ -442,51 +377,6 @@ def detect(
     return _detect_prepared(detector, [preprocess(im, cfg) for im in images], cfg, vocab, autocast_dtype)
 
 
-RANDOM_BRANCH_SCALE = 0.2  # batch-norm scale of each residual branch's last conv (random weights)
-RANDOM_HEAD_STD = 0.01  # std of the RPN and box-predictor weights (random weights)
-RANDOM_PIXEL_STD = 60.0  # roughly the std of mean-subtracted 0-255 pixels
-
-
-def random_state_dict(config: BottomUpConfig | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict with the published names and shapes and random values that keep activations sane.
-
-    For tests and benchmarks without the real weights: convolutions ~ He-normal, batch-norm scale
-    small on the last conv of a residual branch (so 30+ blocks do not blow up), running stats 0 / 1,
-    small head weights.
-    """
-    cfg = config or BottomUpConfig()
-    with torch.device("meta"):  # names and shapes only: no memory, no initialisation cost
-        model = BottomUpDetector(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, value in model.state_dict().items():
-        if name.endswith("cell_anchors.0"):
-            state[name] = B.cell_anchors(cfg.anchor_sizes, cfg.anchor_ratios)
-        elif name.endswith("num_batches_tracked"):
-            state[name] = torch.zeros((), dtype=torch.long)
-        elif name.endswith("running_mean"):
-            state[name] = torch.zeros(value.shape)
-        elif name.endswith("running_var"):
-            state[name] = torch.ones(value.shape)
-        elif ".norm." in name and name.endswith("weight"):
-            scale = RANDOM_BRANCH_SCALE if ".conv3.norm" in name else 1.0
-            state[name] = torch.full(value.shape, scale)
-        elif ".norm." in name and name.endswith("bias"):
-            state[name] = 0.1 * torch.randn(value.shape, generator=gen)
-        elif value.ndim >= 2 and (name.startswith("proposal_generator") or "box_predictor" in name):
-            # Heads: small weights (as detectors are initialised) keep boxes near their anchors.
-            state[name] = torch.randn(value.shape, generator=gen) * RANDOM_HEAD_STD
-        elif value.ndim >= 2:
-            fan_in = value[0].numel()
-            std = (2.0 / fan_in) ** 0.5
-            if name == "backbone.stem.conv1.weight":
-                std /= RANDOM_PIXEL_STD  # the input is raw 0-255 pixels minus the mean
-            state[name] = torch.randn(value.shape, generator=gen) * std
-        else:
-            state[name] = 0.1 * torch.randn(value.shape, generator=gen)
-    return state
-
-
 # ---------------------------------------------------------------------------------------------
 # The ``bottom-up`` backbone of ``vqa-align extract``
 
@@ -500,10 +390,16 @@ class Params:
     min_boxes: int = 10
     max_boxes: int = 100
     conf_thresh: float = 0.2
-    min_size: int = 800  # shortest side after resizing
-    max_size: int = 1333  # longest side at most
+    min_size: int | None = None  # shortest side after resizing (None: 600 for bottom-up, 800 for hf-demo)
+    max_size: int | None = None  # longest side at most (None: 1000 for bottom-up, 1333 for hf-demo)
     proposals: int = 300  # RPN proposals kept after NMS (boxes are chosen among them)
     selection: str = "bottom-up"  # or "hf-demo" (the Hugging Face LXMERT demo's rule)
+
+    def __post_init__(self) -> None:
+        # Record the sizes used (stores compare parameters), and give the parser their type.
+        tsv = self.selection == "bottom-up"
+        self.min_size = self.min_size if self.min_size is not None else (T.TSV_MIN_SIZE if tsv else HF_MIN_SIZE)
+        self.max_size = self.max_size if self.max_size is not None else (T.TSV_MAX_SIZE if tsv else HF_MAX_SIZE)
 
     def config(self) -> BottomUpConfig:
         if self.mode not in ("adaptive", "fixed"):
@@ -537,10 +433,10 @@ def _detect_prepared(
     device = next(detector.parameters()).device
     batch = batch_images(prepared).to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        raws = detector(batch, [p.resized_hw for p in prepared])
+        raws = detector(batch, [p.resized_hw for p in prepared], [p.scale for p in prepared])
     confs: list[torch.Tensor | None] = [None] * len(raws)
     if cfg.selection == "bottom-up" and len(raws) > 1:
-        confs = list(batch_confidence(raws, cfg.nms_thresh))
+        confs = list(batch_confidence(raws, cfg.nms_thresh, prepared))
     return [postprocess(r, p, cfg, vocab, c) for r, p, c in zip(raws, prepared, confs)]
 
 
@@ -583,7 +479,9 @@ class BottomUp(Backbone):
     def extract(self, inputs: list[Prepared], sizes: list[tuple[int, int]]) -> list[ImageRegions]:
         # Boxes go back to the sizes given (the original files), even if the pictures were
         # downscaled before preprocessing: only the aspect ratio must agree.
-        prepared = [Prepared(p.pixels, p.resized_hw, (h, w)) for p, (w, h) in zip(inputs, sizes)]
+        # The TSV rule's one scale holds only for the size it was computed for.
+        prepared = [Prepared(p.pixels, p.resized_hw, (h, w), p.scale if p.original_hw == (h, w) else None)
+                    for p, (w, h) in zip(inputs, sizes)]
         dets = _detect_prepared(self.detector, prepared, self.config, self.vocab, self.autocast_dtype())
         return [ImageRegions(d.features, d.boxes, d.labels() if self.vocab else None) for d in dets]
 

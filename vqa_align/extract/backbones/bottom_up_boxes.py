@@ -5,20 +5,22 @@ tested on constructed inputs; ``bottom_up.py`` holds the network that produces t
 
 Pipeline of one image (where each function sits):
 
-1. :func:`resized_shape` — the test-time resize rule (shortest side to ``min_size``, longest at most
-   ``max_size``).
+1. :func:`resized_shape` — the test-time resize rule of the HF demo (shortest side to ``min_size``,
+   longest at most ``max_size``; the TSV rule's is ``bottom_up_tsv.tsv_scale``).
 2. :func:`cell_anchors`, :func:`grid_anchors` — RPN anchors over the stride-16 res4 map.
 3. :func:`apply_deltas` — anchors + RPN deltas -> proposals; proposals + class deltas -> boxes.
-4. :func:`select_proposals` — top-k by objectness, clip, drop empty boxes, NMS, keep the best k.
+4. :func:`select_proposals` — top-k by objectness, clip, drop empty boxes, NMS, keep the best k
+   (the HF demo's order; the TSV rule's proposal layer is ``bottom_up_tsv.tsv_proposals``).
 5. Final boxes, two rules:
    - :func:`select_bottom_up` — the rule of bottom-up attention's feature TSVs (``generate_tsv.py``):
-     per-class NMS over the proposals, a box's confidence is its best surviving class score, keep
-     those >= a threshold, at least ``min_boxes`` and at most ``max_boxes`` (10-100 adaptive; 36-36
-     fixed).
+     per-class Caffe NMS (:func:`caffe_overlaps`) over the proposals in original-image pixels, a
+     box's confidence is its best surviving class score, keep those >= a threshold (proposal
+     order), at least ``min_boxes`` and at most ``max_boxes`` (10-100 adaptive; 36-36 fixed).
    - :func:`select_hf_demo` — the rule of the Hugging Face LXMERT demo: class-agnostic NMS over
      each proposal's best-class regressed box, trying NMS thresholds in turn until at least
      ``min_boxes`` survive, at most ``max_boxes`` kept.
-6. :func:`to_original` — boxes of the resized image back to the original image's pixels.
+6. :func:`to_original` — boxes of the resized image back to the original image's pixels, x and y
+   each by its own factor (HF demo; the TSV divides by its one scale: ``bottom_up_tsv.to_original``).
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torchvision.ops import box_iou, clip_boxes_to_image, nms
+from torchvision.ops import clip_boxes_to_image, nms
+
+from vqa_align.extract.backbones.bottom_up_tsv import class_orders, tsv_keep
 
 # Deltas dw, dh are clamped so that exp() cannot blow up: no box grows more than 1000/16 times
 # (a 16-pixel anchor to a 1000-pixel box), the Detectron/bottom-up-attention convention.
 SCALE_CLAMP = math.log(1000.0 / 16)
+WORD_BITS = 64  # boxes per int64 word of a suppression bit mask
 
 
 def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -126,53 +132,91 @@ def select_proposals(
     return boxes[keep], scores[keep]
 
 
-def per_class_nms_confidence(boxes: torch.Tensor, class_scores: torch.Tensor, iou_thresh: float) -> torch.Tensor:
+def caffe_overlaps(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, R, 4) float32 boxes -> (N, R, R) float32 overlaps of Caffe's ``cpu_nms``.
+
+    Widths and heights are ``x2 - x1 + 1``; every step is one float32 operation in the order of
+    the Cython code, so the values equal its own bit for bit (and the matrix is symmetric).
+    """
+    x1, y1, x2, y2 = boxes.float().unbind(-1)  # (N, R) each
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :]) + 1).clamp(min=0)
+    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :]) + 1).clamp(min=0)
+    inter = w * h  # (N, R, R)
+    return inter / (areas[:, :, None] + areas[:, None, :] - inter)
+
+
+def per_class_nms_confidence(
+    boxes: torch.Tensor, class_scores: torch.Tensor, iou_thresh: float, lengths: list[int] | None = None
+) -> torch.Tensor:
     """(R,) best score of each box over the classes for which the box survives per-class NMS.
 
-    ``boxes`` (R, 4) are shared by all classes (the proposals), ``class_scores`` (R, C). For each class
-    c, greedy NMS in decreasing score order keeps a box unless a kept box of higher score overlaps it
-    by IoU > ``iou_thresh``; confidence[r] = max over classes where r is kept of class_scores[r, c]
-    (0 if none). All classes run at once: one greedy step per rank, vectorised over classes, with the
-    IoU matrix computed once because every class sees the same boxes.
-    A leading batch dimension is allowed, (N, R, 4) and (N, R, C) -> (N, R), so a batch of images
-    costs R steps, not N * R (pad shorter images with zero boxes and scores of -1: a zero box
-    overlaps nothing, so it suppresses nothing).
-    Slow obvious version (one torchvision ``nms`` per class): tests/test_bottom_up.py.
+    ``boxes`` (R, 4) are shared by all classes (the proposals, in original-image pixels),
+    ``class_scores`` (R, C). Per class, Caffe's ``cpu_nms``: boxes in ``scores.argsort()[::-1]``
+    order (NumPy's, ties included), a box is kept unless a kept box overlaps it by ``>=
+    iou_thresh`` (:func:`caffe_overlaps`, compared in double); confidence[r] = max over classes
+    where r is kept of class_scores[r, c], and 0 if none (``max_conf`` of generate_tsv.py). All
+    classes run at once: one greedy step per rank, vectorised over classes (a box suppressed after
+    it was kept stays kept, as in the sequential loop, which only looks at later boxes).
+    A leading batch dimension is allowed, (N, R, 4) and (N, R, C) -> (N, R), with ``lengths`` the
+    real box count of each image (padding at the end of every class order decides nothing).
+    Slow obvious version (the Cython loop, one class at a time): tests/test_bottom_up_tsv.py.
     """
     if boxes.dim() == 2:
         return per_class_nms_confidence(boxes[None], class_scores[None], iou_thresh)[0]
     num_images, num_boxes, num_classes = class_scores.shape
     if num_boxes == 0:
         return class_scores.new_zeros(num_images, 0)
-    overlaps = torch.stack([box_iou(b, b) for b in boxes]) > iou_thresh  # (N, R, R); NaN (zero boxes) is False
-    # Stable sort: among equal scores the lower index goes first, as torchvision's nms does.
-    order = torch.sort(class_scores.transpose(1, 2), dim=2, descending=True, stable=True).indices  # (N, C, R)
-    suppressed = torch.zeros(num_images, num_classes, num_boxes, dtype=torch.bool, device=boxes.device)
-    kept = torch.zeros_like(suppressed)  # (N, C, R)
-    images = torch.arange(num_images, device=boxes.device)[:, None]  # (N, 1)
+    lengths = lengths or [num_boxes] * num_images
+    overlaps = caffe_overlaps(boxes).double() >= iou_thresh  # (N, R, R)
+    scores_np = class_scores.float().cpu().numpy()
+    orders = np.empty((num_images, num_classes, num_boxes), dtype=np.int64)
+    for i, n in enumerate(lengths):  # sort each image's own boxes, as the original sorts them
+        orders[i, :, :n] = class_orders(scores_np[i, :n])
+        orders[i, :, n:] = np.arange(n, num_boxes)
+    order = torch.from_numpy(orders).to(boxes.device)  # (N, C, R)
+    # Suppression sets as bit masks (64 boxes per int64 word): each greedy step touches C words
+    # per image instead of C x R flags, which is what makes 300 steps x 1,600 classes cheap.
+    words = -(-num_boxes // WORD_BITS)
+    packed = pack_bits(overlaps).reshape(num_images * num_boxes, words)  # (N*R, words)
+    suppressed = torch.zeros(num_images, num_classes, words, dtype=torch.long, device=boxes.device)
+    kept = torch.zeros(num_images, num_classes, num_boxes, dtype=torch.bool, device=boxes.device)
+    row_of_image = (torch.arange(num_images, device=boxes.device) * num_boxes)[:, None]  # (N, 1)
     for rank in range(num_boxes):
-        candidate = order[:, :, rank : rank + 1]  # (N, C, 1) the box each class looks at now
-        keep_now = ~suppressed.gather(2, candidate)  # (N, C, 1)
-        kept.scatter_(2, candidate, keep_now)
-        suppressed |= keep_now & overlaps[images, candidate[..., 0]]  # (N, C, R)
+        candidate = order[:, :, rank]  # (N, C) the box each class looks at now
+        word = suppressed.gather(2, (candidate // WORD_BITS)[..., None])[..., 0]  # (N, C)
+        keep_now = ((word >> (candidate % WORD_BITS)) & 1) == 0
+        kept.scatter_(2, candidate[..., None], keep_now[..., None])
+        rows = packed.index_select(0, (candidate + row_of_image).reshape(-1)).view(num_images, num_classes, words)
+        suppressed |= torch.where(keep_now[..., None], rows, torch.zeros_like(rows))
     confidence = torch.where(kept.transpose(1, 2), class_scores, torch.zeros_like(class_scores))  # (N, R, C)
-    return confidence.max(dim=2).values
+    return confidence.max(dim=2).values.clamp(min=0)
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """(..., R) bool -> (..., ceil(R / 64)) int64 whose bit b of word w is flags[..., 64 w + b]."""
+    words = -(-flags.shape[-1] // WORD_BITS)
+    padded = flags.new_zeros(*flags.shape[:-1], words * WORD_BITS)
+    padded[..., : flags.shape[-1]] = flags
+    padded = padded.view(*flags.shape[:-1], words, WORD_BITS).long()
+    out = torch.zeros(*flags.shape[:-1], words, dtype=torch.long, device=flags.device)
+    for bit in range(WORD_BITS):
+        out |= padded[..., bit] << bit
+    return out
 
 
 def keep_by_confidence(confidence: torch.Tensor, threshold: float, min_boxes: int, max_boxes: int) -> torch.Tensor:
-    """Indices of the boxes kept: confidence >= threshold, but at least ``min_boxes`` and at most
-    ``max_boxes`` of the most confident (fewer only if the image has fewer boxes). Most confident
-    first.
+    """Indices of the boxes kept by generate_tsv.py's rule (:func:`bottom_up_tsv.tsv_keep`): those
+    with confidence >= threshold in proposal order, or, when fewer than ``min_boxes`` / more than
+    ``max_boxes`` pass, that many of the most confident, most confident first.
     """
-    order = torch.sort(confidence, descending=True, stable=True).indices  # (R,)
-    count = int((confidence >= threshold).sum())
-    count = max(min_boxes, min(max_boxes, count))
-    return order[:count]
+    keep = tsv_keep(confidence.double().cpu().numpy(), threshold, min_boxes, max_boxes)
+    return torch.from_numpy(keep).to(confidence.device)
 
 
 @dataclass
 class Selection:
-    """The boxes kept for one image, in the resized image's pixels; indices point into the proposals."""
+    """The boxes kept for one image (in the pixels of the boxes given); indices point into the proposals."""
 
     index: torch.Tensor  # (n,) long: which proposals (and so which pooled features) are kept
     boxes: torch.Tensor  # (n, 4)
@@ -191,9 +235,10 @@ def select_bottom_up(
 ) -> Selection:
     """The feature-TSV rule of bottom-up attention on one image.
 
-    ``proposals`` (R, 4) are the boxes whose features were pooled; ``class_probs`` (R, C) the
-    object-class softmax without the background column. Boxes returned are the proposals themselves
-    (the TSVs store the RoIs, whose features they are). Object = the best class of the box; its score
+    ``proposals`` (R, 4) are the boxes whose features were pooled, in original-image pixels (where
+    the TSV code measures overlaps: ``rois / im_scale``); ``class_probs`` (R, C) the object-class
+    softmax without the background column. Boxes returned are the proposals themselves (the TSVs
+    store the RoIs, whose features they are), in the order generate_tsv.py writes them. Object = the best class of the box; its score
     is that class's probability. ``confidence`` (R,) may be given when computed for a whole batch.
     """
     if confidence is None:
