@@ -57,6 +57,7 @@ CHECKED_LATER = {
     # extract: pictures, backbone names and parameters, devices (tests/test_extract.py)
     "images", "--images", "--backbone", "--param", "--device", "--weights-dir",
     "--store", "--out-dir",  # prep qa: tests/test_own_photos.py
+    "--confirmatory-seeds",  # experiment: tests/test_experiment.py
     "--sdist", "--runs-dir",  # prep sentiment / sentiment experiment: tests/test_sentiment.py
     "--extractor", "--extractor-param",  # import: tests/test_published_runs.py
 }
