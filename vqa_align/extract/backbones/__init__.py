@@ -49,7 +49,6 @@ installed does not break the others (:func:`backbone_class` says what is missing
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 from typing import Any
@@ -113,14 +112,12 @@ def build_backbone(name: str, params: dict[str, Any] | None = None, device: str 
 def params_of(info: ExtractorInfo, cls: type[Backbone]) -> dict[str, Any]:
     """The parameters that rebuild the extractor of ``info`` (its weights' location included).
 
-    The location is the backbone's ``source_param``, else its ``weights`` parameter if it has one.
-    An absolute path that does not exist here (a run made on another machine, e.g. one fetched from
+    The location is the backbone's ``source_param``. An absolute path that does not exist here (a run made on another machine, e.g. one fetched from
     the Hugging Face Hub) is dropped, so the backbone looks in its default place; the weights'
     sha256 is still compared by :func:`backbone_for`.
     """
     params = dict(info.params)
-    fields = {f.name for f in dataclasses.fields(cls.Params)}
-    source_param = cls.source_param or ("weights" if "weights" in fields else None)
+    source_param = cls.source_param
     source = info.weights_source
     if source and os.path.isabs(source) and not os.path.exists(source):
         source = ""

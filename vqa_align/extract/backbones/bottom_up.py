@@ -444,6 +444,7 @@ class BottomUp(Backbone):
     name = "bottom-up"
     Params = Params
     summary = "bottom-up-attention VG Faster R-CNN: 10-100 (or 36) boxes, 2048-d + object/attribute labels"
+    source_param = "weights"
 
     def __init__(self, params: Params, device: torch.device | str = "cpu") -> None:
         super().__init__(params, device)
