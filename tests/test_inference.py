@@ -211,8 +211,12 @@ def test_image_choice_errors(predictor):
         predictor.answer("what shape", image_id=0, image=_shape_image(0))
     with pytest.raises(InputError, match="not in the feature store"):
         predictor.answer("what shape", image_id=12345)
-    with pytest.raises(InputError, match="integer"):
-        predictor.answer("what shape", image_id="abc")
+    for bad in ("abc", 1.5, float("nan"), True, 1e30, "1.5"):
+        with pytest.raises(InputError, match="image id") as err:  # 1.5 was answered about image 1
+            predictor.answer("what shape", image_id=bad)
+        assert repr(bad) in str(err.value) or "out of range" in str(err.value)
+    whole = [predictor.answer("what shape", image_id=given).image_id for given in (1, 1.0, np.int64(1), " 1 ")]
+    assert whole == [1, 1, 1, 1]
 
 
 def test_non_image_file(predictor, tmp_path):

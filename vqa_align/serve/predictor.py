@@ -20,6 +20,7 @@ transparent images converted).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,26 @@ from vqa_align.serve.prediction import InputError, ModuleResult, Prediction
 
 MAX_QUESTION_CHARS = 5000  # longer text is cut before tokenising (the model reads 14 words anyway)
 GALLERY_POOL = 48  # examples looked up once; the app shows the first 12
+IMAGE_ID_BOUND = 2**63  # store ids are int64
+
+
+def as_image_id(value: Any) -> int:
+    """An image id as an int: ints, whole floats (the app's number field gives 1.0) and digit strings.
+
+    1.5 is refused, never read as image 1; so are NaN, booleans and ids no store can hold.
+    """
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise InputError(f"image id must be a whole number, got {value!r}") from None
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        value = int(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"image id must be a whole number, got {value!r}")
+    if not -IMAGE_ID_BOUND <= int(value) < IMAGE_ID_BOUND:
+        raise InputError(f"image id {value} is out of range (store ids are 64-bit integers)")
+    return int(value)
 
 
 @dataclass
@@ -215,10 +236,7 @@ class Predictor:
         """(image id as int, its regions) of a store image."""
         if self.store is None:
             raise InputError(f"Images of the data set are unavailable: {self.store_error}.")
-        try:
-            image_id = int(image_id)
-        except (TypeError, ValueError):
-            raise InputError(f"image id must be an integer, got {image_id!r}") from None
+        image_id = as_image_id(image_id)
         if image_id not in self.store:
             raise InputError(f"Image id {image_id} is not in the feature store {self.store.path}.")
         feats, boxes, size = self.store.get(image_id, self.max_regions)
@@ -317,7 +335,8 @@ class Predictor:
         # A damaged store or checkpoint would answer with probability NaN: name the cause instead.
         check_output(output.logits, self.model, inputs["features"], inputs["region_counts"],
                      ["upload" if image_id is None else image_id], self.path,
-                     self.store.path if image_id is not None and self.store is not None else None)
+                     self.store.path if image_id is not None and self.store is not None else None,
+                     boxes=inputs["boxes"])
         return output, diagnostics
 
     # --- examples for the gallery -------------------------------------------------------------
