@@ -168,7 +168,7 @@ def test_rng_state_round_trips_through_tensors():
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("pickle", "refused: it holds Python objects other than tensors"),
+    ("pickle", "trainer_state.pt: refused: it holds the Python global test_resume._mark_ran, not only tensors"),
     ("truncate_state", "trainer_state.pt: cannot be read"),
     ("truncate_weights", "model.safetensors: cannot read weights"),
     ("hidden_size", "does not match the run's config"),
@@ -188,6 +188,7 @@ def test_resume_from_a_damaged_or_crafted_run_is_a_one_line_error(easy_vqa_cache
     assert cli_main(["train", "--out", str(run), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+    assert "weights_only" not in err  # never PyTorch's advice to load an unknown pickle
     assert not _Payload.ran
 
 
@@ -399,3 +400,14 @@ def test_data_change_names_files_before_vocabularies():
     both = {**vocab, "files": {"q.json": "9"}}
     assert data_change(before, both) == "the file q.json changed since the run was trained on it"
     assert "which the data now do not include" in data_change(before, {**before, "stores": {}})
+
+
+def test_refused_trainer_state_names_what_was_refused(tmp_path):
+    torch.save({"optimizer": np.zeros(3)}, tmp_path / "trainer_state.pt")  # numpy arrays are pickled globals
+    with pytest.raises(CheckpointError) as caught:
+        load_trainer_state(tmp_path / "trainer_state.pt")
+    message = str(caught.value)
+    assert f"{tmp_path / 'trainer_state.pt'}: refused: it holds the Python global numpy." in message
+    assert "\n" not in message and "weights_only" not in message
+    other = "Weights only load failed. ...\n\tWeightsUnpickler error: Unsupported operand 149\n\nCheck the docs."
+    assert checkpoint._refused_item(other) == "a pickled object it cannot read safely (Unsupported operand 149)"

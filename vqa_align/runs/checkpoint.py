@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -199,16 +200,27 @@ def load_trainer_state(path: str | Path, device: str | torch.device = "cpu") -> 
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"{path}: refused: it holds Python objects other than tensors and plain containers, which could run "
-            f"code when loaded (written by another program or an older vqa-align?); {first}"
+            f"{path}: refused: it holds {_refused_item(str(err))}, not only tensors and plain containers, and "
+            f"loading that could run code (written by another program or an older vqa-align?)"
         ) from None
     except Exception as err:  # truncated or not a torch file: zipfile / EOF / RuntimeError
         raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {err}); the file is damaged or truncated") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a vqa-align trainer state (a {type(state).__name__}, expected a dict)")
     return state
+
+
+def _refused_item(message: str) -> str:
+    """What ``torch.load(weights_only=True)`` refused, from its error (which otherwise advises
+    loading with weights_only=False, which is exactly what must not be done with an unknown file)."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return f"the Python global {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\.\s|\.?$)", message, re.MULTILINE)
+    if found:
+        return f"a pickled object it cannot read safely ({found.group(1).strip()})"
+    return "a pickled Python object"
 
 
 # ----------------------------------------------------------------------------------------------
