@@ -411,3 +411,21 @@ def test_refused_trainer_state_names_what_was_refused(tmp_path):
     assert "\n" not in message and "weights_only" not in message
     other = "Weights only load failed. ...\n\tWeightsUnpickler error: Unsupported operand 149\n\nCheck the docs."
     assert checkpoint._refused_item(other) == "a pickled object it cannot read safely (Unsupported operand 149)"
+
+
+def test_weights_files_are_byte_identical_for_the_same_weights(reference, tmp_path):
+    from safetensors import safe_open
+
+    state = _weights(reference / "checkpoints/last")
+    metadata = {f"key_{c}": c * 3 for c in "qwertyuiopasdfgh"}  # hash order would shuffle 16 keys
+    files = []
+    for index in range(4):
+        checkpoint.save_weights(state, tmp_path / f"{index}.safetensors", metadata)
+        files.append((tmp_path / f"{index}.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    length = int.from_bytes(files[0][:8], "little")
+    assert list(json.loads(files[0][8 : 8 + length])["__metadata__"]) == sorted(metadata)
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as handle:  # still a valid file
+        assert handle.metadata() == metadata
+    loaded = load_file(str(tmp_path / "0.safetensors"))
+    assert all(torch.equal(loaded[k], state[k]) for k in state)

@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS_FILE), metadata=vocabulary_fingerprints(answers, tokenizer))
+    save_weights(state, tmp / WEIGHTS_FILE, vocabulary_fingerprints(answers, tokenizer))
     save_config(config, tmp / CONFIG_FILE)
     (tmp / ANSWERS_FILE).write_text(json.dumps(answers))
     if tokenizer is not None:
@@ -151,6 +152,26 @@ def save_checkpoint(
     (tmp / COMPLETE_FILE).write_text("")
     _replace_dir(tmp, final)
     return final
+
+
+SAFETENSORS_LENGTH = struct.Struct("<Q")  # a safetensors file starts with its JSON header's byte length
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file whose bytes depend only on ``state`` and ``metadata``, so that two runs
+    that trained the same weights can be compared by hash. The library orders the tensors stably
+    (by dtype, then name) but writes the metadata map in a hash order that differs from call to
+    call; the header is rewritten with sorted metadata keys (same JSON, same length)."""
+    save_file(state, str(path), metadata=metadata)
+    with open(path, "r+b") as handle:
+        (length,) = SAFETENSORS_LENGTH.unpack(handle.read(SAFETENSORS_LENGTH.size))
+        header = json.loads(handle.read(length))
+        ordered = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items())), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # never seen: the library writes the same compact JSON
+            raise CheckpointError(f"{path}: cannot order the safetensors header (it would grow)")
+        handle.seek(SAFETENSORS_LENGTH.size)
+        handle.write(text + b" " * (length - len(text)))  # the format pads its header with spaces
 
 
 def _sync_files(folder: Path) -> None:
