@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from vqa_align.errors import DataFormatError, UserError
 from vqa_align.extract.images import BadImage, decode_image
 from vqa_align.extract.regions import REGION_FEATURE_DIM, extract_regions
 from vqa_align.extract.feature_store import FeatureStoreWriter
 from vqa_align.paths import cache_root
+from vqa_align.progress import progress_bar
 
 PREP_VERSION = 1
 TEST_IMAGE_ID_OFFSET = 100_000  # easy-VQA test image k -> image id 100000 + k
@@ -160,7 +160,7 @@ def prepare_easy_vqa(
             all_images += [(_image_id(source, k), image_dir / f"{k}.png") for k in ks]
             counts[prepared] = {"questions": len(q["questions"]), "images": len(ks)}
         with FeatureStoreWriter(tmp / FEATURES, source="easy_vqa regions (vqa_align.extract.regions)") as writer:
-            for image_id, png in tqdm(all_images, desc="easy-VQA regions", unit="img", disable=not progress):
+            for image_id, png in progress_bar(all_images, desc="easy-VQA regions", unit="img", enabled=progress):
                 regions = extract_regions(_decode(png))
                 writer.add(image_id, regions.features, regions.boxes, regions.image_size, record=str(png))
         manifest = {
