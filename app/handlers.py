@@ -181,7 +181,7 @@ class AppHandlers:
         if upload:
             return model.answer(question, image=upload)
         if image_id is not None:
-            return model.answer(question, image_id=image_id)  # checked there (a whole number in int64)
+            return model.answer(question, image_id=image_id)  # checked there: 1.5 or 1e30 is refused, not read as 1
         raise InputError("Choose an image from the gallery (or upload one), then ask.")
 
     def on_view(self, pred: Prediction | None, cmp: Prediction | None, kind: str, layer: int, head: int,

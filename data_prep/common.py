@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vqa_align.extract.feature_store import DataFormatError, FeatureStoreWriter, StoreRecordError, store_files
 from vqa_align.paths import check_output_paths
+from vqa_align.progress import progress_bar
 
 log = logging.getLogger("vqa_align_prep")
 MAX_LOGGED_SKIPS = 10  # individual warnings before only the count is kept
@@ -77,7 +77,7 @@ def convert(
             log.warning("skipped: %s", message)
 
     with FeatureStoreWriter(out, dtype=dtype, source=source, overwrite=overwrite) as writer:
-        for rec in tqdm(records, total=total, desc=desc, unit="img", disable=not progress):
+        for rec in progress_bar(records, total=total, desc=desc, unit="img", enabled=progress):
             if isinstance(rec, BadRecord):
                 skip(f"{rec.where}: {rec.problem}")
                 continue

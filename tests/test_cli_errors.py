@@ -254,9 +254,27 @@ def test_evaluate_checkpoint_checks_its_arguments_from_python(tiny):
     from vqa_align.errors import UserError
     from vqa_align.evaluate.evaluator import evaluate_checkpoint
 
-    for bad in (dict(batch_size=0), dict(noise_std=float("nan")), dict(mc_samples=1), dict(noise_std=-1.0)):
+    for bad in (dict(batch_size=0), dict(noise_std=float("nan")), dict(mc_samples=1), dict(noise_std=-1.0),
+                dict(noise_std=1e308), dict(noise_std=True)):
         with pytest.raises(UserError, match=next(iter(bad)).replace("_", "-")):
             evaluate_checkpoint(tiny["plain"], **bad)
+
+
+def test_huge_noise_is_refused_and_never_blamed_on_the_store(tiny, capsys):
+    code, err = _run(["eval", "--checkpoint", str(tiny["plain"]), "--noise-std", "1e308"], capsys)
+    assert code == 2 and "--noise-std must be a number from 0 to 1000, got 1e+308" in err and "damaged" not in err, err
+    # Should the noise still overflow the model: the message names the noise, not the store.
+    from vqa_align.model.finite import NonFiniteError, check_output
+    from vqa_align.runs.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tiny["plain"]).model
+    logits, features, counts = torch.full((1, 3), float("nan")), torch.ones(1, 2, 4), torch.tensor([2])
+    with pytest.raises(NonFiniteError, match="under feature noise of std 500.*use a smaller --noise-std"):
+        check_output(logits, model, features, counts, [7], tiny["plain"], "s.h5", noise_std=500.0)
+    boxes = torch.zeros(1, 2, 4)
+    boxes[0, 1, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"the region boxes of image\(s\) 7 in the feature store s.h5"):
+        check_output(logits, model, features, counts, [7], tiny["plain"], "s.h5", boxes=boxes, noise_std=500.0)
 
 
 def test_dropout_rates_see_layers_and_attention():

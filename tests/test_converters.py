@@ -60,7 +60,11 @@ def test_tsv_round_trip_cli(tmp_path, capsys):
     b = write_tsv(tmp_path / "b.tsv", dict(list(images.items())[2:]))
     out = tmp_path / "out.h5"
     assert main(["prep", "tsv", str(a), str(b), "--out", str(out), "--dtype", "float32"]) == 0
-    assert "4 images" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "4 images" in captured.out
+    # stderr is no terminal here (a log): plain progress lines, no tqdm frames joined by \r
+    assert "\r" not in captured.err and any(line.endswith("| ETA 0:00:00") or " img | " in line
+                                            for line in captured.err.splitlines()), captured.err
     _check_store(out, images)
     # refuses to overwrite unless asked
     assert main(["prep", "tsv", str(a), "--out", str(out)]) == 2
@@ -231,3 +235,21 @@ def test_h5_bad_inputs(tmp_path):
         f["image_features"] = np.zeros((2, 3, D))
     with pytest.raises(DataFormatError, match="missing dataset 'image_bb'"):
         list(read_h5(tmp_path / "d.h5"))
+
+
+def test_progress_log_prints_plain_lines_at_start_interval_and_end(monkeypatch, capsys):
+    from vqa_align import progress
+
+    monkeypatch.delenv(progress.PROGRESS_ENV, raising=False)
+    assert isinstance(progress.progress_bar(range(3)), progress.ProgressLog)  # stderr is captured: no terminal
+    assert list(progress.progress_bar(range(5), desc="convert", unit="img")) == list(range(5))
+    lines = capsys.readouterr().err.splitlines()
+    # the first item at once, then nothing until PROGRESS_EVERY_SECONDS has passed, then the end
+    assert [line.split(" | ")[0] for line in lines] == ["convert: 1/5 img", "convert: 5/5 img"], lines
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_SECONDS", 0.0)
+    bar = progress.progress_bar(total=2, unit="img", desc="x")
+    bar.update(1)
+    bar.update(1)
+    bar.close()
+    assert [line.split(" | ")[0] for line in capsys.readouterr().err.splitlines()] == ["x: 1/2 img", "x: 2/2 img"]
+    assert list(progress.progress_bar(range(2), enabled=False)) == [0, 1] and capsys.readouterr().err == ""

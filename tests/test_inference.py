@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageFile
 
 from vqa_align.runs.checkpoint import CheckpointError, save_checkpoint
 from vqa_align.config import AlignmentConfig, Config, DataConfig, ModelConfig
@@ -209,8 +211,12 @@ def test_image_choice_errors(predictor):
         predictor.answer("what shape", image_id=0, image=_shape_image(0))
     with pytest.raises(InputError, match="not in the feature store"):
         predictor.answer("what shape", image_id=12345)
-    with pytest.raises(InputError, match="integer"):
-        predictor.answer("what shape", image_id="abc")
+    for bad in ("abc", 1.5, float("nan"), True, 1e30, "1.5"):
+        with pytest.raises(InputError, match="image id") as err:  # 1.5 was answered about image 1
+            predictor.answer("what shape", image_id=bad)
+        assert repr(bad) in str(err.value) or "out of range" in str(err.value)
+    whole = [predictor.answer("what shape", image_id=given).image_id for given in (1, 1.0, np.int64(1), " 1 ")]
+    assert whole == [1, 1, 1, 1]
 
 
 def test_non_image_file(predictor, tmp_path):
@@ -224,14 +230,61 @@ def test_non_image_file(predictor, tmp_path):
         predictor.answer("what shape", image=object())
 
 
+def _declared_png(path: Path, width: int, height: int) -> Path:
+    """A complete 1-bit black PNG of ``width`` x ``height``: a few kilobytes for hundreds of megapixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    pixels = zlib.compressobj(9)
+    body = b"".join(pixels.compress(row) for _ in range(height)) + pixels.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
 def test_huge_image_is_downscaled(predictor, tmp_path):
-    # 100 megapixels: PIL warns (decompression bomb) but opens it; we downscale before anything else.
-    path = tmp_path / "huge.png"
-    Image.new("L", (10_000, 10_000), 255).save(path, compress_level=1)
+    # 12 megapixels, under the limit: opened without a warning, downscaled before anything else.
+    path = tmp_path / "big.png"
+    Image.new("L", (6_000, 2_000), 255).save(path, compress_level=1)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no DecompressionBombWarning may escape
+        warnings.simplefilter("error")
         rgb, notes = load_upload(path)
     assert max(rgb.shape[:2]) == 1024 and any("downscaled" in n for n in notes)
+
+
+@pytest.mark.parametrize("side", [13_000, 20_000])  # PIL itself: a warning at 169 Mpx, an error at 400 Mpx
+def test_pictures_above_the_pixel_limit_are_refused_before_decoding(predictor, tmp_path, monkeypatch, side):
+    path = _declared_png(tmp_path / "bomb.png", side, side)
+    assert path.stat().st_size < 600_000  # the upload is small; decoding it would take side^2 bytes and more
+    def no_decoding(self, *args):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        with pytest.raises(InputError, match=r"bomb.png: .*more than the limit of 50 Mpx") as err:
+            predictor.answer("what shape", image=str(path))
+        with pytest.raises(InputError, match="more than the limit of 50 Mpx"):
+            load_upload(path.read_bytes())
+    assert "\n" not in str(err.value)
+    if side == 13_000:
+        assert "13000 x 13000 pixels (169 Mpx)" in str(err.value)
+
+
+def test_the_pixel_limit_holds_for_every_way_in(predictor, tmp_path, monkeypatch):
+    from vqa_align.extract import images
+
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 63 * 64)  # a 64 x 64 picture is just too large
+    picture = _shape_image(1)
+    Image.fromarray(picture).save(tmp_path / "p.png")
+    for given in (picture, Image.fromarray(picture), str(tmp_path / "p.png")):
+        with pytest.raises(InputError, match=r"64 x 64 pixels \(0 Mpx\) is more than the limit of 0.004032 Mpx"):
+            load_upload(given)
+    with pytest.raises(images.BadImage, match="more than the limit"):
+        images.decode_image(tmp_path / "p.png")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 64 * 64)  # exactly at the limit: accepted
+    assert load_upload(picture)[0].shape == (64, 64, 3)
 
 
 def test_grayscale_and_rgba_are_converted(predictor):

@@ -145,6 +145,17 @@ def test_train_and_val_stores_of_different_extractors_are_refused(tmp_path):
         check_same_extractor(a, store("d.h5", None))
 
 
+def test_train_and_val_stores_of_different_widths_are_refused(tmp_path):
+    from vqa_align.data.loaders import build_data
+
+    for name, dim in (("a.h5", 4), ("b.h5", 6)):
+        with FeatureStoreWriter(tmp_path / name) as w:
+            w.add(1, np.ones((2, dim)), np.zeros((2, 4), np.float32) + [0, 0, 1, 1], (4, 4))
+    cfg = DataConfig(features=str(tmp_path / "a.h5"), val_features=str(tmp_path / "b.h5"))
+    with pytest.raises(UserError, match=r"a\.h5 has 4-d features but .*b\.h5 has 6-d ones"):
+        build_data(cfg, ["train", "val"])
+
+
 # --- training on extracted easy-VQA pictures ------------------------------------------------------
 
 

@@ -168,7 +168,7 @@ def test_rng_state_round_trips_through_tensors():
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("pickle", "refused: it holds Python objects other than tensors"),
+    ("pickle", "trainer_state.pt: refused: it holds the Python global test_resume._mark_ran, not only tensors"),
     ("truncate_state", "trainer_state.pt: cannot be read"),
     ("truncate_weights", "model.safetensors: cannot read weights"),
     ("hidden_size", "does not match the run's config"),
@@ -188,6 +188,7 @@ def test_resume_from_a_damaged_or_crafted_run_is_a_one_line_error(easy_vqa_cache
     assert cli_main(["train", "--out", str(run), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+    assert "weights_only" not in err  # never PyTorch's advice to load an unknown pickle
     assert not _Payload.ran
 
 
@@ -310,8 +311,9 @@ def test_weights_with_another_runs_vocabulary_are_refused(reference, tmp_path):
         checkpoint.check_weight_sizes(ckpt, _weights(ckpt), len(answers) + 1, 10**6)
 
 
-def _poisoned_cache(cache: Path, tmp_path: Path, split: str) -> tuple[Path, int]:
-    """A copy of the prepared cache with Inf features for the first image of ``split``."""
+def _poisoned_cache(cache: Path, tmp_path: Path, split: str, name: str = "features",
+                    value: float = np.inf) -> tuple[Path, int]:
+    """A copy of the prepared cache with ``value`` in ``name`` (features or boxes) for the first image of ``split``."""
     copy = tmp_path / "cache"
     shutil.copytree(cache, copy)
     questions = json.loads((copy / "easy_vqa" / f"{split}_questions.json").read_text())["questions"]
@@ -319,7 +321,7 @@ def _poisoned_cache(cache: Path, tmp_path: Path, split: str) -> tuple[Path, int]
     with h5py.File(copy / "easy_vqa/features.h5", "r+") as f:
         row = int(np.nonzero(f["image_ids"][:] == image_id)[0][0])
         start = int(f["offsets"][row])
-        f["features"][start] = np.inf
+        f[name][start] = value
     return copy, image_id
 
 
@@ -327,6 +329,42 @@ def test_inf_features_in_the_validation_store_name_the_file_and_image(easy_vqa_c
     cache, image_id = _poisoned_cache(easy_vqa_cache, tmp_path, "val")
     with pytest.raises(DataFormatError, match=rf"features.h5: features of image {image_id} are not finite"):
         train_from_config(_config(cache, **{"train.epochs": 1}), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # found before training, not after an epoch
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_boxes_in_the_training_store_are_named_before_training(easy_vqa_cache, tmp_path, value):
+    cache, image_id = _poisoned_cache(easy_vqa_cache, tmp_path, "train", "boxes", value)
+    with pytest.raises(DataFormatError, match=rf"features.h5: boxes of image {image_id} are not finite"):
+        train_from_config(_config(cache, **{"train.epochs": 1}), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_onto_changed_data_is_refused_naming_the_file(easy_vqa_cache, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    shutil.copytree(easy_vqa_cache, cache)
+    run = tmp_path / "run"
+    train_from_config(_config(cache, **{"train.epochs": 1, "train.max_steps": 1}), run)
+    meta = json.loads((run / "checkpoints/last/meta.json").read_text())
+    resume = _cli_args("train", run, cache, "train.epochs=1", "train.max_steps=1") + ["--resume"]
+    for changed in ["train_annotations.json", "val_questions.json", "features.h5"]:
+        file = cache / "easy_vqa" / changed
+        assert str(file) in {**meta["data"]["files"], **meta["data"]["stores"]}
+        original = file.read_bytes()
+        if changed == "features.h5":
+            with h5py.File(file, "r+") as f:
+                f["features"][0] = f["features"][0] + 1
+        else:  # another answer (a new vocabulary order) or another question: same name, other content
+            data = json.loads(original)
+            key, field = ("annotations", "multiple_choice_answer") if "annotations" in changed else ("questions", "question")
+            data[key][0][field] = data[key][0][field] + " changed"
+            file.write_text(json.dumps(data))
+        capsys.readouterr()
+        assert cli_main(resume) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{file} changed since the run was trained on it" in err and len(err.splitlines()) == 1, err
+        file.write_bytes(original)
+    assert cli_main(resume) == 0  # the same data again: the run resumes
 
 
 def test_inf_features_in_the_training_store_name_the_image_and_what_is_kept(easy_vqa_cache, tmp_path):
@@ -350,3 +388,45 @@ def test_a_kill_between_the_renames_of_an_overwrite_is_repaired(tmp_path, capsys
     recover_run_swap(out)
     assert (out / "config.yaml").read_text() == "new" and not old.exists() and not new.exists()
     assert "moved the new run into place" in capsys.readouterr().err
+
+
+def test_data_change_names_files_before_vocabularies():
+    from vqa_align.data.fingerprint import data_change
+
+    before = {"files": {"q.json": "1"}, "stores": {"s.h5": "2"},
+              "vocabularies": {"answers_sha256": "a", "num_answers": "3"}}
+    assert data_change(before, before) is None
+    vocab = {**before, "vocabularies": {"answers_sha256": "b", "num_answers": "4"}}
+    assert data_change(before, vocab) == "the answers built from the data now (4) differ from the 3 answers the run was trained with"
+    both = {**vocab, "files": {"q.json": "9"}}
+    assert data_change(before, both) == "the file q.json changed since the run was trained on it"
+    assert "which the data now do not include" in data_change(before, {**before, "stores": {}})
+
+
+def test_refused_trainer_state_names_what_was_refused(tmp_path):
+    torch.save({"optimizer": np.zeros(3)}, tmp_path / "trainer_state.pt")  # numpy arrays are pickled globals
+    with pytest.raises(CheckpointError) as caught:
+        load_trainer_state(tmp_path / "trainer_state.pt")
+    message = str(caught.value)
+    assert f"{tmp_path / 'trainer_state.pt'}: refused: it holds the Python global numpy." in message
+    assert "\n" not in message and "weights_only" not in message
+    other = "Weights only load failed. ...\n\tWeightsUnpickler error: Unsupported operand 149\n\nCheck the docs."
+    assert checkpoint._refused_item(other) == "a pickled object it cannot read safely (Unsupported operand 149)"
+
+
+def test_weights_files_are_byte_identical_for_the_same_weights(reference, tmp_path):
+    from safetensors import safe_open
+
+    state = _weights(reference / "checkpoints/last")
+    metadata = {f"key_{c}": c * 3 for c in "qwertyuiopasdfgh"}  # hash order would shuffle 16 keys
+    files = []
+    for index in range(4):
+        checkpoint.save_weights(state, tmp_path / f"{index}.safetensors", metadata)
+        files.append((tmp_path / f"{index}.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    length = int.from_bytes(files[0][:8], "little")
+    assert list(json.loads(files[0][8 : 8 + length])["__metadata__"]) == sorted(metadata)
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as handle:  # still a valid file
+        assert handle.metadata() == metadata
+    loaded = load_file(str(tmp_path / "0.safetensors"))
+    assert all(torch.equal(loaded[k], state[k]) for k in state)

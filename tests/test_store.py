@@ -166,3 +166,67 @@ def test_pickle_drops_handle(tmp_path):
 def test_normalise_boxes_clips():
     b = normalise_boxes(np.array([[-1, 0, 11, 5]], np.float32), 10, 5)
     np.testing.assert_array_equal(b, [[0, 0, 1, 1]])
+
+
+# --- a damaged index is refused on opening, naming what is wrong (never one image's regions for another's)
+
+
+def _replace(f, name, data):
+    del f[name]
+    f[name] = data
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda f: f["image_ids"].__setitem__(1, f["image_ids"][0]), "duplicate image id 1000 in the store's index"),
+        (lambda f: f["offsets"].__setitem__(-1, f["offsets"][-1] + 5), r"offsets run from 0 to \d+ but must run"),
+        (lambda f: f["offsets"].__setitem__(2, f["offsets"][1]), r"offsets of image id 1007 \(row 1\) give it 0 regions"),
+        (lambda f: f["offsets"].__setitem__(2, f["offsets"][3] + 1), r"offsets of image id 1014 \(row 2\) give it -"),
+        (lambda f: _replace(f, "image_sizes", np.ones((4, 2), np.int32)), r"image_sizes has shape \(4, 2\), expected \(5, 2\)"),
+        (lambda f: _replace(f, "boxes", f["boxes"][:-1]), r"boxes has shape \(\d+, 4\), expected"),
+        (lambda f: f.attrs.__setitem__("feature_dim", D + 1), f"feature_dim is {D + 1} but the features dataset is {D} wide"),
+        (lambda f: f["image_sizes"].__setitem__(3, [0, 5]), r"image id 1021 has size \(0, 5\)"),
+    ],
+    ids=["duplicate-id", "offsets-past-end", "empty-image", "offsets-decrease", "sizes-count", "boxes-count",
+         "feature-dim", "zero-size"],
+)
+def test_damaged_index_is_refused_naming_the_problem(tmp_path, damage, match):
+    path = _write(tmp_path / "s.h5", _images())
+    with h5py.File(path, "r+") as f:
+        damage(f)
+    with pytest.raises(DataFormatError, match=match) as err:
+        FeatureStore(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["features", "boxes"])
+def test_first_non_finite_names_the_image_and_the_array(tmp_path, name):
+    images = _images(n=6)
+    path = _write(tmp_path / "s.h5", images, dtype="float32")
+    store = FeatureStore(path)
+    assert store.first_non_finite(range(len(store))) is None
+    bad_row = int(np.flatnonzero(store.region_counts >= 2)[-1])
+    last_region = int(store.offsets[bad_row + 1]) - 1  # the image's last region
+    store.close()
+    with h5py.File(path, "r+") as f:
+        values = f[name][last_region]
+        values[1] = np.nan
+        f[name][last_region] = values
+    store = FeatureStore(path)
+    assert store.first_non_finite(range(len(store))) == (images[bad_row][0], name)
+    assert store.first_non_finite([r for r in range(len(store)) if r != bad_row]) is None  # only the rows asked
+    assert store.first_non_finite([bad_row], max_regions=int(store.region_counts[bad_row]) - 1) is None
+    with pytest.raises(DataFormatError, match=f"{name} of image {images[bad_row][0]} are not finite"):
+        store.check_finite([bad_row])
+
+
+def test_fingerprint_follows_the_content(tmp_path):
+    images = _images()
+    a = FeatureStore(_write(tmp_path / "a.h5", images))
+    assert a.fingerprint() == FeatureStore(_write(tmp_path / "b.h5", images)).fingerprint()  # same content
+    with h5py.File(tmp_path / "b.h5", "r+") as f:
+        f["features"][0] = f["features"][0] + 1  # row 0 is always sampled
+    assert FeatureStore(tmp_path / "b.h5").fingerprint() != a.fingerprint()
+    other_ids = [(i + 1, *rest) for i, *rest in images]
+    assert FeatureStore(_write(tmp_path / "c.h5", other_ids)).fingerprint() != a.fingerprint()

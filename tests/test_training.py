@@ -176,3 +176,14 @@ def test_glove_initialisation_from_a_local_file(easy_vqa_cache, tmp_path, capsys
         args += ["--set", o]
     assert cli_main(args) == 2
     assert "glove.txt:1: vector for 'what' has 2 values, expected 16" in capsys.readouterr().err
+
+
+def test_max_steps_zero_trains_no_step_but_writes_the_checkpoint(easy_vqa_cache, tmp_path):
+    config = _config(easy_vqa_cache, **{"train.epochs": 2, "train.max_steps": 0})
+    trainer = training.Trainer(config, tmp_path / "run")
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    assert trainer.global_step == 0 and trainer.history == []
+    saved = load_file(str(tmp_path / "run/checkpoints/last/model.safetensors"))
+    assert all(torch.equal(saved[k], initial[k]) for k in initial)  # the weights are the untrained ones
+    assert json.loads((tmp_path / "run/checkpoints/last/meta.json").read_text())["global_step"] == 0

@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
 from vqa_align.data.vqa_v2 import question_type
-from vqa_align.errors import UserError
+from vqa_align.errors import DataFormatError, UserError
+from vqa_align.extract.images import BadImage, decode_image
 from vqa_align.extract.regions import REGION_FEATURE_DIM, extract_regions
 from vqa_align.extract.feature_store import FeatureStoreWriter
 from vqa_align.paths import cache_root
+from vqa_align.progress import progress_bar
 from vqa_align.untrusted_files import MAX_DATASET_JSON_BYTES, MAX_META_BYTES, read_json
 
 PREP_VERSION = 1
@@ -157,9 +157,8 @@ def prepare_easy_vqa(
             all_images += [(_image_id(source, k), image_dir / f"{k}.png") for k in ks]
             counts[prepared] = {"questions": len(q["questions"]), "images": len(ks)}
         with FeatureStoreWriter(tmp / FEATURES, source="easy_vqa regions (vqa_align.extract.regions)") as writer:
-            for image_id, png in tqdm(all_images, desc="easy-VQA regions", unit="img", disable=not progress):
-                with Image.open(png) as im:
-                    regions = extract_regions(im)
+            for image_id, png in progress_bar(all_images, desc="easy-VQA regions", unit="img", enabled=progress):
+                regions = extract_regions(_decode(png))
                 writer.add(image_id, regions.features, regions.boxes, regions.image_size, record=str(png))
         manifest = {
             "version": PREP_VERSION, "limit": limit, "feature_dim": REGION_FEATURE_DIM,
@@ -229,8 +228,15 @@ def torch_cuda() -> bool:
 
 def load_image(image_id: int) -> np.ndarray:
     """The original easy-VQA picture (H, W, 3) uint8 of a prepared image id."""
-    with Image.open(easy_vqa_image_path(image_id)) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(_decode(easy_vqa_image_path(image_id)))
+
+
+def _decode(png: Path) -> Any:
+    """An easy-VQA picture as RGB, opened like every other picture (vqa_align/extract/images.py)."""
+    try:
+        return decode_image(png)[0]
+    except BadImage as err:
+        raise DataFormatError(f"{png}: {err}") from None
 
 
 def run_prep(args: argparse.Namespace) -> int:

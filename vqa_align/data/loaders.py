@@ -400,6 +400,9 @@ def build_data(
     if cfg.val_features and Path(cfg.val_features).expanduser() != store_path:
         eval_store = FeatureStore(Path(cfg.val_features).expanduser())
         check_same_extractor(store, eval_store)
+        if eval_store.feature_dim != store.feature_dim:
+            raise UserError(f"the train store {store.path} has {store.feature_dim}-d features but {eval_store.path} "
+                            f"has {eval_store.feature_dim}-d ones; a model reads one width")
 
     def records_of(split: str) -> list[QuestionRecord]:
         qs, ans = files[split]["questions"], files[split]["annotations"]

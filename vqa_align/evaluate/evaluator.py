@@ -33,12 +33,19 @@ PAVPU_P_THRESHOLD = 0.05  # the paper's p
 METRICS_FILE, RELIABILITY_FILE = "metrics.json", "reliability.png"  # what --out DIR receives
 
 
+# Region features of every extractor here are O(1)-O(10): noise of sigma 1000 already drowns them a
+# hundredfold (answers at chance), so larger values measure nothing, and from about 1e17 the model's
+# float32 sums overflow into Inf (an error about the noise, not about the data).
+MAX_NOISE_STD = 1000.0
+
+
 def check_eval_options(batch_size: int, noise_std: float, mc_samples: int) -> None:
     """The options of ``vqa-align eval`` (also checked when the function is called from Python)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
-    if not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std) or noise_std < 0:
-        raise UserError(f"--noise-std must be a finite number >= 0, got {noise_std!r}")
+    if (isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std)
+            or not 0 <= noise_std <= MAX_NOISE_STD):
+        raise UserError(f"--noise-std must be a number from 0 to {MAX_NOISE_STD:g}, got {noise_std!r}")
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0 or mc_samples == 1:
         raise UserError(f"--mc-samples must be 0 (off) or >= 2 (a t-test needs two samples), got {mc_samples!r}")
 
@@ -191,8 +198,10 @@ def _answer(ckpt: Any, dataset: Any, batch_size: int, device: str, noise_std: fl
     out = Answers()
     for forward in forward_batches(model, loader, device, prepare=add_noise):
         inputs, logits = forward.inputs, forward.logits
-        check_output(logits, model, inputs["features"], inputs["region_counts"], forward.batch["image_ids"].tolist(),
-                     ckpt.path, ckpt.config.data.features)
+        # The features as stored (before the noise): NaN there is the store's fault, not the noise's.
+        check_output(logits, model, forward.batch["features"], forward.batch["region_counts"],
+                     forward.batch["image_ids"].tolist(), ckpt.path, ckpt.config.data.features,
+                     boxes=forward.batch["boxes"], noise_std=noise_std)
         confidence, top = logits.softmax(-1).max(-1)  # (B,) of the probabilities (B, A)
         ids = forward.batch["question_ids"].tolist()
         out.results += [{"question_id": q, "answer": answers[i]} for q, i in zip(ids, top.tolist())]

@@ -87,16 +87,16 @@ def grid_cells(methods: Sequence[str], seeds: Sequence[int], seed_major: bool = 
 def run_grid(cells: Sequence[Cell], run_cell: Callable[[Cell, Log], T], progress: bool = True) -> list[T]:
     """``run_cell(cell, log)`` for every cell in order, under one progress bar (stderr); ``log``
     prints ``[i/n] message`` (stdout) above the bar."""
-    from tqdm import tqdm
+    from vqa_align.progress import progress_bar
 
     results: list[T] = []
-    bar = tqdm(cells, desc="experiment", unit="run", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(cells, desc="experiment", unit="run", enabled=progress)
     for index, cell in enumerate(bar, 1):
         bar.set_description(f"run {index}/{len(cells)}: {cell.name}")
 
         def log(message: str, prefix: str = f"[{index}/{len(cells)}]") -> None:
             if progress:
-                tqdm.write(f"{prefix} {message}", file=sys.stdout)
+                bar.write(f"{prefix} {message}", file=sys.stdout)
 
         results.append(run_cell(cell, log))
     bar.close()

@@ -25,6 +25,7 @@ after ``fork`` (HDF5 handles must not be shared across processes).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ IDS_SUFFIX = ".ids.json"  # `vqa-align extract` writes <store>.ids.json beside a
 CHUNK_ROWS = 100  # rows per HDF5 chunk: about one image of bottom-up features (10-100 boxes)
 WRITE_BUFFER_ROWS = 8192  # rows buffered in memory before one resize + write
 INDEX_NAMES = ("image_ids", "offsets", "image_sizes")
+FINGERPRINT_ROWS = 64  # images whose features and boxes enter FeatureStore.fingerprint (spread evenly)
+SCAN_BLOCK_BYTES = 64 * 2**20  # features read per block by FeatureStore.first_non_finite (bounds its memory)
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 TMP_SUFFIX = ".tmp"  # a store is written as OUT.tmp and renamed to OUT when complete
 
@@ -273,24 +276,27 @@ class FeatureStore:
                 missing = [k for k in ("features", "boxes", *INDEX_NAMES) if k not in f]
                 if missing:
                     raise DataFormatError(f"{self.path}: not a feature store (missing datasets {missing})")
+                shapes = {name: f[name].shape for name in f if isinstance(f[name], h5py.Dataset)}
+                _check_shapes(self.path, shapes, f["features"].dtype)
                 self.image_ids: np.ndarray = f["image_ids"][()].astype(np.int64)  # (N,)
                 self.offsets: np.ndarray = f["offsets"][()].astype(np.int64)  # (N+1,)
-                self.image_sizes: np.ndarray = f["image_sizes"][()].astype(np.int32)  # (N, 2) w, h
+                self.image_sizes: np.ndarray = f["image_sizes"][()].astype(np.int64)  # (N, 2) w, h
                 self.format_version = _int_attr(self.path, f, "format_version", 0)
-                features_shape, boxes_shape = f["features"].shape, f["boxes"].shape
-                self.feature_dim = _int_attr(self.path, f, "feature_dim", features_shape[-1] if features_shape else 0)
+                self.feature_dim = _int_attr(self.path, f, "feature_dim", shapes["features"][1])
                 self.source = str(f.attrs.get("source", ""))
                 self.feature_dtype = f["features"].dtype
                 self.has_region_labels = "region_labels" in f
                 extractor = f.attrs.get("extractor")
         except OSError as err:
             raise DataFormatError(f"{self.path}: cannot be read as HDF5 ({err})") from None
+        except (TypeError, ValueError) as err:  # attributes of the wrong type, index arrays that are not numbers
+            raise DataFormatError(f"{self.path}: not a valid feature store ({err})") from None
         self.extractor = _extractor_info(self.path, extractor)
         if self.format_version != FORMAT_VERSION:
             raise DataFormatError(f"{self.path}: format_version {self.format_version}, expected {FORMAT_VERSION}")
-        _check_shapes(self.path, self.feature_dim, features_shape, boxes_shape)
-        if len(self.offsets) != len(self.image_ids) + 1:
-            raise DataFormatError(f"{self.path}: offsets must have len(image_ids) + 1 entries")
+        _check_feature_dim(self.path, self.feature_dim, shapes["features"][1])
+        _check_index(self.path, self.image_ids, self.offsets, self.image_sizes, shapes["features"][0])
+        self.image_sizes = self.image_sizes.astype(np.int32)
         # id -> row by binary search over the sorted ids (no Python dict: compact and fork-friendly)
         self._order = np.argsort(self.image_ids, kind="stable")
         self._sorted_ids = self.image_ids[self._order]
@@ -347,6 +353,56 @@ class FeatureStore:
         features, boxes = self._datasets()
         return features[start:stop], boxes[start:stop]
 
+    def first_non_finite(self, rows: np.ndarray | list[int], max_regions: int | None = None,
+                         arrays: tuple[str, ...] = ("features", "boxes")) -> tuple[int, str] | None:
+        """(image id, "features" or "boxes") of the first of ``rows`` whose kept regions hold a NaN
+        or an Inf in ``arrays``; None when all are finite. Reads runs of consecutive rows in blocks
+        of SCAN_BLOCK_BYTES, so a scan of a whole split is one sequential pass over its part of the
+        file (boxes alone: 16 bytes a region)."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if not len(rows):
+            return None
+        starts = self.offsets[rows]
+        stops = self.offsets[rows + 1] if max_regions is None else np.minimum(self.offsets[rows + 1], starts + max_regions)
+        features, boxes = self._datasets()
+        scanned = [(name, data) for name, data in (("features", features), ("boxes", boxes)) if name in arrays]
+        block = max(1, SCAN_BLOCK_BYTES // (self.feature_dim * self.feature_dtype.itemsize))
+        run_begins = np.flatnonzero(np.r_[True, starts[1:] != stops[:-1]])  # rows where a contiguous run starts
+        run_ends = np.r_[run_begins[1:], len(rows)]
+        for first, last in zip(run_begins, run_ends):
+            for start in range(int(starts[first]), int(stops[last - 1]), block):
+                stop = min(start + block, int(stops[last - 1]))
+                for name, data in scanned:
+                    bad = np.flatnonzero(~np.isfinite(data[start:stop]).all(1))
+                    if len(bad):
+                        row = int(np.searchsorted(self.offsets, start + int(bad[0]), side="right") - 1)
+                        return int(self.image_ids[row]), name
+        return None
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what identifies the store's content: its index (ids, offsets, sizes), shape,
+        dtype, source and extractor record, and the features and boxes of FINGERPRINT_ROWS images
+        spread over it. Not every value: hashing a 20 GB store at each start would take minutes;
+        a re-extraction or another conversion changes the sampled rows or the index."""
+        h = hashlib.sha256()
+        for array in (self.image_ids, self.offsets, self.image_sizes):
+            h.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+        extractor = self.extractor.to_json() if self.extractor is not None else ""
+        h.update(f"{self.feature_dim}:{self.feature_dtype.str}:{self.source}:{extractor}".encode())
+        for row in np.unique(np.linspace(0, len(self) - 1, min(FINGERPRINT_ROWS, len(self))).astype(np.int64)):
+            features, boxes = self.read_row(int(row))
+            h.update(np.ascontiguousarray(features).tobytes() + np.ascontiguousarray(boxes).tobytes())
+        return h.hexdigest()
+
+    def check_finite(self, rows: np.ndarray | list[int], max_regions: int | None = None,
+                     arrays: tuple[str, ...] = ("features", "boxes")) -> None:
+        """Raise DataFormatError naming the image and the array when any of ``rows`` holds NaN or Inf."""
+        found = self.first_non_finite(rows, max_regions, arrays)
+        if found is not None:
+            image_id, what = found
+            raise DataFormatError(f"{self.path}: {what} of image {image_id} are not finite (Inf or NaN); "
+                                  f"fix or re-extract that image's features")
+
     def read_labels(self, row: int, max_regions: int | None = None) -> list[str] | None:
         """Region labels of store row ``row`` (same slice as :meth:`read_row`), None if the store has none."""
         if not self.has_region_labels:
@@ -399,16 +455,56 @@ def _int_attr(path: Path, f: h5py.File, name: str, default: int) -> int:
     return int(value)
 
 
-def _check_shapes(path: Path, feature_dim: int, features: tuple[int, ...], boxes: tuple[int, ...]) -> None:
-    """features (R, D) with D = the declared feature_dim, boxes (R, 4) with the same R."""
+def _check_feature_dim(path: Path, feature_dim: int, columns: int) -> None:
+    """The declared feature_dim is a sane width and the one of the features dataset."""
     from vqa_align.extract.backbones.base import MAX_FEATURE_DIM
 
-    if len(features) != 2 or len(boxes) != 2 or boxes[1] != 4 or features[0] != boxes[0]:
-        raise DataFormatError(f"{path}: not a feature store (features {features} and boxes {boxes} must be "
-                              f"(regions, D) and (regions, 4))")
-    if not 1 <= feature_dim <= MAX_FEATURE_DIM or feature_dim != features[1]:
-        raise DataFormatError(f"{path}: declares feature_dim {feature_dim} but its features have {features[1]} "
+    if not 1 <= feature_dim <= MAX_FEATURE_DIM or feature_dim != columns:
+        raise DataFormatError(f"{path}: declares feature_dim {feature_dim} but its features have {columns} "
                               f"columns; the store is damaged or was written by another program")
+
+
+def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], feature_dtype: np.dtype) -> None:
+    """The datasets' shapes agree with each other: (R, D) features, (R, 4) boxes, (N,) ids,
+    (N + 1,) offsets, (N, 2) sizes, (R,) labels. Read before any index array is loaded."""
+    features, ids = shapes["features"], shapes["image_ids"]
+    if len(features) != 2 or not np.issubdtype(feature_dtype, np.floating):
+        raise DataFormatError(f"{path}: features must be a 2-D float array (regions, D), got shape {features} "
+                              f"of {feature_dtype}")
+    if len(ids) != 1:
+        raise DataFormatError(f"{path}: image_ids must be 1-D, got shape {ids}")
+    regions, n = features[0], ids[0]
+    expected = {"boxes": (regions, 4), "offsets": (n + 1,), "image_sizes": (n, 2)}
+    if "region_labels" in shapes:
+        expected["region_labels"] = (regions,)
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise DataFormatError(f"{path}: {name} has shape {shapes[name]}, expected {shape} "
+                                  f"(for {n} images and {regions} regions)")
+
+
+def _check_index(path: Path, ids: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, regions: int) -> None:
+    """Every image id once, offsets that cut the flat arrays into non-empty slices that cover
+    them exactly, positive image sizes: otherwise one image would silently get another's regions."""
+    order = np.argsort(ids, kind="stable")
+    repeated = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if len(repeated):
+        raise DataFormatError(f"{path}: duplicate image id {int(ids[order][repeated[0]])} in the store's index "
+                              f"(image_ids); the store is damaged: rebuild it")
+    if len(offsets) and (offsets[0] != 0 or offsets[-1] != regions):
+        raise DataFormatError(f"{path}: offsets run from {int(offsets[0])} to {int(offsets[-1])} but must run "
+                              f"from 0 to {regions} (the number of regions); the store is damaged: rebuild it")
+    empty = np.flatnonzero(np.diff(offsets) < 1)
+    if len(empty):
+        row = int(empty[0])
+        raise DataFormatError(f"{path}: offsets of image id {int(ids[row])} (row {row}) give it "
+                              f"{int(offsets[row + 1] - offsets[row])} regions; every image needs at least one "
+                              f"and offsets must increase; the store is damaged: rebuild it")
+    bad_size = np.flatnonzero((sizes <= 0).any(1))
+    if len(bad_size):
+        row = int(bad_size[0])
+        raise DataFormatError(f"{path}: image id {int(ids[row])} has size {tuple(int(v) for v in sizes[row])}; "
+                              "image sizes must be positive")
 
 
 def _extractor_info(path: Path, raw: Any) -> Any:

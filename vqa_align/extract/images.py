@@ -15,6 +15,13 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 DEFAULT_MAX_SIDE = 2048  # decoded pictures are downscaled to this longest side (no backbone needs more)
+# The largest picture opened, in pixels (width x height), checked from the file's header before
+# anything is decoded. 50 Mpx takes every phone photo (48-50 Mpx sensors: 8000 x 6000, 8160 x 6120)
+# and most camera photos; decoding one costs at most 50 M x 4 bytes = 200 MB (RGBA) plus its RGB
+# copy, so two uploads at once stay well under a gigabyte. A few hundred kilobytes of PNG can
+# declare 13,000 x 13,000 pixels (2 GB decoded); PIL itself only warns from 89 Mpx and refuses from
+# 179 Mpx, so the limit is ours (docs/extract.md, docs/app.md).
+MAX_IMAGE_PIXELS = 50_000_000
 EXIF_ORIENTATION = 0x0112  # EXIF tag: how the camera was held
 ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # orientations that swap width and height
 WIDE_GRAYSCALE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # 16/32-bit integer and float grayscale
@@ -24,6 +31,18 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error (skipped
 
 class BadImage(Exception):
     """A file that cannot be used as a picture; the message says why (one line)."""
+
+
+class ImageTooLarge(ValueError):
+    """A picture with more than MAX_IMAGE_PIXELS pixels; refused before it is decoded."""
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Raise ImageTooLarge when a ``width`` x ``height`` picture has more than MAX_IMAGE_PIXELS pixels."""
+    limit = MAX_IMAGE_PIXELS
+    if width * height > limit:
+        raise ImageTooLarge(f"{width} x {height} pixels ({width * height / 1e6:.0f} Mpx) is more than the limit of "
+                            f"{limit / 1e6:g} Mpx; downscale it first")
 
 
 def to_8bit_gray(image: Image.Image) -> Image.Image:
@@ -80,14 +99,21 @@ def downscale(image: Image.Image, max_side: int) -> Image.Image:
 def open_oriented(source: str | Path | IO[bytes], max_side: int) -> tuple[Image.Image, tuple[int, int]]:
     """(decoded picture in its own mode, upright; (width, height) of the full-size original, upright).
 
-    JPEGs are decoded at a reduced scale no smaller than ``max_side`` (much faster); the size is
-    read before that, so boxes can be reported in the original's pixels. Raises PIL's errors.
+    The one function that opens image files. Pictures above MAX_IMAGE_PIXELS raise ImageTooLarge
+    before decoding (``Image.open`` reads only the header). JPEGs are decoded at a reduced scale no
+    smaller than ``max_side`` (much faster); the size is read before that, so boxes can be reported
+    in the original's pixels. Raises PIL's errors otherwise.
     """
     with warnings.catch_warnings():
-        # 90-180 megapixels: PIL warns; every caller downscales right away, so that is fine.
+        # PIL warns from 89 Mpx: such pictures are refused just below, with our limit's message.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(source) as im:
-            w0, h0 = im.size  # before draft(), which shrinks the decoded size of JPEGs
+        try:
+            opened = Image.open(source)
+        except Image.DecompressionBombError as err:  # above 179 Mpx PIL refuses in open() already
+            raise ImageTooLarge(f"more than the limit of {MAX_IMAGE_PIXELS / 1e6:g} Mpx ({err})") from None
+        with opened as im:
+            w0, h0 = im.size  # the header's size, before draft() shrinks the decoded size of JPEGs
+            check_pixels(w0, h0)
             orientation = im.getexif().get(EXIF_ORIENTATION, 1)
             im.draft("RGB", (max_side, max_side))
             oriented = ImageOps.exif_transpose(im)  # phone photos: as the camera was held
@@ -107,8 +133,8 @@ def decode_image(path: str | Path, max_side: int = DEFAULT_MAX_SIDE) -> tuple[Im
         image = to_rgb(oriented)
     except FileNotFoundError:
         raise BadImage("file not found") from None
-    except Image.DecompressionBombError as err:
-        raise BadImage(f"too large to decode safely ({err})") from None
+    except ImageTooLarge as err:
+        raise BadImage(str(err)) from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError, truncated data ...
         raise BadImage(_first_line(err)) from None
     if image.width < 1 or image.height < 1:

@@ -37,9 +37,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from vqa_align.errors import UserError
+from vqa_align.progress import progress_bar
 from vqa_align.extract.backbones import Backbone, ExtractorInfo, ImageRegions, build_backbone
 from vqa_align.extract.images import DEFAULT_MAX_SIDE, BadImage, decode_image
 from vqa_align.extract.feature_store import IDS_SUFFIX, TMP_SUFFIX, FeatureStore, FeatureStoreWriter, store_files
@@ -302,8 +302,8 @@ def extract_parts(
         pin_memory=backbone.device.type == "cuda", persistent_workers=False,
         prefetch_factor=2 if options.num_workers > 0 else None,
     )
-    bar = tqdm(total=len(dataset), unit="img", desc=f"extract {info.name}" + (f" [rank {rank}]" if world_size > 1 else ""),
-               disable=not options.progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(dataset), unit="img", enabled=options.progress,
+                       desc=f"extract {info.name}" + (f" [rank {rank}]" if world_size > 1 else ""))
     parts = _PartWriter(folder, options, info, len(items))
     try:
         for batch in loader:

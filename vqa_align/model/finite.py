@@ -45,22 +45,27 @@ def check_output(
     image_ids: Sequence[int],
     checkpoint: str | Path,
     store: str | Path | None = None,
+    boxes: torch.Tensor | None = None,
+    noise_std: float = 0.0,
 ) -> None:
     """Raise :class:`NonFiniteError` when ``logits`` (B, A) hold a NaN or an Inf, naming the cause.
 
-    ``image_ids[b]`` names sample b's image; ``store`` the feature store it was read from.
+    ``features`` (B, N, D) and ``boxes`` (B, N, 4) as read from the store (before any noise);
+    ``image_ids[b]`` names sample b's image; ``store`` the feature store it was read from;
+    ``noise_std``: the feature noise the model was run under (0: none).
     """
     if bool(torch.isfinite(logits).all()):
         return
-    bad_samples = nonfinite_samples(features, region_counts)
-    if bad_samples:
-        ids = sorted({int(image_ids[b]) for b in bad_samples})
-        source = f" in the feature store {Path(store).name}" if store is not None else ""
-        raise NonFiniteError(
-            f"the region features of image(s) {', '.join(map(str, ids[:MAX_NAMED]))}"
-            f"{' ...' if len(ids) > MAX_NAMED else ''}{source} contain NaN or Inf values; "
-            "the store is damaged: rebuild it with `vqa-align prep`"
-        )
+    for what, values in (("features", features), ("boxes", boxes)):
+        bad_samples = nonfinite_samples(values, region_counts) if values is not None else []
+        if bad_samples:
+            ids = sorted({int(image_ids[b]) for b in bad_samples})
+            source = f" in the feature store {Path(store).name}" if store is not None else ""
+            raise NonFiniteError(
+                f"the region {what} of image(s) {', '.join(map(str, ids[:MAX_NAMED]))}"
+                f"{' ...' if len(ids) > MAX_NAMED else ''}{source} contain NaN or Inf values; "
+                "the store is damaged: rebuild it with `vqa-align prep`"
+            )
     names = nonfinite_weights(model)
     if names:
         raise NonFiniteError(
@@ -68,7 +73,14 @@ def check_output(
             f"({', '.join(names[:MAX_NAMED])}{' ...' if len(names) > MAX_NAMED else ''}); the checkpoint is "
             "damaged or its training diverged: use another checkpoint (e.g. the run's best)"
         )
+    shown = ", ".join(map(str, list(image_ids)[:MAX_NAMED]))
+    if noise_std > 0:
+        raise NonFiniteError(
+            f"the model's output is NaN or Inf for image(s) {shown} under feature noise of std {noise_std:g}, although "
+            f"the stored features and the weights of {checkpoint} are finite: the noise overflowed the model's "
+            f"arithmetic; use a smaller --noise-std"
+        )
     raise NonFiniteError(
-        f"the model's output is NaN or Inf for image(s) {', '.join(map(str, list(image_ids)[:MAX_NAMED]))} although "
+        f"the model's output is NaN or Inf for image(s) {shown} although "
         f"its inputs and the weights of {checkpoint} are finite (an overflow: try train.precision fp32)"
     )

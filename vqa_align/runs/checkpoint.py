@@ -27,7 +27,9 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +161,7 @@ def _write_checkpoint_files(tmp: Path, model: torch.nn.Module, config: Config, a
                             trainer_state: dict[str, Any] | None, meta: dict[str, Any] | None) -> None:
     """Every file of a checkpoint into the folder ``tmp``, synced, then its completion marker."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS_FILE), metadata=vocabulary_fingerprints(answers, tokenizer))
+    save_weights(state, tmp / WEIGHTS_FILE, vocabulary_fingerprints(answers, tokenizer))
     save_config(config, tmp / CONFIG_FILE)
     (tmp / ANSWERS_FILE).write_text(json.dumps(answers))
     if tokenizer is not None:
@@ -169,6 +171,26 @@ def _write_checkpoint_files(tmp: Path, model: torch.nn.Module, config: Config, a
     (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2))
     _sync_files(tmp)  # the data reach the disk before the marker and the rename say "complete"
     (tmp / COMPLETE_FILE).write_text("")
+
+
+SAFETENSORS_LENGTH = struct.Struct("<Q")  # a safetensors file starts with its JSON header's byte length
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file whose bytes depend only on ``state`` and ``metadata``, so that two runs
+    that trained the same weights can be compared by hash. The library orders the tensors stably
+    (by dtype, then name) but writes the metadata map in a hash order that differs from call to
+    call; the header is rewritten with sorted metadata keys (same JSON, same length)."""
+    save_file(state, str(path), metadata=metadata)
+    with open(path, "r+b") as handle:
+        (length,) = SAFETENSORS_LENGTH.unpack(handle.read(SAFETENSORS_LENGTH.size))
+        header = json.loads(handle.read(length))
+        ordered = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items())), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # never seen: the library writes the same compact JSON
+            raise CheckpointError(f"{path}: cannot order the safetensors header (it would grow)")
+        handle.seek(SAFETENSORS_LENGTH.size)
+        handle.write(text + b" " * (length - len(text)))  # the format pads its header with spaces
 
 
 def _sync_files(folder: Path) -> None:
@@ -218,16 +240,27 @@ def load_trainer_state(path: str | Path, device: str | torch.device = "cpu") -> 
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"{path}: refused: it holds Python objects other than tensors and plain containers, which could run "
-            f"code when loaded (written by another program or an older vqa-align?); {first}"
+            f"{path}: refused: it holds {_refused_item(str(err))}, not only tensors and plain containers, and "
+            f"loading that could run code (written by another program or an older vqa-align?)"
         ) from None
     except Exception as err:  # truncated or not a torch file: zipfile / EOF / RuntimeError
         raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {err}); the file is damaged or truncated") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a vqa-align trainer state (a {type(state).__name__}, expected a dict)")
     return state
+
+
+def _refused_item(message: str) -> str:
+    """What ``torch.load(weights_only=True)`` refused, from its error (which otherwise advises
+    loading with weights_only=False, which is exactly what must not be done with an unknown file)."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return f"the Python global {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\.\s|\.?$)", message, re.MULTILINE)
+    if found:
+        return f"a pickled object it cannot read safely ({found.group(1).strip()})"
+    return "a pickled Python object"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from vqa_align.extract.images import (
     TRANSPARENT_MODES,
     WIDE_GRAYSCALE_MODES,
+    ImageTooLarge,
+    check_pixels,
     downscale,
     open_oriented,
     to_8bit_gray,
@@ -73,8 +75,10 @@ def _open_upload(image: Any, max_side: int) -> tuple[Image.Image, str]:
     if isinstance(image, (bytes, bytearray)):
         return _decode(io.BytesIO(image), UPLOAD, max_side), UPLOAD
     if isinstance(image, np.ndarray):
+        _check_pixels(image.shape[1] if image.ndim > 1 else 1, image.shape[0], UPLOAD)
         return Image.fromarray(_uint8_array(image)), UPLOAD
     if isinstance(image, Image.Image):
+        _check_pixels(*image.size, UPLOAD)
         return image, UPLOAD
     raise InputError(f"cannot read an image from a {type(image).__name__}")
 
@@ -83,13 +87,21 @@ def _decode(source: Path | io.BytesIO, name: str, max_side: int) -> Image.Image:
     """An encoded picture (file or bytes), upright; PIL's errors become messages for the person uploading."""
     try:
         picture, _ = open_oriented(source, max_side)
-    except Image.DecompressionBombError as err:
-        raise InputError(f"{name} is too large to open safely ({err}); please upload a smaller image") from None
+    except ImageTooLarge as err:
+        raise InputError(f"{name}: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if isinstance(err, UnidentifiedImageError) or "cannot identify" in str(err):
             raise InputError(f"{name} is not an image file (expected PNG, JPEG, WebP, BMP, GIF ...)") from None
         raise InputError(f"{name} could not be decoded as an image ({err})") from None
     return picture
+
+
+def _check_pixels(width: int, height: int, name: str) -> None:
+    """The pixel limit of every picture (extract/images.py) for pictures given decoded."""
+    try:
+        check_pixels(width, height)
+    except ImageTooLarge as err:
+        raise InputError(f"{name}: {err}") from None
 
 
 def _uint8_array(arr: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ transparent images converted).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,28 @@ MAX_QUESTION_CHARS = 5000  # longer text is cut before tokenising (the model rea
 GALLERY_POOL = 48  # examples looked up once; the app shows the first 12
 
 
+def whole_number(value: Any, what: str) -> int:
+    """``value`` as an int: ints, whole floats (the app's number field gives 1.0) and digit strings,
+    within int64 (store ids are int64). 1.5 is refused, never read as 1; so are NaN, inf, booleans
+    and None, each with an InputError naming ``what`` and the value."""
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise InputError(f"{what} must be a whole number, got {value!r:.40}") from None
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        value = int(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{what} must be a whole number, got {value!r:.40}")
+    if not -MAX_INT - 1 <= int(value) <= MAX_INT:
+        raise InputError(f"{what} {value} is out of range (at most 64-bit integers)")
+    return int(value)
+
+
+def as_image_id(value: Any) -> int:
+    return whole_number(value, "image id")
+
+
 @dataclass
 class EncodedQuestion:
     """A question as the model reads it: T words (or WordPiece pieces) and their token ids."""
@@ -71,22 +94,6 @@ class ImageRegions:
     notes: list[str] = field(default_factory=list)  # repairs of an upload
 
 
-
-def whole_number(value: Any, what: str) -> int:
-    """``value`` from the app (a float from a number box) or code as an int: whole, finite and within
-    int64 (ids are int64 in the store), else an InputError naming ``what`` and the value."""
-    try:
-        number = int(value)
-        whole = number == value if isinstance(value, float) else not isinstance(value, bool)
-    except (TypeError, ValueError, OverflowError):  # None, "abc", nan, inf
-        number, whole = 0, False
-    if not whole or not -MAX_INT - 1 <= number <= MAX_INT:
-        raise InputError(f"{what} must be an integer of at most 64 bits, got {value!r:.40}")
-    return number
-
-
-def image_id_value(value: Any) -> int:
-    return whole_number(value, "image id")
 
 class Predictor:
     """A checkpoint loaded once, answering (question, image) requests.
@@ -247,7 +254,7 @@ class Predictor:
         """(image id as int, its regions) of a store image."""
         if self.store is None:
             raise InputError(f"Images of the data set are unavailable: {self.store_error}.")
-        image_id = image_id_value(image_id)
+        image_id = as_image_id(image_id)
         if image_id not in self.store:
             raise InputError(f"Image id {image_id} is not in the feature store {self.store.path}.")
         feats, boxes, size = self.store.get(image_id, self.max_regions)
@@ -368,20 +375,21 @@ class Predictor:
         # A damaged store or checkpoint would answer with probability NaN: name the cause instead.
         check_output(output.logits, self.model, inputs["features"], inputs["region_counts"],
                      ["upload" if image_id is None else image_id], self.path,
-                     self.store.path if image_id is not None and self.store is not None else None)
+                     self.store.path if image_id is not None and self.store is not None else None,
+                     boxes=inputs["boxes"])
         return output, diagnostics
 
     # --- examples for the gallery -------------------------------------------------------------
     def load_image(self, image_id: int) -> np.ndarray | None:
         """The picture of a store image (None when the data set's pictures are not available)."""
-        return self.image_loader(image_id_value(image_id))
+        return self.image_loader(as_image_id(image_id))
 
     def thumbnail(self, image_id: int, size: int = 128) -> np.ndarray:
         """(size, size', 3) uint8 gallery thumbnail; without a picture, the region boxes on grey."""
         picture = self.load_image(image_id)
         boxes, image_size = np.zeros((0, 4), np.float32), (1, 1)
         if picture is None and self.store is not None:
-            _, boxes, image_size = self.store.get(image_id_value(image_id), self.max_regions)
+            _, boxes, image_size = self.store.get(as_image_id(image_id), self.max_regions)
         return gallery.thumbnail(picture, boxes, image_size, size)
 
     def examples(self, n: int = 12) -> list[Example]:

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from vqa_align.untrusted_files import MAX_DATASET_JSON_BYTES, read_text
+from vqa_align.progress import PROGRESS_EVERY_SECONDS, clock, progress_on_terminal
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
-# Without a terminal (a log file, a job scheduler) a plain progress line replaces the tqdm bar.
-PROGRESS_EVERY_SECONDS = 30.0
 
 
 def open_tensorboard(folder: Path, purge_step: int | None = None) -> Any:
@@ -104,7 +103,7 @@ class EpochProgress:
         (train.max_steps x accumulation), if any."""
         from tqdm import tqdm
 
-        use_bar = is_main and (sys.stderr.isatty() or "VQA_ALIGN_PROGRESS" in os.environ)
+        use_bar = is_main and progress_on_terminal()  # the rule of every command (vqa_align/progress.py)
         self.epoch_batches = len(loader) + done
         self.bar = tqdm(loader, total=self.epoch_batches, initial=done, desc=f"epoch {epoch + 1}/{epochs}",
                         disable=not use_bar, dynamic_ncols=True)
@@ -138,7 +137,7 @@ class ProgressLines:
         self.batches += 1
         self.samples += batch_size
         now = time.perf_counter()
-        if not self.first and now - self.last < PROGRESS_EVERY_SECONDS:
+        if not self.first and now - self.last < PROGRESS_EVERY_SECONDS:  # this module's name: tests shorten it
             return
         self.first, self.last = False, now
         elapsed = max(now - self.start, 1e-9)
@@ -146,14 +145,9 @@ class ProgressLines:
         eta = (self.total - done) * elapsed / self.batches
         print(
             f"epoch {epoch + 1}/{self.epochs} batch {batches_done}/{self.epoch_batches} "
-            f"step {global_step} | {self.samples / elapsed:.1f} samples/s | ETA {_clock(max(eta, 0.0))}",
+            f"step {global_step} | {self.samples / elapsed:.1f} samples/s | ETA {clock(max(eta, 0.0))}",
             file=sys.stderr, flush=True,
         )
-
-
-def _clock(seconds: float) -> str:
-    whole = int(round(seconds))
-    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
 
 
 def plot_curves(metrics_file: Path, out: Path, metric: str = "val_accuracy") -> None:

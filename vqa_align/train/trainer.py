@@ -135,6 +135,10 @@ class Trainer:
         tcfg = self.config.train
         while self.epoch < tcfg.epochs and not self.stopping.spent:  # spent: a resumed finished run
             start = time.perf_counter()
+            if self._reached_max_steps():  # train.max_steps: 0, or a resumed run already there: no step
+                if self.dist.is_main:
+                    self.save("last")  # the run's model, vocabularies and config, as train.max_steps 0 promises
+                break
             train_stats = self.train_epoch()
             stopped_early = self._reached_max_steps() or self.stopping.spent
             epoch_done = not stopped_early or self.batches_done >= self._batches_per_epoch()

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -84,6 +83,14 @@ class VQATask:
         self.train_set, self.val_set = bundle.datasets["train"], bundle.datasets.get("val")
         if len(self.train_set) == 0:
             raise UserError("the training split has no questions")
+        # Before the first step, naming the image: NaN/Inf boxes (16 bytes a region: cheap to read)
+        # would surface as a non-finite loss, or be clipped into a wrong box; Inf/NaN validation
+        # features only at the first evaluation, after a whole epoch. (Training features: the
+        # finiteness check of the steps names the image; reading them all here would cost an epoch.)
+        self.train_set.store.check_finite(self.train_set.store_rows, self.train_set.max_regions, ("boxes",))
+        if self.val_set is not None and len(self.val_set):
+            self.val_set.store.check_finite(self.val_set.store_rows, self.val_set.max_regions)
+        self.data_fingerprints = _fingerprints(bundle, self.val_set)
         config.model.vocab_size = len(bundle.tokenizer)
         config.model.num_answers = len(bundle.answers)
         feature_dim = bundle.feature_dim
@@ -174,8 +181,8 @@ class VQATask:
 
     def describe_batch(self, ids: list[int]) -> tuple[str, str]:
         shown = ", ".join(map(str, ids[:8])) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
-        bad = _non_finite_images(self.train_set, ids)
-        cause = f"; features of image {bad[0]} in {self.train_set.store.path} are not finite (Inf or NaN)" if bad else ""
+        bad = _non_finite_image(self.train_set, ids)
+        cause = f"; {bad[1]} of image {bad[0]} in {self.train_set.store.path} are not finite (Inf or NaN)" if bad else ""
         return f"images {shown}", cause
 
     def start_epoch(self, epoch: int) -> bool:
@@ -224,7 +231,8 @@ class VQATask:
         return self._scores[id(dataset)]
 
     def checkpoint_meta(self, best_score: float, best_step: int | None) -> dict[str, Any]:
-        return {"extractor": json.loads(self.extractor.to_json()) if self.extractor is not None else None}
+        return {"extractor": json.loads(self.extractor.to_json()) if self.extractor is not None else None,
+                "data": self.data_fingerprints}
 
     def check_resume(self, checkpoint: Path) -> None:
         from vqa_align.runs.checkpoint import checkpoint_extractor
@@ -234,6 +242,17 @@ class VQATask:
             now = self.extractor.describe() if self.extractor is not None else "an unrecorded extractor"
             raise UserError(f"--resume: {checkpoint} was trained on features of {recorded.describe()}, "
                             f"but the store now comes from {now}")
+        from vqa_align.data.fingerprint import data_change
+
+        try:
+            recorded_data = json.loads((checkpoint / "meta.json").read_text()).get("data")
+        except (OSError, ValueError, AttributeError):
+            recorded_data = None  # unreadable meta.json: load_trainer_state and the weights name the damage
+        change = data_change(recorded_data, self.data_fingerprints) if isinstance(recorded_data, dict) else None
+        if change:
+            raise UserError(f"--resume: {change}; {checkpoint} was trained on the old data and its weights (the "
+                            f"order of its answer outputs, its features) do not fit the new: restore the old data "
+                            f"or start a new run (another --out, or --overwrite)")
 
     def static_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from vqa_align.train.cuda_graphs import pad_to_static
@@ -242,18 +261,24 @@ class VQATask:
         return pad_to_static(inputs, dcfg.max_question_tokens, dcfg.max_regions)
 
 
-def _non_finite_images(dataset: Any, image_ids: list[int]) -> list[int]:
-    """Those of ``image_ids`` whose stored features contain Inf or NaN (read again from the store)."""
-    bad = []
+def _fingerprints(bundle: Any, val_set: Any) -> dict[str, Any]:
+    """The data fingerprints every checkpoint records (vqa_align/data/fingerprint.py)."""
+    from vqa_align.data.fingerprint import data_fingerprints
+    from vqa_align.runs.checkpoint import vocabulary_fingerprints
+
+    stores = [bundle.store] + ([val_set.store] if val_set is not None else [])
+    return data_fingerprints(bundle.files, stores, vocabulary_fingerprints(bundle.answers, bundle.tokenizer))
+
+
+def _non_finite_image(dataset: Any, image_ids: list[int]) -> tuple[int, str] | None:
+    """(image id, "features" or "boxes") of the first of ``image_ids`` whose stored regions hold Inf
+    or NaN (read again from the store), or None."""
     store = dataset.store
-    for image_id in dict.fromkeys(image_ids):
-        try:
-            features, _ = store.read_row(store.row(image_id), dataset.max_regions)
-        except (KeyError, OSError):
-            continue
-        if not np.isfinite(np.asarray(features, dtype=np.float32)).all():
-            bad.append(image_id)
-    return bad
+    rows = store.rows(list(dict.fromkeys(image_ids)))
+    try:
+        return store.first_non_finite(rows[rows >= 0], dataset.max_regions)
+    except OSError:
+        return None
 
 
 def _check_finite_features(batch: dict[str, torch.Tensor], dataset: Any) -> None:
