@@ -104,6 +104,7 @@ BAD = {
     "train.init_from": ["''", "3"],
     "train.cuda_graphs": ["2"],
     "train.keep_freed_memory": ["'no'"],
+    "train.adapt_threads": ["2", "'auto'"],
     "train.optimizer": ["sgd", "Adam", "null"],
     "train.warmup_steps": ["-1", "2.5"],
     "train.eval_every_steps": ["-1", "true"],

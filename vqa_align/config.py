@@ -257,6 +257,11 @@ class TrainConfig:
     # CPU: let glibc keep freed memory for the next step instead of returning it to the kernel and
     # page-faulting it back (vqa_align/train/host_memory.py; measured -5 % on an MCAN-small CT step).
     keep_freed_memory: bool = True
+    # CPU: shrink torch's thread team to the cores other processes leave free, sampled after every
+    # step (vqa_align/cpu_threads.py). Beside one busy process a full team ran at 31 % of its quiet
+    # speed (BENCHMARKS.md, contention). A team-size change may alter the last bits of float sums,
+    # so set false (and fix OMP_NUM_THREADS) for bit-identical reruns on a shared machine.
+    adapt_threads: bool = True
     # "adam": fused Adam, weight decay added to the gradient (MCAN). "adamw": torch.optim.AdamW with
     # decoupled weight decay (BERT-style fine-tuning, the sentence runs), in torch's default
     # (non-fused) implementation: the sentence results so far came from it, and the fused kernel

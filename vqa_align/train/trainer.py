@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from vqa_align.config import Config, load_config, make_paths_absolute, save_config
+from vqa_align.cpu_threads import ThreadGovernor
 from vqa_align.errors import UserError
 from vqa_align.paths import check_output_paths
 from vqa_align.runs import run_folder
@@ -56,6 +57,8 @@ class Trainer:
         self.amp_dtype = autocast_dtype(tcfg.precision, self.device)
         if tcfg.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
+        # Sized once per run, before any step: the team the machine gives when quiet.
+        self.threads = ThreadGovernor() if tcfg.adapt_threads and self.device.type == "cpu" else None
         seed_everything(tcfg.seed)
 
         self.task: TrainingTask = task if task is not None else VQATask(config)
@@ -169,6 +172,8 @@ class Trainer:
             self._swap_in()
         if self.metrics is not None:
             self.metrics.close()
+        if self.threads is not None:  # a notebook's later work gets its full team back
+            self.threads.restore()
         return self.history[-1] if self.history else {}
 
     def train_epoch(self) -> dict[str, float]:
@@ -199,6 +204,8 @@ class Trainer:
                 self.global_step += 1
                 self.step_seconds.append(time.perf_counter() - step_start[0])
                 self.step_cpu_seconds.append(time.process_time() - step_start[1])
+                if self.threads is not None:
+                    self.threads.update()
             batch_size = targets.shape[0]
             per_sample = 1.0 / batch_size if tcfg.loss_reduction == "sum" else 1.0
             self.epoch_losses.add(loss, task, align, batch_size, per_sample)
