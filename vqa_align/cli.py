@@ -153,7 +153,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     p.add_argument("--split", default="val", type=_non_empty, help="split to evaluate (val, test, ...)")
     p.add_argument("--results-out", help="write answers in the official submission format")
-    p.add_argument("--noise-std", type=NON_NEGATIVE, default=0.0, help="add N(0, s^2) noise to region features")
+    p.add_argument("--noise-std", type=NON_NEGATIVE, default=0.0,
+                   help="also evaluate with N(0, s^2) noise on the region features (`noisy`, next to the clean numbers)")
     p.add_argument("--mc-samples", type=_mc_samples, default=0, help="MC-dropout samples for PAvPU (paper: 20)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=256)
     p.add_argument("--out", help="folder for the metrics JSON and the reliability diagram")
