@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import socket
 
 import pytest
@@ -195,7 +198,21 @@ def test_quickstart_path_on_a_small_subset(easy_vqa_cache, tmp_path, capsys):
     out = capsys.readouterr().out
     summary = json.loads(out[: out.index("\n}\n") + 2])
     assert 0 <= summary["accuracy"] <= 100 and summary["questions"] > 0
-    assert "vqa-align demo" in out and str(tmp_path / "qs" / "checkpoints" / "last") in out
+    assert f"vqa-align demo --checkpoint {tmp_path / 'qs'}" in out and str(tmp_path / "qs" / "checkpoints" / "last") in out
+    # A second quickstart names the commands that go on from there, and the --resume it names runs
+    # as written (with the run's own --set values; on a finished run it only evaluates again).
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    resume = re.search(r"`(vqa-align quickstart [^`]*--resume)`", err)
+    assert "already holds a quickstart run" in err and "--overwrite" in err and resume, err
+    assert cli_main(shlex.split(resume.group(1))[1:]) == 0
+    again = capsys.readouterr().out
+    assert json.loads(again[: again.index("\n}\n") + 2])["accuracy"] == summary["accuracy"]
+    # A run stopped before its first checkpoint has nothing to resume: only --overwrite is offered.
+    shutil.rmtree(tmp_path / "qs" / "checkpoints")
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint to resume" in err and "--overwrite" in err and "--resume" not in err, err
 
 
 def test_glove_initialisation_from_a_local_file(easy_vqa_cache, tmp_path, capsys):

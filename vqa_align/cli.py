@@ -194,7 +194,8 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="prepare easy-VQA, train the default aligned model, evaluate it")
     p.add_argument("--out", help="run folder (default: the cache's quickstart run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue a stopped quickstart run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the quickstart run already there")
     p.set_defaults(func=_handler("vqa_align.experiments.quickstart", "run_quickstart"))
 
 

@@ -43,6 +43,8 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, config: Config | N
     if not run_folder.holds_run(out):
         return None
     if not overwrite:
+        if recover_checkpoint(out / "checkpoints" / "last") is None:  # stopped before its first checkpoint
+            raise UserError(f"{out} already holds a run that has no checkpoint to resume; pass --overwrite to replace it")
         raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     run_folder.check_replaceable(out)
     return run_folder.begin_staged_run(out)
