@@ -2,8 +2,8 @@
 
 :class:`Predictor` loads a checkpoint once and answers requests::
 
-    predictor = Predictor(default_checkpoint_path())
-    pred = predictor.answer("what shape is in the image?", image_id=100_003)
+    predictor = Predictor.load()     # the quickstart's run; Predictor.load("runs/x") or Predictor("runs/x")
+    pred = predictor.answer("what shape is in the image?", image_id=100_003)   # or image="photo.png"
     pred.answer, pred.top_k          # "circle", [("circle", 0.97), ...]
     views = render_views(pred, kind="sga_guided", layer=1, head=0)   # vqa_align.serve.views
 
@@ -34,6 +34,7 @@ from vqa_align.data.vqa_v2 import UNK_ID, QuestionRecord, encode_questions, toke
 from vqa_align.errors import DataFormatError, UserError
 from vqa_align.extract.regions import REGION_FEATURE_DIM, extract_regions
 from vqa_align.model.finite import check_output
+from vqa_align.paths import default_checkpoint_path
 from vqa_align.runs.checkpoint import CheckpointError, LoadedCheckpoint, checkpoint_extractor, load_checkpoint
 from vqa_align.serve import gallery
 from vqa_align.serve.gallery import Example, ImageLoader
@@ -110,6 +111,16 @@ class Predictor:
         self.image_loader = image_loader or gallery.default_image_loader(self.config)
         self.upload_error = self._upload_error()
         self._examples: list[Example] | None = None
+
+    @classmethod
+    def load(cls, checkpoint: str | Path | None = None, **options: Any) -> Predictor:
+        """The predictor of ``checkpoint`` (a run or checkpoint folder); without one, of the
+        quickstart's run (``vqa-align quickstart``), as ``vqa-align predict`` and ``demo`` do.
+        ``options``: those of the constructor (``device``, ``feature_store``, ``image_loader``)."""
+        path = Path(checkpoint).expanduser() if checkpoint is not None else default_checkpoint_path()
+        if checkpoint is None and not path.exists():
+            raise UserError(f"no checkpoint given and no quickstart run at {path}; run `vqa-align quickstart` first")
+        return cls(path, **options)
 
     # --- set-up -----------------------------------------------------------------------------
     @property
