@@ -53,7 +53,8 @@ def _program_argv(words: list[str]) -> list[str] | None:
     while words and (ENV_ASSIGNMENT.match(words[0]) or words[0] in WRAPPERS):
         words = words[1:]
     if words and Path(words[0]).name == PROGRAM:  # vqa-align, .venv/bin/vqa-align
-        return words[1:]
+        # `vqa-align eval: error: ...` is the program's output shown in a block, not a command
+        return None if len(words) > 1 and words[1].endswith(":") else words[1:]
     if len(words) >= 3 and Path(words[0]).name.startswith("python") and words[1:3] == ["-m", "vqa_align.cli"]:
         return words[3:]
     return None
@@ -221,6 +222,7 @@ def test_the_checks_catch_wrong_commands():
     assert [(c.line, c.argv, c.complete) for c in block] == [
         (2, ("eval", "--checkpoint", "r"), True), (4, ("demo",), True), (4, ("score", "--x"), True),
         (6, ("demo", "--port", "1"), False)]
+    assert doc_commands(ROOT / "README.md", "```\nvqa-align eval: error: argument --split: bad\n```\n") == []
 
 
 # ----------------------------------------------------------------------------------------------
