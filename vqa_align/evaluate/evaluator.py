@@ -118,7 +118,7 @@ def evaluate_checkpoint(
             noisy = _answer(ckpt, dataset, batch_size, device, noise_std, 0, seed, f"eval {split} noise {noise_std:g}")
             scores = _scores(dataset.records, noisy, 0, split, None)
             metrics["noisy"] = {"accuracy": scores["accuracy"], "perAnswerType": scores["perAnswerType"],
-                                "ece": scores["ece"], "accuracy_drop": metrics["accuracy"] - scores["accuracy"]}
+                                "ece": scores["ece"], "accuracy_drop": round(metrics["accuracy"] - scores["accuracy"], 2)}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
