@@ -117,8 +117,9 @@ def evaluate_checkpoint(
         if noise_std > 0:  # without annotations a noisy pass would have nothing to be compared with
             noisy = _answer(ckpt, dataset, batch_size, device, noise_std, 0, seed, f"eval {split} noise {noise_std:g}")
             scores = _scores(dataset.records, noisy, 0, split, None)
+            drop = round(metrics["accuracy"] - scores["accuracy"], 2)  # the accuracies have 2 decimals
             metrics["noisy"] = {"accuracy": scores["accuracy"], "perAnswerType": scores["perAnswerType"],
-                                "ece": scores["ece"], "accuracy_drop": round(metrics["accuracy"] - scores["accuracy"], 2)}
+                                "ece": scores["ece"], "accuracy_drop": drop}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
