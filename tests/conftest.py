@@ -3,20 +3,47 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from vqa_align.config import AlignmentConfig, ModelConfig
 
-# Keep the suite on the two CI cores and away from the user's cache.
+# Keep the suite on the two CI cores.
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# The suite never reads or writes the user's home or caches, whatever the shell exports
+# (VQA_ALIGN_CACHE included): these point into a session folder, set before any test module (or
+# the libraries it imports, which read some of them once) is loaded. Data the tests need are
+# prepared there (``easy_vqa_cache``), never taken from the user's cache.
+ISOLATED_DIRS = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "HF_HOME", "TORCH_HOME",
+                 "MPLCONFIGDIR", "TRITON_CACHE_DIR", "VQA_ALIGN_CACHE")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # nothing is downloaded at run time
+_session_home: Path | None = None
+
+
+def pytest_configure(config):
+    global _session_home
+    _session_home = Path(tempfile.mkdtemp(prefix="vqa-align-tests-"))
+    for name in ISOLATED_DIRS:
+        folder = _session_home / name.lower()
+        folder.mkdir()
+        os.environ[name] = str(folder)
+    os.environ.update(OFFLINE)
+
+
+def pytest_unconfigure(config):
+    if _session_home is not None:
+        shutil.rmtree(_session_home, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    if "VQA_ALIGN_TEST_REAL_CACHE" not in os.environ and "VQA_ALIGN_CACHE" not in os.environ:
-        monkeypatch.setenv("VQA_ALIGN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    """Each test starts with its own empty vqa-align cache (the default runs and data folders)."""
+    monkeypatch.setenv("VQA_ALIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
 def tiny_model_config(method: str = "ct", **overrides) -> ModelConfig:

@@ -240,7 +240,7 @@ def test_h5_bad_inputs(tmp_path):
 def test_progress_log_prints_plain_lines_at_start_interval_and_end(monkeypatch, capsys):
     from vqa_align import progress
 
-    monkeypatch.delenv(progress.PROGRESS_ENV, raising=False)
+    monkeypatch.delenv(progress.PROGRESS_SWITCH, raising=False)
     assert isinstance(progress.progress_bar(range(3)), progress.ProgressLog)  # stderr is captured: no terminal
     assert list(progress.progress_bar(range(5), desc="convert", unit="img")) == list(range(5))
     lines = capsys.readouterr().err.splitlines()

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_run_overrides
 from vqa_align.runs import checkpoint
-from vqa_align.train import progress, rng, vqa_task
+from vqa_align import progress
+from vqa_align.train import rng, vqa_task
 from vqa_align.train import trainer as training
 from vqa_align.runs.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, resolve_checkpoint
 from vqa_align.cli import main as cli_main

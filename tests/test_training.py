@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import socket
 
 import pytest
@@ -33,8 +36,16 @@ def test_mcan_learning_rate_schedule():
     assert lrs == pytest.approx(want)
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(easy_vqa_cache, tmp_path):
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(easy_vqa_cache, tmp_path, capsys):
     train_from_config(_config(easy_vqa_cache), tmp_path / "full")
+    # The console shows each epoch's validation accuracy (not only metrics.jsonl), the best marked.
+    records = [json.loads(l) for l in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("epoch ") and "val_accuracy" in l]
+    assert len(lines) == 2
+    for line, record in zip(lines, [r for r in records if r["kind"] == "epoch"]):
+        assert line.startswith(f"epoch {record['epoch']}/2 | train_loss {record['train_loss']:.4f} | "
+                               f"val_accuracy {record['val_accuracy']:.2f}")
+    assert lines[0].split(" | ")[2].endswith("(best)")  # the first evaluation is always the best so far
     train_from_config(_config(easy_vqa_cache, **{"train.epochs": 1}), tmp_path / "split")
     train_from_config(_config(easy_vqa_cache), tmp_path / "split", resume=True)
     full = load_file(str(tmp_path / "full/checkpoints/last/model.safetensors"))
@@ -114,8 +125,36 @@ def test_evaluation_official_accuracy_calibration_pavpu_noise(easy_vqa_cache, tm
     submitted = json.loads(results.read_text())
     assert len(submitted) == metrics["questions"] and set(submitted[0]) == {"question_id", "answer"}
     assert (tmp_path / "eval/reliability.png").read_bytes()[:4] == b"\x89PNG"
-    noisy = evaluate_checkpoint(tmp_path / "run", "val", noise_std=1.0)
-    assert noisy["noise_std"] == 1.0 and 0 <= noisy["accuracy"] <= 100
+    # Noise adds a second, noisy pass next to the clean numbers; the submission holds the clean answers.
+    noisy = evaluate_checkpoint(tmp_path / "run", "val", noise_std=50.0, results_out=tmp_path / "noisy_run.json")
+    assert noisy["noise_std"] == 50.0 and noisy["accuracy"] == metrics["accuracy"] and noisy["ece"] == metrics["ece"]
+    assert json.loads((tmp_path / "noisy_run.json").read_text()) == submitted
+    assert 0 <= noisy["noisy"]["accuracy"] <= 100 and noisy["noisy"]["ece"] != metrics["ece"]
+    assert noisy["noisy"]["accuracy_drop"] == pytest.approx(metrics["accuracy"] - noisy["noisy"]["accuracy"])
+
+
+def test_eval_command_prints_clean_and_noisy_numbers_and_progress(easy_vqa_cache, tmp_path, capsys, monkeypatch):
+    from vqa_align import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_SECONDS", 0.0)
+    monkeypatch.delenv(progress.PROGRESS_SWITCH, raising=False)
+    train_from_config(_config(easy_vqa_cache, **{"train.epochs": 1}), tmp_path / "run")
+    capsys.readouterr()
+    args = ["eval", "--checkpoint", str(tmp_path / "run"), "--noise-std", "50", "--batch-size", "16",
+            "--out", str(tmp_path / "eval")]
+    assert cli_main(args) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert printed == {k: v for k, v in json.loads((tmp_path / "eval/metrics.json").read_text()).items()
+                       if k != "perQuestionType"}
+    assert {"accuracy", "ece", "perAnswerType"} <= set(printed) and set(printed["noisy"]) == {
+        "accuracy", "ece", "perAnswerType", "accuracy_drop"}
+    batches = -(-printed["questions"] // 16)
+    for desc in ("eval val", "eval val noise 50"):
+        lines = [l for l in captured.err.splitlines() if l.startswith(f"{desc} batch ")]
+        assert len(lines) == batches and lines[-1].startswith(f"{desc} batch {batches}/{batches} |"), captured.err
+        assert "questions/s" in lines[-1]
+    assert f"accuracy {printed['accuracy']:.2f} clean, {printed['noisy']['accuracy']:.2f} under" in captured.err
 
 
 def test_checkpoint_that_does_not_match_its_config_is_refused(easy_vqa_cache, tmp_path, capsys):
@@ -159,7 +198,21 @@ def test_quickstart_path_on_a_small_subset(easy_vqa_cache, tmp_path, capsys):
     out = capsys.readouterr().out
     summary = json.loads(out[: out.index("\n}\n") + 2])
     assert 0 <= summary["accuracy"] <= 100 and summary["questions"] > 0
-    assert "vqa-align demo" in out and str(tmp_path / "qs" / "checkpoints" / "last") in out
+    assert f"vqa-align demo --checkpoint {tmp_path / 'qs'}" in out and str(tmp_path / "qs" / "checkpoints" / "last") in out
+    # A second quickstart names the commands that go on from there, and the --resume it names runs
+    # as written (with the run's own --set values; on a finished run it only evaluates again).
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    resume = re.search(r"`(vqa-align quickstart [^`]*--resume)`", err)
+    assert "already holds a quickstart run" in err and "--overwrite" in err and resume, err
+    assert cli_main(shlex.split(resume.group(1))[1:]) == 0
+    again = capsys.readouterr().out
+    assert json.loads(again[: again.index("\n}\n") + 2])["accuracy"] == summary["accuracy"]
+    # A run stopped before its first checkpoint has nothing to resume: only --overwrite is offered.
+    shutil.rmtree(tmp_path / "qs" / "checkpoints")
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint to resume" in err and "--overwrite" in err and "--resume" not in err, err
 
 
 def test_glove_initialisation_from_a_local_file(easy_vqa_cache, tmp_path, capsys):

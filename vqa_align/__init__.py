@@ -4,8 +4,8 @@ The public Python API (documented in docs/api.md). These names stay importable f
 files move inside the package; everything else is internal::
 
     from vqa_align import Predictor
-    predictor = Predictor("runs/quickstart")           # any run or checkpoint folder
-    print(predictor.answer("what color is the shape?", image_id=0).answer)
+    p = Predictor.load()                    # the quickstart's run; or Predictor.load("runs/my_run")
+    print(p.answer("what shape is it?", image="photo.png").answer)   # or image_id=0 (the store's)
 
 Imports are lazy (PEP 562), so ``import vqa_align`` and ``vqa-align --help`` stay fast.
 """

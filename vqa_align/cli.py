@@ -176,7 +176,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or Hugging Face Hub id user/repo")
     p.add_argument("--split", default="val", type=_non_empty, help="split to evaluate (val, test, ...)")
     p.add_argument("--results-out", help="write answers in the official submission format")
-    p.add_argument("--noise-std", type=NON_NEGATIVE, default=0.0, help="add N(0, s^2) noise to region features")
+    p.add_argument("--noise-std", type=NON_NEGATIVE, default=0.0,
+                   help="also evaluate with N(0, s^2) noise on the region features (`noisy`, next to the clean numbers)")
     p.add_argument("--mc-samples", type=_mc_samples, default=0, help="MC-dropout samples for PAvPU (paper: 20)")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=256)
     p.add_argument("--out", help="folder for the metrics JSON and the reliability diagram")
@@ -221,7 +222,8 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="prepare easy-VQA, train the default aligned model, evaluate it")
     p.add_argument("--out", help="run folder (default: the cache's quickstart run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue a stopped quickstart run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the quickstart run already there")
     p.set_defaults(func=_handler("vqa_align.experiments.quickstart", "run_quickstart"))
 
 

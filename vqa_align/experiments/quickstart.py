@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -18,19 +19,24 @@ QUICKSTART_PRESET = "easy_vqa.yaml"
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
-    """Prepare easy-VQA if needed, train the default aligned model, evaluate it, say what next."""
-    config = load_config(preset_path(QUICKSTART_PRESET), args.overrides)
+    """Prepare easy-VQA if needed, train the default aligned model (or continue a stopped one,
+    ``--resume``), evaluate it, say what next."""
     out = Path(args.out) if args.out else default_checkpoint_path()
-    if (out / "checkpoints" / "last").is_dir() and not args.overwrite:
+    # --resume continues with the run's own config (its --set values), as `vqa-align train --resume` does.
+    saved = out / "config.yaml"
+    config = load_config(saved if args.resume and saved.is_file() else preset_path(QUICKSTART_PRESET), args.overrides)
+    demo = "vqa-align demo" + (f" --checkpoint {shlex.quote(args.out)}" if args.out else "")
+    if (out / "checkpoints" / "last").is_dir() and not (args.overwrite or args.resume):
+        again = "vqa-align quickstart" + (f" --out {shlex.quote(args.out)}" if args.out else "")
         raise UserError(
-            f"{out} already holds a quickstart run; open it with `vqa-align demo`, "
-            "or train it again with `vqa-align quickstart --overwrite`"
+            f"{out} already holds a quickstart run; open it with `{demo}`, continue it if it was stopped "
+            f"with `{again} --resume`, or train it again with `{again} --overwrite`"
         )
     start = time.perf_counter()
-    train_from_config(config, out, resume=False, overwrite=args.overwrite)
+    train_from_config(config, out, resume=args.resume, overwrite=args.overwrite)
     minutes = (time.perf_counter() - start) / 60
     metrics = evaluate_checkpoint(resolve_checkpoint(out), split="val")
     print(json.dumps({"run": str(out), "minutes": round(minutes, 2), **metrics}, indent=2))
     print(f"\ncheckpoint: {resolve_checkpoint(out)}")
-    print("open the app:  vqa-align demo")
+    print(f"open the app:  {demo}")
     return 0

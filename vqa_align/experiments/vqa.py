@@ -187,7 +187,7 @@ def evaluate_run(run_dir: Path, config: Config, seed: int, noise_stds: Sequence[
     clean = evaluate_checkpoint(checkpoint, EVAL_SPLIT, mc_samples=mc_samples, out_dir=run_dir / "eval", seed=seed)
     if "accuracy" not in clean:
         raise UserError(f"the {EVAL_SPLIT!r} split has no annotations: nothing to score")
-    noisy = {f"{s:g}": evaluate_checkpoint(checkpoint, EVAL_SPLIT, noise_std=s, seed=seed)["accuracy"]
+    noisy = {f"{s:g}": evaluate_checkpoint(checkpoint, EVAL_SPLIT, noise_std=s, seed=seed)["noisy"]["accuracy"]
              for s in noise_stds}
     records = read_metrics(run_dir / METRICS_FILE)
     epochs = [r for r in records if r.get("kind") == "epoch"]

@@ -2,8 +2,8 @@
 
 :class:`Predictor` loads a checkpoint once and answers requests::
 
-    predictor = Predictor(default_checkpoint_path())
-    pred = predictor.answer("what shape is in the image?", image_id=100_003)
+    predictor = Predictor.load()     # the quickstart's run; Predictor.load("runs/x") or Predictor("runs/x")
+    pred = predictor.answer("what shape is in the image?", image_id=100_003)   # or image="photo.png"
     pred.answer, pred.top_k          # "circle", [("circle", 0.97), ...]
     views = render_views(pred, kind="sga_guided", layer=1, head=0)   # vqa_align.serve.views
 
@@ -36,6 +36,7 @@ from vqa_align.data.vqa_v2 import UNK_ID, QuestionRecord, encode_questions, toke
 from vqa_align.errors import DataFormatError, UserError
 from vqa_align.extract.regions import REGION_FEATURE_DIM, extract_regions
 from vqa_align.model.finite import check_output
+from vqa_align.paths import default_checkpoint_path
 from vqa_align.runs.checkpoint import CheckpointError, LoadedCheckpoint, checkpoint_extractor, load_checkpoint
 from vqa_align.runs.hub import locate_run
 from vqa_align.serve import gallery
@@ -145,9 +146,22 @@ class Predictor:
         self._novelty: FeatureStats | None = None  # statistics of the training pictures, on the first upload
 
     @classmethod
-    def from_pretrained(cls, name: str | Path, **kwargs: Any) -> "Predictor":
-        """``Predictor.from_pretrained("user/repo")`` or a local run folder; ``kwargs`` as ``Predictor``."""
-        return cls(locate_run(name), **kwargs)
+    def load(cls, checkpoint: str | Path | None = None, **options: Any) -> Predictor:
+        """The predictor of ``checkpoint``: a run or checkpoint folder, or a Hugging Face Hub repo id
+        ``user/repo`` holding one; without one, of the quickstart's run (``vqa-align quickstart``),
+        as ``vqa-align predict`` and ``demo`` do. ``options``: those of the constructor
+        (``device``, ``feature_store``, ``image_loader``)."""
+        if checkpoint is None:
+            checkpoint = default_checkpoint_path()
+            if not checkpoint.exists():
+                raise UserError(f"no checkpoint given and no quickstart run at {checkpoint}; "
+                                "run `vqa-align quickstart` first")
+        return cls(locate_run(checkpoint), **options)
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, **options: Any) -> Predictor:
+        """:meth:`load` under the Hugging Face name: ``Predictor.from_pretrained("user/repo")``."""
+        return cls.load(name, **options)
 
     # --- set-up -----------------------------------------------------------------------------
     @property

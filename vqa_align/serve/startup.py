@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from vqa_align.errors import UserError
-from vqa_align.paths import default_checkpoint_path
 from vqa_align.runs.checkpoint import CheckpointError
 from vqa_align.serve.gallery import folder_image_loader
 from vqa_align.serve.predictor import Predictor
@@ -20,16 +19,13 @@ def load_predictor(checkpoint: str | Path | None, images: str | Path | None = No
     ``images``: the folder the store's pictures were extracted from (``vqa-align extract``), shown
     in the gallery.
     """
-    path = Path(checkpoint).expanduser() if checkpoint else default_checkpoint_path()
-    if checkpoint is None and not path.exists():
-        raise UserError(f"no checkpoint given and no quickstart run at {path}; run `vqa-align quickstart` first")
     loader = None
     if images is not None:
         if not Path(images).expanduser().is_dir():
             raise UserError(f"--images {images}: not a folder")
         loader = folder_image_loader(Path(images).expanduser())
     try:
-        return Predictor(path, image_loader=loader)
+        return Predictor.load(checkpoint or None, image_loader=loader)
     except CheckpointError as err:
         raise UserError(str(err)) from None
 

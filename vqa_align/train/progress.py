@@ -1,5 +1,5 @@
 """What a run reports: ``metrics.jsonl`` (and the same scalars to tensorboard), ``curves.png``, and
-progress on stderr (a tqdm bar on a terminal, plain lines every PROGRESS_EVERY_SECONDS without one).
+progress on stderr (vqa_align/progress.py) and one console line per epoch with its validation numbers.
 
 ``metrics.jsonl`` holds one JSON record a line, each with ``time``, ``kind`` ("train": a log
 step; "eval": an evaluation after a step; "epoch": an epoch's end; "test": a task's evaluation
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from vqa_align.progress import Progress
 from vqa_align.untrusted_files import MAX_DATASET_JSON_BYTES, read_text
-from vqa_align.progress import PROGRESS_EVERY_SECONDS, clock, progress_on_terminal
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -95,59 +94,45 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class EpochProgress:
-    """An epoch's batches with progress on stderr: a tqdm bar on a terminal (or with
-    VQA_ALIGN_PROGRESS set), else :class:`ProgressLines`; nothing off the main process."""
+    """An epoch's batches with progress on stderr (vqa_align/progress.py: a tqdm bar on a
+    terminal, else plain lines with the ETA of the run's remaining training batches); nothing
+    off the main process."""
 
     def __init__(self, loader: Any, done: int, epoch: int, epochs: int, max_batches: int | None, is_main: bool):
         """``done``: batches of the epoch already trained (a resume); ``max_batches``: the run's cap
         (train.max_steps x accumulation), if any."""
-        from tqdm import tqdm
-
-        use_bar = is_main and progress_on_terminal()  # the rule of every command (vqa_align/progress.py)
-        self.epoch_batches = len(loader) + done
-        self.bar = tqdm(loader, total=self.epoch_batches, initial=done, desc=f"epoch {epoch + 1}/{epochs}",
-                        disable=not use_bar, dynamic_ncols=True)
-        self.lines = ProgressLines(self.epoch_batches, epochs, max_batches) if is_main and not use_bar else None
+        self.epoch_batches, self.epochs = len(loader) + done, epochs
+        run_batches = epochs * self.epoch_batches if max_batches is None else min(epochs * self.epoch_batches, max_batches)
+        self.progress = Progress(loader, self.epoch_batches, f"epoch {epoch + 1}/{epochs}", initial=done,
+                                 enabled=is_main, lines_total=run_batches)
 
     def __iter__(self) -> Any:
-        return iter(self.bar)
+        return iter(self.progress)
 
     def step(self, batch_size: int, epoch: int, batches_done: int, global_step: int) -> None:
-        if self.lines is not None:
-            self.lines.step(batch_size, epoch, batches_done, global_step)
+        self.progress.step(batch_size, epoch * self.epoch_batches + batches_done,
+                           f"epoch {epoch + 1}/{self.epochs} batch {batches_done}/{self.epoch_batches} step {global_step}")
 
     def show(self, record: dict[str, Any]) -> None:
         """A logged training record's numbers next to the bar."""
-        self.bar.set_postfix(loss=f"{record['loss']:.3f}", align=f"{record['alignment_loss']:.3f}",
-                             lr=f"{record['lr']:.1e}", sps=f"{record['samples_per_s']:.0f}")
+        self.progress.show(loss=f"{record['loss']:.3f}", align=f"{record['alignment_loss']:.3f}",
+                           lr=f"{record['lr']:.1e}", sps=f"{record['samples_per_s']:.0f}")
 
 
-class ProgressLines:
-    """Plain progress lines on stderr for logs without a terminal (every PROGRESS_EVERY_SECONDS):
-    epoch, step, samples/s and the ETA of the run's remaining training batches."""
-
-    def __init__(self, epoch_batches: int, epochs: int, max_batches: int | None):
-        self.epoch_batches, self.epochs = epoch_batches, epochs
-        self.total = epochs * epoch_batches if max_batches is None else min(epochs * epoch_batches, max_batches)
-        self.start = self.last = time.perf_counter()
-        self.batches = self.samples = 0
-        self.first = True
-
-    def step(self, batch_size: int, epoch: int, batches_done: int, global_step: int) -> None:
-        self.batches += 1
-        self.samples += batch_size
-        now = time.perf_counter()
-        if not self.first and now - self.last < PROGRESS_EVERY_SECONDS:  # this module's name: tests shorten it
-            return
-        self.first, self.last = False, now
-        elapsed = max(now - self.start, 1e-9)
-        done = epoch * self.epoch_batches + batches_done
-        eta = (self.total - done) * elapsed / self.batches
-        print(
-            f"epoch {epoch + 1}/{self.epochs} batch {batches_done}/{self.epoch_batches} "
-            f"step {global_step} | {self.samples / elapsed:.1f} samples/s | ETA {clock(max(eta, 0.0))}",
-            file=sys.stderr, flush=True,
-        )
+def epoch_line(record: dict[str, Any], epochs: int, metric: str, improved: bool) -> str:
+    """The console line of an epoch (kind "epoch") or of an evaluation after a step ("eval"): the
+    training loss and the evaluation's numbers (those named like ``metric``, e.g. ``val_*``),
+    ``metric`` first, marked when it is the best so far."""
+    head = f"epoch {record['epoch']}/{epochs}" if record["kind"] == "epoch" else f"step {record['step']}"
+    parts = [head] + ([f"train_loss {record['train_loss']:.4f}"] if "train_loss" in record else [])
+    prefix = metric.split("_")[0] + "_"  # val_ (VQA), dev_ (sentences)
+    scores = sorted((k for k, v in record.items() if k.startswith(prefix) and isinstance(v, float)), key=lambda k: k != metric)
+    for key in scores:
+        value = f"{record[key]:.2f}" if "accuracy" in key else f"{record[key]:.4g}"
+        parts.append(f"{key} {value}" + (" (best)" if key == metric and improved else ""))
+    if "epoch_seconds" in record:
+        parts.append(f"{record['epoch_seconds']:.1f} s")
+    return " | ".join(parts)
 
 
 def plot_curves(metrics_file: Path, out: Path, metric: str = "val_accuracy") -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from vqa_align.runs.model_card import write_model_card
 from vqa_align.train.checkpointing import Position, prepare_run_dir, resume_from, trainer_state, what_is_kept
 from vqa_align.train.distributed import DistInfo, autocast_dtype, init_distributed, resolve_device
 from vqa_align.train.host_memory import keep_freed_memory
-from vqa_align.train.progress import METRICS_FILE, EpochProgress, MetricsLog, truncate_metrics
+from vqa_align.train.progress import METRICS_FILE, EpochProgress, MetricsLog, epoch_line, truncate_metrics
 from vqa_align.train.rng import seed_everything
 from vqa_align.train.schedule import build_optimizer, set_learning_rate
 from vqa_align.train.step import EagerStep, EpochLosses, FinitenessWatch, GraphedStep, Objective, TrainStep
@@ -162,6 +163,7 @@ class Trainer:
             # two resumes from the previous last, which reaches the same accuracy again.
             improved = self.stopping.note(record.get(self.task.selection_metric), self.global_step)
             if self.dist.is_main:
+                self._say(epoch_line(record, tcfg.epochs, self.task.selection_metric, improved))
                 if improved:
                     self.save("best")
                 self.save("last")
@@ -264,7 +266,10 @@ class Trainer:
         writes checkpoints/best at once (its weights are those of this step)."""
         metrics = self.evaluate()
         improved = self.stopping.note(metrics.get(self.task.selection_metric), self.global_step)
-        self.log({"kind": "eval", "epoch": self.epoch + 1, "step": self.global_step, **metrics, "improved": improved})
+        record = {"kind": "eval", "epoch": self.epoch + 1, "step": self.global_step, **metrics, "improved": improved}
+        self.log(record)
+        if self.dist.is_main:
+            self._say(epoch_line(record, self.config.train.epochs, self.task.selection_metric, improved))
         if improved and self.dist.is_main:
             self.save("best")
         self.ddp_model.train()
@@ -275,6 +280,11 @@ class Trainer:
         """One record into metrics.jsonl and tensorboard (main process only)."""
         if self.metrics is not None:
             self.metrics.write(record)
+
+    @staticmethod
+    def _say(line: str) -> None:
+        """A console line on stderr (stdout keeps each command's JSON summary)."""
+        print(line, file=sys.stderr, flush=True)
 
     def save(self, name: str) -> Path:
         metrics = self.run_dir / METRICS_FILE
