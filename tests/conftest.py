@@ -125,6 +125,9 @@ def tiny_run_overrides(cache, **extra) -> list[str]:
         "train.warmup_epochs": 1,
         "train.decay_epochs": [1],
         "train.log_every_steps": 1,
+        # A fixed thread team: runs compared bit for bit must not depend on what else the machine
+        # runs (the governor itself: tests/test_cpu_threads.py).
+        "train.adapt_threads": False,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -126,3 +126,31 @@ def test_governor_shrinks_the_team_beside_real_busy_processes(team_of_two):
         for loop in loops:
             loop.terminate()
             loop.join()
+
+
+def test_trainer_consults_the_governor_after_every_optimizer_step(monkeypatch, tmp_path, easy_vqa_cache):
+    """train.adapt_threads (the default) builds a governor on the CPU, updates it once per
+    optimizer step and gives the process its team back at the end."""
+    from conftest import tiny_run_overrides
+
+    from vqa_align.config import load_config
+    from vqa_align.train import trainer as trainer_module
+
+    calls = {"update": 0, "restore": 0}
+
+    class CountingGovernor:
+        def update(self):
+            calls["update"] += 1
+            return torch.get_num_threads()
+
+        def restore(self):
+            calls["restore"] += 1
+
+    monkeypatch.setattr(trainer_module, "ThreadGovernor", CountingGovernor)
+    config = load_config("configs/easy_vqa.yaml", tiny_run_overrides(easy_vqa_cache, **{"train.adapt_threads": True,
+                                                                       "train.epochs": 1, "train.max_steps": 3}))
+    trainer = trainer_module.Trainer(config, tmp_path / "run")
+    trainer.fit()
+    assert calls == {"update": 3, "restore": 1}
+    off = load_config("configs/easy_vqa.yaml", tiny_run_overrides(easy_vqa_cache, **{"train.epochs": 1, "train.max_steps": 1}))
+    assert trainer_module.Trainer(off, tmp_path / "run2").threads is None

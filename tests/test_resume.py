@@ -33,9 +33,7 @@ from vqa_align.train.trainer import train_from_config
 
 PRESET = "configs/easy_vqa.yaml"
 # On the CPU wherever the suite runs: CUDA backward passes (atomics) are not bitwise repeatable.
-# A fixed thread team: bit-identical comparisons must not depend on what else the machine runs.
-RUN = {"train.epochs": 2, "train.checkpoint_every_steps": 2, "model.dropout": 0.1, "train.device": "cpu",
-       "train.adapt_threads": False}
+RUN = {"train.epochs": 2, "train.checkpoint_every_steps": 2, "model.dropout": 0.1, "train.device": "cpu"}
 TIMING_KEYS = ("time", "epoch_seconds", "samples_per_s")
 
 

@@ -185,7 +185,7 @@ def _replace(f, name, data):
         (lambda f: f["offsets"].__setitem__(2, f["offsets"][3] + 1), r"offsets of image id 1014 \(row 2\) give it -"),
         (lambda f: _replace(f, "image_sizes", np.ones((4, 2), np.int32)), r"image_sizes has shape \(4, 2\), expected \(5, 2\)"),
         (lambda f: _replace(f, "boxes", f["boxes"][:-1]), r"boxes has shape \(\d+, 4\), expected"),
-        (lambda f: f.attrs.__setitem__("feature_dim", D + 1), f"feature_dim is {D + 1} but the features dataset is {D} wide"),
+        (lambda f: f.attrs.__setitem__("feature_dim", D + 1), f"declares feature_dim {D + 1} but its features have {D} columns"),
         (lambda f: f["image_sizes"].__setitem__(3, [0, 5]), r"image id 1021 has size \(0, 5\)"),
     ],
     ids=["duplicate-id", "offsets-past-end", "empty-image", "offsets-decrease", "sizes-count", "boxes-count",

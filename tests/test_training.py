@@ -208,11 +208,10 @@ def test_quickstart_path_on_a_small_subset(easy_vqa_cache, tmp_path, capsys):
     assert cli_main(shlex.split(resume.group(1))[1:]) == 0
     again = capsys.readouterr().out
     assert json.loads(again[: again.index("\n}\n") + 2])["accuracy"] == summary["accuracy"]
-    # A run stopped before its first checkpoint has nothing to resume: only --overwrite is offered.
+    # A run stopped before its first checkpoint has nothing to resume: a rerun starts it again.
     shutil.rmtree(tmp_path / "qs" / "checkpoints")
-    assert cli_main(args) == 2
-    err = capsys.readouterr().err
-    assert "no checkpoint to resume" in err and "--overwrite" in err and "--resume" not in err, err
+    assert cli_main(args) == 0
+    assert (tmp_path / "qs" / "checkpoints" / "last" / "model.safetensors").is_file()
 
 
 def test_glove_initialisation_from_a_local_file(easy_vqa_cache, tmp_path, capsys):

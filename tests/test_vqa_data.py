@@ -181,7 +181,7 @@ def _qa(qid, image_id, text, answer, answer_type="other"):
         (lambda q, a: q[1].pop("question"),
          r"x_questions\.json: question record 1 \(question_id 11\): missing field 'question'"),
         (lambda q, a: q[0].update(image_id="1"),
-         r"x_questions\.json: question record 0 \(question_id 10\): field 'image_id' must be an integer, got str"),
+         r"x_questions\.json: question record 0 \(question_id 10\): field 'image_id' must be an integer.*, got str"),
         (lambda q, a: a[0].update(answer_type="colour"),
          r"x_annotations\.json: annotation record 0 \(question_id 10\): unknown answer_type 'colour'"),
         (lambda q, a: a[1].pop("answers"),

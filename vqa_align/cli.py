@@ -282,7 +282,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
                         "--backbone bottom-up`)")
     p.add_argument("--extractor-param", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of --extractor, as `extract --param` (default: adaptive 10-100 boxes, "
-                        "800/1333 px, as the downloadable features); e.g. weights=DIR, mode=fixed, boxes=36")
+                        "600/1000 px, as generate_tsv.py made the downloadable features); e.g. weights=DIR, mode=fixed, boxes=36")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_handler("vqa_align.importers.mcan", "run_import"))
 

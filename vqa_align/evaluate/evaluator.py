@@ -187,7 +187,8 @@ def answer_questions_file(checkpoint: str | Path, questions: str | Path, batch_s
     dataset = VQADataset(records, store, ckpt.tokenizer, max_tokens=data.max_question_tokens,
                          max_regions=data.max_regions, name=str(questions))
     order = {r.question_id: k for k, r in enumerate(records)}
-    results = _answer(ckpt, dataset, batch_size, device, noise_std=0.0, mc_samples=0, seed=0).results
+    results = _answer(ckpt, dataset, batch_size, device, noise_std=0.0, mc_samples=0, seed=0,
+                      desc=f"predict {Path(questions).name}").results
     return sorted(results, key=lambda r: order[r["question_id"]])  # the loader batches by region count
 
 

@@ -434,7 +434,7 @@ def extractor_record(name: str, params: dict[str, Any] | None, feature_dim: int)
     """The ``extractor`` entry of meta.json for a model trained on features of backbone ``name``.
 
     The backbone is built here exactly as ``vqa-align extract --backbone NAME --param ...`` builds it
-    (same defaults, e.g. bottom-up's adaptive 10-100 boxes at 800 / 1333 px), and its own record is
+    (same defaults, e.g. bottom-up's adaptive 10-100 boxes at 600 / 1000 px), and its own record is
     kept: name, parameters, the sha256 of its weights and where they are. ``predict --image`` and the
     app rebuild it from that record for a new photo and refuse other weights.
     """
