@@ -43,8 +43,8 @@ from vqa_align.extract.backbones.bottom_up import (  # noqa: E402
     _detect_prepared,
     batch_images,
     preprocess,
-    random_state_dict,
 )
+from vqa_align.extract.backbones.bottom_up_random import random_state_dict
 from vqa_align.extract.backbones.bottom_up_weights import load_weights_file  # noqa: E402
 
 COCO_SIZES = ((640, 480), (480, 640))  # (w, h): the two usual COCO shapes

@@ -110,7 +110,7 @@ def bottom_up_folder(tmp: Path) -> Path:
     """Random weights of the bottom-up detector's shapes saved like a downloaded folder (same compute)."""
     from safetensors.torch import save_file
 
-    from vqa_align.extract.backbones.bottom_up import random_state_dict
+    from vqa_align.extract.backbones.bottom_up_random import random_state_dict
 
     folder = tmp / "bottom-up-random"
     folder.mkdir(exist_ok=True)

@@ -19,8 +19,8 @@ from vqa_align.extract.backbones.bottom_up import (
     load_vocabulary,
     postprocess,
     preprocess,
-    random_state_dict,
 )
+from vqa_align.extract.backbones.bottom_up_random import random_state_dict
 from vqa_align.extract.backbones.bottom_up_weights import Vocabulary, load_weights_file
 
 # ------------------------------------------------------------------------------------------------

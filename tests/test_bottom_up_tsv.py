@@ -25,8 +25,8 @@ from vqa_align.extract.backbones.bottom_up import (
     detect,
     postprocess,
     preprocess,
-    random_state_dict,
 )
+from vqa_align.extract.backbones.bottom_up_random import random_state_dict
 
 PIXEL_MEANS = np.array([[[102.9801, 115.9465, 122.7717]]])  # cfg.PIXEL_MEANS, BGR
 

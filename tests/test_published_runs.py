@@ -31,7 +31,8 @@ def detector_dir(tmp_path_factory) -> Path:
     """A weights folder as `vqa-align extract --download --backbone bottom-up` fills it (random weights)."""
     from safetensors.torch import save_file
 
-    from vqa_align.extract.backbones.bottom_up import BottomUpConfig, random_state_dict
+    from vqa_align.extract.backbones.bottom_up import BottomUpConfig
+    from vqa_align.extract.backbones.bottom_up_random import random_state_dict
 
     folder = tmp_path_factory.mktemp("bottom_up_weights")
     state = random_state_dict(BottomUpConfig(), seed=0)

@@ -15,7 +15,7 @@ from torch import nn
 from vqa_align.extract.backbones import bottom_up_boxes as B
 
 if TYPE_CHECKING:
-    from vqa_align.extract.backbones.bottom_up import BottomUpConfig
+    from vqa_align.extract.backbones.bottom_up_config import BottomUpConfig
 
 FEATURE_DIM = 2048
 RES4_CHANNELS = 1024  # what the RPN and the RoI pooling read

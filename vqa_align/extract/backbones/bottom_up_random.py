@@ -1,6 +1,6 @@
 """Random weights for the bottom-up-attention detector, with the published names and shapes.
 
-For tests and benchmarks without the real weights (``bottom_up.random_state_dict`` re-exports it).
+For tests and benchmarks without the real weights.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from vqa_align.extract.backbones import bottom_up_boxes as B
 
 if TYPE_CHECKING:
-    from vqa_align.extract.backbones.bottom_up import BottomUpConfig
+    from vqa_align.extract.backbones.bottom_up_config import BottomUpConfig
 
 RANDOM_BRANCH_SCALE = 0.2  # batch-norm scale of each residual branch's last conv (random weights)
 RANDOM_HEAD_STD = 0.01  # std of the RPN and box-predictor weights (random weights)
