@@ -228,6 +228,12 @@ def test_glove_initialisation_from_a_local_file(easy_vqa_cache, tmp_path, capsys
         args += ["--set", o]
     assert cli_main(args) == 2
     assert "glove.txt:1: vector for 'what' has 2 values, expected 16" in capsys.readouterr().err
+    glove.write_text("what " + " ".join(["nan"] * 16) + "\n")
+    assert cli_main(args) == 2
+    assert "glove.txt:1: vector for 'what' has a NaN or infinite value" in capsys.readouterr().err
+    glove.write_text("zzz " + "1" * 10_000_000 + "\n")  # one 10 MB line: refused without reading it all
+    assert cli_main(args) == 2
+    assert "glove.txt:1: line longer than" in capsys.readouterr().err
 
 
 def test_max_steps_zero_trains_no_step_but_writes_the_checkpoint(easy_vqa_cache, tmp_path):

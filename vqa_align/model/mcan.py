@@ -15,6 +15,7 @@ region counts, never from all-zero rows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,11 @@ class LSTMQuestionEncoder(nn.Module):
         return output * valid[..., None].to(output.dtype)  # zeros at padded positions
 
 
+# Characters a GloVe value may take (published files: "-0.12345" and words under 70 characters);
+# bounds how much of a hostile file one line may make us read.
+GLOVE_CHARS_PER_VALUE = 64
+
+
 def load_glove_embeddings(path: str | Path, vocabulary: dict[str, int], embedding: nn.Embedding) -> int:
     """Initialise rows of ``embedding`` from a GloVe-format text file (``word v1 v2 ...`` per line).
 
@@ -199,9 +205,13 @@ def load_glove_embeddings(path: str | Path, vocabulary: dict[str, int], embeddin
     if not path.is_file():
         raise FileNotFoundError(f"GloVe file not found: {path}")
     dim = embedding.embedding_dim
+    max_chars = GLOVE_CHARS_PER_VALUE * (dim + 1)  # a word and dim numbers; a longer line is not GloVe
     found = 0
     with torch.no_grad(), path.open(encoding="utf-8", errors="replace") as handle:
-        for line_no, line in enumerate(handle, start=1):
+        for line_no, line in enumerate(iter(lambda: handle.readline(max_chars + 1), ""), start=1):
+            if len(line) > max_chars:
+                raise ValueError(f"{path}:{line_no}: line longer than {max_chars} characters; not a GloVe file "
+                                 f"of {dim}-d vectors")
             word, _, rest = line.rstrip().partition(" ")
             index = vocabulary.get(word)
             if index is None:
@@ -213,6 +223,8 @@ def load_glove_embeddings(path: str | Path, vocabulary: dict[str, int], embeddin
                 vector = [float(v) for v in values]
             except ValueError:
                 raise ValueError(f"{path}:{line_no}: vector for {word!r} is not numeric") from None
+            if not all(math.isfinite(v) for v in vector):
+                raise ValueError(f"{path}:{line_no}: vector for {word!r} has a NaN or infinite value")
             embedding.weight[index] = torch.tensor(vector)
             found += 1
     return found
