@@ -113,7 +113,7 @@ def test_stratified_split_by_hand() -> None:
     assert not np.array_equal(parts, prep.stratified_split(labels, (0.8, 0.1, 0.1), seed=4))
 
 
-def test_bad_input_names_file_and_line(tmp_path: Path) -> None:
+def test_bad_input_names_file_and_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match=r"x\.txt, line 2: rating 'abc'"):
         prep.parse_ground_truth("1\t0.5\tfine\r\n2\tabc\tbad", "movie", "x.txt")
     with pytest.raises(UserError, match=r"line 1: expected"):
@@ -125,6 +125,12 @@ def test_bad_input_names_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "junk.tar.gz").write_bytes(b"not a tarball")
     with pytest.raises(UserError, match="not a readable"):
         prep.read_sdist(tmp_path / "junk.tar.gz")
+    # A gzip bomb: a member declaring more than any real sdist file is refused before it is unpacked.
+    bomb = tmp_path / "bomb.tar.gz"
+    write_fake_sdist(bomb)
+    monkeypatch.setattr(prep, "MAX_SDIST_MEMBER_BYTES", 100)
+    with pytest.raises(UserError, match=r"would unpack to \d+ bytes"):
+        prep.read_sdist(bomb)
 
 
 def test_cli_prep_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -135,6 +135,17 @@ def split_digest(sentences: list[Sentence]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
+# The real sdist's members are under 1 MB (its inner archive and the four GroundTruth files); a
+# member declaring more is not that sdist, and is refused before it is decompressed.
+MAX_SDIST_MEMBER_BYTES = 64 * 2**20
+
+
+def _check_member_size(sdist: Path, member: tarfile.TarInfo) -> None:
+    if member.size > MAX_SDIST_MEMBER_BYTES:
+        raise UserError(f"{sdist}: {member.name} would unpack to {member.size} bytes, more than the "
+                        f"{MAX_SDIST_MEMBER_BYTES} of any vaderSentiment 3.3.2 file; is it the right sdist?")
+
+
 def read_sdist(sdist: Path) -> dict[str, str]:
     """The four GroundTruth files' text, by domain, from the vaderSentiment sdist (a .tar.gz)."""
     if not sdist.is_file():
@@ -144,6 +155,7 @@ def read_sdist(sdist: Path) -> dict[str, str]:
             member = next((m for m in outer.getmembers() if m.name.endswith(INNER_ARCHIVE)), None)
             if member is None:
                 raise UserError(f"{sdist}: no {INNER_ARCHIVE} inside; is it the vaderSentiment 3.3.2 sdist?")
+            _check_member_size(sdist, member)
             inner_bytes = outer.extractfile(member).read()  # type: ignore[union-attr]
         texts: dict[str, str] = {}
         with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
@@ -151,6 +163,7 @@ def read_sdist(sdist: Path) -> dict[str, str]:
             for domain, filename in DOMAIN_FILES.items():
                 if filename not in names:
                     raise UserError(f"{sdist}: {INNER_ARCHIVE} has no {filename}")
+                _check_member_size(sdist, names[filename])
                 texts[domain] = inner.extractfile(names[filename]).read().decode("utf-8")  # type: ignore[union-attr]
     except (tarfile.TarError, OSError, EOFError) as err:
         raise UserError(f"{sdist}: not a readable .tar.gz ({err})") from None
