@@ -154,3 +154,14 @@ def test_trainer_consults_the_governor_after_every_optimizer_step(monkeypatch, t
     assert calls == {"update": 3, "restore": 1}
     off = load_config("configs/easy_vqa.yaml", tiny_run_overrides(easy_vqa_cache, **{"train.epochs": 1, "train.max_steps": 1}))
     assert trainer_module.Trainer(off, tmp_path / "run2").threads is None
+
+
+def test_an_experiment_reuses_runs_recorded_before_adapt_threads_existed():
+    """Runs finished before train.adapt_threads (their recorded config lacks it) keep matching."""
+    from vqa_align.config import load_config
+    from vqa_align.experiments.grid import config_signature
+
+    config = load_config("configs/easy_vqa.yaml")
+    recorded = config.to_dict()
+    del recorded["train"]["adapt_threads"]
+    assert config_signature(recorded) == config_signature(config)

@@ -30,6 +30,7 @@ from vqa_align.untrusted_files import MAX_CONFIG_BYTES, MAX_META_BYTES, read_jso
 
 # Run-environment fields that may differ between an interrupted run and its resumption.
 ENVIRONMENT_KEYS = (("model", "vocab_size"), ("model", "num_answers"), ("train", "device"),
+                    ("train", "adapt_threads"),  # the thread team follows the machine's load, as device does
                     ("data", "num_workers"), ("data", "pin_memory"), ("data", "cache_dir"),
                     # the experiment's seed roles: how the report groups seeds, nothing a run computes
                     ("run", "exploratory_seeds"), ("run", "confirmatory_seeds"))
