@@ -331,3 +331,23 @@ def test_training_writes_the_model_card(easy_vqa_cache, tmp_path):
     assert 'image="photo.jpg"' in card
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert Path(saved["data"]["cache_dir"]).is_absolute()
+
+
+def test_init_from_a_hub_repo_fine_tunes_its_weights(fake_hub, tmp_path, capsys):
+    """train.init_from takes a Hub repo id as predict/eval/demo do (the download stubbed)."""
+    from vqa_align.config import load_config
+    from vqa_align.runs.checkpoint import load_checkpoint
+    from vqa_align.train.trainer import Trainer
+
+    config = load_config(fake_hub["run"] / "config.yaml",
+                         ["model.alignment.method=ct", "train.init_from=user/mcan", "train.batch_size=2"])
+    trainer = Trainer(config, tmp_path / "ft")
+    assert "weights loaded" in capsys.readouterr().err
+    assert [repo for repo, _ in fake_hub["calls"]] and all(repo == "user/mcan" for repo, _ in fake_hub["calls"])
+    source = load_checkpoint(fake_hub["snapshot"])
+    assert trainer.answers == source.answers
+    weights = {k: v for k, v in trainer.model.state_dict().items() if k in source.model.state_dict()}
+    assert weights and all(torch.equal(v, source.model.state_dict()[k]) for k, v in weights.items())
+    config.train.init_from = "user/absent"
+    with pytest.raises(UserError, match="user/absent.*Hugging Face Hub"):
+        Trainer(config, tmp_path / "ft2")

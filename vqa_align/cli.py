@@ -166,7 +166,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--init-from", metavar="RUN", help="start from this run's (e.g. an imported model's) weights, "
+    p.add_argument("--init-from", metavar="RUN", help="start from this run's (e.g. an imported model's; a folder "
+                   "or a Hugging Face Hub id user/repo) weights, "
                    "architecture, tokenizer and answers; new alignment helpers start fresh (train.init_from)")
     p.set_defaults(func=_handler("vqa_align.train.trainer", "run_train"))
 

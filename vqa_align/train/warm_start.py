@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from vqa_align.runs.checkpoint import ANSWERS_FILE, WEIGHTS_FILE, CheckpointError, load_config_of, load_tokenizer, resolve_checkpoint
 from vqa_align.config import Config
+from vqa_align.runs.hub import locate_run
 from vqa_align.untrusted_files import MAX_VOCAB_BYTES, read_json
 
 # ModelConfig fields that decide the parameters' shapes and meaning: taken from the source run.
@@ -40,8 +41,9 @@ class WarmStart:
 
 
 def load_warm_start(path: str | Path) -> WarmStart:
-    """Read the source checkpoint (a run folder or checkpoint folder) without building a model."""
-    ckpt = resolve_checkpoint(path)
+    """Read the source checkpoint (a run or checkpoint folder, or a Hugging Face Hub repo id
+    ``user/repo`` holding one, downloaded once) without building a model."""
+    ckpt = resolve_checkpoint(locate_run(path))
     source = load_config_of(ckpt)
     try:
         answers = read_json(ckpt / ANSWERS_FILE, MAX_VOCAB_BYTES, expect=list, error=CheckpointError)
@@ -95,7 +97,8 @@ def adopt_init_architecture(config: Config) -> list[str]:
     For callers that compare configs before training (the experiment runner's reuse check), so
     that theirs equals the one the trainer will save.
     """
-    return adopt_architecture(config, load_config_of(resolve_checkpoint(config.train.init_from)))  # type: ignore[arg-type]
+    source = resolve_checkpoint(locate_run(config.train.init_from))  # type: ignore[arg-type]
+    return adopt_architecture(config, load_config_of(source))
 
 
 def prepare_warm_start(config: Config, resume_dir: str | Path | None = None) -> WarmStart:
