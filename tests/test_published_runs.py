@@ -314,6 +314,12 @@ def test_model_card_of_an_import_is_refreshed_by_eval(imported_run, capsys):  # 
     # Evaluating again replaces the entry; a run with its card can be replaced with --overwrite.
     assert cli_main(["eval", "--checkpoint", str(run), "--split", "val", "--batch-size", "2"]) == 0
     assert len(json.loads((run / "eval" / "evaluations.json").read_text())) == 1
+    # An evaluation under noise records its noisy accuracy at its noise level, the clean one at 0.
+    capsys.readouterr()
+    assert cli_main(["eval", "--checkpoint", str(run), "--split", "val", "--batch-size", "2", "--noise-std", "1"]) == 0
+    noisy = json.loads(capsys.readouterr().out)["noisy"]["accuracy"]
+    entries = json.loads((run / "eval" / "evaluations.json").read_text())
+    assert sorted((e["noise_std"], e["accuracy"]) for e in entries) == [(0.0, accuracy), (1.0, noisy)]
     assert _import(imported_run["files"], run, "--overwrite") == 0
     assert "Not evaluated yet" in (run / "README.md").read_text()
 

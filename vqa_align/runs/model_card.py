@@ -65,13 +65,18 @@ def record_evaluation(run: Path, checkpoint: Path, metrics: dict[str, Any]) -> N
     path = run / EVAL_DIR / EVALUATIONS_FILE
     entries = _read_json(path)
     entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
-    entry = {
-        "checkpoint": checkpoint.name, "split": metrics.get("split"), "noise_std": metrics.get("noise_std", 0.0),
-        "questions": metrics.get("questions"), "accuracy": metrics["accuracy"],
-        "per_answer_type": metrics.get("perAnswerType", {}), "date": datetime.date.today().isoformat(),
-    }
+    # The top level holds the clean numbers; an evaluation with --noise-std adds its "noisy" block.
+    measured = [(0.0, metrics)]
+    if isinstance(metrics.get("noisy"), dict):
+        measured.append((metrics.get("noise_std", 0.0), metrics["noisy"]))
     same = ("checkpoint", "split", "noise_std")
-    entries = [e for e in entries if any(e.get(k) != entry[k] for k in same)] + [entry]
+    for noise_std, numbers in measured:
+        entry = {
+            "checkpoint": checkpoint.name, "split": metrics.get("split"), "noise_std": noise_std,
+            "questions": metrics.get("questions"), "accuracy": numbers["accuracy"],
+            "per_answer_type": numbers.get("perAnswerType", {}), "date": datetime.date.today().isoformat(),
+        }
+        entries = [e for e in entries if any(e.get(k) != entry[k] for k in same)] + [entry]
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, json.dumps(entries, indent=2))
     write_model_card(run)
