@@ -131,6 +131,12 @@ def test_evaluation_official_accuracy_calibration_pavpu_noise(easy_vqa_cache, tm
     assert json.loads((tmp_path / "noisy_run.json").read_text()) == submitted
     assert 0 <= noisy["noisy"]["accuracy"] <= 100 and noisy["noisy"]["ece"] != metrics["ece"]
     assert noisy["noisy"]["accuracy_drop"] == pytest.approx(metrics["accuracy"] - noisy["noisy"]["accuracy"])
+    # Several noise levels at once (the experiment's path): the same noisy numbers, no clean pass.
+    from vqa_align.evaluate.evaluator import evaluate_under_noise
+
+    levels = evaluate_under_noise(tmp_path / "run", "val", [50.0, 0.5])
+    assert {k: v for k, v in noisy["noisy"].items() if k != "accuracy_drop"} == levels[50.0]
+    assert set(levels) == {50.0, 0.5} and 0 <= levels[0.5]["accuracy"] <= 100
 
 
 def test_eval_command_prints_clean_and_noisy_numbers_and_progress(easy_vqa_cache, tmp_path, capsys, monkeypatch):

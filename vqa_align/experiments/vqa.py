@@ -177,7 +177,7 @@ def alignment_statistics(checkpoint: Path, max_questions: int = MMD_QUESTIONS) -
 def evaluate_run(run_dir: Path, config: Config, seed: int, noise_stds: Sequence[float], mc_samples: int,
                  mmd_questions: int = MMD_QUESTIONS) -> dict[str, Any]:
     """Every number of one trained run (the content of its done.json ``result``)."""
-    from vqa_align.evaluate.evaluator import evaluate_checkpoint
+    from vqa_align.evaluate.evaluator import evaluate_checkpoint, evaluate_under_noise
     from vqa_align.train.progress import METRICS_FILE, read_metrics
     from vqa_align.train.rng import seed_everything
 
@@ -187,8 +187,8 @@ def evaluate_run(run_dir: Path, config: Config, seed: int, noise_stds: Sequence[
     clean = evaluate_checkpoint(checkpoint, EVAL_SPLIT, mc_samples=mc_samples, out_dir=run_dir / "eval", seed=seed)
     if "accuracy" not in clean:
         raise UserError(f"the {EVAL_SPLIT!r} split has no annotations: nothing to score")
-    noisy = {f"{s:g}": evaluate_checkpoint(checkpoint, EVAL_SPLIT, noise_std=s, seed=seed)["noisy"]["accuracy"]
-             for s in noise_stds}
+    noisy = {f"{s:g}": scores["accuracy"]
+             for s, scores in evaluate_under_noise(checkpoint, EVAL_SPLIT, noise_stds, seed=seed).items()}
     records = read_metrics(run_dir / METRICS_FILE)
     epochs = [r for r in records if r.get("kind") == "epoch"]
     meta = read_json(checkpoint / "meta.json", MAX_META_BYTES, expect=dict)
