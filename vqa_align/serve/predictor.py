@@ -156,7 +156,7 @@ class Predictor:
             if not checkpoint.exists():
                 raise UserError(f"no checkpoint given and no quickstart run at {checkpoint}; "
                                 "run `vqa-align quickstart` first")
-        return cls(locate_run(checkpoint), **options)
+        return cls(checkpoint, **options)  # the constructor locates a Hub id
 
     @classmethod
     def from_pretrained(cls, name: str | Path, **options: Any) -> Predictor:
